@@ -1,0 +1,783 @@
+//! The node lab: an AKS node in a box, built from network namespaces on this machine.
+//!
+//! ```text
+//!  pod netns ──veth──┐
+//!  pod netns ──veth──┤ cni0 (10.244.0.1)
+//!                    node netns ── eth0 10.224.0.4 ──── upstream netns ──── internet netns
+//!                    │  MASQUERADE, policy rules          (router; faults      203.0.113.10 HTTP
+//!                    │                                     go here)            192.0.2.53 DNS
+//!                    └─ kube-dns ── dns netns 10.0.0.10 (dnsmasq → 192.0.2.53)
+//! ```
+//!
+//! Rules this crate keeps (see `shared/design/lab.md`): nothing touches the root network
+//! namespace; only documentation ranges stand for public addresses; every object carries a
+//! per-run prefix; [`Lab`] tears everything down on drop (including on panic), and
+//! [`clean_leftovers`] removes what a killed run left behind.
+//!
+//! Every lab process (pods, DNS servers, endpoints) runs in a cgroup below the lab's own
+//! cgroup parent, so teardown can end exactly the processes the lab started.
+
+pub mod addresses;
+mod cleanup;
+pub mod http;
+mod manifest;
+pub mod process;
+pub mod tracer;
+
+use std::{
+    fs,
+    io::{self, Write},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+pub use cleanup::{Leftovers, clean_leftovers, leftovers_of};
+pub use manifest::PodManifest;
+
+use addresses as addr;
+use process::{Placement, run, run_in};
+
+/// Prefix of every lab object name (network namespaces, cgroups, state directories).
+pub const PREFIX: &str = "elab-";
+
+/// How a pod's cgroups are laid out, as kubelet's two cgroup drivers do it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupDriver {
+    /// `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice/cri-containerd-<id>.scope`
+    Systemd,
+    /// `kubepods/besteffort/pod<uid>/<id>`
+    Cgroupfs,
+}
+
+/// A pod to create.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub driver: CgroupDriver,
+}
+
+impl PodSpec {
+    pub fn new(namespace: &str, name: &str, driver: CgroupDriver) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            labels: vec![("app".to_owned(), name.to_owned())],
+            driver,
+        }
+    }
+}
+
+/// A running lab pod.
+#[derive(Clone, Debug)]
+pub struct LabPod {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub ip: std::net::Ipv4Addr,
+    pub ipv6: std::net::Ipv6Addr,
+    /// Network namespace name (under `/run/netns`).
+    pub netns: String,
+    /// The container's cgroup directory (absolute path).
+    pub cgroup: PathBuf,
+    /// The pod's own resolv.conf (bind-mounted over /etc/resolv.conf for its processes).
+    pub resolv_conf: PathBuf,
+    /// The pod's long-lived process (its "container").
+    pub pid: u32,
+}
+
+impl LabPod {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A running node lab. Dropping it tears it down.
+pub struct Lab {
+    id: String,
+    cgroup_parent: PathBuf,
+    state_dir: PathBuf,
+    netns: Vec<String>,
+    children: Vec<Child>,
+    pods: Vec<LabPod>,
+}
+
+impl Lab {
+    /// Builds the lab with the given pods. Cleans up stale labs of dead test runs first.
+    pub fn start(pods: &[PodSpec]) -> io::Result<Self> {
+        check_root()?;
+        cleanup::clean_stale()?;
+        let id = format!("{:06x}", rand_u32() & 0xff_ffff);
+        let cgroup_root = cgroup2_mount()?;
+        let mut lab = Lab {
+            cgroup_parent: cgroup_root.join(format!("{PREFIX}{id}.slice")),
+            state_dir: cleanup::state_root().join(format!("{PREFIX}{id}")),
+            id,
+            netns: Vec::new(),
+            children: Vec::new(),
+            pods: Vec::new(),
+        };
+        // From here on, Drop cleans up whatever was built if a step fails.
+        fs::create_dir_all(lab.state_dir.join("cluster-state"))?;
+        fs::write(lab.state_dir.join("owner"), std::process::id().to_string())?;
+        fs::create_dir_all(lab.cgroup_parent.join("infra"))?;
+        lab.build_network()?;
+        lab.start_services()?;
+        for (index, spec) in pods.iter().enumerate() {
+            lab.add_pod(spec, index)?;
+        }
+        lab.wait_ready()?;
+        Ok(lab)
+    }
+
+    /// The per-run id (part of every object name).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Directory of Pod manifests, for `egress-tracer --cluster-state`.
+    pub fn cluster_state(&self) -> PathBuf {
+        self.state_dir.join("cluster-state")
+    }
+
+    /// The node's network namespace (where the tracer runs, like a hostNetwork pod).
+    pub fn node_netns(&self) -> String {
+        self.ns("node")
+    }
+
+    pub fn pods(&self) -> &[LabPod] {
+        &self.pods
+    }
+
+    pub fn pod(&self, name: &str) -> &LabPod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no lab pod {name}"))
+    }
+
+    /// Starts `program args` in `pod` (its netns, cgroup and resolv.conf), like `kubectl exec`.
+    pub fn spawn_in_pod(&self, pod: &LabPod, program: &str, args: &[&str]) -> io::Result<Child> {
+        let mut command = Command::new(program);
+        command.args(args);
+        process::log_to(
+            &mut command,
+            &self.state_dir.join(format!("exec-{}.log", pod.name)),
+        )?;
+        process::spawn(
+            command,
+            &Placement {
+                netns: &pod.netns,
+                cgroup: &pod.cgroup,
+                resolv_conf: Some(&pod.resolv_conf),
+            },
+        )
+    }
+
+    /// Runs `program args` in `pod` to completion and returns its exit status and pid.
+    pub fn exec_in_pod(
+        &self,
+        pod: &LabPod,
+        program: &str,
+        args: &[&str],
+    ) -> io::Result<(u32, std::process::ExitStatus)> {
+        let mut child = self.spawn_in_pod(pod, program, args)?;
+        let pid = child.id();
+        Ok((pid, child.wait()?))
+    }
+
+    /// Starts a process in the node's network namespace (as a hostNetwork DaemonSet pod
+    /// runs) inside the lab's cgroup, so teardown ends it even if the caller forgets.
+    /// Stdio is as the caller set it on `command`.
+    pub fn spawn_on_node(&self, command: Command) -> io::Result<Child> {
+        let cgroup = self.cgroup_parent.join("infra").join("node");
+        fs::create_dir_all(&cgroup)?;
+        process::spawn(
+            command,
+            &Placement {
+                netns: &self.node_netns(),
+                cgroup: &cgroup,
+                resolv_conf: None,
+            },
+        )
+    }
+
+    fn ns(&self, role: &str) -> String {
+        format!("{PREFIX}{}-{role}", self.id)
+    }
+
+    fn add_netns(&mut self, role: &str) -> io::Result<String> {
+        let name = self.ns(role);
+        run("ip", &["netns", "add", &name])?;
+        self.netns.push(name.clone());
+        run("ip", &["-n", &name, "link", "set", "lo", "up"])?;
+        Ok(name)
+    }
+
+    fn build_network(&mut self) -> io::Result<()> {
+        let node = self.add_netns("node")?;
+        let up = self.add_netns("up")?;
+        let inet = self.add_netns("inet")?;
+        let dns = self.add_netns("dns")?;
+
+        // Links are created inside the namespaces (`ip -n`), never in the root namespace.
+        veth(&node, "eth0", &up, "eth-node")?;
+        veth(&up, "eth-inet", &inet, "eth0")?;
+        veth(&node, "kube-dns", &dns, "eth0")?;
+        ip(&node, &["link", "add", "cni0", "type", "bridge"])?;
+        ip(&node, &["link", "set", "cni0", "up"])?;
+
+        addr_add(&node, "eth0", &format!("{}/24", addr::NODE_IP))?;
+        addr_add(&node, "eth0", &format!("{}/64", addr::NODE_IP6))?;
+        addr_add(&node, "cni0", &format!("{}/24", addr::POD_GATEWAY))?;
+        addr_add(&node, "cni0", &format!("{}/64", addr::POD_GATEWAY6))?;
+        addr_add(&node, "kube-dns", &format!("{}/30", addr::DNS_LINK_NODE))?;
+        ip(
+            &node,
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                &addr::UPSTREAM_NODE_SIDE.to_string(),
+            ],
+        )?;
+        ip(
+            &node,
+            &[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &addr::UPSTREAM_NODE_SIDE6.to_string(),
+            ],
+        )?;
+        ip(
+            &node,
+            &[
+                "route",
+                "add",
+                &format!("{}/32", addr::CLUSTER_DNS),
+                "via",
+                &addr::DNS_LINK_DNS.to_string(),
+            ],
+        )?;
+
+        addr_add(&up, "eth-node", &format!("{}/24", addr::UPSTREAM_NODE_SIDE))?;
+        addr_add(
+            &up,
+            "eth-node",
+            &format!("{}/64", addr::UPSTREAM_NODE_SIDE6),
+        )?;
+        addr_add(&up, "eth-inet", &format!("{}/24", addr::UPSTREAM_INET_SIDE))?;
+        addr_add(
+            &up,
+            "eth-inet",
+            &format!("{}/64", addr::UPSTREAM_INET_SIDE6),
+        )?;
+        ip(
+            &up,
+            &[
+                "route",
+                "add",
+                "203.0.113.0/24",
+                "via",
+                &addr::INTERNET_IP.to_string(),
+            ],
+        )?;
+        ip(
+            &up,
+            &[
+                "route",
+                "add",
+                "192.0.2.0/24",
+                "via",
+                &addr::INTERNET_IP.to_string(),
+            ],
+        )?;
+        ip(
+            &up,
+            &[
+                "-6",
+                "route",
+                "add",
+                "2001:db8:10::/48",
+                "via",
+                &addr::INTERNET_IP6.to_string(),
+            ],
+        )?;
+
+        addr_add(&inet, "eth0", &format!("{}/24", addr::INTERNET_IP))?;
+        addr_add(&inet, "eth0", &format!("{}/64", addr::INTERNET_IP6))?;
+        addr_add(&inet, "lo", &format!("{}/32", addr::ENDPOINT))?;
+        addr_add(&inet, "lo", &format!("{}/128", addr::ENDPOINT6))?;
+        addr_add(&inet, "lo", &format!("{}/32", addr::UPSTREAM_DNS))?;
+        ip(
+            &inet,
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                &addr::UPSTREAM_INET_SIDE.to_string(),
+            ],
+        )?;
+        ip(
+            &inet,
+            &[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &addr::UPSTREAM_INET_SIDE6.to_string(),
+            ],
+        )?;
+
+        addr_add(&dns, "eth0", &format!("{}/30", addr::DNS_LINK_DNS))?;
+        addr_add(&dns, "lo", &format!("{}/32", addr::CLUSTER_DNS))?;
+        // Forwarded queries leave from the Service IP, which the node masquerades.
+        ip(
+            &dns,
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                &addr::DNS_LINK_NODE.to_string(),
+                "src",
+                &addr::CLUSTER_DNS.to_string(),
+            ],
+        )?;
+
+        for router in [&node, &up] {
+            sysctl(router, "net/ipv4/ip_forward", "1")?;
+            sysctl(router, "net/ipv6/conf/all/forwarding", "1")?;
+        }
+        // Pods and cluster DNS leave the node masqueraded behind the node's address, as
+        // on AKS with kubenet/overlay.
+        for source in [addr::POD_CIDR, addr::SERVICE_CIDR] {
+            run_in(
+                &node,
+                "iptables",
+                &[
+                    "-t",
+                    "nat",
+                    "-A",
+                    "POSTROUTING",
+                    "-s",
+                    source,
+                    "-o",
+                    "eth0",
+                    "-j",
+                    "MASQUERADE",
+                ],
+            )?;
+        }
+        run_in(
+            &node,
+            "ip6tables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-s",
+                addr::POD_CIDR6,
+                "-o",
+                "eth0",
+                "-j",
+                "MASQUERADE",
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn start_services(&mut self) -> io::Result<()> {
+        let dnsmasq = which("dnsmasq")?;
+        let common = [
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-hosts",
+            "--no-resolv",
+            "--bind-interfaces",
+            "--pid-file=",
+            "--user=root",
+            "--cache-size=0",
+            "--log-facility=-",
+            "--log-queries",
+        ];
+        // Upstream DNS in the "internet": authoritative for example.test.
+        let mut upstream = Command::new(&dnsmasq);
+        upstream.args(common).args([
+            &format!("--listen-address={}", addr::UPSTREAM_DNS),
+            "--except-interface=eth0",
+            "--local=/example.test/",
+            &format!(
+                "--host-record={},{},{}",
+                addr::ENDPOINT_NAME,
+                addr::ENDPOINT,
+                addr::ENDPOINT6
+            ),
+        ]);
+        self.spawn_service("upstream-dns", upstream, "inet")?;
+        // Cluster DNS (the CoreDNS Service IP), forwarding everything else upstream.
+        let mut cluster = Command::new(&dnsmasq);
+        cluster.args(common).args([
+            &format!("--listen-address={}", addr::CLUSTER_DNS),
+            "--local=/cluster.local/",
+            "--host-record=kubernetes.default.svc.cluster.local,10.0.0.1",
+            &format!("--server={}", addr::UPSTREAM_DNS),
+        ]);
+        self.spawn_service("cluster-dns", cluster, "dns")?;
+        // The HTTP endpoint.
+        let mut endpoint = Command::new(lab_helper()?);
+        endpoint.args([
+            "serve-http",
+            "--listen",
+            &format!("{}:{}", addr::ENDPOINT, addr::HTTP_PORT),
+            "--listen",
+            &format!("[{}]:{}", addr::ENDPOINT6, addr::HTTP_PORT),
+        ]);
+        self.spawn_service("endpoint", endpoint, "inet")?;
+        Ok(())
+    }
+
+    fn spawn_service(&mut self, name: &str, mut command: Command, role: &str) -> io::Result<()> {
+        let cgroup = self.cgroup_parent.join("infra").join(name);
+        fs::create_dir_all(&cgroup)?;
+        process::log_to(&mut command, &self.state_dir.join(format!("{name}.log")))?;
+        let child = process::spawn(
+            command,
+            &Placement {
+                netns: &self.ns(role),
+                cgroup: &cgroup,
+                resolv_conf: None,
+            },
+        )?;
+        self.children.push(child);
+        Ok(())
+    }
+
+    fn add_pod(&mut self, spec: &PodSpec, index: usize) -> io::Result<()> {
+        let host = addr::FIRST_POD_HOST + index as u8;
+        let pod_ip = std::net::Ipv4Addr::new(10, 244, 0, host);
+        let pod_ip6: std::net::Ipv6Addr = format!("fd00:10:244::{host:x}")
+            .parse()
+            .expect("valid IPv6");
+        let netns = self.add_netns(&format!("pod-{}", spec.name))?;
+        let node = self.ns("node");
+        let host_side = format!("veth{index}");
+        veth(&node, &host_side, &netns, "eth0")?;
+        ip(&node, &["link", "set", &host_side, "master", "cni0"])?;
+        addr_add(&netns, "eth0", &format!("{pod_ip}/24"))?;
+        addr_add(&netns, "eth0", &format!("{pod_ip6}/64"))?;
+        ip(
+            &netns,
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                &addr::POD_GATEWAY.to_string(),
+            ],
+        )?;
+        ip(
+            &netns,
+            &[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &addr::POD_GATEWAY6.to_string(),
+            ],
+        )?;
+
+        let uid = random_uid();
+        let container_id = format!("{:08x}", rand_u32()).repeat(8);
+        let cgroup = self
+            .cgroup_parent
+            .join(pod_cgroup_path(spec.driver, &uid, &container_id));
+        fs::create_dir_all(&cgroup)?;
+
+        let resolv_conf = self.state_dir.join(format!("resolv-{}.conf", spec.name));
+        fs::write(
+            &resolv_conf,
+            format!(
+                "search {ns}.svc.cluster.local svc.cluster.local cluster.local\nnameserver {dns}\noptions ndots:5\n",
+                ns = spec.namespace,
+                dns = addr::CLUSTER_DNS
+            ),
+        )?;
+        let mut pod = LabPod {
+            namespace: spec.namespace.clone(),
+            name: spec.name.clone(),
+            uid,
+            ip: pod_ip,
+            ipv6: pod_ip6,
+            netns,
+            cgroup,
+            resolv_conf,
+            pid: 0,
+        };
+        let mut sleeper = Command::new("sleep");
+        sleeper
+            .arg("infinity")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = process::spawn(
+            sleeper,
+            &Placement {
+                netns: &pod.netns,
+                cgroup: &pod.cgroup,
+                resolv_conf: Some(&pod.resolv_conf),
+            },
+        )?;
+        pod.pid = child.id();
+        self.children.push(child);
+
+        let manifest = PodManifest {
+            namespace: &pod.namespace,
+            name: &pod.name,
+            uid: &pod.uid,
+            labels: &spec.labels,
+            ip: pod.ip,
+            ipv6: pod.ipv6,
+            node_name: &self.node_netns(),
+            container_id: &container_id,
+        };
+        let path = self
+            .cluster_state()
+            .join(format!("{}_{}.json", pod.namespace, pod.name));
+        fs::File::create(path)?.write_all(manifest.to_json().as_bytes())?;
+        self.pods.push(pod);
+        Ok(())
+    }
+
+    /// Waits until the endpoint answers from the node and cluster DNS resolves its name
+    /// (through the upstream DNS).
+    fn wait_ready(&self) -> io::Result<()> {
+        let node = self.node_netns();
+        let resolv_conf = self.state_dir.join("resolv-node.conf");
+        fs::write(&resolv_conf, format!("nameserver {}\n", addr::CLUSTER_DNS))?;
+        let cgroup = self.cgroup_parent.join("infra").join("node");
+        fs::create_dir_all(&cgroup)?;
+        let resolves = || -> io::Result<bool> {
+            let mut getent = Command::new("getent");
+            getent
+                .args(["ahostsv4", addr::ENDPOINT_NAME])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            let placement = Placement {
+                netns: &node,
+                cgroup: &cgroup,
+                resolv_conf: Some(&resolv_conf),
+            };
+            Ok(process::spawn(getent, &placement)?.wait()?.success())
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let url = format!("http://{}:{}/", addr::ENDPOINT, addr::HTTP_PORT);
+        loop {
+            let http = run_in(&node, "curl", &["-s", "-o", "/dev/null", "-m", "1", &url]);
+            let dns = resolves();
+            if http.is_ok() && matches!(dns, Ok(true)) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "lab {} did not become ready (http: {http:?}, dns resolves: {dns:?})\n{}",
+                    self.id,
+                    self.service_logs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The last lines of every service log, for failure messages (the state directory
+    /// is gone after teardown).
+    pub fn service_logs(&self) -> String {
+        let mut text = String::new();
+        for service in ["upstream-dns", "cluster-dns", "endpoint"] {
+            let log = fs::read_to_string(self.state_dir.join(format!("{service}.log")))
+                .unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(10)..];
+            text.push_str(&format!("--- {service}.log\n{}\n", tail.join("\n")));
+        }
+        text
+    }
+
+    /// Tears the lab down now (also done on drop); returns what could not be removed.
+    pub fn teardown(mut self) -> io::Result<()> {
+        self.teardown_inner()
+    }
+
+    fn teardown_inner(&mut self) -> io::Result<()> {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.children.clear();
+        let result = cleanup::remove_lab(&self.id);
+        self.netns.clear();
+        result
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown_inner() {
+            eprintln!(
+                "lab {}: teardown incomplete: {e}; run `cargo xtask lab-clean`",
+                self.id
+            );
+        }
+    }
+}
+
+/// The cgroup path of a container below the lab parent, as kubelet's driver lays it out.
+pub fn pod_cgroup_path(driver: CgroupDriver, uid: &str, container_id: &str) -> PathBuf {
+    match driver {
+        CgroupDriver::Systemd => {
+            let unit_uid = uid.replace('-', "_");
+            PathBuf::from(format!(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{unit_uid}.slice/cri-containerd-{container_id}.scope"
+            ))
+        }
+        CgroupDriver::Cgroupfs => {
+            PathBuf::from(format!("kubepods/besteffort/pod{uid}/{container_id}"))
+        }
+    }
+}
+
+fn veth(ns_a: &str, name_a: &str, ns_b: &str, name_b: &str) -> io::Result<()> {
+    ip(
+        ns_a,
+        &[
+            "link", "add", name_a, "type", "veth", "peer", "name", name_b, "netns", ns_b,
+        ],
+    )?;
+    ip(ns_a, &["link", "set", name_a, "up"])?;
+    ip(ns_b, &["link", "set", name_b, "up"])
+}
+
+fn ip(netns: &str, args: &[&str]) -> io::Result<()> {
+    let mut full = vec!["-n", netns];
+    full.extend_from_slice(args);
+    run("ip", &full).map(drop)
+}
+
+fn addr_add(netns: &str, dev: &str, cidr: &str) -> io::Result<()> {
+    // nodad: IPv6 addresses are usable at once instead of after duplicate detection.
+    if cidr.contains(':') {
+        ip(netns, &["addr", "add", cidr, "dev", dev, "nodad"])
+    } else {
+        ip(netns, &["addr", "add", cidr, "dev", dev])
+    }
+}
+
+fn sysctl(netns: &str, key: &str, value: &str) -> io::Result<()> {
+    // /proc/sys/net is per network namespace: this only changes the lab's namespace.
+    run_in(
+        netns,
+        "sh",
+        &["-c", &format!("echo {value} > /proc/sys/{key}")],
+    )
+    .map(drop)
+}
+
+fn which(program: &str) -> io::Result<PathBuf> {
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+    {
+        let candidate = Path::new(dir).join(program);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{program} not found: run `cargo xtask setup` to install the lab's tools"),
+    ))
+}
+
+/// The `lab` helper binary (HTTP endpoint and friends).
+pub fn lab_helper() -> io::Result<PathBuf> {
+    find_binary("EGRESS_LAB_HELPER", "lab")
+}
+
+/// A workspace binary: the path in `env_var`, or `name` next to the running executable
+/// (cargo puts test binaries in `target/<profile>/deps/`, binaries one level up).
+pub(crate) fn find_binary(env_var: &str, name: &str) -> io::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env_var) {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!(
+            "{name} was not found next to {}: run `cargo xtask build`, or set {env_var}",
+            exe.display()
+        ),
+    ))
+}
+
+fn check_root() -> io::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "the node lab needs root (network namespaces, cgroups, BPF): run it with sudo",
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn cgroup2_mount() -> io::Result<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            let mount_point = mount.split_whitespace().nth(4)?;
+            (fs.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 mount"))
+}
+
+fn rand_u32() -> u32 {
+    let mut buf = [0u8; 4];
+    // SAFETY: getrandom writes at most buf.len() bytes into buf.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    assert_eq!(n, 4, "getrandom failed");
+    u32::from_ne_bytes(buf)
+}
+
+fn random_uid() -> String {
+    let hex: String = (0..4).map(|_| format!("{:08x}", rand_u32())).collect();
+    // RFC 4122 version 4 layout, as the API server generates.
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[13..16],
+        &hex[17..20],
+        &hex[20..32]
+    )
+}

@@ -1,0 +1,55 @@
+//! Pod manifests as `kubectl get pod -o json` prints them, for the tracer's
+//! `--cluster-state`.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use serde_json::{Map, Value, json};
+
+pub struct PodManifest<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub uid: &'a str,
+    pub labels: &'a [(String, String)],
+    pub ip: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    pub node_name: &'a str,
+    pub container_id: &'a str,
+}
+
+impl PodManifest<'_> {
+    pub fn to_json(&self) -> String {
+        let labels: Map<String, Value> = self
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        let pod = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "uid": self.uid,
+                "labels": labels,
+            },
+            "spec": {
+                "nodeName": self.node_name,
+                "containers": [{"name": self.name, "image": "lab/sleep:1"}],
+            },
+            "status": {
+                "phase": "Running",
+                "podIP": self.ip.to_string(),
+                "podIPs": [{"ip": self.ip.to_string()}, {"ip": self.ipv6.to_string()}],
+                "containerStatuses": [{
+                    "name": self.name,
+                    "containerID": format!("containerd://{}", self.container_id),
+                    "ready": true,
+                    "restartCount": 0,
+                    "image": "lab/sleep:1",
+                    "imageID": "",
+                }],
+            },
+        });
+        serde_json::to_string_pretty(&pod).expect("a JSON value serialises")
+    }
+}

@@ -1,0 +1,210 @@
+//! Running `egress-tracer` in the lab's node namespace and collecting what it prints.
+
+use std::{
+    io::{self, BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc::{self, Receiver},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{Lab, process};
+
+/// The line the tracer prints on stderr once its programs are attached.
+const READY_MARKER: &str = "egress-tracer: tracing";
+
+/// A running tracer.
+pub struct Tracer {
+    child: Child,
+    stdout: Receiver<String>,
+    stderr: Receiver<String>,
+    stderr_seen: Vec<String>,
+}
+
+/// What a stopped tracer printed.
+#[derive(Debug)]
+pub struct TracerOutput {
+    pub status: ExitStatus,
+    pub stdout: Vec<String>,
+    pub stderr: String,
+}
+
+impl TracerOutput {
+    /// The stdout lines parsed as JSON (NDJSON output).
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .iter()
+            .map(|line| {
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON: {line:?}: {e}"))
+            })
+            .collect()
+    }
+}
+
+/// The egress-tracer binary: `EGRESS_TRACER_BIN`, or the one cargo built next to the
+/// running executable.
+pub fn tracer_binary() -> io::Result<PathBuf> {
+    crate::find_binary("EGRESS_TRACER_BIN", "egress-tracer")
+}
+
+impl Tracer {
+    /// Starts `egress-tracer ARGS` in the node namespace and waits until it is attached.
+    pub fn start(lab: &Lab, args: &[&str]) -> io::Result<Self> {
+        let mut command = Command::new(tracer_binary()?);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = lab.spawn_on_node(command)?;
+        let stdout = lines_of(child.stdout.take().expect("piped"));
+        let stderr = lines_of(child.stderr.take().expect("piped"));
+        let mut tracer = Tracer {
+            child,
+            stdout,
+            stderr,
+            stderr_seen: Vec::new(),
+        };
+        tracer.wait_ready(Duration::from_secs(20))?;
+        Ok(tracer)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    let ready = line.starts_with(READY_MARKER);
+                    self.stderr_seen.push(line);
+                    if ready {
+                        return Ok(());
+                    }
+                }
+                Err(_) => {
+                    let _ = self.child.kill();
+                    let status = self.child.wait()?;
+                    return Err(io::Error::other(format!(
+                        "tracer did not start ({status}); stderr:\n{}",
+                        self.stderr_seen.join("\n")
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Sends `signal` (SIGINT, SIGTERM) and collects the output after it exits.
+    pub fn stop(self, signal: i32) -> io::Result<TracerOutput> {
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        self.finish()
+    }
+
+    /// Waits for the tracer to exit on its own (e.g. `--duration`).
+    pub fn finish(mut self) -> io::Result<TracerOutput> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return Err(io::Error::other("tracer did not exit within 30 s"));
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        let stdout: Vec<String> = self.stdout.iter().collect();
+        self.stderr_seen.extend(self.stderr.iter());
+        Ok(TracerOutput {
+            status,
+            stdout,
+            stderr: self.stderr_seen.join("\n"),
+        })
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if process::is_alive(self.child.id()) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn lines_of(stream: impl io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// BPF programs and links held by a process, from `bpftool`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct BpfObjects {
+    pub programs: Vec<u64>,
+    pub links: Vec<u64>,
+}
+
+impl BpfObjects {
+    /// The programs and links whose owner list includes `pid`.
+    pub fn owned_by(pid: u32) -> io::Result<Self> {
+        Ok(Self {
+            programs: ids(&["prog", "show"], |o| owned(o, pid))?,
+            links: ids(&["link", "show"], |o| owned(o, pid))?,
+        })
+    }
+
+    /// Which of these objects still exist, owned by anyone.
+    pub fn still_present(&self) -> io::Result<Self> {
+        let programs = ids(&["prog", "show"], |_| true)?;
+        let links = ids(&["link", "show"], |_| true)?;
+        Ok(Self {
+            programs: self
+                .programs
+                .iter()
+                .copied()
+                .filter(|id| programs.contains(id))
+                .collect(),
+            links: self
+                .links
+                .iter()
+                .copied()
+                .filter(|id| links.contains(id))
+                .collect(),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.programs.is_empty() && self.links.is_empty()
+    }
+}
+
+fn owned(object: &serde_json::Value, pid: u32) -> bool {
+    object["pids"]
+        .as_array()
+        .is_some_and(|pids| pids.iter().any(|p| p["pid"].as_u64() == Some(pid.into())))
+}
+
+fn ids(what: &[&str], keep: impl Fn(&serde_json::Value) -> bool) -> io::Result<Vec<u64>> {
+    let mut args = vec!["-j"];
+    args.extend_from_slice(what);
+    let text = process::run("bpftool", &args)?;
+    let objects: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(io::Error::other)?;
+    Ok(objects
+        .iter()
+        .filter(|o| keep(o))
+        .filter_map(|o| o["id"].as_u64())
+        .collect())
+}

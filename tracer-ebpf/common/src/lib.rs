@@ -1,0 +1,255 @@
+//! The types that cross the kernel/userspace boundary, defined once.
+//!
+//! Every event the kernel programs write to the `EVENTS` ring buffer starts with an
+//! [`EventHeader`]; its `kind` says which struct follows. All structs are `#[repr(C)]`
+//! with explicit padding so their layout is identical on both sides; the tests at the
+//! bottom pin sizes and field offsets, so a change that would silently desynchronise the
+//! two sides fails to compile or test instead.
+//!
+//! Conventions: ports are in host byte order, addresses in network byte order (as they
+//! are on the wire), timestamps are `CLOCK_MONOTONIC` nanoseconds (`bpf_ktime_get_ns`).
+#![no_std]
+
+/// `AF_INET`, as stored in [`Endpoint::family`].
+pub const AF_INET: u16 = 2;
+/// `AF_INET6`, as stored in [`Endpoint::family`].
+pub const AF_INET6: u16 = 10;
+
+/// `IPPROTO_TCP`.
+pub const IPPROTO_TCP: u8 = 6;
+/// `IPPROTO_UDP`.
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Kernel `TCP_ESTABLISHED` socket state.
+pub const TCP_ESTABLISHED: u8 = 1;
+/// Kernel `TCP_SYN_SENT` socket state.
+pub const TCP_SYN_SENT: u8 = 2;
+/// Kernel `TCP_CLOSE` socket state.
+pub const TCP_CLOSE: u8 = 7;
+
+/// Length of a task's `comm` in the kernel (`TASK_COMM_LEN`).
+pub const COMM_LEN: usize = 16;
+
+/// What follows an [`EventHeader`] in the ring buffer.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A [`ConnectEvent`]: a process called `connect()`.
+    Connect = 1,
+    /// A [`SockStateEvent`]: a traced TCP socket left `SYN_SENT`.
+    SockState = 2,
+}
+
+impl EventKind {
+    /// Decodes the `kind` field of a header; `None` for kinds this build does not know.
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            1 => Some(Self::Connect),
+            2 => Some(Self::SockState),
+            _ => None,
+        }
+    }
+}
+
+/// Common prefix of every ring-buffer event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventHeader {
+    /// An [`EventKind`] as `u32`.
+    pub kind: u32,
+    /// CPU that produced the event (helps ordering events of one flow across CPUs).
+    pub cpu: u32,
+    /// `bpf_ktime_get_ns()` at the time of the event.
+    pub ts_ns: u64,
+}
+
+/// One end of a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// [`AF_INET`] or [`AF_INET6`]; 0 when unknown.
+    pub family: u16,
+    /// Port in host byte order.
+    pub port: u16,
+    /// IPv4 in the first 4 bytes, or IPv6; network byte order.
+    pub addr: [u8; 16],
+}
+
+impl Endpoint {
+    /// An endpoint with nothing known about it.
+    pub const UNKNOWN: Self = Self {
+        family: 0,
+        port: 0,
+        addr: [0; 16],
+    };
+}
+
+/// A `connect()` call seen by the cgroup `connect4`/`connect6` hooks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectEvent {
+    pub header: EventHeader,
+    /// cgroup v2 id of the calling task (the inode number of its cgroup directory).
+    pub cgroup_id: u64,
+    /// `bpf_get_socket_cookie()`: joins later events of the same socket.
+    pub sock_cookie: u64,
+    /// Thread-group id (the process id userspace sees) in the initial pid namespace.
+    pub pid: u32,
+    /// Thread id in the initial pid namespace.
+    pub tid: u32,
+    /// The calling task's `comm`, NUL-padded.
+    pub comm: [u8; COMM_LEN],
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`] (other protocols are not reported).
+    pub protocol: u8,
+    pub _pad: [u8; 7],
+    /// The address the application asked for.
+    pub dst: Endpoint,
+}
+
+/// A traced TCP socket left `SYN_SENT` (handshake completed or failed).
+///
+/// Carries the socket's full tuple, which `connect()` cannot know yet: the kernel picks
+/// the source address and port after the connect hook has run.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockStateEvent {
+    pub header: EventHeader,
+    /// Same cookie as the [`ConnectEvent`] of this socket.
+    pub sock_cookie: u64,
+    /// Kernel TCP state before the transition ([`TCP_SYN_SENT`]).
+    pub old_state: u8,
+    /// Kernel TCP state after the transition.
+    pub new_state: u8,
+    pub _pad: [u8; 6],
+    pub src: Endpoint,
+    pub dst: Endpoint,
+}
+
+/// Field offsets inside the kernel's `struct sock`, resolved at load time from the
+/// running kernel's BTF (`/sys/kernel/btf/vmlinux`) and handed to the programs as the
+/// global `SOCK_OFFSETS`. Rust eBPF has no CO-RE relocations, so this is how the programs
+/// stay portable across kernel builds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOffsets {
+    pub family: u32,
+    pub num: u32,
+    pub dport: u32,
+    pub rcv_saddr: u32,
+    pub daddr: u32,
+    pub v6_rcv_saddr: u32,
+    pub v6_daddr: u32,
+    pub _pad: u32,
+}
+
+/// Indexes of the per-CPU `COUNTERS` array. Counted in the kernel so that totals stay
+/// exact even when the ring buffer is full and events are lost.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// `connect()` calls seen (IPv4 and IPv6, TCP and UDP).
+    ConnectSeen = 0,
+    /// [`ConnectEvent`]s that could not be written because the ring buffer was full.
+    ConnectLost = 1,
+    /// `SYN_SENT` exits seen on traced sockets.
+    SockStateSeen = 2,
+    /// [`SockStateEvent`]s lost to a full ring buffer.
+    SockStateLost = 3,
+}
+
+impl Counter {
+    /// Number of counters, i.e. the size of the `COUNTERS` array.
+    pub const COUNT: u32 = 4;
+    /// All counters, in index order.
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Self::ConnectSeen,
+        Self::ConnectLost,
+        Self::SockStateSeen,
+        Self::SockStateLost,
+    ];
+}
+
+/// Size of the `EVENTS` ring buffer in bytes (a power of two, a multiple of the page size).
+pub const RING_BUFFER_BYTES: u32 = 1 << 22;
+/// Capacity of the LRU map of sockets whose state changes are reported.
+pub const TRACKED_SOCKETS: u32 = 65_536;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all these types are `#[repr(C)]`, `Copy`, contain only integers and byte
+    // arrays, and have explicit padding fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::EventHeader {}
+    unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::ConnectEvent {}
+    unsafe impl aya::Pod for super::SockStateEvent {}
+    unsafe impl aya::Pod for super::SockOffsets {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{align_of, offset_of, size_of};
+
+    use super::*;
+
+    #[test]
+    fn header_layout() {
+        assert_eq!(size_of::<EventHeader>(), 16);
+        assert_eq!(align_of::<EventHeader>(), 8);
+        assert_eq!(offset_of!(EventHeader, kind), 0);
+        assert_eq!(offset_of!(EventHeader, cpu), 4);
+        assert_eq!(offset_of!(EventHeader, ts_ns), 8);
+    }
+
+    #[test]
+    fn endpoint_layout() {
+        assert_eq!(size_of::<Endpoint>(), 20);
+        assert_eq!(offset_of!(Endpoint, family), 0);
+        assert_eq!(offset_of!(Endpoint, port), 2);
+        assert_eq!(offset_of!(Endpoint, addr), 4);
+    }
+
+    #[test]
+    fn connect_event_layout() {
+        assert_eq!(size_of::<ConnectEvent>(), 88);
+        assert_eq!(offset_of!(ConnectEvent, header), 0);
+        assert_eq!(offset_of!(ConnectEvent, cgroup_id), 16);
+        assert_eq!(offset_of!(ConnectEvent, sock_cookie), 24);
+        assert_eq!(offset_of!(ConnectEvent, pid), 32);
+        assert_eq!(offset_of!(ConnectEvent, tid), 36);
+        assert_eq!(offset_of!(ConnectEvent, comm), 40);
+        assert_eq!(offset_of!(ConnectEvent, protocol), 56);
+        assert_eq!(offset_of!(ConnectEvent, dst), 64);
+    }
+
+    #[test]
+    fn sock_state_event_layout() {
+        assert_eq!(size_of::<SockStateEvent>(), 72);
+        assert_eq!(offset_of!(SockStateEvent, sock_cookie), 16);
+        assert_eq!(offset_of!(SockStateEvent, old_state), 24);
+        assert_eq!(offset_of!(SockStateEvent, new_state), 25);
+        assert_eq!(offset_of!(SockStateEvent, src), 32);
+        assert_eq!(offset_of!(SockStateEvent, dst), 52);
+    }
+
+    #[test]
+    fn sock_offsets_layout() {
+        assert_eq!(size_of::<SockOffsets>(), 32);
+        assert_eq!(offset_of!(SockOffsets, v6_daddr), 24);
+    }
+
+    #[test]
+    fn event_kind_round_trips() {
+        for kind in [EventKind::Connect, EventKind::SockState] {
+            assert_eq!(EventKind::from_raw(kind as u32), Some(kind));
+        }
+        assert_eq!(EventKind::from_raw(0), None);
+        assert_eq!(EventKind::from_raw(99), None);
+    }
+
+    #[test]
+    fn counters_are_dense() {
+        for (index, counter) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*counter as usize, index);
+        }
+    }
+}

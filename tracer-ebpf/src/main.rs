@@ -1,0 +1,34 @@
+//! egress-tracer kernel programs, one module per hook.
+//!
+//! - [`connect`]: cgroup `connect4`/`connect6`, every `connect()` of every process.
+//! - [`sock_state`]: tp_btf `inet_sock_set_state`, the tuple and handshake result of the
+//!   TCP sockets that `connect` saw.
+//!
+//! All of them write to the ring buffer and counters in [`maps`]. Event layouts live in
+//! `tracer-common`, shared with userspace.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod connect;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod sock_state;
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic, so this is never called.
+    loop {}
+}
+
+/// Host builds (`cargo build --workspace`, clippy) compile this crate as an empty binary;
+/// the real object is built for `bpfel-unknown-none` by `tracer/build.rs`.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

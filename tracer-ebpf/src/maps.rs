@@ -1,0 +1,41 @@
+//! Maps shared by all programs, and the helpers that write to them.
+
+use aya_ebpf::{
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    macros::map,
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+};
+use tracer_common::{Counter, EventHeader, EventKind, RING_BUFFER_BYTES, TRACKED_SOCKETS};
+
+/// Every event goes here; userspace reads it with one consumer.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
+
+/// Per-CPU counters indexed by [`Counter`]: exact even when the ring buffer overflows.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+/// Cookies of the sockets whose `connect()` was reported; the state tracepoint only
+/// reports these. LRU so that sockets we never see close cannot fill it.
+#[map]
+pub static TRACKED_SOCKS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(TRACKED_SOCKETS, 0);
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: a per-CPU slot is only touched by programs on this CPU, which do not
+        // preempt each other for these program types.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn header(kind: EventKind) -> EventHeader {
+    // SAFETY: plain helper calls without arguments.
+    let (cpu, ts_ns) = unsafe { (bpf_get_smp_processor_id(), bpf_ktime_get_ns()) };
+    EventHeader {
+        kind: kind as u32,
+        cpu,
+        ts_ns,
+    }
+}

@@ -1,0 +1,103 @@
+//! tp_btf `inet_sock_set_state`: the tuple and handshake result of traced TCP sockets.
+//!
+//! `connect()` runs before the kernel picks the source port, so the full tuple is only
+//! known when the socket leaves `SYN_SENT`. Only sockets that `connect` put into
+//! `TRACKED_SOCKS` are reported, which keeps the cost for other sockets to one lookup.
+//!
+//! `struct sock` is read with `bpf_probe_read_kernel` at offsets resolved by userspace
+//! from the running kernel's BTF (`SOCK_OFFSETS`): Rust eBPF has no CO-RE.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    Global,
+    helpers::{bpf_get_socket_cookie, bpf_probe_read_kernel},
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
+use tracer_common::{
+    AF_INET, AF_INET6, Counter, Endpoint, EventKind, SockOffsets, SockStateEvent, TCP_CLOSE,
+    TCP_SYN_SENT,
+};
+
+use crate::maps::{EVENTS, TRACKED_SOCKS, count, header};
+
+/// Set by userspace at load time (`EbpfLoader::set_global`).
+#[unsafe(no_mangle)]
+static SOCK_OFFSETS: Global<SockOffsets> = Global::new(SockOffsets {
+    family: 0,
+    num: 0,
+    dport: 0,
+    rcv_saddr: 0,
+    daddr: 0,
+    v6_rcv_saddr: 0,
+    v6_daddr: 0,
+    _pad: 0,
+});
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const c_void = ctx.arg(0);
+    let old_state: i32 = ctx.arg(1);
+    let new_state: i32 = ctx.arg(2);
+    if old_state != i32::from(TCP_SYN_SENT) {
+        return 0;
+    }
+    // SAFETY: `sk` is the tracepoint's `struct sock *` argument.
+    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    // SAFETY: the value is not kept beyond this lookup.
+    if unsafe { TRACKED_SOCKS.get(&cookie) }.is_none() {
+        return 0;
+    }
+    if new_state == i32::from(TCP_CLOSE) {
+        let _ = TRACKED_SOCKS.remove(&cookie);
+    }
+    count(Counter::SockStateSeen);
+    let Ok((src, dst)) = read_tuple(sk as *const u8) else {
+        return 0;
+    };
+    let event = SockStateEvent {
+        header: header(EventKind::SockState),
+        sock_cookie: cookie,
+        old_state: old_state as u8,
+        new_state: new_state as u8,
+        _pad: [0; 6],
+        src,
+        dst,
+    };
+    if EVENTS.output::<SockStateEvent>(&event, 0).is_err() {
+        count(Counter::SockStateLost);
+    }
+    0
+}
+
+#[inline(always)]
+fn read_tuple(sk: *const u8) -> Result<(Endpoint, Endpoint), i32> {
+    let off = SOCK_OFFSETS.load();
+    // SAFETY: bpf_probe_read_kernel validates the address and fails instead of faulting.
+    unsafe {
+        let family: u16 = bpf_probe_read_kernel(sk.add(off.family as usize) as *const u16)?;
+        let sport: u16 = bpf_probe_read_kernel(sk.add(off.num as usize) as *const u16)?;
+        let dport: u16 = bpf_probe_read_kernel(sk.add(off.dport as usize) as *const u16)?;
+        let mut src = Endpoint {
+            family,
+            port: sport,
+            addr: [0; 16],
+        };
+        let mut dst = Endpoint {
+            family,
+            port: u16::from_be(dport),
+            addr: [0; 16],
+        };
+        if family == AF_INET {
+            let s: [u8; 4] = bpf_probe_read_kernel(sk.add(off.rcv_saddr as usize) as *const _)?;
+            let d: [u8; 4] = bpf_probe_read_kernel(sk.add(off.daddr as usize) as *const _)?;
+            src.addr[..4].copy_from_slice(&s);
+            dst.addr[..4].copy_from_slice(&d);
+        } else if family == AF_INET6 {
+            src.addr = bpf_probe_read_kernel(sk.add(off.v6_rcv_saddr as usize) as *const _)?;
+            dst.addr = bpf_probe_read_kernel(sk.add(off.v6_daddr as usize) as *const _)?;
+        }
+        Ok((src, dst))
+    }
+}

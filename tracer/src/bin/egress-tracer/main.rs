@@ -1,0 +1,111 @@
+//! The `egress-tracer` command line.
+//!
+//! Exit codes: 0 success, 1 a failure while running, 2 a usage or environment error
+//! (bad arguments, unknown pod, missing privileges, unsupported kernel).
+
+mod trace;
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use egress_tracer::{
+    capture::CaptureError,
+    cluster::{LoadError, PodLookupError},
+    output::Format,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "egress-tracer",
+    version,
+    about = "eBPF egress flow tracer for Kubernetes nodes",
+    long_about = "Shows, from the kernel, every egress attempt of the pods on this node: \
+                  which process connected where, from which source address.\n\n\
+                  Needs root (or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN) and a kernel with \
+                  BTF and BPF ring buffers (Linux 5.8 or newer)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Trace egress attempts live, one record per connect() attempt.
+    #[command(after_help = "Examples:\n  \
+        egress-tracer trace --cluster-state pods.yaml --pod shop/web\n  \
+        egress-tracer trace --cluster-state state/ --duration 30s -o json | jq .dst\n\n\
+        Save the cluster state with `kubectl get pods -A -o yaml > pods.yaml` \
+        (a file or a directory of YAML/JSON files).")]
+    Trace(TraceArgs),
+}
+
+#[derive(clap::Args)]
+struct TraceArgs {
+    /// Only this pod's attempts, as NAMESPACE/NAME. Without it, every process on the node.
+    #[arg(long, value_name = "NS/NAME")]
+    pod: Option<String>,
+    /// Pods from kubectl YAML/JSON (single objects, Lists, multi-document files or a
+    /// directory of them).
+    #[arg(long, value_name = "PATH", env = "EGRESS_TRACER_CLUSTER_STATE")]
+    cluster_state: Option<PathBuf>,
+    /// Stop after this long (e.g. 30s, 5m); without it, run until Ctrl-C or SIGTERM.
+    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    output: Format,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration =
+        humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 10s, 2m, 1h)"))?;
+    if duration.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(duration)
+}
+
+/// An error in what the user asked for (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(String);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Trace(args) => runtime.block_on(trace::run(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            if is_usage_or_environment(&error) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn is_usage_or_environment(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.is::<UsageError>()
+            || cause.is::<PodLookupError>()
+            || cause.is::<LoadError>()
+            || cause
+                .downcast_ref::<CaptureError>()
+                .is_some_and(CaptureError::is_environment)
+    })
+}

@@ -1,0 +1,136 @@
+//! `egress-tracer trace`: live records of egress attempts.
+
+use std::{io, time::Duration};
+
+use anyhow::Context;
+use egress_tracer::{
+    capture::{Capture, KernelEvent},
+    cluster::{ClusterState, PodInfo, cgroups::CgroupIndex},
+    flow::{FlowAssembler, Origin},
+    node::{self, MonotonicClock},
+    output::Writer,
+};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    time::{Instant, interval, sleep_until},
+};
+
+use crate::{TraceArgs, UsageError};
+
+/// How often held attempts are checked for expiry.
+const EXPIRY_TICK: Duration = Duration::from_millis(200);
+
+pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
+    let cluster = match &args.cluster_state {
+        Some(path) => {
+            let (state, warnings) = ClusterState::load(path)?;
+            for warning in warnings {
+                eprintln!("warning: skipped {warning}");
+            }
+            state
+        }
+        None => ClusterState::default(),
+    };
+    let target = match &args.pod {
+        Some(pod) if args.cluster_state.is_none() => {
+            return Err(UsageError(format!(
+                "--pod {pod} needs the pods' metadata: pass --cluster-state PATH \
+                 (for example the output of `kubectl get pods -A -o yaml`)"
+            ))
+            .into());
+        }
+        Some(pod) => Some(cluster.find_pod(pod)?.clone()),
+        None => None,
+    };
+
+    let cgroup_root = node::cgroup2_mount().context("cannot find the cgroup v2 hierarchy")?;
+    let mut cgroups = CgroupIndex::new(cgroup_root.clone())
+        .with_context(|| format!("cannot read cgroups under {}", cgroup_root.display()))?;
+    let mut capture = Capture::start()?;
+    for warning in capture.warnings() {
+        eprintln!("warning: {warning}");
+    }
+    let scope = target
+        .as_ref()
+        .map_or_else(|| "all processes".to_owned(), |p| format!("pod {p}"));
+    eprintln!("egress-tracer: tracing {scope}; Ctrl-C to stop");
+
+    let clock = MonotonicClock::new();
+    let mut writer = Writer::new(io::stdout().lock(), args.output, clock);
+    let mut flows = FlowAssembler::new();
+    let mut events = Vec::new();
+    let mut done = Vec::new();
+    let mut decode_errors = 0u64;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut tick = interval(EXPIRY_TICK);
+    let deadline = args.duration.map(|d| Instant::now() + d);
+    let stop_at = sleep_until(
+        deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(u32::MAX.into())),
+    );
+    tokio::pin!(stop_at);
+
+    loop {
+        tokio::select! {
+            read = capture.read_batch(&mut events) => read?,
+            _ = tick.tick() => {
+                flows.expire(node::monotonic_now().as_nanos() as u64, &mut done);
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = &mut stop_at, if deadline.is_some() => break,
+        }
+        for event in events.drain(..) {
+            match event {
+                Ok(KernelEvent::Connect(connect)) => {
+                    let origin = origin_of(connect.cgroup_id, &mut cgroups, &cluster);
+                    if target
+                        .as_ref()
+                        .is_none_or(|t| origin.pod_uid.as_deref() == Some(t.uid.as_str()))
+                    {
+                        flows.on_connect(&connect, origin, &mut done);
+                    }
+                }
+                Ok(KernelEvent::SockState(state)) => flows.on_sock_state(&state, &mut done),
+                Err(_) => decode_errors += 1,
+            }
+        }
+        write_all(&mut writer, &mut done)?;
+    }
+
+    flows.drain(&mut done);
+    write_all(&mut writer, &mut done)?;
+    let counters = capture.counters()?;
+    drop(capture);
+    eprintln!(
+        "egress-tracer: {} connect() calls seen on the node; {} events lost to a full ring buffer; \
+         {} undecodable; {} attempts emitted early (assembly full)",
+        counters.connects,
+        counters.lost(),
+        decode_errors,
+        flows.evicted()
+    );
+    Ok(())
+}
+
+fn origin_of(cgroup_id: u64, cgroups: &mut CgroupIndex, cluster: &ClusterState) -> Origin {
+    let pod_uid = cgroups.lookup(cgroup_id).map(|c| c.pod_uid.clone());
+    let pod = pod_uid
+        .as_deref()
+        .and_then(|uid| cluster.pod_by_uid(uid))
+        .map(PodInfo::to_string);
+    Origin { pod, pod_uid }
+}
+
+fn write_all(
+    writer: &mut Writer<impl io::Write>,
+    done: &mut Vec<egress_tracer::flow::Attempt>,
+) -> anyhow::Result<()> {
+    if done.is_empty() {
+        return Ok(());
+    }
+    for attempt in done.drain(..) {
+        writer.write(&attempt).context("cannot write to stdout")?;
+    }
+    writer.flush().context("cannot write to stdout")
+}

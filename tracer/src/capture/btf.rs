@@ -1,0 +1,174 @@
+//! Field offsets of kernel structs, resolved from the running kernel's BTF.
+//!
+//! Rust eBPF programs cannot use CO-RE relocations, so they read kernel structs with
+//! `bpf_probe_read_kernel` at offsets that this module finds in `/sys/kernel/btf/vmlinux`
+//! when the tracer starts. Anonymous unions and structs (common in `struct sock_common`)
+//! are searched transparently.
+
+use std::path::Path;
+
+use btf_rs::{Btf, Member, Struct, Type};
+use tracer_common::SockOffsets;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error("cannot read kernel BTF from {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: btf_rs::Error,
+    },
+    #[error("kernel BTF has no struct {0}")]
+    NoStruct(String),
+    #[error("kernel BTF: struct {strukt} has no field {field}")]
+    NoField { strukt: String, field: String },
+    #[error("kernel BTF: {strukt}.{field} is a bitfield or not byte-aligned")]
+    Unaligned { strukt: String, field: String },
+}
+
+/// The running kernel's type information.
+pub struct KernelBtf {
+    btf: Btf,
+}
+
+impl KernelBtf {
+    pub fn from_file(path: &Path) -> Result<Self, BtfError> {
+        let btf = Btf::from_file(path).map_err(|source| BtfError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Self { btf })
+    }
+
+    /// Byte offset of `path` (a field, then fields of that field's type…) in `strukt`.
+    pub fn offset_of(&self, strukt: &str, path: &[&str]) -> Result<u32, BtfError> {
+        let mut current = self.find_struct(strukt)?;
+        let mut bits = 0u32;
+        for (depth, field) in path.iter().enumerate() {
+            let no_field = || BtfError::NoField {
+                strukt: strukt.to_owned(),
+                field: path[..=depth].join("."),
+            };
+            let (offset, member) = self.find_member(&current, field).ok_or_else(no_field)?;
+            bits += offset;
+            if depth + 1 < path.len() {
+                current = self.struct_of(&member).ok_or_else(no_field)?;
+            } else if member.bitfield_size().is_some_and(|size| size != 0) {
+                return Err(BtfError::Unaligned {
+                    strukt: strukt.to_owned(),
+                    field: path.join("."),
+                });
+            }
+        }
+        if bits % 8 != 0 {
+            return Err(BtfError::Unaligned {
+                strukt: strukt.to_owned(),
+                field: path.join("."),
+            });
+        }
+        Ok(bits / 8)
+    }
+
+    /// Offsets of the `struct sock` fields the state tracepoint reads.
+    pub fn sock_offsets(&self) -> Result<SockOffsets, BtfError> {
+        let field = |name| self.offset_of("sock", &["__sk_common", name]);
+        Ok(SockOffsets {
+            family: field("skc_family")?,
+            num: field("skc_num")?,
+            dport: field("skc_dport")?,
+            rcv_saddr: field("skc_rcv_saddr")?,
+            daddr: field("skc_daddr")?,
+            v6_rcv_saddr: field("skc_v6_rcv_saddr")?,
+            v6_daddr: field("skc_v6_daddr")?,
+            _pad: 0,
+        })
+    }
+
+    fn find_struct(&self, name: &str) -> Result<Struct, BtfError> {
+        let types = self.btf.resolve_types_by_name(name).unwrap_or_default();
+        types
+            .into_iter()
+            .find_map(|t| match t {
+                Type::Struct(s) => Some(s),
+                _ => None,
+            })
+            .ok_or_else(|| BtfError::NoStruct(name.to_owned()))
+    }
+
+    /// Finds a member by name, descending into anonymous structs and unions.
+    /// Returns its bit offset from the start of `strukt`.
+    fn find_member(&self, strukt: &Struct, name: &str) -> Option<(u32, Member)> {
+        strukt.members.iter().find_map(|member| {
+            let member_name = self.btf.resolve_name(member).unwrap_or_default();
+            if member_name == name {
+                return Some((member.bit_offset(), member.clone()));
+            }
+            if !member_name.is_empty() {
+                return None;
+            }
+            let inner = self.struct_of(member)?;
+            let (offset, found) = self.find_member(&inner, name)?;
+            Some((member.bit_offset() + offset, found))
+        })
+    }
+
+    /// The struct or union type of a member, through typedefs and qualifiers.
+    fn struct_of(&self, member: &Member) -> Option<Struct> {
+        let mut current = self.btf.resolve_chained_type(member).ok()?;
+        loop {
+            current = match current {
+                Type::Struct(s) | Type::Union(s) => return Some(s),
+                Type::Typedef(t) => self.btf.resolve_chained_type(&t).ok()?,
+                Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => {
+                    self.btf.resolve_chained_type(&t).ok()?
+                }
+                _ => return None,
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::KERNEL_BTF;
+
+    /// Reads this machine's kernel BTF: the offsets must be those of the kernel's own
+    /// `struct sock_common` layout, which has been stable for these fields since 4.x.
+    #[test]
+    fn resolves_sock_common_offsets_on_this_kernel() {
+        if !Path::new(KERNEL_BTF).exists() {
+            eprintln!("skipping: {KERNEL_BTF} absent");
+            return;
+        }
+        let btf = KernelBtf::from_file(Path::new(KERNEL_BTF)).unwrap();
+        let off = btf.sock_offsets().unwrap();
+        // skc_daddr and skc_rcv_saddr open sock_common (anonymous union at offset 0).
+        assert_eq!(off.daddr, 0);
+        assert_eq!(off.rcv_saddr, 4);
+        // skc_dport and skc_num share the 32-bit port pair at offset 12.
+        assert_eq!(off.dport, 12);
+        assert_eq!(off.num, 14);
+        assert_eq!(off.family, 16);
+        assert!(off.v6_daddr > off.family && off.v6_rcv_saddr == off.v6_daddr + 16);
+    }
+
+    #[test]
+    fn unknown_struct_and_field_are_errors() {
+        if !Path::new(KERNEL_BTF).exists() {
+            return;
+        }
+        let btf = KernelBtf::from_file(Path::new(KERNEL_BTF)).unwrap();
+        assert!(matches!(
+            btf.offset_of("no_such_struct_xyz", &["a"]),
+            Err(BtfError::NoStruct(_))
+        ));
+        let err = btf
+            .offset_of("sock", &["__sk_common", "no_such_field"])
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "kernel BTF: struct sock has no field __sk_common.no_such_field"
+        );
+    }
+}

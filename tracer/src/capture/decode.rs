@@ -1,0 +1,178 @@
+//! Turns ring-buffer records into typed events, checking kind and length first so a
+//! record from a mismatched kernel object is reported, never misread.
+
+use std::{
+    mem::size_of,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use tracer_common::{
+    AF_INET, AF_INET6, ConnectEvent, Endpoint, EventHeader, EventKind, SockStateEvent,
+};
+
+/// A decoded kernel event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelEvent {
+    Connect(ConnectEvent),
+    SockState(SockStateEvent),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than an event header")]
+    NoHeader(usize),
+    #[error("unknown event kind {0}")]
+    UnknownKind(u32),
+    #[error("{kind:?} record has {got} bytes, expected {expected}")]
+    WrongLength {
+        kind: EventKind,
+        got: usize,
+        expected: usize,
+    },
+}
+
+pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
+    let header: EventHeader = read(record).ok_or(DecodeError::NoHeader(record.len()))?;
+    let kind = EventKind::from_raw(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;
+    let wrong_length = |expected| DecodeError::WrongLength {
+        kind,
+        got: record.len(),
+        expected,
+    };
+    // The ring buffer pads records to 8 bytes, so an exact size is the only valid one.
+    match kind {
+        EventKind::Connect => exact::<ConnectEvent>(record)
+            .map(KernelEvent::Connect)
+            .ok_or_else(|| wrong_length(size_of::<ConnectEvent>())),
+        EventKind::SockState => exact::<SockStateEvent>(record)
+            .map(KernelEvent::SockState)
+            .ok_or_else(|| wrong_length(size_of::<SockStateEvent>())),
+    }
+}
+
+fn exact<T: aya::Pod>(record: &[u8]) -> Option<T> {
+    (record.len() == size_of::<T>())
+        .then(|| read(record))
+        .flatten()
+}
+
+fn read<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    (bytes.len() >= size_of::<T>()).then(|| {
+        // SAFETY: length checked above; `T: Pod` accepts any bit pattern; the read is
+        // unaligned because ring-buffer records carry no alignment guarantee for us.
+        unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) }
+    })
+}
+
+/// The socket address of an endpoint; `None` when the family is unknown.
+pub fn socket_addr(endpoint: &Endpoint) -> Option<SocketAddr> {
+    let ip = match endpoint.family {
+        AF_INET => {
+            let [a, b, c, d, ..] = endpoint.addr;
+            IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+        }
+        AF_INET6 => IpAddr::V6(Ipv6Addr::from(endpoint.addr)),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, endpoint.port))
+}
+
+/// A NUL-padded kernel `comm` as text.
+pub fn comm(raw: &[u8]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use tracer_common::IPPROTO_TCP;
+
+    use super::*;
+
+    fn bytes_of<T: aya::Pod>(value: &T) -> Vec<u8> {
+        // SAFETY: Pod types are plain bytes.
+        unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
+    }
+
+    fn connect_fixture() -> ConnectEvent {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"curl");
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[203, 0, 113, 10]);
+        ConnectEvent {
+            header: EventHeader {
+                kind: EventKind::Connect as u32,
+                cpu: 1,
+                ts_ns: 42,
+            },
+            cgroup_id: 7,
+            sock_cookie: 99,
+            pid: 1234,
+            tid: 1235,
+            comm,
+            protocol: IPPROTO_TCP,
+            _pad: [0; 7],
+            dst: Endpoint {
+                family: AF_INET,
+                port: 80,
+                addr,
+            },
+        }
+    }
+
+    #[test]
+    fn decodes_a_connect_record() {
+        let event = connect_fixture();
+        let bytes = bytes_of(&event);
+        // Byte-level fixture check: kind, pid and port at their documented offsets.
+        assert_eq!(&bytes[0..4], &1u32.to_ne_bytes());
+        assert_eq!(&bytes[32..36], &1234u32.to_ne_bytes());
+        assert_eq!(&bytes[64..66], &AF_INET.to_ne_bytes());
+        assert_eq!(decode(&bytes), Ok(KernelEvent::Connect(event)));
+        assert_eq!(
+            socket_addr(&event.dst),
+            Some("203.0.113.10:80".parse().unwrap())
+        );
+        assert_eq!(comm(&event.comm), "curl");
+    }
+
+    #[test]
+    fn rejects_short_unknown_and_mis_sized_records() {
+        assert_eq!(decode(&[1, 0, 0]), Err(DecodeError::NoHeader(3)));
+        let mut unknown = bytes_of(&connect_fixture());
+        unknown[0..4].copy_from_slice(&77u32.to_ne_bytes());
+        assert_eq!(decode(&unknown), Err(DecodeError::UnknownKind(77)));
+        let bytes = bytes_of(&connect_fixture());
+        assert_eq!(
+            decode(&bytes[..40]),
+            Err(DecodeError::WrongLength {
+                kind: EventKind::Connect,
+                got: 40,
+                expected: 88
+            })
+        );
+        // A connect header on a sock-state-sized record is not accepted either.
+        assert!(decode(&bytes[..72]).is_err());
+    }
+
+    #[test]
+    fn ipv6_and_unknown_family() {
+        let v6 = Endpoint {
+            family: AF_INET6,
+            port: 443,
+            addr: "2001:db8::10".parse::<Ipv6Addr>().unwrap().octets(),
+        };
+        assert_eq!(
+            socket_addr(&v6),
+            Some("[2001:db8::10]:443".parse().unwrap())
+        );
+        assert_eq!(socket_addr(&Endpoint::UNKNOWN), None);
+    }
+
+    #[test]
+    fn comm_without_nul_and_with_invalid_utf8() {
+        assert_eq!(comm(b"0123456789abcdef"), "0123456789abcdef");
+        assert_eq!(comm(&[0xff, b'a', 0, b'b']), "\u{fffd}a");
+    }
+}

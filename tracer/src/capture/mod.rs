@@ -1,0 +1,239 @@
+//! Capture: loads the kernel programs, attaches them, and reads their events.
+//!
+//! Dropping a [`Capture`] detaches every program it attached (aya owns the link fds), so
+//! a tracer that exits, however it exits short of SIGKILL, leaves nothing in the kernel.
+//! Hooks other than `connect4` are optional: if the kernel lacks one, the capture starts
+//! without it and [`Capture::warnings`] says what is lost.
+
+mod btf;
+mod decode;
+
+use std::{fs::File, io, path::Path};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, MapType, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, CgroupAttachMode, CgroupSockAddr, ProgramError},
+};
+use tokio::io::unix::AsyncFd;
+use tracer_common::Counter;
+
+pub use btf::{BtfError, KernelBtf};
+pub use decode::{DecodeError, KernelEvent, comm, decode, socket_addr};
+
+use crate::node::{self, Capability};
+
+/// The kernel programs, built by `build.rs` for the BPF target.
+static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
+
+/// Capabilities needed to load and attach the programs: CAP_BPF to load, CAP_PERFMON for
+/// tracing programs and kernel reads, CAP_NET_ADMIN to attach to cgroups.
+pub const REQUIRED_CAPABILITIES: [Capability; 3] =
+    [Capability::Bpf, Capability::Perfmon, Capability::NetAdmin];
+
+/// At most this many records are drained per wake-up, so a flood cannot starve the
+/// caller's other work (signals, timers).
+const MAX_BATCH: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(
+        "this egress-tracer binary was built without its kernel programs (AYA_BUILD_SKIP); \
+         rebuild it with `cargo xtask build`"
+    )]
+    NoKernelObject,
+    #[error(
+        "missing capabilities {}: run egress-tracer as root, or grant them \
+         (for example `setcap cap_bpf,cap_perfmon,cap_net_admin+ep egress-tracer`)",
+        .0.iter().map(|c| c.name()).collect::<Vec<_>>().join(", ")
+    )]
+    MissingCapabilities(Vec<Capability>),
+    #[error(
+        "the kernel exposes no BTF at {}: egress-tracer needs a kernel built with \
+         CONFIG_DEBUG_INFO_BTF=y (Linux 5.8 or newer; AKS node images have it)",
+        node::KERNEL_BTF
+    )]
+    NoKernelBtf,
+    #[error("the kernel has no BPF ring buffer (BPF_MAP_TYPE_RINGBUF, Linux 5.8 or newer)")]
+    NoRingBuffer,
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error("cannot find the cgroup v2 hierarchy: {0}")]
+    Cgroup(#[source] io::Error),
+    #[error("loading the kernel programs failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the {hook} hook failed: {source}")]
+    Hook {
+        hook: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("kernel object is missing {0}")]
+    MissingPart(&'static str),
+    #[error("reading kernel maps failed: {0}")]
+    Map(#[from] aya::maps::MapError),
+    #[error("waiting for kernel events failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl CaptureError {
+    /// Whether the error is about the environment (kernel, privileges) rather than a
+    /// failure while running; the CLI exits with 2 for these.
+    pub fn is_environment(&self) -> bool {
+        matches!(
+            self,
+            Self::NoKernelObject
+                | Self::MissingCapabilities(_)
+                | Self::NoKernelBtf
+                | Self::NoRingBuffer
+                | Self::Btf(_)
+                | Self::Cgroup(_)
+        )
+    }
+}
+
+/// Event totals counted in the kernel, exact even when events were lost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    pub connects: u64,
+    pub connects_lost: u64,
+    pub sock_states: u64,
+    pub sock_states_lost: u64,
+}
+
+impl KernelCounters {
+    pub fn lost(&self) -> u64 {
+        self.connects_lost + self.sock_states_lost
+    }
+}
+
+/// Loaded and attached kernel programs plus the reader of their ring buffer.
+pub struct Capture {
+    // Field order matters: the ring buffer and counters are dropped before the programs.
+    ring: AsyncFd<RingBuf<MapData>>,
+    counters: PerCpuArray<MapData, u64>,
+    _ebpf: Ebpf,
+    warnings: Vec<String>,
+}
+
+impl Capture {
+    /// Checks the environment, resolves kernel offsets, loads and attaches the programs.
+    pub fn start() -> Result<Self, CaptureError> {
+        if KERNEL_OBJECT.is_empty() {
+            return Err(CaptureError::NoKernelObject);
+        }
+        let effective = node::effective_capabilities()?;
+        let missing = node::missing_capabilities(effective, &REQUIRED_CAPABILITIES);
+        if !missing.is_empty() {
+            return Err(CaptureError::MissingCapabilities(missing));
+        }
+        if !node::has_kernel_btf() {
+            return Err(CaptureError::NoKernelBtf);
+        }
+        if !aya::sys::is_map_supported(MapType::RingBuf).unwrap_or(false) {
+            return Err(CaptureError::NoRingBuffer);
+        }
+        let offsets = KernelBtf::from_file(Path::new(node::KERNEL_BTF))?.sock_offsets()?;
+        let cgroup_root = node::cgroup2_mount().map_err(CaptureError::Cgroup)?;
+        let cgroup = File::open(&cgroup_root).map_err(CaptureError::Cgroup)?;
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global("SOCK_OFFSETS", &offsets, true)
+            .load(KERNEL_OBJECT)?;
+        let mut warnings = Vec::new();
+        attach_connect(&mut ebpf, "connect4", &cgroup)?;
+        if let Err(e) = attach_connect(&mut ebpf, "connect6", &cgroup) {
+            warnings.push(format!("IPv6 connects will not be traced: {e}"));
+        }
+        if let Err(e) = attach_sock_state(&mut ebpf) {
+            warnings.push(format!(
+                "source address and port of TCP connections will be missing: {e}"
+            ));
+        }
+
+        let ring = RingBuf::try_from(
+            ebpf.take_map("EVENTS")
+                .ok_or(CaptureError::MissingPart("map EVENTS"))?,
+        )?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map("COUNTERS")
+                .ok_or(CaptureError::MissingPart("map COUNTERS"))?,
+        )?;
+        // SAFETY: the ring buffer owns its fd, which stays open and unchanged until the
+        // AsyncFd (which owns the ring buffer) is dropped.
+        let ring = unsafe { AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)?;
+        Ok(Self {
+            ring,
+            counters,
+            _ebpf: ebpf,
+            warnings,
+        })
+    }
+
+    /// Hooks that could not be attached, each with what is lost.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Waits for events and appends up to [`MAX_BATCH`] of them to `out`.
+    pub async fn read_batch(
+        &mut self,
+        out: &mut Vec<Result<KernelEvent, DecodeError>>,
+    ) -> Result<(), CaptureError> {
+        let mut guard = self.ring.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        let mut drained = 0;
+        while drained < MAX_BATCH {
+            let Some(item) = ring.next() else { break };
+            out.push(decode(&item));
+            drained += 1;
+        }
+        if drained < MAX_BATCH {
+            guard.clear_ready();
+        }
+        Ok(())
+    }
+
+    /// Sums the per-CPU kernel counters.
+    pub fn counters(&self) -> Result<KernelCounters, CaptureError> {
+        let total = |counter: Counter| -> Result<u64, CaptureError> {
+            Ok(self.counters.get(&(counter as u32), 0)?.iter().sum())
+        };
+        Ok(KernelCounters {
+            connects: total(Counter::ConnectSeen)?,
+            connects_lost: total(Counter::ConnectLost)?,
+            sock_states: total(Counter::SockStateSeen)?,
+            sock_states_lost: total(Counter::SockStateLost)?,
+        })
+    }
+}
+
+fn attach_connect(ebpf: &mut Ebpf, hook: &'static str, cgroup: &File) -> Result<(), CaptureError> {
+    let hook_error = |source| CaptureError::Hook { hook, source };
+    let program: &mut CgroupSockAddr = ebpf
+        .program_mut(hook)
+        .ok_or(CaptureError::MissingPart(hook))?
+        .try_into()
+        .map_err(hook_error)?;
+    program.load().map_err(hook_error)?;
+    // On kernels with BPF links (5.7+) aya attaches through a link, which always coexists
+    // with the CNI's and other tools' programs; the kernel rejects explicit flags there.
+    program
+        .attach(cgroup, CgroupAttachMode::default())
+        .map_err(hook_error)?;
+    Ok(())
+}
+
+fn attach_sock_state(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
+    const HOOK: &str = "inet_sock_set_state";
+    let hook_error = |source| CaptureError::Hook { hook: HOOK, source };
+    let btf = aya::Btf::from_sys_fs().map_err(|e| hook_error(ProgramError::Btf(e)))?;
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(HOOK)
+        .ok_or(CaptureError::MissingPart(HOOK))?
+        .try_into()
+        .map_err(hook_error)?;
+    program.load(HOOK, &btf).map_err(hook_error)?;
+    program.attach().map_err(hook_error)?;
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! Maps cgroup v2 ids (what `bpf_get_current_cgroup_id` returns) to pod cgroups.
+//!
+//! A cgroup v2 id is the inode number of the cgroup's directory, so the index walks the
+//! cgroup2 mount once and rebuilds itself when it meets an id it does not know (a new
+//! container), at most once per [`RESCAN_INTERVAL`]. Its size is the number of cgroups on
+//! the node, whatever the traffic.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs, io,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use super::cgroup_path::{self, PodCgroup};
+
+/// Minimum time between two walks of the cgroup tree.
+pub const RESCAN_INTERVAL: Duration = Duration::from_millis(250);
+/// Kubelet layouts are at most ~6 levels deep; the bound protects against odd hosts.
+const MAX_DEPTH: usize = 24;
+
+pub struct CgroupIndex {
+    root: PathBuf,
+    pods: HashMap<u64, PodCgroup>,
+    known: HashSet<u64>,
+    last_scan: Option<Instant>,
+}
+
+impl CgroupIndex {
+    /// An index over the cgroup v2 hierarchy mounted at `root`, scanned once now.
+    pub fn new(root: PathBuf) -> io::Result<Self> {
+        let mut index = Self {
+            root,
+            pods: HashMap::new(),
+            known: HashSet::new(),
+            last_scan: None,
+        };
+        index.rescan()?;
+        Ok(index)
+    }
+
+    /// The pod cgroup with this id, rescanning if the id is new to the index.
+    pub fn lookup(&mut self, cgroup_id: u64) -> Option<&PodCgroup> {
+        if !self.known.contains(&cgroup_id) && self.may_rescan() {
+            // An unreadable tree leaves the previous index in place.
+            let _ = self.rescan();
+        }
+        self.pods.get(&cgroup_id)
+    }
+
+    /// Ids of every cgroup that belongs to the pod with this UID.
+    pub fn cgroups_of_pod(&self, pod_uid: &str) -> Vec<u64> {
+        self.pods
+            .iter()
+            .filter(|(_, pod)| pod.pod_uid == pod_uid)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn may_rescan(&self) -> bool {
+        self.last_scan
+            .is_none_or(|t| t.elapsed() >= RESCAN_INTERVAL)
+    }
+
+    fn rescan(&mut self) -> io::Result<()> {
+        self.last_scan = Some(Instant::now());
+        let mut pods = HashMap::new();
+        let mut known = HashSet::new();
+        walk(&self.root, &self.root, 0, &mut |id, relative| {
+            known.insert(id);
+            if let Some(pod) = cgroup_path::parse(relative) {
+                pods.insert(id, pod);
+            }
+        })?;
+        self.pods = pods;
+        self.known = known;
+        Ok(())
+    }
+}
+
+fn walk(
+    root: &Path,
+    dir: &Path,
+    depth: usize,
+    visit: &mut impl FnMut(u64, &str),
+) -> io::Result<()> {
+    let id = fs::metadata(dir)?.ino();
+    let relative = dir.strip_prefix(root).unwrap_or(dir);
+    visit(id, &format!("/{}", relative.display()));
+    if depth >= MAX_DEPTH {
+        return Ok(());
+    }
+    for entry in fs::read_dir(dir)? {
+        let Ok(entry) = entry else { continue };
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            // Cgroups vanish all the time; a failed subtree is not an error.
+            let _ = walk(root, &entry.path(), depth + 1, visit);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indexes_pod_directories_by_inode() {
+        let root = std::env::temp_dir().join(format!("cgroup-index-test-{}", std::process::id()));
+        let uid = "6f1c2a3b_4d5e_4f60_8a9b_0c1d2e3f4a5b";
+        let id = "ab".repeat(32);
+        let container = root.join(format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid}.slice/cri-containerd-{id}.scope"
+        ));
+        fs::create_dir_all(&container).unwrap();
+        let other = root.join("system.slice/sshd.service");
+        fs::create_dir_all(&other).unwrap();
+
+        let mut index = CgroupIndex::new(root.clone()).unwrap();
+        let container_ino = fs::metadata(&container).unwrap().ino();
+        let other_ino = fs::metadata(&other).unwrap().ino();
+        let pod = index.lookup(container_ino).cloned().unwrap();
+        assert_eq!(pod.pod_uid, "6f1c2a3b-4d5e-4f60-8a9b-0c1d2e3f4a5b");
+        assert_eq!(pod.container.unwrap().id, id);
+        assert!(index.lookup(other_ino).is_none());
+        let mut of_pod = index.cgroups_of_pod("6f1c2a3b-4d5e-4f60-8a9b-0c1d2e3f4a5b");
+        of_pod.sort();
+        let pod_slice_ino = fs::metadata(container.parent().unwrap()).unwrap().ino();
+        let mut expected = vec![container_ino, pod_slice_ino];
+        expected.sort();
+        assert_eq!(of_pod, expected);
+        fs::remove_dir_all(&root).unwrap();
+    }
+}

@@ -1,0 +1,282 @@
+//! The cluster model: which pods exist, and which pod a kernel event belongs to.
+//!
+//! Pods come from `--cluster-state` manifests ([`manifests`]); the kernel names a task
+//! by its cgroup id, which [`cgroups::CgroupIndex`] maps to a pod UID through kubelet's
+//! cgroup layout ([`cgroup_path`]).
+
+pub mod cgroup_path;
+pub mod cgroups;
+pub mod manifests;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::IpAddr,
+    path::Path,
+};
+
+use k8s_openapi::api::core::v1::Pod;
+
+pub use manifests::{LoadError, ManifestWarning};
+
+/// What the tracer needs to know about a pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    /// `metadata.uid`; empty when the manifest has none (such a pod cannot be matched to
+    /// kernel events).
+    pub uid: String,
+    pub ips: Vec<IpAddr>,
+    pub labels: BTreeMap<String, String>,
+    pub host_network: bool,
+    pub node_name: Option<String>,
+}
+
+impl PodInfo {
+    fn from_pod(pod: Pod) -> Option<Self> {
+        let metadata = pod.metadata;
+        let status = pod.status.unwrap_or_default();
+        let spec = pod.spec.unwrap_or_default();
+        let mut ips: Vec<IpAddr> = status
+            .pod_ips
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|ip| ip.ip.parse().ok())
+            .collect();
+        if let Some(ip) = status.pod_ip.and_then(|ip| ip.parse().ok())
+            && !ips.contains(&ip)
+        {
+            ips.insert(0, ip);
+        }
+        Some(Self {
+            namespace: metadata.namespace.unwrap_or_else(|| "default".to_owned()),
+            name: metadata.name?,
+            uid: metadata.uid.unwrap_or_default().to_ascii_lowercase(),
+            ips,
+            labels: metadata.labels.unwrap_or_default(),
+            host_network: spec.host_network.unwrap_or(false),
+            node_name: spec.node_name,
+        })
+    }
+}
+
+/// `namespace/name`, the way pods are named on the command line and in records.
+impl fmt::Display for PodInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Why `--pod` did not name a known pod.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PodLookupError {
+    #[error("--pod must be NAMESPACE/NAME, got {0:?}")]
+    BadFormat(String),
+    #[error("pod {pod} not found{}", suggestion_text(.suggestions))]
+    NotFound {
+        pod: String,
+        suggestions: Vec<String>,
+    },
+    #[error(
+        "pod {0} has no metadata.uid in the cluster state, so its traffic cannot be recognised"
+    )]
+    NoUid(String),
+}
+
+fn suggestion_text(suggestions: &[String]) -> String {
+    if suggestions.is_empty() {
+        String::new()
+    } else {
+        format!("; did you mean: {}?", suggestions.join(", "))
+    }
+}
+
+/// All pods known to the tracer.
+#[derive(Debug, Default)]
+pub struct ClusterState {
+    pods: Vec<PodInfo>,
+    by_uid: HashMap<String, usize>,
+}
+
+impl ClusterState {
+    /// Loads `--cluster-state PATH`; returns the per-object problems alongside.
+    pub fn load(path: &Path) -> Result<(Self, Vec<ManifestWarning>), LoadError> {
+        let manifests = manifests::load(path)?;
+        Ok((Self::from_pods(manifests.pods), manifests.warnings))
+    }
+
+    pub fn from_pods(pods: impl IntoIterator<Item = Pod>) -> Self {
+        let mut state = Self::default();
+        for pod in pods.into_iter().filter_map(PodInfo::from_pod) {
+            // A later manifest for the same pod replaces the earlier one.
+            let existing = state
+                .pods
+                .iter()
+                .position(|p| p.namespace == pod.namespace && p.name == pod.name);
+            let index = match existing {
+                Some(i) => {
+                    state.by_uid.remove(&state.pods[i].uid);
+                    state.pods[i] = pod;
+                    i
+                }
+                None => {
+                    state.pods.push(pod);
+                    state.pods.len() - 1
+                }
+            };
+            if !state.pods[index].uid.is_empty() {
+                state.by_uid.insert(state.pods[index].uid.clone(), index);
+            }
+        }
+        state
+    }
+
+    pub fn pods(&self) -> &[PodInfo] {
+        &self.pods
+    }
+
+    pub fn pod_by_uid(&self, uid: &str) -> Option<&PodInfo> {
+        self.by_uid.get(uid).map(|&i| &self.pods[i])
+    }
+
+    /// Finds `NAMESPACE/NAME`; when absent, suggests the closest known pods.
+    pub fn find_pod(&self, reference: &str) -> Result<&PodInfo, PodLookupError> {
+        let (namespace, name) = reference
+            .split_once('/')
+            .filter(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
+            .ok_or_else(|| PodLookupError::BadFormat(reference.to_owned()))?;
+        let pod = self
+            .pods
+            .iter()
+            .find(|p| p.namespace == namespace && p.name == name)
+            .ok_or_else(|| PodLookupError::NotFound {
+                pod: reference.to_owned(),
+                suggestions: self.close_matches(reference),
+            })?;
+        if pod.uid.is_empty() {
+            return Err(PodLookupError::NoUid(reference.to_owned()));
+        }
+        Ok(pod)
+    }
+
+    /// Pods whose name contains the wanted name (a Deployment's pods for its name) or
+    /// whose `namespace/name` is a few edits away (typos), best first.
+    fn close_matches(&self, reference: &str) -> Vec<String> {
+        const MAX_SUGGESTIONS: usize = 5;
+        const MIN_SIMILARITY: f64 = 0.7;
+        let wanted_name = reference.rsplit('/').next().unwrap_or(reference);
+        let mut scored: Vec<(f64, String)> = self
+            .pods
+            .iter()
+            .filter_map(|p| {
+                let key = p.to_string();
+                let similarity = strsim::normalized_levenshtein(&key, reference);
+                let contains = !wanted_name.is_empty() && p.name.contains(wanted_name);
+                (contains || similarity >= MIN_SIMILARITY).then_some((similarity, key))
+            })
+            .collect();
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        scored
+            .into_iter()
+            .take(MAX_SUGGESTIONS)
+            .map(|(_, key)| key)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(ns: &str, name: &str, uid: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": ns, "name": name, "uid": uid},
+            "status": {"podIP": "10.244.0.7", "podIPs": [{"ip": "10.244.0.7"}, {"ip": "fd00::7"}]}
+        }))
+        .unwrap()
+    }
+
+    fn state() -> ClusterState {
+        ClusterState::from_pods([
+            pod("shop", "web-7d9f", "6F1C2A3B-4D5E-4F60-8A9B-0C1D2E3F4A5B"),
+            pod("shop", "worker", "11111111-2222-3333-4444-555555555555"),
+            pod("kube-system", "coredns", ""),
+        ])
+    }
+
+    #[test]
+    fn finds_pods_and_normalises_uids() {
+        let s = state();
+        let web = s.find_pod("shop/web-7d9f").unwrap();
+        assert_eq!(web.uid, "6f1c2a3b-4d5e-4f60-8a9b-0c1d2e3f4a5b");
+        assert_eq!(
+            web.ips,
+            vec![
+                "10.244.0.7".parse::<IpAddr>().unwrap(),
+                "fd00::7".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            s.pod_by_uid("6f1c2a3b-4d5e-4f60-8a9b-0c1d2e3f4a5b")
+                .unwrap()
+                .name,
+            "web-7d9f"
+        );
+        assert_eq!(web.to_string(), "shop/web-7d9f");
+    }
+
+    #[test]
+    fn missing_pod_suggests_close_matches() {
+        let err = state().find_pod("shop/web").unwrap_err();
+        assert_eq!(
+            err,
+            PodLookupError::NotFound {
+                pod: "shop/web".into(),
+                suggestions: vec!["shop/web-7d9f".into()],
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "pod shop/web not found; did you mean: shop/web-7d9f?"
+        );
+        let typo = state().find_pod("shop/wroker").unwrap_err();
+        assert_eq!(
+            typo.to_string(),
+            "pod shop/wroker not found; did you mean: shop/worker?"
+        );
+        let far = state().find_pod("billing/zzz").unwrap_err();
+        assert_eq!(far.to_string(), "pod billing/zzz not found");
+    }
+
+    #[test]
+    fn malformed_references() {
+        for bad in ["web", "/web", "shop/", "a/b/c"] {
+            assert_eq!(
+                state().find_pod(bad),
+                Err(PodLookupError::BadFormat(bad.into()))
+            );
+        }
+    }
+
+    #[test]
+    fn pod_without_uid_cannot_be_traced() {
+        assert_eq!(
+            state().find_pod("kube-system/coredns"),
+            Err(PodLookupError::NoUid("kube-system/coredns".into()))
+        );
+    }
+
+    #[test]
+    fn later_manifest_replaces_earlier() {
+        let s = ClusterState::from_pods([
+            pod("a", "p", "11111111-2222-3333-4444-555555555555"),
+            pod("a", "p", "66666666-2222-3333-4444-555555555555"),
+        ]);
+        assert_eq!(s.pods().len(), 1);
+        assert_eq!(
+            s.find_pod("a/p").unwrap().uid,
+            "66666666-2222-3333-4444-555555555555"
+        );
+    }
+}

@@ -1,0 +1,17 @@
+//! egress-tracer: eBPF evidence for "why can't this pod reach X".
+//!
+//! The pipeline, in the order events flow through it:
+//!
+//! - [`capture`]: loads the kernel programs (`tracer-ebpf`), attaches them and decodes
+//!   their ring-buffer events.
+//! - [`cluster`]: the cluster model; maps a kernel cgroup id to the pod it belongs to.
+//! - [`flow`]: joins the events of one egress attempt into one record.
+//! - [`output`]: renders records as a table or NDJSON.
+//!
+//! [`node`] holds facts about the host (cgroup mount, capabilities, clocks).
+
+pub mod capture;
+pub mod cluster;
+pub mod flow;
+pub mod node;
+pub mod output;

@@ -1,0 +1,222 @@
+//! Facts about the node the tracer runs on: where cgroup v2 is mounted, which
+//! capabilities the process holds, and how to turn kernel timestamps into wall time.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+/// Finds the cgroup v2 mount point in a `/proc/self/mountinfo` text. On hybrid hosts
+/// this is usually `/sys/fs/cgroup/unified`, on unified hosts (AKS) `/sys/fs/cgroup`.
+pub fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        if fs.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let mount_point = mount.split_whitespace().nth(4)?;
+        Some(PathBuf::from(unescape_octal(mount_point)))
+    })
+}
+
+/// The cgroup v2 mount point of this process's mount namespace.
+pub fn cgroup2_mount() -> io::Result<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+    cgroup2_mount_in(&mountinfo).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "no cgroup2 filesystem is mounted (see /proc/self/mountinfo); \
+             egress-tracer needs cgroup v2 to attach its connect hooks",
+        )
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_octal(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match (bytes[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Linux capabilities the tracer's hooks need (numbers from `linux/capability.h`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Capability {
+    NetAdmin = 12,
+    SysAdmin = 21,
+    SysResource = 24,
+    Perfmon = 38,
+    Bpf = 39,
+}
+
+impl Capability {
+    pub fn name(self) -> &'static str {
+        match self {
+            Capability::NetAdmin => "CAP_NET_ADMIN",
+            Capability::SysAdmin => "CAP_SYS_ADMIN",
+            Capability::SysResource => "CAP_SYS_RESOURCE",
+            Capability::Perfmon => "CAP_PERFMON",
+            Capability::Bpf => "CAP_BPF",
+        }
+    }
+}
+
+/// The effective capability set of this process, from `/proc/self/status`.
+pub fn effective_capabilities() -> io::Result<u64> {
+    let status = fs::read_to_string("/proc/self/status")?;
+    parse_cap_eff(&status)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no CapEff in /proc/self/status"))
+}
+
+fn parse_cap_eff(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+/// Which of `needed` the set `effective` lacks. `CAP_SYS_ADMIN` stands in for `CAP_BPF`
+/// and `CAP_PERFMON`, as on kernels before 5.8.
+pub fn missing_capabilities(effective: u64, needed: &[Capability]) -> Vec<Capability> {
+    let has = |cap: Capability| effective & (1u64 << cap as u32) != 0;
+    needed
+        .iter()
+        .copied()
+        .filter(|&cap| {
+            let covered_by_sys_admin =
+                matches!(cap, Capability::Bpf | Capability::Perfmon) && has(Capability::SysAdmin);
+            !has(cap) && !covered_by_sys_admin
+        })
+        .collect()
+}
+
+/// Path of the running kernel's BTF.
+pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Whether the running kernel exposes its BTF (`CONFIG_DEBUG_INFO_BTF`).
+pub fn has_kernel_btf() -> bool {
+    Path::new(KERNEL_BTF).exists()
+}
+
+/// Converts `CLOCK_MONOTONIC` timestamps (what `bpf_ktime_get_ns` returns) to wall time.
+#[derive(Clone, Copy, Debug)]
+pub struct MonotonicClock {
+    /// Wall time at monotonic zero.
+    epoch: SystemTime,
+}
+
+impl MonotonicClock {
+    pub fn new() -> Self {
+        let monotonic = monotonic_now();
+        let wall = SystemTime::now();
+        Self {
+            epoch: wall - monotonic,
+        }
+    }
+
+    pub fn to_wall(self, monotonic_ns: u64) -> SystemTime {
+        self.epoch + Duration::from_nanos(monotonic_ns)
+    }
+}
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Current `CLOCK_MONOTONIC` reading.
+pub fn monotonic_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_layout() {
+        let mountinfo = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+        assert_eq!(
+            cgroup2_mount_in(mountinfo),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+    }
+
+    #[test]
+    fn finds_cgroup2_in_unified_layout_with_optional_fields() {
+        let mountinfo = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+30 22 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate
+";
+        assert_eq!(
+            cgroup2_mount_in(mountinfo),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+    }
+
+    #[test]
+    fn unescapes_mount_points() {
+        let mountinfo = "41 31 0:38 / /mnt/my\\040cgroups rw - cgroup2 none rw\n";
+        assert_eq!(
+            cgroup2_mount_in(mountinfo),
+            Some(PathBuf::from("/mnt/my cgroups"))
+        );
+    }
+
+    #[test]
+    fn no_cgroup2() {
+        let mountinfo = "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
+        assert_eq!(cgroup2_mount_in(mountinfo), None);
+    }
+
+    #[test]
+    fn capabilities() {
+        let status = "Name:\tx\nCapEff:\t000001c000001000\n";
+        let eff = parse_cap_eff(status).unwrap();
+        // CAP_NET_ADMIN (12), CAP_PERFMON (38), CAP_BPF (39) and bit 40.
+        assert_eq!(
+            missing_capabilities(
+                eff,
+                &[Capability::Bpf, Capability::Perfmon, Capability::NetAdmin]
+            ),
+            vec![]
+        );
+        assert_eq!(
+            missing_capabilities(0, &[Capability::Bpf, Capability::NetAdmin]),
+            vec![Capability::Bpf, Capability::NetAdmin]
+        );
+        let sys_admin_only = 1u64 << Capability::SysAdmin as u32;
+        assert_eq!(
+            missing_capabilities(
+                sys_admin_only,
+                &[Capability::Bpf, Capability::Perfmon, Capability::NetAdmin]
+            ),
+            vec![Capability::NetAdmin]
+        );
+    }
+}
