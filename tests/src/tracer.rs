@@ -158,18 +158,35 @@ pub struct BpfObjects {
 }
 
 impl BpfObjects {
-    /// The programs and links whose owner list includes `pid`.
+    /// The programs and links `pid` holds file descriptors for (from `/proc/PID/fdinfo`,
+    /// where the kernel prints `prog_id:` and `link_id:` for BPF fds).
     pub fn owned_by(pid: u32) -> io::Result<Self> {
-        Ok(Self {
-            programs: ids(&["prog", "show"], |o| owned(o, pid))?,
-            links: ids(&["link", "show"], |o| owned(o, pid))?,
-        })
+        let mut objects = Self::default();
+        for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+            let Ok(info) = std::fs::read_to_string(entry?.path()) else {
+                continue;
+            };
+            let field = |name: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            if let Some(link) = field("link_id:") {
+                objects.links.push(link);
+            } else if let Some(program) = field("prog_id:") {
+                objects.programs.push(program);
+            }
+        }
+        objects.programs.sort_unstable();
+        objects.programs.dedup();
+        objects.links.sort_unstable();
+        Ok(objects)
     }
 
-    /// Which of these objects still exist, owned by anyone.
+    /// Which of these objects still exist in the kernel, held by anyone (`bpftool`).
     pub fn still_present(&self) -> io::Result<Self> {
-        let programs = ids(&["prog", "show"], |_| true)?;
-        let links = ids(&["link", "show"], |_| true)?;
+        let programs = ids(&["prog", "show"])?;
+        let links = ids(&["link", "show"])?;
         Ok(Self {
             programs: self
                 .programs
@@ -186,25 +203,28 @@ impl BpfObjects {
         })
     }
 
+    /// Waits for the kernel to free these objects (it does so asynchronously after the
+    /// last fd closes) and returns those still present after `timeout`.
+    pub fn wait_gone(&self, timeout: Duration) -> io::Result<Self> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let present = self.still_present()?;
+            if present.is_empty() || Instant::now() > deadline {
+                return Ok(present);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.programs.is_empty() && self.links.is_empty()
     }
 }
 
-fn owned(object: &serde_json::Value, pid: u32) -> bool {
-    object["pids"]
-        .as_array()
-        .is_some_and(|pids| pids.iter().any(|p| p["pid"].as_u64() == Some(pid.into())))
-}
-
-fn ids(what: &[&str], keep: impl Fn(&serde_json::Value) -> bool) -> io::Result<Vec<u64>> {
+fn ids(what: &[&str]) -> io::Result<Vec<u64>> {
     let mut args = vec!["-j"];
     args.extend_from_slice(what);
     let text = process::run("bpftool", &args)?;
     let objects: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(io::Error::other)?;
-    Ok(objects
-        .iter()
-        .filter(|o| keep(o))
-        .filter_map(|o| o["id"].as_u64())
-        .collect())
+    Ok(objects.iter().filter_map(|o| o["id"].as_u64()).collect())
 }
