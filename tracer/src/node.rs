@@ -3,7 +3,7 @@
 
 use std::{
     fs, io,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, SystemTime},
 };
 
@@ -104,13 +104,8 @@ pub fn missing_capabilities(effective: u64, needed: &[Capability]) -> Vec<Capabi
         .collect()
 }
 
-/// Path of the running kernel's BTF.
+/// Where the running kernel exposes its BTF (`CONFIG_DEBUG_INFO_BTF`).
 pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
-
-/// Whether the running kernel exposes its BTF (`CONFIG_DEBUG_INFO_BTF`).
-pub fn has_kernel_btf() -> bool {
-    Path::new(KERNEL_BTF).exists()
-}
 
 /// Converts `CLOCK_MONOTONIC` timestamps (what `bpf_ktime_get_ns` returns) to wall time.
 #[derive(Clone, Copy, Debug)]

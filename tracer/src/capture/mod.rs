@@ -8,7 +8,11 @@
 mod btf;
 mod decode;
 
-use std::{fs::File, io, path::Path};
+use std::{
+    fs::File,
+    io,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -49,11 +53,11 @@ pub enum CaptureError {
     )]
     MissingCapabilities(Vec<Capability>),
     #[error(
-        "the kernel exposes no BTF at {}: egress-tracer needs a kernel built with \
-         CONFIG_DEBUG_INFO_BTF=y (Linux 5.8 or newer; AKS node images have it)",
-        node::KERNEL_BTF
+        "no kernel BTF at {0}: egress-tracer needs a kernel built with \
+         CONFIG_DEBUG_INFO_BTF=y (Linux 5.8 or newer; AKS node images have it), \
+         or a BTF file for this exact kernel passed with --btf"
     )]
-    NoKernelBtf,
+    NoKernelBtf(PathBuf),
     #[error("the kernel has no BPF ring buffer (BPF_MAP_TYPE_RINGBUF, Linux 5.8 or newer)")]
     NoRingBuffer,
     #[error(transparent)]
@@ -84,7 +88,7 @@ impl CaptureError {
             self,
             Self::NoKernelObject
                 | Self::MissingCapabilities(_)
-                | Self::NoKernelBtf
+                | Self::NoKernelBtf(_)
                 | Self::NoRingBuffer
                 | Self::Btf(_)
                 | Self::Cgroup(_)
@@ -116,9 +120,25 @@ pub struct Capture {
     warnings: Vec<String>,
 }
 
+/// How to start a capture.
+#[derive(Clone, Debug)]
+pub struct CaptureOptions {
+    /// The running kernel's BTF: normally [`node::KERNEL_BTF`]; for kernels without
+    /// built-in BTF, a file for that exact kernel (for example from BTFHub).
+    pub kernel_btf: PathBuf,
+}
+
+impl Default for CaptureOptions {
+    fn default() -> Self {
+        Self {
+            kernel_btf: PathBuf::from(node::KERNEL_BTF),
+        }
+    }
+}
+
 impl Capture {
     /// Checks the environment, resolves kernel offsets, loads and attaches the programs.
-    pub fn start() -> Result<Self, CaptureError> {
+    pub fn start(options: &CaptureOptions) -> Result<Self, CaptureError> {
         if KERNEL_OBJECT.is_empty() {
             return Err(CaptureError::NoKernelObject);
         }
@@ -127,13 +147,13 @@ impl Capture {
         if !missing.is_empty() {
             return Err(CaptureError::MissingCapabilities(missing));
         }
-        if !node::has_kernel_btf() {
-            return Err(CaptureError::NoKernelBtf);
+        if !options.kernel_btf.is_file() {
+            return Err(CaptureError::NoKernelBtf(options.kernel_btf.clone()));
         }
         if !aya::sys::is_map_supported(MapType::RingBuf).unwrap_or(false) {
             return Err(CaptureError::NoRingBuffer);
         }
-        let offsets = KernelBtf::from_file(Path::new(node::KERNEL_BTF))?.sock_offsets()?;
+        let offsets = KernelBtf::from_file(&options.kernel_btf)?.sock_offsets()?;
         let cgroup_root = node::cgroup2_mount().map_err(CaptureError::Cgroup)?;
         let cgroup = File::open(&cgroup_root).map_err(CaptureError::Cgroup)?;
 
@@ -145,7 +165,7 @@ impl Capture {
         if let Err(e) = attach_connect(&mut ebpf, "connect6", &cgroup) {
             warnings.push(format!("IPv6 connects will not be traced: {e}"));
         }
-        if let Err(e) = attach_sock_state(&mut ebpf) {
+        if let Err(e) = attach_sock_state(&mut ebpf, &options.kernel_btf) {
             warnings.push(format!(
                 "source address and port of TCP connections will be missing: {e}"
             ));
@@ -224,10 +244,11 @@ fn attach_connect(ebpf: &mut Ebpf, hook: &'static str, cgroup: &File) -> Result<
     Ok(())
 }
 
-fn attach_sock_state(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
+fn attach_sock_state(ebpf: &mut Ebpf, kernel_btf: &Path) -> Result<(), CaptureError> {
     const HOOK: &str = "inet_sock_set_state";
     let hook_error = |source| CaptureError::Hook { hook: HOOK, source };
-    let btf = aya::Btf::from_sys_fs().map_err(|e| hook_error(ProgramError::Btf(e)))?;
+    let btf = aya::Btf::parse_file(kernel_btf, aya::Endianness::default())
+        .map_err(|e| hook_error(ProgramError::Btf(e)))?;
     let program: &mut BtfTracePoint = ebpf
         .program_mut(HOOK)
         .ok_or(CaptureError::MissingPart(HOOK))?

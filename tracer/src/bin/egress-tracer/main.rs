@@ -55,6 +55,10 @@ struct TraceArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Format::Table)]
     output: Format,
+    /// BTF of the running kernel, for kernels without /sys/kernel/btf/vmlinux (a file
+    /// for this exact kernel, e.g. from BTFHub).
+    #[arg(long, value_name = "PATH", default_value = egress_tracer::node::KERNEL_BTF)]
+    btf: PathBuf,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {

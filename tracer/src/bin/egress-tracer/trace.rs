@@ -4,7 +4,7 @@ use std::{io, time::Duration};
 
 use anyhow::Context;
 use egress_tracer::{
-    capture::{Capture, KernelEvent},
+    capture::{Capture, CaptureOptions, KernelEvent},
     cluster::{ClusterState, PodInfo, cgroups::CgroupIndex},
     flow::{FlowAssembler, Origin},
     node::{self, MonotonicClock},
@@ -46,7 +46,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let cgroup_root = node::cgroup2_mount().context("cannot find the cgroup v2 hierarchy")?;
     let mut cgroups = CgroupIndex::new(cgroup_root.clone())
         .with_context(|| format!("cannot read cgroups under {}", cgroup_root.display()))?;
-    let mut capture = Capture::start()?;
+    let mut capture = Capture::start(&CaptureOptions {
+        kernel_btf: args.btf.clone(),
+    })?;
     for warning in capture.warnings() {
         eprintln!("warning: {warning}");
     }

@@ -1,0 +1,199 @@
+//! The command line's answers to bad input: exit code 2 and a message that says what to do.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+const TRACER: &str = env!("CARGO_BIN_EXE_egress-tracer");
+
+fn state_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("egress-tracer-cli-{test}-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(
+        dir.join("pods.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: default, uid: 6f1c2a3b-4d5e-4f60-8a9b-0c1d2e3f4a5b}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: {name: broken, namespace: shop}\nspec: {containers: 7}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: {name: client-2, namespace: default, uid: 11111111-2222-3333-4444-555555555555}\n",
+    )
+    .unwrap();
+    dir
+}
+
+fn tracer(args: &[&str]) -> Output {
+    Command::new(TRACER).args(args).output().unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn is_root() -> bool {
+    // SAFETY: no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn unknown_pod_lists_close_matches_and_exits_2() {
+    let dir = state_dir("unknown");
+    let output = tracer(&[
+        "trace",
+        "--cluster-state",
+        dir.to_str().unwrap(),
+        "--pod",
+        "default/clinet",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    let err = stderr(&output);
+    assert!(
+        err.contains(
+            "error: pod default/clinet not found; did you mean: default/client, default/client-2?"
+        ),
+        "{err}"
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn malformed_object_is_named_and_the_rest_still_loads() {
+    let dir = state_dir("malformed");
+    let output = tracer(&[
+        "trace",
+        "--cluster-state",
+        dir.to_str().unwrap(),
+        "--pod",
+        "default/clien",
+    ]);
+    let err = stderr(&output);
+    let file = dir.join("pods.yaml");
+    assert!(
+        err.contains(&format!(
+            "warning: skipped {} (document 2), Pod shop/broken: ",
+            file.display()
+        )),
+        "{err}"
+    );
+    // Documents 1 and 3 were loaded: both are suggested.
+    assert!(
+        err.contains("did you mean: default/client, default/client-2?"),
+        "{err}"
+    );
+    assert_eq!(output.status.code(), Some(2));
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["trace", "--pod", "default/client"],
+            "needs the pods' metadata: pass --cluster-state PATH",
+        ),
+        (
+            &[
+                "trace",
+                "--cluster-state",
+                "/nonexistent/state",
+                "--pod",
+                "a/b",
+            ],
+            "cannot read cluster state at /nonexistent/state",
+        ),
+        (
+            &["trace", "--duration", "soon"],
+            "invalid value 'soon' for '--duration <D>'",
+        ),
+        (&["trace", "--duration", "0s"], "must be longer than zero"),
+        (
+            &["trace", "-o", "xml"],
+            "invalid value 'xml' for '--output <OUTPUT>'",
+        ),
+    ];
+    for (args, message) in cases {
+        let output = tracer(args);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains(message),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
+    let dir = state_dir("format");
+    let output = tracer(&[
+        "trace",
+        "--cluster-state",
+        dir.to_str().unwrap(),
+        "--pod",
+        "client",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("--pod must be NAMESPACE/NAME, got \"client\""),
+        "{}",
+        stderr(&output)
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn help_teaches_the_commands() {
+    let output = tracer(&["trace", "--help"]);
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for needle in [
+        "--pod <NS/NAME>",
+        "--cluster-state <PATH>",
+        "--duration <D>",
+        "kubectl get pods -A -o yaml",
+    ] {
+        assert!(help.contains(needle), "missing {needle:?} in:\n{help}");
+    }
+}
+
+/// Without privileges the tracer names the capabilities it lacks. As root the test drops
+/// to an unprivileged user with `setpriv` to see that message.
+#[test]
+fn unprivileged_run_names_missing_capabilities() {
+    let output = if is_root() {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                TRACER,
+                "trace",
+            ])
+            .output()
+            .unwrap()
+    } else {
+        tracer(&["trace"])
+    };
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains(
+            "missing capabilities CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN: run egress-tracer as root"
+        ),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn missing_kernel_btf_is_an_environment_error() {
+    let output = tracer(&["trace", "--btf", "/nonexistent/vmlinux"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("no kernel BTF at /nonexistent/vmlinux"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!Path::new("/nonexistent/vmlinux").exists());
+}
