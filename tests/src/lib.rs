@@ -19,6 +19,7 @@
 
 pub mod addresses;
 mod cleanup;
+pub mod demo;
 pub mod http;
 mod manifest;
 pub mod process;

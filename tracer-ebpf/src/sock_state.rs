@@ -46,11 +46,11 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: `sk` is the tracepoint's `struct sock *` argument.
     let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
     // SAFETY: the value is not kept beyond this lookup.
-    if unsafe { TRACKED_SOCKS.get(&cookie) }.is_none() {
+    if unsafe { TRACKED_SOCKS.get(cookie) }.is_none() {
         return 0;
     }
     if new_state == i32::from(TCP_CLOSE) {
-        let _ = TRACKED_SOCKS.remove(&cookie);
+        let _ = TRACKED_SOCKS.remove(cookie);
     }
     count(Counter::SockStateSeen);
     let Ok((src, dst)) = read_tuple(sk as *const u8) else {

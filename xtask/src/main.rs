@@ -1,1 +1,245 @@
-fn main() {}
+//! `cargo xtask`: everything a developer or CI runs, in one place.
+
+mod setup;
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "egress-tracer developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent; says what it does).
+    Setup,
+    /// Build the kernel programs, the tracer and the lab.
+    Build,
+    /// Setup, build, unit tests, then the privileged lab tests (needs root).
+    Test,
+    /// Formatting and clippy, warnings as errors.
+    Lint,
+    /// Build a node lab, trace a pod while it connects, print the records, tear down.
+    Demo,
+    /// Remove every lab object (namespaces, cgroups, processes, state) left by killed runs.
+    LabClean,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.task {
+        Task::Setup => setup::run(),
+        Task::Build => {
+            setup::run()?;
+            build(&root)
+        }
+        Task::Test => test(&root),
+        Task::Lint => lint(&root),
+        Task::Demo => demo(&root),
+        Task::LabClean => lab_clean(),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+/// Runs a command in the workspace, failing if it fails.
+fn cargo(root: &Path, args: &[&str], env: &[(&str, PathBuf)]) -> anyhow::Result<()> {
+    println!("xtask: cargo {}", args.join(" "));
+    let status = Command::new(env!("CARGO"))
+        .args(args)
+        .current_dir(root)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
+        .status()
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn build(root: &Path) -> anyhow::Result<()> {
+    cargo(root, &["build", "--workspace", "--all-targets"], &[])
+}
+
+fn binaries(root: &Path) -> [(&'static str, PathBuf); 2] {
+    let target = root.join("target").join("debug");
+    [
+        ("EGRESS_TRACER_BIN", target.join("egress-tracer")),
+        ("EGRESS_LAB_HELPER", target.join("lab")),
+    ]
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Totals of `cargo test` result lines.
+#[derive(Default)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+}
+
+/// Runs `cargo test ARGS`, echoing its output and adding up its "test result" lines.
+fn cargo_test(
+    root: &Path,
+    args: &[&str],
+    env: &[(&str, PathBuf)],
+    totals: &mut TestTotals,
+) -> anyhow::Result<()> {
+    println!("xtask: cargo test {}", args.join(" "));
+    let mut child = Command::new(env!("CARGO"))
+        .arg("test")
+        .args(args)
+        .current_dir(root)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot run cargo test")?;
+    let stdout = child.stdout.take().expect("piped");
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                result
+                    .split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(word)
+                    })
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            totals.passed += count(" passed");
+            totals.failed += count(" failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("`cargo test {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn test(root: &Path) -> anyhow::Result<()> {
+    setup::run()?;
+    build(root)?;
+    let mut totals = TestTotals::default();
+    let result = run_tests(root, &mut totals);
+    // The closing line CI reads; the privileged tests are counted only when they ran.
+    println!("xtask: {} passed, {} failed", totals.passed, totals.failed);
+    result
+}
+
+fn run_tests(root: &Path, totals: &mut TestTotals) -> anyhow::Result<()> {
+    cargo_test(root, &["--workspace"], &[], totals)?;
+    if !is_root() {
+        bail!(
+            "unit tests passed, but the lab tests were not run: they need root (network \
+             namespaces, cgroups, BPF). Rerun as root: `sudo -E cargo xtask test`"
+        );
+    }
+    // Lab tests are #[ignore]d in plain `cargo test`; here they run, with the binaries
+    // just built. They may run in parallel: every lab has its own name prefix.
+    cargo_test(
+        root,
+        &["--workspace", "--", "--ignored"],
+        &binaries(root),
+        totals,
+    )?;
+    let left = egress_lab::leftovers_of(None)?;
+    if !left.is_empty() {
+        bail!("lab tests left objects behind: {left:?} (remove them with `cargo xtask lab-clean`)");
+    }
+    Ok(())
+}
+
+fn lint(root: &Path) -> anyhow::Result<()> {
+    cargo(root, &["fmt", "--all", "--check"], &[])?;
+    cargo(
+        root,
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    )?;
+    // The kernel programs only really compile for the BPF target, with nightly.
+    let args = [
+        "run",
+        "nightly",
+        "cargo",
+        "clippy",
+        "-Z",
+        "build-std=core",
+        "--target",
+        "bpfel-unknown-none",
+        "--package",
+        "tracer-ebpf",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ];
+    println!("xtask: rustup {}", args.join(" "));
+    let status = Command::new("rustup")
+        .args(args)
+        .current_dir(root)
+        .status()
+        .context("cannot run rustup")?;
+    if !status.success() {
+        bail!("clippy of the kernel programs failed ({status})");
+    }
+    Ok(())
+}
+
+fn demo(root: &Path) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "the demo builds a node lab and loads BPF programs: run it as root (`sudo -E cargo xtask demo`)"
+        );
+    }
+    setup::run()?;
+    build(root)?;
+    for (var, path) in binaries(root) {
+        // SAFETY: single-threaded at this point; the lab reads these to find binaries.
+        unsafe { std::env::set_var(var, path) };
+    }
+    egress_lab::demo::run()
+}
+
+fn lab_clean() -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("lab-clean removes network namespaces and cgroups: run it as root");
+    }
+    let found = egress_lab::clean_leftovers()?;
+    if found.is_empty() {
+        println!("xtask: no lab leftovers");
+    } else {
+        println!("xtask: removed {found:?}");
+    }
+    Ok(())
+}

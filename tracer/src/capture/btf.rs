@@ -60,7 +60,7 @@ impl KernelBtf {
                 });
             }
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             return Err(BtfError::Unaligned {
                 strukt: strukt.to_owned(),
                 field: path.join("."),
