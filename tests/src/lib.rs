@@ -122,8 +122,9 @@ impl Lab {
             pods: Vec::new(),
         };
         // From here on, Drop cleans up whatever was built if a step fails.
-        fs::create_dir_all(lab.state_dir.join("cluster-state"))?;
+        fs::create_dir_all(&lab.state_dir)?;
         fs::write(lab.state_dir.join("owner"), std::process::id().to_string())?;
+        fs::create_dir_all(lab.cluster_state())?;
         fs::create_dir_all(lab.cgroup_parent.join("infra"))?;
         lab.build_network()?;
         lab.start_services()?;
