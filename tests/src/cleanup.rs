@@ -82,6 +82,19 @@ pub fn remove_lab(id: &str) -> io::Result<()> {
     }
 }
 
+/// Creates a lab's state directory with its `owner` file already inside (built under a
+/// temporary name, then renamed), so another run never sees a lab without an owner.
+pub fn create_state_dir(dir: &Path) -> io::Result<()> {
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("lab state dirs have a name");
+    let temporary = dir.with_file_name(format!(".{name}.{}", std::process::id()));
+    fs::create_dir_all(&temporary)?;
+    fs::write(temporary.join("owner"), std::process::id().to_string())?;
+    fs::rename(&temporary, dir)
+}
+
 /// Removes the labs whose owning process has exited (a killed or crashed test run).
 pub fn clean_stale() -> io::Result<()> {
     let Ok(entries) = fs::read_dir(state_root()) else {

@@ -122,14 +122,22 @@ impl Lab {
             pods: Vec::new(),
         };
         // From here on, Drop cleans up whatever was built if a step fails.
-        fs::create_dir_all(&lab.state_dir)?;
-        fs::write(lab.state_dir.join("owner"), std::process::id().to_string())?;
-        fs::create_dir_all(lab.cluster_state())?;
-        fs::create_dir_all(lab.cgroup_parent.join("infra"))?;
-        lab.build_network()?;
-        lab.start_services()?;
+        let step = |what: &str| {
+            let what = what.to_owned();
+            move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"))
+        };
+        cleanup::create_state_dir(&lab.state_dir).map_err(step("creating the state directory"))?;
+        fs::create_dir_all(lab.cluster_state()).map_err(step("creating cluster-state/"))?;
+        fs::create_dir_all(lab.cgroup_parent.join("infra"))
+            .map_err(step("creating the lab cgroup"))?;
+        lab.build_network().map_err(step("building the network"))?;
+        lab.start_services()
+            .map_err(step("starting DNS and the endpoint"))?;
         for (index, spec) in pods.iter().enumerate() {
-            lab.add_pod(spec, index)?;
+            lab.add_pod(spec, index).map_err(step(&format!(
+                "adding pod {}/{}",
+                spec.namespace, spec.name
+            )))?;
         }
         lab.wait_ready()?;
         Ok(lab)

@@ -55,10 +55,10 @@ fn traces_one_pods_connects_with_exact_fields_and_detaches_on_sigint() {
     )
     .unwrap();
     let attached = BpfObjects::owned_by(tracer.pid()).unwrap();
-    // connect4, connect6 and the state tracepoint: a program and a link each.
+    // connect4, connect6, SYN egress and the state tracepoint: a program and a link each.
     assert_eq!(
         (attached.programs.len(), attached.links.len()),
-        (3, 3),
+        (4, 4),
         "{attached:?}"
     );
 
@@ -77,6 +77,18 @@ fn traces_one_pods_connects_with_exact_fields_and_detaches_on_sigint() {
         "other",
         &format!("http://{}:{}/", addr::ENDPOINT, addr::HTTP_PORT),
     );
+    let refused_pid = {
+        let url = format!("http://{}:{}/", addr::ENDPOINT, addr::CLOSED_PORT);
+        let (pid, status) = lab
+            .exec_in_pod(lab.pod("client"), "curl", &["-s", "-m", "5", &url])
+            .unwrap();
+        assert_eq!(
+            status.code(),
+            Some(7),
+            "curl to a closed port must fail to connect"
+        );
+        pid
+    };
 
     let output = tracer.stop(libc::SIGINT).unwrap();
     assert!(output.status.success(), "tracer failed: {}", output.stderr);
@@ -111,6 +123,23 @@ fn traces_one_pods_connects_with_exact_fields_and_detaches_on_sigint() {
             .as_str()
             .unwrap()
             .starts_with(&format!("[{}]:", client.ipv6))
+    );
+
+    // A refused connect still has the source its SYN left with.
+    let refused = records_of_pid(&records, refused_pid);
+    assert_eq!(refused.len(), 1, "records: {records:#?}");
+    assert_eq!(
+        refused[0]["dst"],
+        format!("{}:{}", addr::ENDPOINT, addr::CLOSED_PORT)
+    );
+    let (ip, port) = refused[0]["src"]
+        .as_str()
+        .unwrap()
+        .rsplit_once(':')
+        .unwrap();
+    assert_eq!(
+        (ip, port.parse::<u16>().unwrap() != 0),
+        (client.ip.to_string().as_str(), true)
     );
 
     // The other pod's connect is not in this pod's trace, nor is anything else.

@@ -15,7 +15,7 @@ use tracer_common::{
     IPPROTO_UDP,
 };
 
-use crate::maps::{EVENTS, TRACKED_SOCKS, count, header};
+use crate::maps::{EVENTS, SYN_PENDING, TRACKED_SOCKS, count, header};
 
 /// Return value of cgroup sock_addr programs that lets the syscall proceed.
 const ALLOW: i32 = 1;
@@ -53,7 +53,7 @@ fn report(ctx: &SockAddrContext, family: u16, protocol: u32, user_port: u32, add
     let sock_cookie = unsafe { aya_ebpf::helpers::bpf_get_socket_cookie(ctx.as_ptr()) };
     if protocol == IPPROTO_TCP {
         // Ignore a full map: LRU evicts, and a missing entry only costs the tuple.
-        let _ = TRACKED_SOCKS.insert(sock_cookie, 0, 0);
+        let _ = TRACKED_SOCKS.insert(sock_cookie, SYN_PENDING, 0);
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let event = ConnectEvent {

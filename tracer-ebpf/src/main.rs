@@ -1,8 +1,9 @@
 //! egress-tracer kernel programs, one module per hook.
 //!
 //! - [`connect`]: cgroup `connect4`/`connect6`, every `connect()` of every process.
-//! - [`sock_state`]: tp_btf `inet_sock_set_state`, the tuple and handshake result of the
-//!   TCP sockets that `connect` saw.
+//! - [`syn`]: cgroup_skb egress, the tuple of the first SYN of the TCP sockets that
+//!   `connect` saw.
+//! - [`sock_state`]: tp_btf `inet_sock_set_state`, the handshake result of those sockets.
 //!
 //! All of them write to the ring buffer and counters in [`maps`]. Event layouts live in
 //! `tracer-common`, shared with userspace.
@@ -15,6 +16,8 @@ mod connect;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod sock_state;
+#[cfg(target_arch = "bpf")]
+mod syn;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

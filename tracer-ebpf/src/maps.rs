@@ -15,10 +15,14 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
-/// Cookies of the sockets whose `connect()` was reported; the state tracepoint only
-/// reports these. LRU so that sockets we never see close cannot fill it.
+/// Cookies of the TCP sockets whose `connect()` was reported; the SYN and state hooks
+/// only report these. The value is [`SYN_PENDING`] until the first SYN was reported, then
+/// [`SYN_REPORTED`]. LRU so that sockets we never see close cannot fill it.
 #[map]
 pub static TRACKED_SOCKS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(TRACKED_SOCKETS, 0);
+
+pub const SYN_PENDING: u8 = 0;
+pub const SYN_REPORTED: u8 = 1;
 
 #[inline(always)]
 pub fn count(counter: Counter) {

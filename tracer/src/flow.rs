@@ -1,9 +1,9 @@
 //! Flow assembly: joins the kernel events of one egress attempt into one record.
 //!
-//! A TCP attempt starts with its `connect()` and is complete when its socket leaves
-//! `SYN_SENT`, which reveals the source address and port the kernel chose. Attempts whose
-//! socket does not leave `SYN_SENT` within [`TCP_HOLD`] are emitted without a source, so a
-//! hanging handshake never delays the record. UDP attempts are complete at `connect()`.
+//! A TCP attempt starts with its `connect()`, learns its source address and port from its
+//! first SYN, and is complete when its socket leaves `SYN_SENT`. Attempts whose socket
+//! does not leave `SYN_SENT` within [`TCP_HOLD`] are emitted as they are, so a hanging
+//! handshake never delays the record. UDP attempts are complete at `connect()`.
 //!
 //! Memory is bounded: at most [`MAX_PENDING`] attempts wait; beyond that the oldest is
 //! emitted early and counted in [`FlowAssembler::evicted`].
@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use tracer_common::{ConnectEvent, IPPROTO_TCP, IPPROTO_UDP, SockStateEvent};
+use tracer_common::{ConnectEvent, IPPROTO_TCP, IPPROTO_UDP, SockStateEvent, SynEvent};
 
 use crate::capture::{comm, socket_addr};
 
@@ -102,12 +102,22 @@ impl FlowAssembler {
         self.order.push_back(event.sock_cookie);
     }
 
+    /// Records the source of the attempt whose first SYN this is.
+    pub fn on_syn(&mut self, event: &SynEvent) {
+        if let Some(attempt) = self.pending.get_mut(&event.sock_cookie) {
+            attempt.src = socket_addr(&event.src);
+        }
+    }
+
     /// Completes the attempt of this socket, if one is pending.
     pub fn on_sock_state(&mut self, event: &SockStateEvent, done: &mut Vec<Attempt>) {
         if let Some(mut attempt) = self.pending.remove(&event.sock_cookie) {
-            // A socket that failed its handshake has already released its port when it
-            // reaches CLOSE, so port 0 means "not known", not port 0.
-            attempt.src = socket_addr(&event.src).filter(|src| src.port() != 0);
+            // The socket's own tuple stands in when no SYN was seen (the SYN hook is
+            // optional). A socket that failed its handshake has already released its
+            // port when it reaches CLOSE, so port 0 means "not known", not port 0.
+            if attempt.src.is_none() {
+                attempt.src = socket_addr(&event.src).filter(|src| src.port() != 0);
+            }
             done.push(attempt);
         }
     }
@@ -229,6 +239,34 @@ mod tests {
             (100, "curl", Protocol::Tcp)
         );
         assert_eq!(a.origin.pod.as_deref(), Some("shop/web"));
+    }
+
+    fn syn(cookie: u64, port: u16) -> SynEvent {
+        SynEvent {
+            header: EventHeader {
+                kind: EventKind::Syn as u32,
+                cpu: 0,
+                ts_ns: 2,
+            },
+            sock_cookie: cookie,
+            src: endpoint([10, 244, 0, 5], port),
+            dst: endpoint([203, 0, 113, 10], 81),
+        }
+    }
+
+    #[test]
+    fn failed_handshake_keeps_the_source_of_its_syn() {
+        let mut flows = FlowAssembler::new();
+        let mut done = Vec::new();
+        flows.on_connect(&connect(1, 1, IPPROTO_TCP), origin(), &mut done);
+        flows.on_syn(&syn(1, 50_000));
+        flows.on_syn(&syn(2, 50_001));
+        let mut refused = established(1);
+        refused.new_state = tracer_common::TCP_CLOSE;
+        refused.src.port = 0;
+        flows.on_sock_state(&refused, &mut done);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].src, Some("10.244.0.5:50000".parse().unwrap()));
     }
 
     #[test]

@@ -60,7 +60,6 @@ fn unescape_octal(field: &str) -> String {
 pub enum Capability {
     NetAdmin = 12,
     SysAdmin = 21,
-    SysResource = 24,
     Perfmon = 38,
     Bpf = 39,
 }
@@ -70,7 +69,6 @@ impl Capability {
         match self {
             Capability::NetAdmin => "CAP_NET_ADMIN",
             Capability::SysAdmin => "CAP_SYS_ADMIN",
-            Capability::SysResource => "CAP_SYS_RESOURCE",
             Capability::Perfmon => "CAP_PERFMON",
             Capability::Bpf => "CAP_BPF",
         }

@@ -38,6 +38,8 @@ pub enum EventKind {
     Connect = 1,
     /// A [`SockStateEvent`]: a traced TCP socket left `SYN_SENT`.
     SockState = 2,
+    /// A [`SynEvent`]: the first SYN of a traced TCP socket left its cgroup.
+    Syn = 3,
 }
 
 impl EventKind {
@@ -46,6 +48,7 @@ impl EventKind {
         match raw {
             1 => Some(Self::Connect),
             2 => Some(Self::SockState),
+            3 => Some(Self::Syn),
             _ => None,
         }
     }
@@ -125,6 +128,20 @@ pub struct SockStateEvent {
     pub dst: Endpoint,
 }
 
+/// The first SYN of a traced TCP socket, seen at cgroup egress.
+///
+/// It carries the tuple the kernel chose for the connection, whatever happens to the
+/// handshake later (a failed socket has released its port by the time it reports).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SynEvent {
+    pub header: EventHeader,
+    /// Same cookie as the [`ConnectEvent`] of this socket.
+    pub sock_cookie: u64,
+    pub src: Endpoint,
+    pub dst: Endpoint,
+}
+
 /// Field offsets inside the kernel's `struct sock`, resolved at load time from the
 /// running kernel's BTF (`/sys/kernel/btf/vmlinux`) and handed to the programs as the
 /// global `SOCK_OFFSETS`. Rust eBPF has no CO-RE relocations, so this is how the programs
@@ -155,17 +172,23 @@ pub enum Counter {
     SockStateSeen = 2,
     /// [`SockStateEvent`]s lost to a full ring buffer.
     SockStateLost = 3,
+    /// First SYNs of traced sockets seen at cgroup egress.
+    SynSeen = 4,
+    /// [`SynEvent`]s lost to a full ring buffer.
+    SynLost = 5,
 }
 
 impl Counter {
     /// Number of counters, i.e. the size of the `COUNTERS` array.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 6;
     /// All counters, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Self::ConnectSeen,
         Self::ConnectLost,
         Self::SockStateSeen,
         Self::SockStateLost,
+        Self::SynSeen,
+        Self::SynLost,
     ];
 }
 
@@ -182,6 +205,7 @@ mod user {
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::ConnectEvent {}
     unsafe impl aya::Pod for super::SockStateEvent {}
+    unsafe impl aya::Pod for super::SynEvent {}
     unsafe impl aya::Pod for super::SockOffsets {}
 }
 
@@ -232,6 +256,14 @@ mod tests {
     }
 
     #[test]
+    fn syn_event_layout() {
+        assert_eq!(size_of::<SynEvent>(), 64);
+        assert_eq!(offset_of!(SynEvent, sock_cookie), 16);
+        assert_eq!(offset_of!(SynEvent, src), 24);
+        assert_eq!(offset_of!(SynEvent, dst), 44);
+    }
+
+    #[test]
     fn sock_offsets_layout() {
         assert_eq!(size_of::<SockOffsets>(), 32);
         assert_eq!(offset_of!(SockOffsets, v6_daddr), 24);
@@ -239,7 +271,7 @@ mod tests {
 
     #[test]
     fn event_kind_round_trips() {
-        for kind in [EventKind::Connect, EventKind::SockState] {
+        for kind in [EventKind::Connect, EventKind::SockState, EventKind::Syn] {
             assert_eq!(EventKind::from_raw(kind as u32), Some(kind));
         }
         assert_eq!(EventKind::from_raw(0), None);

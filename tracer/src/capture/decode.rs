@@ -7,7 +7,7 @@ use std::{
 };
 
 use tracer_common::{
-    AF_INET, AF_INET6, ConnectEvent, Endpoint, EventHeader, EventKind, SockStateEvent,
+    AF_INET, AF_INET6, ConnectEvent, Endpoint, EventHeader, EventKind, SockStateEvent, SynEvent,
 };
 
 /// A decoded kernel event.
@@ -15,6 +15,7 @@ use tracer_common::{
 pub enum KernelEvent {
     Connect(ConnectEvent),
     SockState(SockStateEvent),
+    Syn(SynEvent),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -47,6 +48,9 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
         EventKind::SockState => exact::<SockStateEvent>(record)
             .map(KernelEvent::SockState)
             .ok_or_else(|| wrong_length(size_of::<SockStateEvent>())),
+        EventKind::Syn => exact::<SynEvent>(record)
+            .map(KernelEvent::Syn)
+            .ok_or_else(|| wrong_length(size_of::<SynEvent>())),
     }
 }
 
@@ -71,7 +75,8 @@ pub fn socket_addr(endpoint: &Endpoint) -> Option<SocketAddr> {
             let [a, b, c, d, ..] = endpoint.addr;
             IpAddr::V4(Ipv4Addr::new(a, b, c, d))
         }
-        AF_INET6 => IpAddr::V6(Ipv6Addr::from(endpoint.addr)),
+        // IPv4-mapped addresses (an IPv6 socket talking IPv4) are shown as IPv4.
+        AF_INET6 => Ipv6Addr::from(endpoint.addr).to_canonical(),
         _ => return None,
     };
     Some(SocketAddr::new(ip, endpoint.port))
@@ -154,6 +159,18 @@ mod tests {
         );
         // A connect header on a sock-state-sized record is not accepted either.
         assert!(decode(&bytes[..72]).is_err());
+        let syn = SynEvent {
+            header: EventHeader {
+                kind: EventKind::Syn as u32,
+                cpu: 0,
+                ts_ns: 5,
+            },
+            sock_cookie: 99,
+            src: Endpoint::UNKNOWN,
+            dst: connect_fixture().dst,
+        };
+        assert_eq!(decode(&bytes_of(&syn)), Ok(KernelEvent::Syn(syn)));
+        assert!(decode(&bytes_of(&syn)[..60]).is_err());
     }
 
     #[test]
@@ -168,6 +185,15 @@ mod tests {
             Some("[2001:db8::10]:443".parse().unwrap())
         );
         assert_eq!(socket_addr(&Endpoint::UNKNOWN), None);
+        let mapped = Endpoint {
+            family: AF_INET6,
+            port: 80,
+            addr: "::ffff:203.0.113.10".parse::<Ipv6Addr>().unwrap().octets(),
+        };
+        assert_eq!(
+            socket_addr(&mapped),
+            Some("203.0.113.10:80".parse().unwrap())
+        );
     }
 
     #[test]

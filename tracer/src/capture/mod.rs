@@ -17,7 +17,10 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, MapType, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, CgroupAttachMode, CgroupSockAddr, ProgramError},
+    programs::{
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr,
+        ProgramError,
+    },
 };
 use tokio::io::unix::AsyncFd;
 use tracer_common::Counter;
@@ -103,11 +106,13 @@ pub struct KernelCounters {
     pub connects_lost: u64,
     pub sock_states: u64,
     pub sock_states_lost: u64,
+    pub syns: u64,
+    pub syns_lost: u64,
 }
 
 impl KernelCounters {
     pub fn lost(&self) -> u64 {
-        self.connects_lost + self.sock_states_lost
+        self.connects_lost + self.sock_states_lost + self.syns_lost
     }
 }
 
@@ -165,9 +170,14 @@ impl Capture {
         if let Err(e) = attach_connect(&mut ebpf, "connect6", &cgroup) {
             warnings.push(format!("IPv6 connects will not be traced: {e}"));
         }
+        if let Err(e) = attach_syn(&mut ebpf, &cgroup) {
+            warnings.push(format!(
+                "source ports of failed TCP connections will be missing: {e}"
+            ));
+        }
         if let Err(e) = attach_sock_state(&mut ebpf, &options.kernel_btf) {
             warnings.push(format!(
-                "source address and port of TCP connections will be missing: {e}"
+                "TCP attempts will be reported after a fixed wait instead of when the handshake ends: {e}"
             ));
         }
 
@@ -224,6 +234,8 @@ impl Capture {
             connects_lost: total(Counter::ConnectLost)?,
             sock_states: total(Counter::SockStateSeen)?,
             sock_states_lost: total(Counter::SockStateLost)?,
+            syns: total(Counter::SynSeen)?,
+            syns_lost: total(Counter::SynLost)?,
         })
     }
 }
@@ -240,6 +252,25 @@ fn attach_connect(ebpf: &mut Ebpf, hook: &'static str, cgroup: &File) -> Result<
     // with the CNI's and other tools' programs; the kernel rejects explicit flags there.
     program
         .attach(cgroup, CgroupAttachMode::default())
+        .map_err(hook_error)?;
+    Ok(())
+}
+
+fn attach_syn(ebpf: &mut Ebpf, cgroup: &File) -> Result<(), CaptureError> {
+    const HOOK: &str = "syn_egress";
+    let hook_error = |source| CaptureError::Hook { hook: HOOK, source };
+    let program: &mut CgroupSkb = ebpf
+        .program_mut(HOOK)
+        .ok_or(CaptureError::MissingPart(HOOK))?
+        .try_into()
+        .map_err(hook_error)?;
+    program.load().map_err(hook_error)?;
+    program
+        .attach(
+            cgroup,
+            CgroupSkbAttachType::Egress,
+            CgroupAttachMode::default(),
+        )
         .map_err(hook_error)?;
     Ok(())
 }

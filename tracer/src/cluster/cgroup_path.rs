@@ -11,8 +11,6 @@
 //!           …/kubepods/pod<uid>/crio-<id>
 //! ```
 
-use std::fmt;
-
 /// What a kubepods cgroup path says about the pod and container it belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodCgroup {
@@ -54,17 +52,6 @@ pub enum Runtime {
     Docker,
     /// A bare id, as the cgroupfs driver writes for containerd and Docker.
     Unspecified,
-}
-
-impl fmt::Display for Runtime {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Runtime::Containerd => "containerd",
-            Runtime::CriO => "cri-o",
-            Runtime::Docker => "docker",
-            Runtime::Unspecified => "unspecified",
-        })
-    }
 }
 
 /// Parses a cgroup path (absolute or relative to the cgroup v2 root). Returns `None` for

@@ -93,6 +93,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
                         flows.on_connect(&connect, origin, &mut done);
                     }
                 }
+                Ok(KernelEvent::Syn(syn)) => flows.on_syn(&syn),
                 Ok(KernelEvent::SockState(state)) => flows.on_sock_state(&state, &mut done),
                 Err(_) => decode_errors += 1,
             }

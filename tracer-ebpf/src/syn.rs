@@ -1,0 +1,87 @@
+//! cgroup_skb egress: the first SYN of each traced TCP socket.
+//!
+//! `connect()` runs before the kernel picks the source port, and a socket whose handshake
+//! fails has released its port by the time it reports the failure; the SYN is the one
+//! place where the full tuple is always visible. Attached at the cgroup v2 root, the
+//! program sees every egress packet of every process but stops after the TCP flags for
+//! anything that is not a SYN, and it never changes a packet's fate.
+//!
+//! cgroup_skb data starts at the network header.
+
+use aya_ebpf::{
+    EbpfContext, helpers::bpf_get_socket_cookie, macros::cgroup_skb, programs::SkBuffContext,
+};
+use tracer_common::{AF_INET, AF_INET6, Counter, Endpoint, EventKind, IPPROTO_TCP, SynEvent};
+
+use crate::maps::{EVENTS, SYN_PENDING, SYN_REPORTED, TRACKED_SOCKS, count, header};
+
+/// Return value of cgroup_skb programs that lets the packet through.
+const PASS: i32 = 1;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+/// Offset of the flags byte in the TCP header.
+const TCP_FLAGS_OFFSET: usize = 13;
+const IPV6_HEADER_LEN: usize = 40;
+
+#[cgroup_skb(egress)]
+pub fn syn_egress(ctx: SkBuffContext) -> i32 {
+    let _ = report_syn(&ctx);
+    PASS
+}
+
+#[inline(always)]
+fn report_syn(ctx: &SkBuffContext) -> Result<(), i64> {
+    let first: u8 = ctx.load(0)?;
+    let (family, l4) = match first >> 4 {
+        4 if ctx.load::<u8>(9)? == IPPROTO_TCP => (AF_INET, usize::from(first & 0x0f) * 4),
+        // Extension headers before TCP are not followed: SYNs do not carry them in practice.
+        6 if ctx.load::<u8>(6)? == IPPROTO_TCP => (AF_INET6, IPV6_HEADER_LEN),
+        _ => return Ok(()),
+    };
+    let flags: u8 = ctx.load(l4 + TCP_FLAGS_OFFSET)?;
+    if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
+        return Ok(());
+    }
+    // SAFETY: the helper takes the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(state) = TRACKED_SOCKS.get_ptr_mut(cookie) else {
+        return Ok(());
+    };
+    // SAFETY: a valid map value pointer; a racing retransmit at worst reports twice.
+    unsafe {
+        if *state != SYN_PENDING {
+            return Ok(());
+        }
+        *state = SYN_REPORTED;
+    }
+    count(Counter::SynSeen);
+    let ports: [u8; 4] = ctx.load(l4)?;
+    let mut src = Endpoint {
+        family,
+        port: u16::from_be_bytes([ports[0], ports[1]]),
+        addr: [0; 16],
+    };
+    let mut dst = Endpoint {
+        family,
+        port: u16::from_be_bytes([ports[2], ports[3]]),
+        addr: [0; 16],
+    };
+    if family == AF_INET {
+        let addrs: [u8; 8] = ctx.load(12)?;
+        src.addr[..4].copy_from_slice(&addrs[..4]);
+        dst.addr[..4].copy_from_slice(&addrs[4..]);
+    } else {
+        src.addr = ctx.load(8)?;
+        dst.addr = ctx.load(24)?;
+    }
+    let event = SynEvent {
+        header: header(EventKind::Syn),
+        sock_cookie: cookie,
+        src,
+        dst,
+    };
+    if EVENTS.output::<SynEvent>(&event, 0).is_err() {
+        count(Counter::SynLost);
+    }
+    Ok(())
+}
