@@ -33,7 +33,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use cleanup::{Leftovers, clean_leftovers, leftovers_of};
+pub use cleanup::{Leftovers, clean_leftovers, clean_stale, leftovers_of};
 pub use manifest::PodManifest;
 
 use addresses as addr;

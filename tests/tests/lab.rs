@@ -73,3 +73,27 @@ fn teardown_runs_on_panic() {
     let id = rx.recv().unwrap();
     assert!(leftovers_of(Some(&id)).unwrap().is_empty());
 }
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn a_killed_runs_lab_is_removed_by_the_next_run() {
+    use std::io::{BufRead, BufReader};
+    let mut up = std::process::Command::new(egress_lab::lab_helper().unwrap())
+        .arg("up")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first_line = String::new();
+    BufReader::new(up.stdout.take().unwrap())
+        .read_line(&mut first_line)
+        .unwrap();
+    let id = first_line.split_whitespace().nth(1).unwrap().to_owned();
+    assert_eq!(first_line, format!("lab {id} is up\n"));
+    // SIGKILL: no destructor runs, the lab's processes are orphaned.
+    up.kill().unwrap();
+    up.wait().unwrap();
+    let left = leftovers_of(Some(&id)).unwrap();
+    assert_eq!((left.netns.len(), left.cgroups.len()), (6, 1), "{left:?}");
+    egress_lab::clean_stale().unwrap();
+    assert!(leftovers_of(Some(&id)).unwrap().is_empty());
+}

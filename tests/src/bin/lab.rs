@@ -1,7 +1,8 @@
 //! The lab's helper binary: processes the lab runs inside its namespaces, and `clean`.
 //!
 //! `lab serve-http --listen ADDR [--listen ADDR…] [--status N]` runs the HTTP endpoint;
-//! `lab clean` removes every lab object left on this machine.
+//! `lab up` builds a lab with two pods, prints how to use it, and keeps it until killed
+//! (for exploring by hand); `lab clean` removes every lab object left on this machine.
 
 use std::{net::SocketAddr, process::ExitCode};
 
@@ -10,7 +11,10 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("serve-http") => serve_http(&args[1..]),
         Some("clean") => clean(),
-        _ => Err("usage: lab serve-http --listen ADDR [--status N] | lab clean".to_owned()),
+        Some("up") => up(),
+        _ => {
+            Err("usage: lab serve-http --listen ADDR [--status N] | lab up | lab clean".to_owned())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -45,6 +49,41 @@ fn serve_http(args: &[String]) -> Result<(), String> {
         return Err("serve-http needs at least one --listen".into());
     }
     egress_lab::http::serve(&listen, status).map_err(|e| e.to_string())
+}
+
+fn up() -> Result<(), String> {
+    use egress_lab::{CgroupDriver, Lab, PodSpec};
+    let lab = Lab::start(&[
+        PodSpec::new("default", "client", CgroupDriver::Systemd),
+        PodSpec::new("shop", "other", CgroupDriver::Cgroupfs),
+    ])
+    .map_err(|e| e.to_string())?;
+    println!("lab {} is up", lab.id());
+    println!("  node:          ip netns exec {} bash", lab.node_netns());
+    for pod in lab.pods() {
+        println!(
+            "  pod {:<14} ip netns exec {} bash   (ip {}, pid {})",
+            pod.key(),
+            pod.netns,
+            pod.ip,
+            pod.pid
+        );
+    }
+    println!("  cluster state: {}", lab.cluster_state().display());
+    println!("Ctrl-C removes it.");
+    // Wait for SIGINT/SIGTERM, then drop the lab (teardown).
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: standard signal-mask calls on a local set.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let mut signal = 0;
+        libc::sigwait(&set, &mut signal);
+    }
+    drop(lab);
+    Ok(())
 }
 
 fn clean() -> Result<(), String> {
