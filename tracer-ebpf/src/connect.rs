@@ -15,7 +15,7 @@ use tracer_common::{
     IPPROTO_UDP,
 };
 
-use crate::maps::{EVENTS, SYN_PENDING, TRACKED_SOCKS, count, header};
+use crate::maps::{EVENTS, FIRST_PACKET_PENDING, TRACKED_SOCKS, count, header};
 
 /// Return value of cgroup sock_addr programs that lets the syscall proceed.
 const ALLOW: i32 = 1;
@@ -51,10 +51,8 @@ fn report(ctx: &SockAddrContext, family: u16, protocol: u32, user_port: u32, add
     count(Counter::ConnectSeen);
     // SAFETY: helpers valid in cgroup sock_addr programs.
     let sock_cookie = unsafe { aya_ebpf::helpers::bpf_get_socket_cookie(ctx.as_ptr()) };
-    if protocol == IPPROTO_TCP {
-        // Ignore a full map: LRU evicts, and a missing entry only costs the tuple.
-        let _ = TRACKED_SOCKS.insert(sock_cookie, SYN_PENDING, 0);
-    }
+    // Ignore a full map: LRU evicts, and a missing entry only costs the first packet.
+    let _ = TRACKED_SOCKS.insert(sock_cookie, FIRST_PACKET_PENDING, 0);
     let pid_tgid = bpf_get_current_pid_tgid();
     let event = ConnectEvent {
         header: header(EventKind::Connect),

@@ -1,8 +1,8 @@
 //! egress-tracer kernel programs, one module per hook.
 //!
 //! - [`connect`]: cgroup `connect4`/`connect6`, every `connect()` of every process.
-//! - [`syn`]: cgroup_skb egress, the tuple of the first SYN of the TCP sockets that
-//!   `connect` saw.
+//! - [`first_packet`]: cgroup_skb egress, the first packet (TCP SYN or UDP datagram) of
+//!   the sockets that `connect` saw, with the tuple the kernel chose.
 //! - [`sock_state`]: tp_btf `inet_sock_set_state`, the handshake result of those sockets.
 //!
 //! All of them write to the ring buffer and counters in [`maps`]. Event layouts live in
@@ -13,11 +13,11 @@
 #[cfg(target_arch = "bpf")]
 mod connect;
 #[cfg(target_arch = "bpf")]
+mod first_packet;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod sock_state;
-#[cfg(target_arch = "bpf")]
-mod syn;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

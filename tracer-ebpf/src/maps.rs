@@ -15,14 +15,15 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
-/// Cookies of the TCP sockets whose `connect()` was reported; the SYN and state hooks
-/// only report these. The value is [`SYN_PENDING`] until the first SYN was reported, then
-/// [`SYN_REPORTED`]. LRU so that sockets we never see close cannot fill it.
+/// Cookies of the sockets whose `connect()` was reported; the first-packet and state
+/// hooks only report these. The value is [`FIRST_PACKET_PENDING`] until the socket's first
+/// packet was reported, then [`FIRST_PACKET_REPORTED`]. LRU so that sockets we never see
+/// close (UDP has no close event) cannot fill it.
 #[map]
 pub static TRACKED_SOCKS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(TRACKED_SOCKETS, 0);
 
-pub const SYN_PENDING: u8 = 0;
-pub const SYN_REPORTED: u8 = 1;
+pub const FIRST_PACKET_PENDING: u8 = 0;
+pub const FIRST_PACKET_REPORTED: u8 = 1;
 
 #[inline(always)]
 pub fn count(counter: Counter) {

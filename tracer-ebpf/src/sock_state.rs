@@ -32,7 +32,9 @@ static SOCK_OFFSETS: Global<SockOffsets> = Global::new(SockOffsets {
     daddr: 0,
     v6_rcv_saddr: 0,
     v6_daddr: 0,
-    _pad: 0,
+    err: 0,
+    err_soft: 0,
+    total_retrans: 0,
 });
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
@@ -53,15 +55,25 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         let _ = TRACKED_SOCKS.remove(cookie);
     }
     count(Counter::SockStateSeen);
-    let Ok((src, dst)) = read_tuple(sk as *const u8) else {
+    let sk = sk as *const u8;
+    let Ok((src, dst)) = read_tuple(sk) else {
         return 0;
+    };
+    let off = SOCK_OFFSETS.load();
+    // SAFETY: bpf_probe_read_kernel validates the address and fails instead of faulting;
+    // a failed read leaves the field 0 ("not known").
+    let read_u32 = |offset: u32| {
+        unsafe { bpf_probe_read_kernel(sk.add(offset as usize) as *const u32) }.unwrap_or(0)
     };
     let event = SockStateEvent {
         header: header(EventKind::SockState),
         sock_cookie: cookie,
         old_state: old_state as u8,
         new_state: new_state as u8,
-        _pad: [0; 6],
+        _pad: [0; 2],
+        error: read_u32(off.err) as i32,
+        soft_error: read_u32(off.err_soft) as i32,
+        syn_retransmits: read_u32(off.total_retrans),
         src,
         dst,
     };

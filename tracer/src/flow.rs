@@ -1,12 +1,15 @@
 //! Flow assembly: joins the kernel events of one egress attempt into one record.
 //!
-//! A TCP attempt starts with its `connect()`, learns its source address and port from its
-//! first SYN, and is complete when its socket leaves `SYN_SENT`. Attempts whose socket
-//! does not leave `SYN_SENT` within [`TCP_HOLD`] are emitted as they are, so a hanging
-//! handshake never delays the record. UDP attempts are complete at `connect()`.
+//! - A TCP attempt starts with its `connect()`, learns its source address and port from
+//!   its first SYN, and ends when its socket leaves `SYN_SENT`; that transition says how
+//!   it ended ([`Outcome`]).
+//! - A UDP attempt starts with its `connect()` and is an attempt once its first datagram
+//!   leaves; a connected UDP socket that sends nothing within [`UDP_PROBE_WINDOW`] was an
+//!   address-selection probe (`getaddrinfo` makes those) and is counted, not reported.
 //!
-//! Memory is bounded: at most [`MAX_PENDING`] attempts wait; beyond that the oldest is
-//! emitted early and counted in [`FlowAssembler::evicted`].
+//! Memory is bounded: at most [`MAX_PENDING`] attempts wait, and none longer than
+//! [`MAX_TCP_WAIT`]; beyond either limit an attempt is emitted early (outcome
+//! `in-progress`) and counted in [`FlowStats::evicted`].
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -14,20 +17,89 @@ use std::{
     time::Duration,
 };
 
-use tracer_common::{ConnectEvent, IPPROTO_TCP, IPPROTO_UDP, SockStateEvent, SynEvent};
+use serde::Serialize;
+use tracer_common::{
+    ConnectEvent, FirstPacketEvent, IPPROTO_TCP, IPPROTO_UDP, SockStateEvent, TCP_ESTABLISHED,
+};
 
 use crate::capture::{comm, socket_addr};
 
-/// How long a TCP attempt waits for its socket to leave `SYN_SENT`.
-pub const TCP_HOLD: Duration = Duration::from_secs(1);
+/// How long a connected UDP socket may stay silent before it counts as a probe.
+pub const UDP_PROBE_WINDOW: Duration = Duration::from_secs(1);
+/// Longest a TCP attempt waits for its handshake to end (the kernel gives up after about
+/// 130 s with default `tcp_syn_retries`).
+pub const MAX_TCP_WAIT: Duration = Duration::from_secs(300);
 /// Most attempts held at once.
 pub const MAX_PENDING: usize = 65_536;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+const ECONNREFUSED: i32 = 111;
+const ETIMEDOUT: i32 = 110;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
     Udp,
+}
+
+/// How an attempt ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// TCP handshake completed.
+    Established,
+    /// The destination (or something on the path) answered the SYN with a reset.
+    Refused,
+    /// No answer to the SYN: the kernel gave up (`ETIMEDOUT`), or the application gave up
+    /// after at least one SYN retransmission.
+    Timeout,
+    /// The handshake failed with an ICMP-reported error (host/net unreachable,
+    /// administratively prohibited…); `error` names it.
+    Unreachable,
+    /// The application closed the socket before the handshake ended and before any
+    /// retransmission.
+    Aborted,
+    /// The handshake failed with another error; `error` names it.
+    Failed,
+    /// A UDP datagram left the socket (UDP has no handshake to judge).
+    Sent,
+    /// Still unresolved when tracing stopped or the wait limit was reached.
+    InProgress,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Established => "established",
+            Outcome::Refused => "refused",
+            Outcome::Timeout => "timeout",
+            Outcome::Unreachable => "unreachable",
+            Outcome::Aborted => "aborted",
+            Outcome::Failed => "failed",
+            Outcome::Sent => "sent",
+            Outcome::InProgress => "in-progress",
+        }
+    }
+
+    pub fn is_failure(self) -> bool {
+        !matches!(
+            self,
+            Outcome::Established | Outcome::Sent | Outcome::InProgress
+        )
+    }
+}
+
+/// What the kernel said about a TCP handshake.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpHandshake {
+    /// SYNs retransmitted before the handshake ended.
+    pub syn_retransmits: u32,
+    /// From `connect()` to the end of the handshake.
+    pub duration: Option<Duration>,
+    /// The socket error the handshake ended with (`ECONNREFUSED`…), if any.
+    pub errno: Option<i32>,
+    /// Whether the application, not the kernel, ended a failed handshake.
+    pub closed_by_application: bool,
 }
 
 /// Who made the attempt.
@@ -52,14 +124,28 @@ pub struct Attempt {
     /// Source chosen by the kernel, when the kernel revealed it.
     pub src: Option<SocketAddr>,
     pub dst: SocketAddr,
+    pub outcome: Outcome,
+    /// TCP only.
+    pub tcp: Option<TcpHandshake>,
+}
+
+/// Counts kept by the assembler.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    /// Attempts emitted early because a limit was reached.
+    pub evicted: u64,
+    /// Connected UDP sockets that never sent (address-selection probes).
+    pub udp_probes: u64,
 }
 
 #[derive(Default)]
 pub struct FlowAssembler {
     pending: HashMap<u64, Attempt>,
-    /// Cookies in arrival order; may hold cookies already completed (skipped lazily).
-    order: VecDeque<u64>,
-    evicted: u64,
+    /// Cookies of TCP and of UDP attempts, each in arrival order (their waits differ);
+    /// they may hold cookies already completed, skipped lazily.
+    tcp_order: VecDeque<u64>,
+    udp_order: VecDeque<u64>,
+    stats: FlowStats,
 }
 
 impl FlowAssembler {
@@ -67,12 +153,12 @@ impl FlowAssembler {
         Self::default()
     }
 
-    /// Starts an attempt. Pushes it to `done` at once when nothing more will be learned
-    /// (UDP), along with any attempt evicted to make room.
+    /// Starts an attempt. Pushes any attempt it displaces (a limit, a reused cookie) to
+    /// `done`.
     pub fn on_connect(&mut self, event: &ConnectEvent, origin: Origin, done: &mut Vec<Attempt>) {
-        let protocol = match event.protocol {
-            IPPROTO_TCP => Protocol::Tcp,
-            IPPROTO_UDP => Protocol::Udp,
+        let (protocol, tcp) = match event.protocol {
+            IPPROTO_TCP => (Protocol::Tcp, Some(TcpHandshake::default())),
+            IPPROTO_UDP => (Protocol::Udp, None),
             _ => return,
         };
         let Some(dst) = socket_addr(&event.dst) else {
@@ -87,88 +173,210 @@ impl FlowAssembler {
             protocol,
             src: None,
             dst,
+            outcome: Outcome::InProgress,
+            tcp,
         };
-        if protocol == Protocol::Udp {
-            done.push(attempt);
-            return;
-        }
         if self.pending.len() >= MAX_PENDING {
             self.evict_oldest(done);
         }
         if let Some(previous) = self.pending.insert(event.sock_cookie, attempt) {
-            // Cookie reuse means the earlier socket is gone: finish it as it is.
-            done.push(previous);
+            self.finish_displaced(previous, done);
         }
-        self.order.push_back(event.sock_cookie);
-    }
-
-    /// Records the source of the attempt whose first SYN this is.
-    pub fn on_syn(&mut self, event: &SynEvent) {
-        if let Some(attempt) = self.pending.get_mut(&event.sock_cookie) {
-            attempt.src = socket_addr(&event.src);
+        match protocol {
+            Protocol::Tcp => self.tcp_order.push_back(event.sock_cookie),
+            Protocol::Udp => self.udp_order.push_back(event.sock_cookie),
         }
     }
 
-    /// Completes the attempt of this socket, if one is pending.
-    pub fn on_sock_state(&mut self, event: &SockStateEvent, done: &mut Vec<Attempt>) {
-        if let Some(mut attempt) = self.pending.remove(&event.sock_cookie) {
-            // The socket's own tuple stands in when no SYN was seen (the SYN hook is
-            // optional). A socket that failed its handshake has already released its
-            // port when it reaches CLOSE, so port 0 means "not known", not port 0.
-            if attempt.src.is_none() {
-                attempt.src = socket_addr(&event.src).filter(|src| src.port() != 0);
-            }
+    /// Records the source of an attempt; a UDP attempt is complete with it.
+    pub fn on_first_packet(&mut self, event: &FirstPacketEvent, done: &mut Vec<Attempt>) {
+        let Some(attempt) = self.pending.get_mut(&event.sock_cookie) else {
+            return;
+        };
+        attempt.src = socket_addr(&event.src);
+        if attempt.protocol == Protocol::Udp {
+            let mut attempt = self.pending.remove(&event.sock_cookie).expect("present");
+            attempt.outcome = Outcome::Sent;
             done.push(attempt);
         }
     }
 
-    /// Emits attempts that waited longer than [`TCP_HOLD`] at monotonic time `now_ns`.
+    /// Completes the TCP attempt of this socket, if one is pending.
+    pub fn on_sock_state(&mut self, event: &SockStateEvent, done: &mut Vec<Attempt>) {
+        let Some(mut attempt) = self.pending.remove(&event.sock_cookie) else {
+            return;
+        };
+        // The socket's own tuple stands in when no SYN was seen (that hook is optional).
+        // A failed socket has already released its port when it reaches CLOSE, so port 0
+        // means "not known", not port 0.
+        if attempt.src.is_none() {
+            attempt.src = socket_addr(&event.src).filter(|src| src.port() != 0);
+        }
+        let (outcome, handshake) = judge_handshake(event, attempt.monotonic_ns);
+        attempt.outcome = outcome;
+        attempt.tcp = Some(handshake);
+        done.push(attempt);
+    }
+
+    /// Settles attempts that waited too long at monotonic time `now_ns`: silent UDP
+    /// sockets are dropped as probes, TCP handshakes beyond [`MAX_TCP_WAIT`] are emitted
+    /// as in progress.
     pub fn expire(&mut self, now_ns: u64, done: &mut Vec<Attempt>) {
-        let hold = TCP_HOLD.as_nanos() as u64;
-        while let Some(&cookie) = self.order.front() {
+        for attempt in self.take_older_than(Protocol::Udp, now_ns, UDP_PROBE_WINDOW) {
+            self.finish_displaced(attempt, done);
+        }
+        for attempt in self.take_older_than(Protocol::Tcp, now_ns, MAX_TCP_WAIT) {
+            self.stats.evicted += 1;
+            done.push(attempt);
+        }
+    }
+
+    /// Emits every TCP attempt still pending (at shutdown), oldest first, as in progress;
+    /// silent UDP sockets are counted as probes.
+    pub fn drain(&mut self, done: &mut Vec<Attempt>) {
+        let cookies: Vec<u64> = self
+            .udp_order
+            .drain(..)
+            .chain(self.tcp_order.drain(..))
+            .collect();
+        for cookie in cookies {
+            if let Some(attempt) = self.pending.remove(&cookie) {
+                self.finish_displaced(attempt, done);
+            }
+        }
+    }
+
+    /// Removes the attempts of `protocol` connected at least `age` before `now_ns`.
+    fn take_older_than(&mut self, protocol: Protocol, now_ns: u64, age: Duration) -> Vec<Attempt> {
+        let order = match protocol {
+            Protocol::Tcp => &mut self.tcp_order,
+            Protocol::Udp => &mut self.udp_order,
+        };
+        let mut taken = Vec::new();
+        while let Some(&cookie) = order.front() {
             match self.pending.get(&cookie) {
+                // Completed, or the cookie now belongs to a newer attempt of the other
+                // protocol: not this queue's business any more.
                 None => {
-                    self.order.pop_front();
+                    order.pop_front();
                 }
-                Some(attempt) if now_ns.saturating_sub(attempt.monotonic_ns) >= hold => {
-                    self.order.pop_front();
-                    done.extend(self.pending.remove(&cookie));
+                Some(a) if a.protocol != protocol => {
+                    order.pop_front();
+                }
+                Some(a) if Duration::from_nanos(now_ns.saturating_sub(a.monotonic_ns)) >= age => {
+                    order.pop_front();
+                    taken.extend(self.pending.remove(&cookie));
                 }
                 Some(_) => break,
             }
         }
-        // Completed cookies left in `order` are bounded by the same cap as `pending`.
-        if self.order.len() > 2 * MAX_PENDING {
-            self.order.retain(|c| self.pending.contains_key(c));
+        // Completed cookies left in the queue are bounded by the same cap as `pending`.
+        if order.len() > 2 * MAX_PENDING {
+            order.retain(|c| self.pending.contains_key(c));
         }
+        taken
     }
 
-    /// Emits everything still pending (at shutdown), oldest first.
-    pub fn drain(&mut self, done: &mut Vec<Attempt>) {
-        while let Some(cookie) = self.order.pop_front() {
-            done.extend(self.pending.remove(&cookie));
-        }
+    pub fn stats(&self) -> FlowStats {
+        self.stats
     }
 
-    /// Attempts emitted early because [`MAX_PENDING`] was reached.
-    pub fn evicted(&self) -> u64 {
-        self.evicted
+    fn finish_displaced(&mut self, attempt: Attempt, done: &mut Vec<Attempt>) {
+        match attempt.protocol {
+            Protocol::Udp => self.stats.udp_probes += 1,
+            Protocol::Tcp => done.push(attempt),
+        }
     }
 
     fn evict_oldest(&mut self, done: &mut Vec<Attempt>) {
-        while let Some(cookie) = self.order.pop_front() {
-            if let Some(attempt) = self.pending.remove(&cookie) {
-                self.evicted += 1;
-                done.push(attempt);
-                return;
+        for order in [&mut self.udp_order, &mut self.tcp_order] {
+            while let Some(cookie) = order.pop_front() {
+                if let Some(attempt) = self.pending.remove(&cookie) {
+                    self.stats.evicted += 1;
+                    done.push(attempt);
+                    return;
+                }
             }
         }
     }
 }
 
+/// Reads the end of a handshake from the socket's state, error fields and retransmits.
+fn judge_handshake(event: &SockStateEvent, connect_ns: u64) -> (Outcome, TcpHandshake) {
+    let mut handshake = TcpHandshake {
+        syn_retransmits: event.syn_retransmits,
+        duration: event
+            .header
+            .ts_ns
+            .checked_sub(connect_ns)
+            .map(Duration::from_nanos),
+        errno: None,
+        closed_by_application: false,
+    };
+    if event.new_state == TCP_ESTABLISHED {
+        return (Outcome::Established, handshake);
+    }
+    // A soft error (e.g. an ICMP unreachable while retrying) explains a failure the
+    // kernel had not yet made fatal.
+    let errno = [event.error, event.soft_error]
+        .into_iter()
+        .find(|&e| e != 0);
+    handshake.errno = errno;
+    handshake.closed_by_application = event.error == 0;
+    let outcome = match errno {
+        Some(ECONNREFUSED) => Outcome::Refused,
+        Some(ETIMEDOUT) => Outcome::Timeout,
+        Some(e) if is_unreachable(e) => Outcome::Unreachable,
+        Some(_) => Outcome::Failed,
+        None if event.syn_retransmits > 0 => Outcome::Timeout,
+        None => Outcome::Aborted,
+    };
+    (outcome, handshake)
+}
+
+/// Errors the kernel derives from ICMP destination-unreachable messages
+/// (`icmp_err_convert`, `icmpv6_err_convert`).
+fn is_unreachable(errno: i32) -> bool {
+    const EACCES: i32 = 13;
+    const ENONET: i32 = 64;
+    const EPROTO: i32 = 71;
+    const EMSGSIZE: i32 = 90;
+    const EOPNOTSUPP: i32 = 95;
+    const ENETUNREACH: i32 = 101;
+    const EHOSTUNREACH: i32 = 113;
+    const EHOSTDOWN: i32 = 112;
+    matches!(
+        errno,
+        EACCES | ENONET | EPROTO | EMSGSIZE | EOPNOTSUPP | ENETUNREACH | EHOSTUNREACH | EHOSTDOWN
+    )
+}
+
+/// The symbolic name of an errno the handshake can end with.
+pub fn errno_name(errno: i32) -> String {
+    let name = match errno {
+        1 => "EPERM",
+        13 => "EACCES",
+        64 => "ENONET",
+        71 => "EPROTO",
+        90 => "EMSGSIZE",
+        95 => "EOPNOTSUPP",
+        101 => "ENETUNREACH",
+        103 => "ECONNABORTED",
+        104 => "ECONNRESET",
+        110 => "ETIMEDOUT",
+        111 => "ECONNREFUSED",
+        112 => "EHOSTDOWN",
+        113 => "EHOSTUNREACH",
+        _ => return format!("errno {errno}"),
+    };
+    name.to_owned()
+}
+
 #[cfg(test)]
 mod tests {
-    use tracer_common::{AF_INET, Endpoint, EventHeader, EventKind, TCP_ESTABLISHED, TCP_SYN_SENT};
+    use tracer_common::{
+        AF_INET, Endpoint, EventHeader, EventKind, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_SENT,
+    };
 
     use super::*;
 
@@ -200,18 +408,45 @@ mod tests {
         }
     }
 
-    fn established(cookie: u64) -> SockStateEvent {
+    fn state(
+        cookie: u64,
+        ts_ns: u64,
+        new_state: u8,
+        error: i32,
+        retransmits: u32,
+    ) -> SockStateEvent {
         SockStateEvent {
             header: EventHeader {
                 kind: EventKind::SockState as u32,
                 cpu: 0,
-                ts_ns: 2,
+                ts_ns,
             },
             sock_cookie: cookie,
             old_state: TCP_SYN_SENT,
-            new_state: TCP_ESTABLISHED,
-            _pad: [0; 6],
-            src: endpoint([10, 244, 0, 5], 41234),
+            new_state,
+            _pad: [0; 2],
+            error,
+            soft_error: 0,
+            syn_retransmits: retransmits,
+            src: endpoint(
+                [10, 244, 0, 5],
+                if new_state == TCP_CLOSE { 0 } else { 41234 },
+            ),
+            dst: endpoint([203, 0, 113, 10], 80),
+        }
+    }
+
+    fn first_packet(cookie: u64, protocol: u8, port: u16) -> FirstPacketEvent {
+        FirstPacketEvent {
+            header: EventHeader {
+                kind: EventKind::FirstPacket as u32,
+                cpu: 0,
+                ts_ns: 2,
+            },
+            sock_cookie: cookie,
+            protocol,
+            _pad: [0; 7],
+            src: endpoint([10, 244, 0, 5], port),
             dst: endpoint([203, 0, 113, 10], 80),
         }
     }
@@ -223,90 +458,135 @@ mod tests {
         }
     }
 
-    #[test]
-    fn tcp_attempt_completes_with_source() {
+    /// Runs connect → first SYN → state change and returns the one attempt.
+    fn tcp_attempt(state_event: SockStateEvent) -> Attempt {
         let mut flows = FlowAssembler::new();
         let mut done = Vec::new();
-        flows.on_connect(&connect(1, 1, IPPROTO_TCP), origin(), &mut done);
+        flows.on_connect(&connect(1, 1_000, IPPROTO_TCP), origin(), &mut done);
+        flows.on_first_packet(&first_packet(1, IPPROTO_TCP, 50_000), &mut done);
         assert!(done.is_empty());
-        flows.on_sock_state(&established(1), &mut done);
+        flows.on_sock_state(&state_event, &mut done);
         assert_eq!(done.len(), 1);
-        let a = &done[0];
-        assert_eq!(a.src, Some("10.244.0.5:41234".parse().unwrap()));
+        done.pop().unwrap()
+    }
+
+    #[test]
+    fn established_with_latency_and_source() {
+        let a = tcp_attempt(state(1, 3_001_000, TCP_ESTABLISHED, 0, 0));
+        assert_eq!(a.outcome, Outcome::Established);
+        assert_eq!(a.src, Some("10.244.0.5:50000".parse().unwrap()));
         assert_eq!(a.dst, "203.0.113.10:80".parse().unwrap());
         assert_eq!(
             (a.pid, a.comm.as_str(), a.protocol),
             (100, "curl", Protocol::Tcp)
         );
-        assert_eq!(a.origin.pod.as_deref(), Some("shop/web"));
+        let tcp = a.tcp.unwrap();
+        assert_eq!(tcp.duration, Some(Duration::from_millis(3)));
+        assert_eq!((tcp.syn_retransmits, tcp.errno), (0, None));
     }
 
-    fn syn(cookie: u64, port: u16) -> SynEvent {
-        SynEvent {
-            header: EventHeader {
-                kind: EventKind::Syn as u32,
-                cpu: 0,
-                ts_ns: 2,
-            },
-            sock_cookie: cookie,
-            src: endpoint([10, 244, 0, 5], port),
-            dst: endpoint([203, 0, 113, 10], 81),
+    #[test]
+    fn outcomes_of_failed_handshakes() {
+        let cases = [
+            // (error, soft error, retransmits) → outcome, closed by application
+            ((111, 0, 0), Outcome::Refused, false),
+            ((110, 0, 6), Outcome::Timeout, false),
+            ((113, 0, 0), Outcome::Unreachable, false),
+            ((101, 0, 1), Outcome::Unreachable, false),
+            ((0, 113, 2), Outcome::Unreachable, true),
+            ((0, 0, 2), Outcome::Timeout, true),
+            ((0, 0, 0), Outcome::Aborted, true),
+            ((1, 0, 0), Outcome::Failed, false),
+        ];
+        for ((error, soft_error, retransmits), outcome, by_app) in cases {
+            let mut event = state(1, 2_000, TCP_CLOSE, error, retransmits);
+            event.soft_error = soft_error;
+            let a = tcp_attempt(event);
+            let tcp = a.tcp.unwrap();
+            assert_eq!(a.outcome, outcome, "{error}/{soft_error}/{retransmits}");
+            assert_eq!(tcp.closed_by_application, by_app, "{error}/{soft_error}");
+            assert_eq!(tcp.syn_retransmits, retransmits);
+            assert_eq!(tcp.errno, [error, soft_error].into_iter().find(|&e| e != 0));
+            // The SYN's source survives the CLOSE tuple's released port.
+            assert_eq!(a.src, Some("10.244.0.5:50000".parse().unwrap()));
         }
     }
 
     #[test]
-    fn failed_handshake_keeps_the_source_of_its_syn() {
+    fn without_a_syn_the_sockets_own_tuple_is_used_unless_its_port_is_gone() {
         let mut flows = FlowAssembler::new();
         let mut done = Vec::new();
         flows.on_connect(&connect(1, 1, IPPROTO_TCP), origin(), &mut done);
-        flows.on_syn(&syn(1, 50_000));
-        flows.on_syn(&syn(2, 50_001));
-        let mut refused = established(1);
-        refused.new_state = tracer_common::TCP_CLOSE;
-        refused.src.port = 0;
-        flows.on_sock_state(&refused, &mut done);
-        assert_eq!(done.len(), 1);
-        assert_eq!(done[0].src, Some("10.244.0.5:50000".parse().unwrap()));
+        flows.on_connect(&connect(2, 1, IPPROTO_TCP), origin(), &mut done);
+        flows.on_sock_state(&state(1, 2, TCP_ESTABLISHED, 0, 0), &mut done);
+        flows.on_sock_state(&state(2, 2, TCP_CLOSE, 111, 0), &mut done);
+        assert_eq!(done[0].src, Some("10.244.0.5:41234".parse().unwrap()));
+        assert_eq!(done[1].src, None);
     }
 
     #[test]
-    fn failed_handshake_has_no_source_port() {
-        let mut flows = FlowAssembler::new();
-        let mut done = Vec::new();
-        flows.on_connect(&connect(1, 1, IPPROTO_TCP), origin(), &mut done);
-        let mut refused = established(1);
-        refused.new_state = tracer_common::TCP_CLOSE;
-        refused.src.port = 0;
-        flows.on_sock_state(&refused, &mut done);
-        assert_eq!(done[0].src, None);
-    }
-
-    #[test]
-    fn udp_attempt_is_immediate_and_unrelated_state_is_ignored() {
+    fn udp_attempt_is_complete_at_its_first_datagram() {
         let mut flows = FlowAssembler::new();
         let mut done = Vec::new();
         flows.on_connect(&connect(1, 1, IPPROTO_UDP), origin(), &mut done);
+        assert!(done.is_empty());
+        flows.on_first_packet(&first_packet(1, IPPROTO_UDP, 40_000), &mut done);
         assert_eq!(done.len(), 1);
-        assert_eq!(done[0].protocol, Protocol::Udp);
-        flows.on_sock_state(&established(9), &mut done);
-        assert_eq!(done.len(), 1);
+        assert_eq!(
+            (done[0].protocol, done[0].outcome),
+            (Protocol::Udp, Outcome::Sent)
+        );
+        assert_eq!(done[0].src, Some("10.244.0.5:40000".parse().unwrap()));
+        assert_eq!(done[0].tcp, None);
     }
 
     #[test]
-    fn hanging_handshake_expires_without_source() {
+    fn silent_udp_connects_are_probes_not_attempts() {
         let mut flows = FlowAssembler::new();
         let mut done = Vec::new();
-        let hold = TCP_HOLD.as_nanos() as u64;
+        let window = UDP_PROBE_WINDOW.as_nanos() as u64;
+        flows.on_connect(&connect(1, 1_000, IPPROTO_UDP), origin(), &mut done);
+        flows.expire(1_000 + window - 1, &mut done);
+        assert_eq!(flows.stats().udp_probes, 0);
+        flows.expire(1_000 + window, &mut done);
+        assert!(done.is_empty());
+        assert_eq!(flows.stats().udp_probes, 1);
+        // Also at shutdown.
+        flows.on_connect(&connect(2, 5_000, IPPROTO_UDP), origin(), &mut done);
+        flows.drain(&mut done);
+        assert!(done.is_empty());
+        assert_eq!(flows.stats().udp_probes, 2);
+    }
+
+    #[test]
+    fn unresolved_handshakes_are_emitted_in_progress() {
+        let mut flows = FlowAssembler::new();
+        let mut done = Vec::new();
+        let limit = MAX_TCP_WAIT.as_nanos() as u64;
         flows.on_connect(&connect(1, 1_000, IPPROTO_TCP), origin(), &mut done);
         flows.on_connect(&connect(2, 2_000, IPPROTO_TCP), origin(), &mut done);
-        flows.expire(1_000 + hold - 1, &mut done);
-        assert!(done.is_empty());
-        flows.expire(1_000 + hold, &mut done);
+        flows.expire(1_000 + limit, &mut done);
         assert_eq!(done.len(), 1);
-        assert_eq!((done[0].monotonic_ns, done[0].src), (1_000, None));
+        assert_eq!(
+            (done[0].monotonic_ns, done[0].outcome),
+            (1_000, Outcome::InProgress)
+        );
+        assert_eq!(flows.stats().evicted, 1);
         flows.drain(&mut done);
         assert_eq!(done.len(), 2);
-        assert_eq!(done[1].monotonic_ns, 2_000);
+        assert_eq!(
+            (done[1].monotonic_ns, done[1].outcome),
+            (2_000, Outcome::InProgress)
+        );
+    }
+
+    #[test]
+    fn events_of_unknown_sockets_are_ignored() {
+        let mut flows = FlowAssembler::new();
+        let mut done = Vec::new();
+        flows.on_first_packet(&first_packet(9, IPPROTO_UDP, 1), &mut done);
+        flows.on_sock_state(&state(9, 2, TCP_ESTABLISHED, 0, 0), &mut done);
+        assert!(done.is_empty());
     }
 
     #[test]
@@ -316,11 +596,18 @@ mod tests {
         for cookie in 0..(MAX_PENDING as u64 + 3) {
             flows.on_connect(&connect(cookie, cookie, IPPROTO_TCP), origin(), &mut done);
         }
-        assert_eq!(flows.evicted(), 3);
+        assert_eq!(flows.stats().evicted, 3);
         assert_eq!(
             done.iter().map(|a| a.monotonic_ns).collect::<Vec<_>>(),
             vec![0, 1, 2]
         );
         assert_eq!(flows.pending.len(), MAX_PENDING);
+    }
+
+    #[test]
+    fn errno_names() {
+        assert_eq!(errno_name(111), "ECONNREFUSED");
+        assert_eq!(errno_name(113), "EHOSTUNREACH");
+        assert_eq!(errno_name(4242), "errno 4242");
     }
 }

@@ -11,7 +11,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    flow::{Attempt, Protocol},
+    flow::{Attempt, Outcome, Protocol, TcpHandshake, errno_name},
     node::MonotonicClock,
 };
 
@@ -33,6 +33,9 @@ pub struct AttemptRecord<'a> {
     pub protocol: Protocol,
     pub src: Option<SocketAddr>,
     pub dst: SocketAddr,
+    pub outcome: Outcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpRecord>,
     pub cgroup_id: u64,
 }
 
@@ -40,6 +43,40 @@ pub struct AttemptRecord<'a> {
 pub struct Process<'a> {
     pub pid: u32,
     pub comm: &'a str,
+}
+
+/// How a TCP handshake went.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct TcpRecord {
+    pub syn_retransmits: u32,
+    /// From `connect()` to the end of the handshake, in milliseconds.
+    pub handshake_ms: Option<f64>,
+    /// The socket error the handshake failed with (`ECONNREFUSED`…).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// For failed handshakes: `kernel` (it gave up or was told to) or `application`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub closed_by: Option<&'static str>,
+}
+
+impl TcpRecord {
+    fn new(outcome: Outcome, handshake: &TcpHandshake) -> Self {
+        Self {
+            syn_retransmits: handshake.syn_retransmits,
+            handshake_ms: (outcome != Outcome::InProgress)
+                .then_some(handshake.duration)
+                .flatten()
+                .map(|d| d.as_secs_f64() * 1000.0),
+            error: handshake.errno.map(errno_name),
+            closed_by: outcome
+                .is_failure()
+                .then_some(if handshake.closed_by_application {
+                    "application"
+                } else {
+                    "kernel"
+                }),
+        }
+    }
 }
 
 impl<'a> AttemptRecord<'a> {
@@ -55,6 +92,11 @@ impl<'a> AttemptRecord<'a> {
             protocol: attempt.protocol,
             src: attempt.src,
             dst: attempt.dst,
+            outcome: attempt.outcome,
+            tcp: attempt
+                .tcp
+                .as_ref()
+                .map(|h| TcpRecord::new(attempt.outcome, h)),
             cgroup_id: attempt.cgroup_id,
         }
     }
@@ -72,14 +114,15 @@ pub struct Writer<W: Write> {
     header_written: bool,
 }
 
-const TABLE_COLUMNS: [(&str, usize); 7] = [
+const TABLE_COLUMNS: [(&str, usize); 8] = [
     ("TIME", 15),
     ("POD", 28),
     ("PID", 7),
     ("COMM", 15),
     ("PROTO", 5),
     ("SRC", 22),
-    ("DST", 0),
+    ("DST", 22),
+    ("OUTCOME", 0),
 ];
 
 impl<W: Write> Writer<W> {
@@ -114,7 +157,17 @@ impl<W: Write> Writer<W> {
                 };
                 let src = record.src.map_or_else(|| "-".to_owned(), |s| s.to_string());
                 let dst = record.dst.to_string();
-                self.row(&[&time, pod, &pid, record.process.comm, protocol, &src, &dst])
+                let outcome = outcome_text(&record);
+                self.row(&[
+                    &time,
+                    pod,
+                    &pid,
+                    record.process.comm,
+                    protocol,
+                    &src,
+                    &dst,
+                    &outcome,
+                ])
             }
         }
     }
@@ -136,6 +189,30 @@ impl<W: Write> Writer<W> {
     }
 }
 
+/// The outcome with its most telling detail, e.g. `established 1.2ms`,
+/// `timeout after 2 SYN retransmits`, `unreachable EHOSTUNREACH`.
+fn outcome_text(record: &AttemptRecord<'_>) -> String {
+    let mut text = record.outcome.as_str().to_owned();
+    let Some(tcp) = &record.tcp else { return text };
+    match record.outcome {
+        Outcome::Established => {
+            if let Some(ms) = tcp.handshake_ms {
+                text.push_str(&format!(" {ms:.1}ms"));
+            }
+        }
+        Outcome::Unreachable | Outcome::Failed => {
+            if let Some(error) = &tcp.error {
+                text.push_str(&format!(" {error}"));
+            }
+        }
+        _ => {}
+    }
+    if tcp.syn_retransmits > 0 {
+        text.push_str(&format!(" after {} SYN retransmits", tcp.syn_retransmits));
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +231,13 @@ mod tests {
             protocol: Protocol::Tcp,
             src: Some("10.244.0.5:41234".parse().unwrap()),
             dst: "203.0.113.10:80".parse().unwrap(),
+            outcome: Outcome::Established,
+            tcp: Some(TcpHandshake {
+                syn_retransmits: 0,
+                duration: Some(std::time::Duration::from_micros(1500)),
+                errno: None,
+                closed_by_application: false,
+            }),
         }
     }
 
@@ -178,9 +262,58 @@ mod tests {
         assert_eq!(value["protocol"], "tcp");
         assert_eq!(value["src"], "10.244.0.5:41234");
         assert_eq!(value["dst"], "203.0.113.10:80");
+        assert_eq!(value["outcome"], "established");
+        assert_eq!(
+            value["tcp"],
+            serde_json::json!({"syn_retransmits": 0, "handshake_ms": 1.5})
+        );
         let time = value["time"].as_str().unwrap();
         assert!(humantime::parse_rfc3339(time).is_ok(), "{time}");
         assert_eq!(text.lines().count(), 1);
+    }
+
+    #[test]
+    fn json_failed_handshake_names_error_and_closer() {
+        let mut a = attempt(Some("shop/web"));
+        a.outcome = Outcome::Unreachable;
+        a.tcp = Some(TcpHandshake {
+            syn_retransmits: 1,
+            duration: Some(std::time::Duration::from_millis(1020)),
+            errno: Some(113),
+            closed_by_application: false,
+        });
+        let value: serde_json::Value =
+            serde_json::from_str(render(Format::Json, &[a.clone()]).trim_end()).unwrap();
+        assert_eq!(value["outcome"], "unreachable");
+        assert_eq!(
+            value["tcp"],
+            serde_json::json!({"syn_retransmits": 1, "handshake_ms": 1020.0,
+                               "error": "EHOSTUNREACH", "closed_by": "kernel"})
+        );
+        let table = render(Format::Table, &[a]);
+        assert!(
+            table
+                .lines()
+                .nth(1)
+                .unwrap()
+                .ends_with("unreachable EHOSTUNREACH after 1 SYN retransmits"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn udp_records_have_no_tcp_object() {
+        let mut a = attempt(None);
+        a.protocol = Protocol::Udp;
+        a.outcome = Outcome::Sent;
+        a.tcp = None;
+        let value: serde_json::Value =
+            serde_json::from_str(render(Format::Json, &[a]).trim_end()).unwrap();
+        assert_eq!(
+            (value["protocol"].as_str(), value["outcome"].as_str()),
+            (Some("udp"), Some("sent"))
+        );
+        assert!(value.get("tcp").is_none());
     }
 
     #[test]

@@ -38,8 +38,8 @@ pub enum EventKind {
     Connect = 1,
     /// A [`SockStateEvent`]: a traced TCP socket left `SYN_SENT`.
     SockState = 2,
-    /// A [`SynEvent`]: the first SYN of a traced TCP socket left its cgroup.
-    Syn = 3,
+    /// A [`FirstPacketEvent`]: the first packet of a traced socket left its cgroup.
+    FirstPacket = 3,
 }
 
 impl EventKind {
@@ -48,7 +48,7 @@ impl EventKind {
         match raw {
             1 => Some(Self::Connect),
             2 => Some(Self::SockState),
-            3 => Some(Self::Syn),
+            3 => Some(Self::FirstPacket),
             _ => None,
         }
     }
@@ -109,10 +109,10 @@ pub struct ConnectEvent {
     pub dst: Endpoint,
 }
 
-/// A traced TCP socket left `SYN_SENT` (handshake completed or failed).
+/// A traced TCP socket left `SYN_SENT`: the handshake completed, failed, or was given up.
 ///
-/// Carries the socket's full tuple, which `connect()` cannot know yet: the kernel picks
-/// the source address and port after the connect hook has run.
+/// Carries how it ended (the socket's error fields and SYN retransmissions) and the
+/// socket's tuple (whose source port is already 0 when a failed socket reaches CLOSE).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockStateEvent {
@@ -121,23 +121,37 @@ pub struct SockStateEvent {
     pub sock_cookie: u64,
     /// Kernel TCP state before the transition ([`TCP_SYN_SENT`]).
     pub old_state: u8,
-    /// Kernel TCP state after the transition.
+    /// Kernel TCP state after the transition ([`TCP_ESTABLISHED`] or [`TCP_CLOSE`]).
     pub new_state: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// `sk->sk_err`: the errno the connection failed with (0 when the application
+    /// closed it, or when it succeeded).
+    pub error: i32,
+    /// `sk->sk_err_soft`: an error seen but not yet fatal (e.g. an ICMP unreachable
+    /// while the handshake was still retrying).
+    pub soft_error: i32,
+    /// `tcp_sock.total_retrans`: SYNs retransmitted before the transition.
+    pub syn_retransmits: u32,
     pub src: Endpoint,
     pub dst: Endpoint,
 }
 
-/// The first SYN of a traced TCP socket, seen at cgroup egress.
+/// The first packet of a traced socket, seen at cgroup egress: a TCP socket's first
+/// SYN, or a connected UDP socket's first datagram.
 ///
-/// It carries the tuple the kernel chose for the connection, whatever happens to the
-/// handshake later (a failed socket has released its port by the time it reports).
+/// It carries the tuple the kernel chose, whatever happens later (a failed TCP socket has
+/// released its port by the time it reports), and for UDP it is the evidence that the
+/// connect was an egress attempt and not an address probe (`getaddrinfo` connects UDP
+/// sockets it never sends on).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SynEvent {
+pub struct FirstPacketEvent {
     pub header: EventHeader,
     /// Same cookie as the [`ConnectEvent`] of this socket.
     pub sock_cookie: u64,
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub protocol: u8,
+    pub _pad: [u8; 7],
     pub src: Endpoint,
     pub dst: Endpoint,
 }
@@ -156,7 +170,12 @@ pub struct SockOffsets {
     pub daddr: u32,
     pub v6_rcv_saddr: u32,
     pub v6_daddr: u32,
-    pub _pad: u32,
+    /// `struct sock.sk_err`.
+    pub err: u32,
+    /// `struct sock.sk_err_soft`.
+    pub err_soft: u32,
+    /// `struct tcp_sock.total_retrans`.
+    pub total_retrans: u32,
 }
 
 /// Indexes of the per-CPU `COUNTERS` array. Counted in the kernel so that totals stay
@@ -172,10 +191,10 @@ pub enum Counter {
     SockStateSeen = 2,
     /// [`SockStateEvent`]s lost to a full ring buffer.
     SockStateLost = 3,
-    /// First SYNs of traced sockets seen at cgroup egress.
-    SynSeen = 4,
-    /// [`SynEvent`]s lost to a full ring buffer.
-    SynLost = 5,
+    /// First packets of traced sockets seen at cgroup egress.
+    FirstPacketSeen = 4,
+    /// [`FirstPacketEvent`]s lost to a full ring buffer.
+    FirstPacketLost = 5,
 }
 
 impl Counter {
@@ -187,8 +206,8 @@ impl Counter {
         Self::ConnectLost,
         Self::SockStateSeen,
         Self::SockStateLost,
-        Self::SynSeen,
-        Self::SynLost,
+        Self::FirstPacketSeen,
+        Self::FirstPacketLost,
     ];
 }
 
@@ -205,7 +224,7 @@ mod user {
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::ConnectEvent {}
     unsafe impl aya::Pod for super::SockStateEvent {}
-    unsafe impl aya::Pod for super::SynEvent {}
+    unsafe impl aya::Pod for super::FirstPacketEvent {}
     unsafe impl aya::Pod for super::SockOffsets {}
 }
 
@@ -247,31 +266,40 @@ mod tests {
 
     #[test]
     fn sock_state_event_layout() {
-        assert_eq!(size_of::<SockStateEvent>(), 72);
+        assert_eq!(size_of::<SockStateEvent>(), 80);
         assert_eq!(offset_of!(SockStateEvent, sock_cookie), 16);
         assert_eq!(offset_of!(SockStateEvent, old_state), 24);
         assert_eq!(offset_of!(SockStateEvent, new_state), 25);
-        assert_eq!(offset_of!(SockStateEvent, src), 32);
-        assert_eq!(offset_of!(SockStateEvent, dst), 52);
+        assert_eq!(offset_of!(SockStateEvent, error), 28);
+        assert_eq!(offset_of!(SockStateEvent, soft_error), 32);
+        assert_eq!(offset_of!(SockStateEvent, syn_retransmits), 36);
+        assert_eq!(offset_of!(SockStateEvent, src), 40);
+        assert_eq!(offset_of!(SockStateEvent, dst), 60);
     }
 
     #[test]
-    fn syn_event_layout() {
-        assert_eq!(size_of::<SynEvent>(), 64);
-        assert_eq!(offset_of!(SynEvent, sock_cookie), 16);
-        assert_eq!(offset_of!(SynEvent, src), 24);
-        assert_eq!(offset_of!(SynEvent, dst), 44);
+    fn first_packet_event_layout() {
+        assert_eq!(size_of::<FirstPacketEvent>(), 72);
+        assert_eq!(offset_of!(FirstPacketEvent, sock_cookie), 16);
+        assert_eq!(offset_of!(FirstPacketEvent, protocol), 24);
+        assert_eq!(offset_of!(FirstPacketEvent, src), 32);
+        assert_eq!(offset_of!(FirstPacketEvent, dst), 52);
     }
 
     #[test]
     fn sock_offsets_layout() {
-        assert_eq!(size_of::<SockOffsets>(), 32);
+        assert_eq!(size_of::<SockOffsets>(), 40);
         assert_eq!(offset_of!(SockOffsets, v6_daddr), 24);
+        assert_eq!(offset_of!(SockOffsets, total_retrans), 36);
     }
 
     #[test]
     fn event_kind_round_trips() {
-        for kind in [EventKind::Connect, EventKind::SockState, EventKind::Syn] {
+        for kind in [
+            EventKind::Connect,
+            EventKind::SockState,
+            EventKind::FirstPacket,
+        ] {
             assert_eq!(EventKind::from_raw(kind as u32), Some(kind));
         }
         assert_eq!(EventKind::from_raw(0), None);

@@ -69,9 +69,11 @@ impl KernelBtf {
         Ok(bits / 8)
     }
 
-    /// Offsets of the `struct sock` fields the state tracepoint reads.
+    /// Offsets of the `struct sock` and `struct tcp_sock` fields the state tracepoint
+    /// reads.
     pub fn sock_offsets(&self) -> Result<SockOffsets, BtfError> {
         let field = |name| self.offset_of("sock", &["__sk_common", name]);
+        // tcp_sock starts with its inet_connection_sock, which starts with the sock.
         Ok(SockOffsets {
             family: field("skc_family")?,
             num: field("skc_num")?,
@@ -80,7 +82,9 @@ impl KernelBtf {
             daddr: field("skc_daddr")?,
             v6_rcv_saddr: field("skc_v6_rcv_saddr")?,
             v6_daddr: field("skc_v6_daddr")?,
-            _pad: 0,
+            err: self.offset_of("sock", &["sk_err"])?,
+            err_soft: self.offset_of("sock", &["sk_err_soft"])?,
+            total_retrans: self.offset_of("tcp_sock", &["total_retrans"])?,
         })
     }
 
@@ -151,6 +155,9 @@ mod tests {
         assert_eq!(off.num, 14);
         assert_eq!(off.family, 16);
         assert!(off.v6_daddr > off.family && off.v6_rcv_saddr == off.v6_daddr + 16);
+        // Past sock_common (136 bytes on 64-bit kernels); tcp_sock is far larger.
+        assert!(off.err > 136 && off.err_soft > 136, "{off:?}");
+        assert!(off.total_retrans > off.err, "{off:?}");
     }
 
     #[test]

@@ -7,7 +7,8 @@ use std::{
 };
 
 use tracer_common::{
-    AF_INET, AF_INET6, ConnectEvent, Endpoint, EventHeader, EventKind, SockStateEvent, SynEvent,
+    AF_INET, AF_INET6, ConnectEvent, Endpoint, EventHeader, EventKind, FirstPacketEvent,
+    SockStateEvent,
 };
 
 /// A decoded kernel event.
@@ -15,7 +16,7 @@ use tracer_common::{
 pub enum KernelEvent {
     Connect(ConnectEvent),
     SockState(SockStateEvent),
-    Syn(SynEvent),
+    FirstPacket(FirstPacketEvent),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -48,9 +49,9 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
         EventKind::SockState => exact::<SockStateEvent>(record)
             .map(KernelEvent::SockState)
             .ok_or_else(|| wrong_length(size_of::<SockStateEvent>())),
-        EventKind::Syn => exact::<SynEvent>(record)
-            .map(KernelEvent::Syn)
-            .ok_or_else(|| wrong_length(size_of::<SynEvent>())),
+        EventKind::FirstPacket => exact::<FirstPacketEvent>(record)
+            .map(KernelEvent::FirstPacket)
+            .ok_or_else(|| wrong_length(size_of::<FirstPacketEvent>())),
     }
 }
 
@@ -157,20 +158,23 @@ mod tests {
                 expected: 88
             })
         );
-        // A connect header on a sock-state-sized record is not accepted either.
+        // A connect header on a first-packet-sized record is not accepted either.
         assert!(decode(&bytes[..72]).is_err());
-        let syn = SynEvent {
+        let first_packet = FirstPacketEvent {
             header: EventHeader {
-                kind: EventKind::Syn as u32,
+                kind: EventKind::FirstPacket as u32,
                 cpu: 0,
                 ts_ns: 5,
             },
             sock_cookie: 99,
+            protocol: IPPROTO_TCP,
+            _pad: [0; 7],
             src: Endpoint::UNKNOWN,
             dst: connect_fixture().dst,
         };
-        assert_eq!(decode(&bytes_of(&syn)), Ok(KernelEvent::Syn(syn)));
-        assert!(decode(&bytes_of(&syn)[..60]).is_err());
+        let bytes = bytes_of(&first_packet);
+        assert_eq!(decode(&bytes), Ok(KernelEvent::FirstPacket(first_packet)));
+        assert!(decode(&bytes[..64]).is_err());
     }
 
     #[test]

@@ -106,13 +106,13 @@ pub struct KernelCounters {
     pub connects_lost: u64,
     pub sock_states: u64,
     pub sock_states_lost: u64,
-    pub syns: u64,
-    pub syns_lost: u64,
+    pub first_packets: u64,
+    pub first_packets_lost: u64,
 }
 
 impl KernelCounters {
     pub fn lost(&self) -> u64 {
-        self.connects_lost + self.sock_states_lost + self.syns_lost
+        self.connects_lost + self.sock_states_lost + self.first_packets_lost
     }
 }
 
@@ -170,14 +170,15 @@ impl Capture {
         if let Err(e) = attach_connect(&mut ebpf, "connect6", &cgroup) {
             warnings.push(format!("IPv6 connects will not be traced: {e}"));
         }
-        if let Err(e) = attach_syn(&mut ebpf, &cgroup) {
+        if let Err(e) = attach_first_packet(&mut ebpf, &cgroup) {
             warnings.push(format!(
-                "source ports of failed TCP connections will be missing: {e}"
+                "source ports of failed TCP connections will be missing, and UDP connects \
+                 will not be told from address probes: {e}"
             ));
         }
         if let Err(e) = attach_sock_state(&mut ebpf, &options.kernel_btf) {
             warnings.push(format!(
-                "TCP attempts will be reported after a fixed wait instead of when the handshake ends: {e}"
+                "TCP outcomes (established, refused, timeout…) will be missing: {e}"
             ));
         }
 
@@ -234,8 +235,8 @@ impl Capture {
             connects_lost: total(Counter::ConnectLost)?,
             sock_states: total(Counter::SockStateSeen)?,
             sock_states_lost: total(Counter::SockStateLost)?,
-            syns: total(Counter::SynSeen)?,
-            syns_lost: total(Counter::SynLost)?,
+            first_packets: total(Counter::FirstPacketSeen)?,
+            first_packets_lost: total(Counter::FirstPacketLost)?,
         })
     }
 }
@@ -256,8 +257,8 @@ fn attach_connect(ebpf: &mut Ebpf, hook: &'static str, cgroup: &File) -> Result<
     Ok(())
 }
 
-fn attach_syn(ebpf: &mut Ebpf, cgroup: &File) -> Result<(), CaptureError> {
-    const HOOK: &str = "syn_egress";
+fn attach_first_packet(ebpf: &mut Ebpf, cgroup: &File) -> Result<(), CaptureError> {
+    const HOOK: &str = "first_packet";
     let hook_error = |source| CaptureError::Hook { hook: HOOK, source };
     let program: &mut CgroupSkb = ebpf
         .program_mut(HOOK)

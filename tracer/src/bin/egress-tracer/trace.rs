@@ -93,7 +93,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
                         flows.on_connect(&connect, origin, &mut done);
                     }
                 }
-                Ok(KernelEvent::Syn(syn)) => flows.on_syn(&syn),
+                Ok(KernelEvent::FirstPacket(packet)) => flows.on_first_packet(&packet, &mut done),
                 Ok(KernelEvent::SockState(state)) => flows.on_sock_state(&state, &mut done),
                 Err(_) => decode_errors += 1,
             }
@@ -105,13 +105,16 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     write_all(&mut writer, &mut done)?;
     let counters = capture.counters()?;
     drop(capture);
+    let stats = flows.stats();
     eprintln!(
-        "egress-tracer: {} connect() calls seen on the node; {} events lost to a full ring buffer; \
-         {} undecodable; {} attempts emitted early (assembly full)",
+        "egress-tracer: {} connect() calls seen on the node; {} UDP address probes skipped; \
+         {} events lost to a full ring buffer; {} undecodable; {} attempts emitted before \
+         their outcome (limits reached)",
         counters.connects,
+        stats.udp_probes,
         counters.lost(),
         decode_errors,
-        flows.evicted()
+        stats.evicted
     );
     Ok(())
 }
