@@ -51,6 +51,19 @@ pub enum CgroupDriver {
     Cgroupfs,
 }
 
+/// A fault injected on the path, in the upstream router (Azure LB / NSG / firewall's
+/// role), for TCP traffic to `dst:port`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Packets vanish (an NSG deny, a black-holing firewall).
+    SilentDrop { dst: std::net::IpAddr, port: u16 },
+    /// The router answers with ICMP destination unreachable, code 13 (communication
+    /// administratively prohibited), or its ICMPv6 equivalent.
+    AdminProhibited { dst: std::net::IpAddr, port: u16 },
+    /// The router answers the SYN with a TCP reset, as some firewalls do.
+    Reset { dst: std::net::IpAddr, port: u16 },
+}
+
 /// A pod to create.
 #[derive(Clone, Debug)]
 pub struct PodSpec {
@@ -167,6 +180,35 @@ impl Lab {
             .iter()
             .find(|p| p.name == name)
             .unwrap_or_else(|| panic!("no lab pod {name}"))
+    }
+
+    /// Injects a fault in the upstream router; it lasts until teardown.
+    pub fn inject(&self, fault: Fault) -> io::Result<()> {
+        let (dst, port, action): (std::net::IpAddr, u16, &[&str]) = match fault {
+            Fault::SilentDrop { dst, port } => (dst, port, &["-j", "DROP"]),
+            Fault::AdminProhibited { dst, port } if dst.is_ipv4() => (
+                dst,
+                port,
+                &["-j", "REJECT", "--reject-with", "icmp-admin-prohibited"],
+            ),
+            Fault::AdminProhibited { dst, port } => (
+                dst,
+                port,
+                &["-j", "REJECT", "--reject-with", "adm-prohibited"],
+            ),
+            Fault::Reset { dst, port } => {
+                (dst, port, &["-j", "REJECT", "--reject-with", "tcp-reset"])
+            }
+        };
+        let iptables = if dst.is_ipv4() {
+            "iptables"
+        } else {
+            "ip6tables"
+        };
+        let (dst, port) = (dst.to_string(), port.to_string());
+        let mut args = vec!["-I", "FORWARD", "-p", "tcp", "-d", &dst, "--dport", &port];
+        args.extend_from_slice(action);
+        run_in(&self.ns("up"), iptables, &args).map(drop)
     }
 
     /// Starts `program args` in `pod` (its netns, cgroup and resolv.conf), like `kubectl exec`.

@@ -1,11 +1,11 @@
 //! `egress-tracer trace` against real traffic in the node lab. Needs root.
 
-use egress_lab::{
-    CgroupDriver, Lab, PodSpec, addresses as addr,
-    tracer::{BpfObjects, Tracer},
-};
 use std::time::Duration;
 
+use egress_lab::{
+    CgroupDriver, Fault, Lab, PodSpec, addresses as addr,
+    tracer::{BpfObjects, Tracer},
+};
 use serde_json::Value;
 
 fn lab() -> Lab {
@@ -16,33 +16,27 @@ fn lab() -> Lab {
     .unwrap()
 }
 
-fn curl(lab: &Lab, pod: &str, url: &str) -> u32 {
-    let pod = lab.pod(pod);
+/// Runs curl in a pod; returns its pid and exit code.
+fn curl(lab: &Lab, pod: &str, url: &str, timeout_s: u32) -> (u32, Option<i32>) {
+    let timeout = timeout_s.to_string();
     let (pid, status) = lab
-        .exec_in_pod(pod, "curl", &["-s", "-m", "5", "-o", "/dev/null", url])
+        .exec_in_pod(
+            lab.pod(pod),
+            "curl",
+            &["-s", "-m", &timeout, "-o", "/dev/null", url],
+        )
         .unwrap();
-    assert!(
-        status.success(),
-        "curl {url} from {} failed: {status}",
-        pod.key()
-    );
-    pid
+    (pid, status.code())
 }
 
-fn records_of_pid(records: &[Value], pid: u32) -> Vec<&Value> {
-    records
-        .iter()
-        .filter(|r| r["process"]["pid"] == pid)
-        .collect()
+fn url(host: impl std::fmt::Display, port: u16) -> String {
+    format!("http://{host}:{port}/")
 }
 
-#[test]
-#[ignore = "needs root and the node lab: run `cargo xtask test`"]
-fn traces_one_pods_connects_with_exact_fields_and_detaches_on_sigint() {
-    let lab = lab();
+fn trace_client(lab: &Lab) -> Tracer {
     let state = lab.cluster_state();
-    let tracer = Tracer::start(
-        &lab,
+    Tracer::start(
+        lab,
         &[
             "trace",
             "--cluster-state",
@@ -53,94 +47,89 @@ fn traces_one_pods_connects_with_exact_fields_and_detaches_on_sigint() {
             "json",
         ],
     )
-    .unwrap();
+    .unwrap()
+}
+
+fn records_of_pid(records: &[Value], pid: u32) -> Vec<&Value> {
+    records
+        .iter()
+        .filter(|r| r["process"]["pid"] == pid)
+        .collect()
+}
+
+/// The single TCP record of `pid`.
+fn tcp_record(records: &[Value], pid: u32) -> &Value {
+    let found: Vec<&Value> = records_of_pid(records, pid)
+        .into_iter()
+        .filter(|r| r["protocol"] == "tcp")
+        .collect();
+    assert_eq!(found.len(), 1, "pid {pid}: {records:#?}");
+    found[0]
+}
+
+fn assert_source_is(record: &Value, ip: impl std::fmt::Display) {
+    let src = record["src"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no src: {record}"));
+    let (src_ip, port) = src.rsplit_once(':').unwrap();
+    assert_eq!(src_ip, ip.to_string(), "{record}");
+    assert_ne!(port.parse::<u16>().unwrap(), 0, "{record}");
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn traces_one_pods_connects_with_exact_fields_and_detaches_on_sigint() {
+    let lab = lab();
+    let tracer = trace_client(&lab);
     let attached = BpfObjects::owned_by(tracer.pid()).unwrap();
-    // connect4, connect6, SYN egress and the state tracepoint: a program and a link each.
+    // connect4, connect6, first packet, socket state and ICMP: a program and a link each.
     assert_eq!(
         (attached.programs.len(), attached.links.len()),
-        (4, 4),
+        (5, 5),
         "{attached:?}"
     );
 
-    let client_v4 = curl(
+    let (v4, code) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 5);
+    assert_eq!(code, Some(0));
+    let (v6, code) = curl(
         &lab,
         "client",
-        &format!("http://{}:{}/", addr::ENDPOINT, addr::HTTP_PORT),
+        &url(format!("[{}]", addr::ENDPOINT6), addr::HTTP_PORT),
+        5,
     );
-    let client_v6 = curl(
-        &lab,
-        "client",
-        &format!("http://[{}]:{}/", addr::ENDPOINT6, addr::HTTP_PORT),
-    );
-    let other = curl(
-        &lab,
-        "other",
-        &format!("http://{}:{}/", addr::ENDPOINT, addr::HTTP_PORT),
-    );
-    let refused_pid = {
-        let url = format!("http://{}:{}/", addr::ENDPOINT, addr::CLOSED_PORT);
-        let (pid, status) = lab
-            .exec_in_pod(lab.pod("client"), "curl", &["-s", "-m", "5", &url])
-            .unwrap();
-        assert_eq!(
-            status.code(),
-            Some(7),
-            "curl to a closed port must fail to connect"
-        );
-        pid
-    };
+    assert_eq!(code, Some(0));
+    let (other, code) = curl(&lab, "other", &url(addr::ENDPOINT, addr::HTTP_PORT), 5);
+    assert_eq!(code, Some(0));
 
     let output = tracer.stop(libc::SIGINT).unwrap();
     assert!(output.status.success(), "tracer failed: {}", output.stderr);
     let records = output.records();
-
     let client = lab.pod("client");
-    let v4 = records_of_pid(&records, client_v4);
-    assert_eq!(v4.len(), 1, "records: {records:#?}");
-    let record = v4[0];
+
+    let record = tcp_record(&records, v4);
     assert_eq!(record["pod"], "default/client");
     assert_eq!(record["pod_uid"], client.uid.as_str());
     assert_eq!(record["process"]["comm"], "curl");
-    assert_eq!(record["protocol"], "tcp");
     assert_eq!(
         record["dst"],
         format!("{}:{}", addr::ENDPOINT, addr::HTTP_PORT)
     );
-    let src = record["src"].as_str().unwrap();
-    let (src_ip, src_port) = src.rsplit_once(':').unwrap();
-    assert_eq!(src_ip, client.ip.to_string());
-    assert_ne!(src_port.parse::<u16>().unwrap(), 0);
+    assert_eq!(record["outcome"], "established");
+    assert_eq!(record["tcp"]["syn_retransmits"], 0);
+    assert!(
+        record["tcp"]["handshake_ms"].as_f64().unwrap() > 0.0,
+        "{record}"
+    );
+    assert_source_is(record, client.ip);
     assert!(humantime::parse_rfc3339(record["time"].as_str().unwrap()).is_ok());
 
-    let v6 = records_of_pid(&records, client_v6);
-    assert_eq!(v6.len(), 1, "records: {records:#?}");
+    let record = tcp_record(&records, v6);
     assert_eq!(
-        v6[0]["dst"],
+        record["dst"],
         format!("[{}]:{}", addr::ENDPOINT6, addr::HTTP_PORT)
     );
-    assert!(
-        v6[0]["src"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("[{}]:", client.ipv6))
-    );
-
-    // A refused connect still has the source its SYN left with.
-    let refused = records_of_pid(&records, refused_pid);
-    assert_eq!(refused.len(), 1, "records: {records:#?}");
-    assert_eq!(
-        refused[0]["dst"],
-        format!("{}:{}", addr::ENDPOINT, addr::CLOSED_PORT)
-    );
-    let (ip, port) = refused[0]["src"]
-        .as_str()
-        .unwrap()
-        .rsplit_once(':')
-        .unwrap();
-    assert_eq!(
-        (ip, port.parse::<u16>().unwrap() != 0),
-        (client.ip.to_string().as_str(), true)
-    );
+    assert_eq!(record["outcome"], "established");
+    assert_source_is(record, format!("[{}]", client.ipv6));
 
     // The other pod's connect is not in this pod's trace, nor is anything else.
     assert!(
@@ -177,30 +166,15 @@ fn detaches_on_sigterm_and_sees_every_pod_without_filter() {
     let attached = BpfObjects::owned_by(tracer.pid()).unwrap();
     assert!(!attached.is_empty());
 
-    let client = curl(
-        &lab,
-        "client",
-        &format!("http://{}:{}/", addr::ENDPOINT, addr::HTTP_PORT),
-    );
-    let other = curl(
-        &lab,
-        "other",
-        &format!("http://{}:{}/", addr::ENDPOINT, addr::HTTP_PORT),
-    );
+    let (client, _) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 5);
+    let (other, _) = curl(&lab, "other", &url(addr::ENDPOINT, addr::HTTP_PORT), 5);
 
     let output = tracer.stop(libc::SIGTERM).unwrap();
     assert!(output.status.success(), "tracer failed: {}", output.stderr);
     let records = output.records();
-    let pods: Vec<&Value> = [client, other]
-        .iter()
-        .map(|&pid| {
-            let found = records_of_pid(&records, pid);
-            assert_eq!(found.len(), 1, "pid {pid}: {records:#?}");
-            &found[0]["pod"]
-        })
-        .collect();
     // The cgroupfs-driver pod is attributed as well as the systemd one.
-    assert_eq!(pods, vec!["default/client", "shop/other"]);
+    assert_eq!(tcp_record(&records, client)["pod"], "default/client");
+    assert_eq!(tcp_record(&records, other)["pod"], "shop/other");
     assert_eq!(
         attached.wait_gone(Duration::from_secs(5)).unwrap(),
         BpfObjects::default()
@@ -209,35 +183,141 @@ fn detaches_on_sigterm_and_sees_every_pod_without_filter() {
 
 #[test]
 #[ignore = "needs root and the node lab: run `cargo xtask test`"]
-fn dns_lookups_of_a_pod_show_as_udp_connects_to_cluster_dns() {
+fn refused_by_the_endpoint() {
     let lab = lab();
-    let state = lab.cluster_state();
-    let tracer = Tracer::start(
-        &lab,
-        &[
-            "trace",
-            "--cluster-state",
-            state.to_str().unwrap(),
-            "--pod",
-            "default/client",
-            "-o",
-            "json",
-        ],
-    )
+    let tracer = trace_client(&lab);
+    let (pid, code) = curl(&lab, "client", &url(addr::ENDPOINT, addr::CLOSED_PORT), 5);
+    assert_eq!(code, Some(7), "curl must fail to connect");
+    let records = tracer.stop(libc::SIGINT).unwrap().records();
+    let record = tcp_record(&records, pid);
+    assert_eq!(
+        record["dst"],
+        format!("{}:{}", addr::ENDPOINT, addr::CLOSED_PORT)
+    );
+    assert_eq!(record["outcome"], "refused");
+    assert_eq!(record["tcp"]["error"], "ECONNREFUSED");
+    assert_eq!(record["tcp"]["closed_by"], "kernel");
+    assert_eq!(record["tcp"]["syn_retransmits"], 0);
+    // The SYN's source survives the socket releasing its port.
+    assert_source_is(record, lab.pod("client").ip);
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn timeout_when_the_upstream_drops_silently() {
+    let lab = lab();
+    let dst = std::net::IpAddr::V4(addr::ENDPOINT);
+    lab.inject(Fault::SilentDrop {
+        dst,
+        port: addr::HTTP_PORT,
+    })
     .unwrap();
-    let pid = curl(&lab, "client", &format!("http://{}/", addr::ENDPOINT_NAME));
+    let tracer = trace_client(&lab);
+    // curl gives up after 2 s: the first SYN retransmission happens at 1 s.
+    let (pid, code) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 2);
+    assert_eq!(code, Some(28), "curl must time out");
+    let records = tracer.stop(libc::SIGINT).unwrap().records();
+    let record = tcp_record(&records, pid);
+    assert_eq!(record["outcome"], "timeout");
+    assert_eq!(record["tcp"]["syn_retransmits"], 1);
+    assert_eq!(record["tcp"]["closed_by"], "application");
+    assert!(record["tcp"].get("error").is_none(), "{record}");
+    assert_source_is(record, lab.pod("client").ip);
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn unreachable_when_the_upstream_rejects_with_admin_prohibited() {
+    let lab = lab();
+    for dst in [
+        std::net::IpAddr::V4(addr::ENDPOINT),
+        std::net::IpAddr::V6(addr::ENDPOINT6),
+    ] {
+        lab.inject(Fault::AdminProhibited {
+            dst,
+            port: addr::HTTP_PORT,
+        })
+        .unwrap();
+    }
+    let tracer = trace_client(&lab);
+    let (v4, code) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 5);
+    assert_eq!(code, Some(7));
+    let (v6, code) = curl(
+        &lab,
+        "client",
+        &url(format!("[{}]", addr::ENDPOINT6), addr::HTTP_PORT),
+        5,
+    );
+    assert_eq!(code, Some(7));
+    let records = tracer.stop(libc::SIGINT).unwrap().records();
+    let expected = [
+        (v4, "icmp", 3, 13, addr::UPSTREAM_NODE_SIDE.to_string()),
+        (v6, "icmpv6", 1, 1, addr::UPSTREAM_NODE_SIDE6.to_string()),
+    ];
+    for (pid, protocol, icmp_type, code, from) in expected {
+        let record = tcp_record(&records, pid);
+        assert_eq!(record["outcome"], "unreachable", "{record}");
+        // The router's answer, de-NATed by the node, reached the pod's socket.
+        assert_eq!(
+            record["icmp"],
+            serde_json::json!({"protocol": protocol, "type": icmp_type, "code": code,
+                               "meaning": "admin-prohibited", "from": from}),
+            "{record}"
+        );
+        assert_source_is(
+            record,
+            if protocol == "icmp" {
+                lab.pod("client").ip.to_string()
+            } else {
+                format!("[{}]", lab.pod("client").ipv6)
+            },
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn dns_lookups_show_as_udp_attempts_and_address_probes_are_skipped() {
+    let lab = lab();
+    let tracer = trace_client(&lab);
+    let (pid, code) = curl(
+        &lab,
+        "client",
+        &format!("http://{}/", addr::ENDPOINT_NAME),
+        5,
+    );
+    assert_eq!(code, Some(0));
     let output = tracer.stop(libc::SIGINT).unwrap();
     let records = output.records();
     let mine = records_of_pid(&records, pid);
-    // glibc's resolver connects a UDP socket to the nameserver before querying.
+    let client = lab.pod("client");
+    // glibc's resolver connects a UDP socket to the nameserver, then sends.
+    let dns: Vec<_> = mine
+        .iter()
+        .filter(|r| r["protocol"] == "udp" && r["dst"] == format!("{}:53", addr::CLUSTER_DNS))
+        .collect();
+    assert!(!dns.is_empty(), "{mine:#?}");
+    for record in dns {
+        assert_eq!(record["outcome"], "sent");
+        assert_source_is(record, client.ip);
+    }
+    // getaddrinfo's UDP connects to the endpoint (address sorting) send nothing: they are
+    // counted as probes, not reported as attempts.
     assert!(
-        mine.iter()
-            .any(|r| r["protocol"] == "udp" && r["dst"] == format!("{}:53", addr::CLUSTER_DNS)),
+        !mine
+            .iter()
+            .any(|r| r["protocol"] == "udp" && r["dst"].as_str().unwrap().ends_with(":80")),
         "{mine:#?}"
     );
     assert!(
+        output.stderr.contains("UDP address probes skipped"),
+        "{}",
+        output.stderr
+    );
+    // curl tries both families of the name (happy eyeballs): one of them connects.
+    assert!(
         mine.iter()
-            .any(|r| r["protocol"] == "tcp" && r["dst"] == format!("{}:80", addr::ENDPOINT)),
+            .any(|r| r["protocol"] == "tcp" && r["outcome"] == "established"),
         "{mine:#?}"
     );
 }

@@ -4,6 +4,8 @@
 //! - [`first_packet`]: cgroup_skb egress, the first packet (TCP SYN or UDP datagram) of
 //!   the sockets that `connect` saw, with the tuple the kernel chose.
 //! - [`sock_state`]: tp_btf `inet_sock_set_state`, the handshake result of those sockets.
+//! - [`icmp`]: tp_btf `consume_skb` filtered to the ICMP receive functions, the ICMP
+//!   errors that explain failed attempts.
 //!
 //! All of them write to the ring buffer and counters in [`maps`]. Event layouts live in
 //! `tracer-common`, shared with userspace.
@@ -14,6 +16,8 @@
 mod connect;
 #[cfg(target_arch = "bpf")]
 mod first_packet;
+#[cfg(target_arch = "bpf")]
+mod icmp;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]

@@ -4,8 +4,10 @@
 //!   its first SYN, and ends when its socket leaves `SYN_SENT`; that transition says how
 //!   it ended ([`Outcome`]).
 //! - A UDP attempt starts with its `connect()` and is an attempt once its first datagram
-//!   leaves; a connected UDP socket that sends nothing within [`UDP_PROBE_WINDOW`] was an
-//!   address-selection probe (`getaddrinfo` makes those) and is counted, not reported.
+//!   leaves; it is reported [`UDP_SETTLE`] after the connect, or at once when an ICMP error
+//!   answers it. A connected UDP socket that sent nothing by then was an address-selection
+//!   probe (`getaddrinfo` makes those) and is counted, not reported.
+//! - ICMP errors are matched to attempts by the tuple their embedded header carries.
 //!
 //! Memory is bounded: at most [`MAX_PENDING`] attempts wait, and none longer than
 //! [`MAX_TCP_WAIT`]; beyond either limit an attempt is emitted early (outcome
@@ -13,19 +15,21 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
 use serde::Serialize;
 use tracer_common::{
-    ConnectEvent, FirstPacketEvent, IPPROTO_TCP, IPPROTO_UDP, SockStateEvent, TCP_ESTABLISHED,
+    AF_INET6, ConnectEvent, FirstPacketEvent, IPPROTO_TCP, IPPROTO_UDP, IcmpErrorEvent,
+    SockStateEvent, TCP_ESTABLISHED,
 };
 
 use crate::capture::{comm, socket_addr};
 
-/// How long a connected UDP socket may stay silent before it counts as a probe.
-pub const UDP_PROBE_WINDOW: Duration = Duration::from_secs(1);
+/// How long after its connect a UDP attempt is reported (ICMP errors come back within
+/// this); a socket that sent nothing by then counts as a probe.
+pub const UDP_SETTLE: Duration = Duration::from_secs(1);
 /// Longest a TCP attempt waits for its handshake to end (the kernel gives up after about
 /// 130 s with default `tcp_syn_retries`).
 pub const MAX_TCP_WAIT: Duration = Duration::from_secs(300);
@@ -35,7 +39,7 @@ pub const MAX_PENDING: usize = 65_536;
 const ECONNREFUSED: i32 = 111;
 const ETIMEDOUT: i32 = 110;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -48,7 +52,8 @@ pub enum Protocol {
 pub enum Outcome {
     /// TCP handshake completed.
     Established,
-    /// The destination (or something on the path) answered the SYN with a reset.
+    /// The destination (or something on the path) answered the SYN with a reset, or a
+    /// UDP datagram with ICMP port unreachable.
     Refused,
     /// No answer to the SYN: the kernel gave up (`ETIMEDOUT`), or the application gave up
     /// after at least one SYN retransmission.
@@ -127,6 +132,8 @@ pub struct Attempt {
     pub outcome: Outcome,
     /// TCP only.
     pub tcp: Option<TcpHandshake>,
+    /// The ICMP error that answered the attempt, if any.
+    pub icmp: Option<IcmpError>,
 }
 
 /// Counts kept by the assembler.
@@ -136,11 +143,83 @@ pub struct FlowStats {
     pub evicted: u64,
     /// Connected UDP sockets that never sent (address-selection probes).
     pub udp_probes: u64,
+    /// ICMP errors about flows that are not pending attempts (finished, or not traced).
+    pub unmatched_icmp: u64,
 }
+
+/// An ICMP error attributed to an attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IcmpError {
+    /// ICMPv6 rather than ICMP.
+    pub v6: bool,
+    pub icmp_type: u8,
+    pub code: u8,
+    /// Who sent it: a router on the path, or the destination itself.
+    pub sender: IpAddr,
+    /// Next-hop MTU of "fragmentation needed" / "packet too big".
+    pub mtu: Option<u32>,
+}
+
+impl IcmpError {
+    fn from_event(event: &IcmpErrorEvent) -> Option<Self> {
+        Some(Self {
+            v6: event.sender.family == AF_INET6,
+            icmp_type: event.icmp_type,
+            code: event.icmp_code,
+            sender: socket_addr(&event.sender)?.ip(),
+            mtu: (event.mtu != 0).then_some(event.mtu),
+        })
+    }
+
+    /// A short name for the type and code (RFC 792, RFC 1812, RFC 4443).
+    pub fn meaning(&self) -> &'static str {
+        match (self.v6, self.icmp_type, self.code) {
+            (false, 3, 0) => "net-unreachable",
+            (false, 3, 1) => "host-unreachable",
+            (false, 3, 2) => "protocol-unreachable",
+            (false, 3, 3) => "port-unreachable",
+            (false, 3, 4) => "fragmentation-needed",
+            (false, 3, 9 | 10 | 13) => "admin-prohibited",
+            (false, 3, _) => "unreachable",
+            (false, 11, _) => "time-exceeded",
+            (true, 1, 0) => "no-route",
+            (true, 1, 1) => "admin-prohibited",
+            (true, 1, 3) => "address-unreachable",
+            (true, 1, 4) => "port-unreachable",
+            (true, 1, 5 | 6) => "policy-failed",
+            (true, 1, _) => "unreachable",
+            (true, 2, _) => "packet-too-big",
+            (true, 3, _) => "time-exceeded",
+            _ => "other",
+        }
+    }
+
+    /// Whether the destination host itself says nothing listens on the port.
+    fn is_port_unreachable(&self) -> bool {
+        matches!(
+            (self.v6, self.icmp_type, self.code),
+            (false, 3, 3) | (true, 1, 4)
+        )
+    }
+
+    /// Whether the error ends a connection attempt (not a path-MTU hint).
+    fn is_fatal(&self) -> bool {
+        !matches!(
+            (self.v6, self.icmp_type, self.code),
+            (false, 3, 4) | (true, 2, _)
+        )
+    }
+}
+
+/// The tuple that names a flow in packets: what the first packet carried and what an
+/// ICMP error embeds.
+type FlowKey = (Protocol, SocketAddr, SocketAddr);
 
 #[derive(Default)]
 pub struct FlowAssembler {
     pending: HashMap<u64, Attempt>,
+    /// Pending attempts whose first packet was seen, by tuple, for ICMP errors.
+    by_tuple: HashMap<FlowKey, u64>,
     /// Cookies of TCP and of UDP attempts, each in arrival order (their waits differ);
     /// they may hold cookies already completed, skipped lazily.
     tcp_order: VecDeque<u64>,
@@ -175,35 +254,75 @@ impl FlowAssembler {
             dst,
             outcome: Outcome::InProgress,
             tcp,
+            icmp: None,
         };
         if self.pending.len() >= MAX_PENDING {
             self.evict_oldest(done);
         }
-        if let Some(previous) = self.pending.insert(event.sock_cookie, attempt) {
+        if let Some(previous) = self.take(event.sock_cookie) {
             self.finish_displaced(previous, done);
         }
+        self.pending.insert(event.sock_cookie, attempt);
         match protocol {
             Protocol::Tcp => self.tcp_order.push_back(event.sock_cookie),
             Protocol::Udp => self.udp_order.push_back(event.sock_cookie),
         }
     }
 
-    /// Records the source of an attempt; a UDP attempt is complete with it.
-    pub fn on_first_packet(&mut self, event: &FirstPacketEvent, done: &mut Vec<Attempt>) {
+    /// Records the source of an attempt; for UDP it makes the connect an attempt.
+    pub fn on_first_packet(&mut self, event: &FirstPacketEvent) {
         let Some(attempt) = self.pending.get_mut(&event.sock_cookie) else {
             return;
         };
-        attempt.src = socket_addr(&event.src);
+        let Some(src) = socket_addr(&event.src) else {
+            return;
+        };
+        attempt.src = Some(src);
         if attempt.protocol == Protocol::Udp {
-            let mut attempt = self.pending.remove(&event.sock_cookie).expect("present");
             attempt.outcome = Outcome::Sent;
+        }
+        self.by_tuple
+            .insert((attempt.protocol, src, attempt.dst), event.sock_cookie);
+    }
+
+    /// Attributes an ICMP error to the attempt whose packet it embeds. A fatal error
+    /// ends a UDP attempt at once; a TCP attempt ends with its socket.
+    pub fn on_icmp_error(&mut self, event: &IcmpErrorEvent, done: &mut Vec<Attempt>) {
+        let protocol = match event.protocol {
+            IPPROTO_TCP => Protocol::Tcp,
+            IPPROTO_UDP => Protocol::Udp,
+            _ => return,
+        };
+        let (Some(src), Some(dst), Some(icmp)) = (
+            socket_addr(&event.src),
+            socket_addr(&event.dst),
+            IcmpError::from_event(event),
+        ) else {
+            return;
+        };
+        let Some(&cookie) = self.by_tuple.get(&(protocol, src, dst)) else {
+            self.stats.unmatched_icmp += 1;
+            return;
+        };
+        let attempt = self
+            .pending
+            .get_mut(&cookie)
+            .expect("by_tuple follows pending");
+        attempt.icmp = Some(icmp);
+        if protocol == Protocol::Udp && icmp.is_fatal() {
+            let mut attempt = self.take(cookie).expect("present");
+            attempt.outcome = if icmp.is_port_unreachable() {
+                Outcome::Refused
+            } else {
+                Outcome::Unreachable
+            };
             done.push(attempt);
         }
     }
 
     /// Completes the TCP attempt of this socket, if one is pending.
     pub fn on_sock_state(&mut self, event: &SockStateEvent, done: &mut Vec<Attempt>) {
-        let Some(mut attempt) = self.pending.remove(&event.sock_cookie) else {
+        let Some(mut attempt) = self.take(event.sock_cookie) else {
             return;
         };
         // The socket's own tuple stands in when no SYN was seen (that hook is optional).
@@ -212,17 +331,17 @@ impl FlowAssembler {
         if attempt.src.is_none() {
             attempt.src = socket_addr(&event.src).filter(|src| src.port() != 0);
         }
-        let (outcome, handshake) = judge_handshake(event, attempt.monotonic_ns);
+        let (outcome, handshake) = judge_handshake(event, attempt.monotonic_ns, attempt.icmp);
         attempt.outcome = outcome;
         attempt.tcp = Some(handshake);
         done.push(attempt);
     }
 
-    /// Settles attempts that waited too long at monotonic time `now_ns`: silent UDP
-    /// sockets are dropped as probes, TCP handshakes beyond [`MAX_TCP_WAIT`] are emitted
-    /// as in progress.
+    /// Settles attempts that waited long enough at monotonic time `now_ns`: UDP attempts
+    /// after [`UDP_SETTLE`] (silent ones are probes), TCP handshakes beyond
+    /// [`MAX_TCP_WAIT`] (emitted as in progress).
     pub fn expire(&mut self, now_ns: u64, done: &mut Vec<Attempt>) {
-        for attempt in self.take_older_than(Protocol::Udp, now_ns, UDP_PROBE_WINDOW) {
+        for attempt in self.take_older_than(Protocol::Udp, now_ns, UDP_SETTLE) {
             self.finish_displaced(attempt, done);
         }
         for attempt in self.take_older_than(Protocol::Tcp, now_ns, MAX_TCP_WAIT) {
@@ -231,8 +350,8 @@ impl FlowAssembler {
         }
     }
 
-    /// Emits every TCP attempt still pending (at shutdown), oldest first, as in progress;
-    /// silent UDP sockets are counted as probes.
+    /// Emits everything still pending (at shutdown), oldest first; silent UDP sockets are
+    /// counted as probes.
     pub fn drain(&mut self, done: &mut Vec<Attempt>) {
         let cookies: Vec<u64> = self
             .udp_order
@@ -240,69 +359,109 @@ impl FlowAssembler {
             .chain(self.tcp_order.drain(..))
             .collect();
         for cookie in cookies {
-            if let Some(attempt) = self.pending.remove(&cookie) {
+            if let Some(attempt) = self.take(cookie) {
                 self.finish_displaced(attempt, done);
             }
         }
-    }
-
-    /// Removes the attempts of `protocol` connected at least `age` before `now_ns`.
-    fn take_older_than(&mut self, protocol: Protocol, now_ns: u64, age: Duration) -> Vec<Attempt> {
-        let order = match protocol {
-            Protocol::Tcp => &mut self.tcp_order,
-            Protocol::Udp => &mut self.udp_order,
-        };
-        let mut taken = Vec::new();
-        while let Some(&cookie) = order.front() {
-            match self.pending.get(&cookie) {
-                // Completed, or the cookie now belongs to a newer attempt of the other
-                // protocol: not this queue's business any more.
-                None => {
-                    order.pop_front();
-                }
-                Some(a) if a.protocol != protocol => {
-                    order.pop_front();
-                }
-                Some(a) if Duration::from_nanos(now_ns.saturating_sub(a.monotonic_ns)) >= age => {
-                    order.pop_front();
-                    taken.extend(self.pending.remove(&cookie));
-                }
-                Some(_) => break,
-            }
-        }
-        // Completed cookies left in the queue are bounded by the same cap as `pending`.
-        if order.len() > 2 * MAX_PENDING {
-            order.retain(|c| self.pending.contains_key(c));
-        }
-        taken
     }
 
     pub fn stats(&self) -> FlowStats {
         self.stats
     }
 
+    /// Removes a pending attempt and its tuple.
+    fn take(&mut self, cookie: u64) -> Option<Attempt> {
+        let attempt = self.pending.remove(&cookie)?;
+        if let Some(src) = attempt.src {
+            self.by_tuple.remove(&(attempt.protocol, src, attempt.dst));
+        }
+        Some(attempt)
+    }
+
+    /// Removes the attempts of `protocol` connected at least `age` before `now_ns`.
+    fn take_older_than(&mut self, protocol: Protocol, now_ns: u64, age: Duration) -> Vec<Attempt> {
+        let mut taken = Vec::new();
+        loop {
+            let order = match protocol {
+                Protocol::Tcp => &mut self.tcp_order,
+                Protocol::Udp => &mut self.udp_order,
+            };
+            let Some(&cookie) = order.front() else { break };
+            let due = match self.pending.get(&cookie) {
+                // Completed, or the cookie now belongs to a newer attempt of the other
+                // protocol: not this queue's business any more.
+                None => true,
+                Some(a) if a.protocol != protocol => true,
+                Some(a) => Duration::from_nanos(now_ns.saturating_sub(a.monotonic_ns)) >= age,
+            };
+            if !due {
+                break;
+            }
+            order.pop_front();
+            if self
+                .pending
+                .get(&cookie)
+                .is_some_and(|a| a.protocol == protocol)
+            {
+                taken.extend(self.take(cookie));
+            }
+        }
+        // Completed cookies left in the queue are bounded by the same cap as `pending`.
+        let pending = &self.pending;
+        for order in [&mut self.tcp_order, &mut self.udp_order] {
+            if order.len() > 2 * MAX_PENDING {
+                order.retain(|c| pending.contains_key(c));
+            }
+        }
+        taken
+    }
+
+    /// A UDP attempt that never sent was a probe; anything else is reported as it is.
     fn finish_displaced(&mut self, attempt: Attempt, done: &mut Vec<Attempt>) {
-        match attempt.protocol {
-            Protocol::Udp => self.stats.udp_probes += 1,
-            Protocol::Tcp => done.push(attempt),
+        if attempt.protocol == Protocol::Udp && attempt.outcome == Outcome::InProgress {
+            self.stats.udp_probes += 1;
+        } else {
+            done.push(attempt);
         }
     }
 
+    /// Emits the oldest pending attempt early: the older of the two queues' fronts.
     fn evict_oldest(&mut self, done: &mut Vec<Attempt>) {
-        for order in [&mut self.udp_order, &mut self.tcp_order] {
-            while let Some(cookie) = order.pop_front() {
-                if let Some(attempt) = self.pending.remove(&cookie) {
-                    self.stats.evicted += 1;
-                    done.push(attempt);
-                    return;
+        let pending = &self.pending;
+        let mut oldest: Option<(u64, u64)> = None;
+        for (order, protocol) in [
+            (&mut self.udp_order, Protocol::Udp),
+            (&mut self.tcp_order, Protocol::Tcp),
+        ] {
+            while let Some(&cookie) = order.front() {
+                match pending.get(&cookie) {
+                    Some(a) if a.protocol == protocol => {
+                        if oldest.is_none_or(|(_, ts)| a.monotonic_ns < ts) {
+                            oldest = Some((cookie, a.monotonic_ns));
+                        }
+                        break;
+                    }
+                    _ => {
+                        order.pop_front();
+                    }
                 }
             }
+        }
+        if let Some(attempt) = oldest.and_then(|(cookie, _)| self.take(cookie)) {
+            self.stats.evicted += 1;
+            done.push(attempt);
         }
     }
 }
 
-/// Reads the end of a handshake from the socket's state, error fields and retransmits.
-fn judge_handshake(event: &SockStateEvent, connect_ns: u64) -> (Outcome, TcpHandshake) {
+/// Reads the end of a handshake from the socket's state, error fields and retransmits,
+/// and the ICMP error that answered it (the application may have consumed the socket
+/// error with `SO_ERROR` before closing, so the ICMP error is the firmer evidence).
+fn judge_handshake(
+    event: &SockStateEvent,
+    connect_ns: u64,
+    icmp: Option<IcmpError>,
+) -> (Outcome, TcpHandshake) {
     let mut handshake = TcpHandshake {
         syn_retransmits: event.syn_retransmits,
         duration: event
@@ -324,6 +483,7 @@ fn judge_handshake(event: &SockStateEvent, connect_ns: u64) -> (Outcome, TcpHand
     handshake.errno = errno;
     handshake.closed_by_application = event.error == 0;
     let outcome = match errno {
+        _ if icmp.is_some_and(|i| i.is_fatal()) => Outcome::Unreachable,
         Some(ECONNREFUSED) => Outcome::Refused,
         Some(ETIMEDOUT) => Outcome::Timeout,
         Some(e) if is_unreachable(e) => Outcome::Unreachable,
@@ -463,7 +623,7 @@ mod tests {
         let mut flows = FlowAssembler::new();
         let mut done = Vec::new();
         flows.on_connect(&connect(1, 1_000, IPPROTO_TCP), origin(), &mut done);
-        flows.on_first_packet(&first_packet(1, IPPROTO_TCP, 50_000), &mut done);
+        flows.on_first_packet(&first_packet(1, IPPROTO_TCP, 50_000));
         assert!(done.is_empty());
         flows.on_sock_state(&state_event, &mut done);
         assert_eq!(done.len(), 1);
@@ -525,26 +685,106 @@ mod tests {
     }
 
     #[test]
-    fn udp_attempt_is_complete_at_its_first_datagram() {
+    fn udp_attempt_is_reported_once_settled() {
         let mut flows = FlowAssembler::new();
         let mut done = Vec::new();
-        flows.on_connect(&connect(1, 1, IPPROTO_UDP), origin(), &mut done);
+        let settle = UDP_SETTLE.as_nanos() as u64;
+        flows.on_connect(&connect(1, 1_000, IPPROTO_UDP), origin(), &mut done);
+        flows.on_first_packet(&first_packet(1, IPPROTO_UDP, 40_000));
+        flows.expire(1_000 + settle - 1, &mut done);
         assert!(done.is_empty());
-        flows.on_first_packet(&first_packet(1, IPPROTO_UDP, 40_000), &mut done);
+        flows.expire(1_000 + settle, &mut done);
         assert_eq!(done.len(), 1);
         assert_eq!(
             (done[0].protocol, done[0].outcome),
             (Protocol::Udp, Outcome::Sent)
         );
         assert_eq!(done[0].src, Some("10.244.0.5:40000".parse().unwrap()));
-        assert_eq!(done[0].tcp, None);
+        assert_eq!((done[0].tcp, done[0].icmp), (None, None));
+    }
+
+    fn icmp(cookie_src_port: u16, protocol: u8, icmp_type: u8, code: u8) -> IcmpErrorEvent {
+        IcmpErrorEvent {
+            header: EventHeader {
+                kind: EventKind::IcmpError as u32,
+                cpu: 0,
+                ts_ns: 3,
+            },
+            icmp_type,
+            icmp_code: code,
+            protocol,
+            _pad: 0,
+            mtu: 0,
+            sender: endpoint([198, 51, 100, 1], 0),
+            src: endpoint([10, 244, 0, 5], cookie_src_port),
+            dst: endpoint([203, 0, 113, 10], 80),
+            _pad2: [0; 4],
+        }
+    }
+
+    #[test]
+    fn icmp_port_unreachable_refuses_a_udp_attempt_at_once() {
+        let mut flows = FlowAssembler::new();
+        let mut done = Vec::new();
+        flows.on_connect(&connect(1, 1_000, IPPROTO_UDP), origin(), &mut done);
+        flows.on_first_packet(&first_packet(1, IPPROTO_UDP, 40_000));
+        flows.on_icmp_error(&icmp(40_000, IPPROTO_UDP, 3, 3), &mut done);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].outcome, Outcome::Refused);
+        let icmp_error = done[0].icmp.unwrap();
+        assert_eq!(icmp_error.meaning(), "port-unreachable");
+        assert_eq!(icmp_error.sender, "198.51.100.1".parse::<IpAddr>().unwrap());
+        // The attempt is gone: a repeated error no longer matches anything.
+        flows.on_icmp_error(&icmp(40_000, IPPROTO_UDP, 3, 3), &mut done);
+        assert_eq!((done.len(), flows.stats().unmatched_icmp), (1, 1));
+    }
+
+    #[test]
+    fn icmp_admin_prohibited_explains_a_handshake_the_application_closed() {
+        let mut flows = FlowAssembler::new();
+        let mut done = Vec::new();
+        flows.on_connect(&connect(1, 1_000, IPPROTO_TCP), origin(), &mut done);
+        flows.on_first_packet(&first_packet(1, IPPROTO_TCP, 50_000));
+        flows.on_icmp_error(&icmp(40_000, IPPROTO_TCP, 3, 13), &mut done);
+        assert_eq!(
+            flows.stats().unmatched_icmp,
+            1,
+            "wrong source port must not match"
+        );
+        flows.on_icmp_error(&icmp(50_000, IPPROTO_TCP, 3, 13), &mut done);
+        assert!(done.is_empty(), "TCP attempts end with their socket");
+        // The application read the error with SO_ERROR and closed: no error left on it.
+        flows.on_sock_state(&state(1, 2_000, TCP_CLOSE, 0, 0), &mut done);
+        assert_eq!(done[0].outcome, Outcome::Unreachable);
+        assert_eq!(done[0].icmp.unwrap().meaning(), "admin-prohibited");
+    }
+
+    #[test]
+    fn icmp_meanings() {
+        let meaning = |v6, icmp_type, code| {
+            IcmpError {
+                v6,
+                icmp_type,
+                code,
+                sender: IpAddr::from([0, 0, 0, 0]),
+                mtu: None,
+            }
+            .meaning()
+        };
+        assert_eq!(meaning(false, 3, 13), "admin-prohibited");
+        assert_eq!(meaning(false, 3, 1), "host-unreachable");
+        assert_eq!(meaning(false, 3, 4), "fragmentation-needed");
+        assert_eq!(meaning(false, 11, 0), "time-exceeded");
+        assert_eq!(meaning(true, 1, 1), "admin-prohibited");
+        assert_eq!(meaning(true, 1, 4), "port-unreachable");
+        assert_eq!(meaning(true, 2, 0), "packet-too-big");
     }
 
     #[test]
     fn silent_udp_connects_are_probes_not_attempts() {
         let mut flows = FlowAssembler::new();
         let mut done = Vec::new();
-        let window = UDP_PROBE_WINDOW.as_nanos() as u64;
+        let window = UDP_SETTLE.as_nanos() as u64;
         flows.on_connect(&connect(1, 1_000, IPPROTO_UDP), origin(), &mut done);
         flows.expire(1_000 + window - 1, &mut done);
         assert_eq!(flows.stats().udp_probes, 0);
@@ -584,7 +824,7 @@ mod tests {
     fn events_of_unknown_sockets_are_ignored() {
         let mut flows = FlowAssembler::new();
         let mut done = Vec::new();
-        flows.on_first_packet(&first_packet(9, IPPROTO_UDP, 1), &mut done);
+        flows.on_first_packet(&first_packet(9, IPPROTO_UDP, 1));
         flows.on_sock_state(&state(9, 2, TCP_ESTABLISHED, 0, 0), &mut done);
         assert!(done.is_empty());
     }

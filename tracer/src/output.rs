@@ -4,14 +4,14 @@
 
 use std::{
     io::{self, Write},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     time::SystemTime,
 };
 
 use serde::Serialize;
 
 use crate::{
-    flow::{Attempt, Outcome, Protocol, TcpHandshake, errno_name},
+    flow::{Attempt, IcmpError, Outcome, Protocol, TcpHandshake, errno_name},
     node::MonotonicClock,
 };
 
@@ -36,7 +36,38 @@ pub struct AttemptRecord<'a> {
     pub outcome: Outcome,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tcp: Option<TcpRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp: Option<IcmpRecord>,
     pub cgroup_id: u64,
+}
+
+/// The ICMP error that answered an attempt.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct IcmpRecord {
+    /// `icmp` or `icmpv6`.
+    pub protocol: &'static str,
+    #[serde(rename = "type")]
+    pub icmp_type: u8,
+    pub code: u8,
+    /// `admin-prohibited`, `port-unreachable`, `time-exceeded`…
+    pub meaning: &'static str,
+    /// The address that sent it (a router on the path, or the destination).
+    pub from: IpAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+}
+
+impl From<&IcmpError> for IcmpRecord {
+    fn from(error: &IcmpError) -> Self {
+        Self {
+            protocol: if error.v6 { "icmpv6" } else { "icmp" },
+            icmp_type: error.icmp_type,
+            code: error.code,
+            meaning: error.meaning(),
+            from: error.sender,
+            mtu: error.mtu,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -97,6 +128,7 @@ impl<'a> AttemptRecord<'a> {
                 .tcp
                 .as_ref()
                 .map(|h| TcpRecord::new(attempt.outcome, h)),
+            icmp: attempt.icmp.as_ref().map(IcmpRecord::from),
             cgroup_id: attempt.cgroup_id,
         }
     }
@@ -193,6 +225,9 @@ impl<W: Write> Writer<W> {
 /// `timeout after 2 SYN retransmits`, `unreachable EHOSTUNREACH`.
 fn outcome_text(record: &AttemptRecord<'_>) -> String {
     let mut text = record.outcome.as_str().to_owned();
+    if let Some(icmp) = &record.icmp {
+        text.push_str(&format!(" (ICMP {} from {})", icmp.meaning, icmp.from));
+    }
     let Some(tcp) = &record.tcp else { return text };
     match record.outcome {
         Outcome::Established => {
@@ -238,6 +273,7 @@ mod tests {
                 errno: None,
                 closed_by_application: false,
             }),
+            icmp: None,
         }
     }
 
@@ -297,6 +333,31 @@ mod tests {
                 .nth(1)
                 .unwrap()
                 .ends_with("unreachable EHOSTUNREACH after 1 SYN retransmits"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn icmp_error_is_shown_with_its_sender() {
+        let mut a = attempt(Some("shop/web"));
+        a.outcome = Outcome::Unreachable;
+        a.icmp = Some(IcmpError {
+            v6: false,
+            icmp_type: 3,
+            code: 13,
+            sender: "198.51.100.1".parse().unwrap(),
+            mtu: None,
+        });
+        let value: serde_json::Value =
+            serde_json::from_str(render(Format::Json, &[a.clone()]).trim_end()).unwrap();
+        assert_eq!(
+            value["icmp"],
+            serde_json::json!({"protocol": "icmp", "type": 3, "code": 13,
+                               "meaning": "admin-prohibited", "from": "198.51.100.1"})
+        );
+        let table = render(Format::Table, &[a]);
+        assert!(
+            table.contains("unreachable (ICMP admin-prohibited from 198.51.100.1)"),
             "{table}"
         );
     }

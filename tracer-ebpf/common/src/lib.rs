@@ -40,6 +40,8 @@ pub enum EventKind {
     SockState = 2,
     /// A [`FirstPacketEvent`]: the first packet of a traced socket left its cgroup.
     FirstPacket = 3,
+    /// An [`IcmpErrorEvent`]: the kernel received an ICMP or ICMPv6 error.
+    IcmpError = 4,
 }
 
 impl EventKind {
@@ -49,6 +51,7 @@ impl EventKind {
             1 => Some(Self::Connect),
             2 => Some(Self::SockState),
             3 => Some(Self::FirstPacket),
+            4 => Some(Self::IcmpError),
             _ => None,
         }
     }
@@ -156,6 +159,54 @@ pub struct FirstPacketEvent {
     pub dst: Endpoint,
 }
 
+/// An ICMP or ICMPv6 error the kernel received and handled (destination unreachable,
+/// time exceeded, fragmentation needed / packet too big), with the flow it is about, as
+/// its embedded header names it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IcmpErrorEvent {
+    pub header: EventHeader,
+    /// ICMP (family [`AF_INET`]) or ICMPv6 (family [`AF_INET6`]) type.
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// Protocol of the embedded packet ([`IPPROTO_TCP`] or [`IPPROTO_UDP`]).
+    pub protocol: u8,
+    pub _pad: u8,
+    /// The MTU for "fragmentation needed" / "packet too big", else 0.
+    pub mtu: u32,
+    /// Who sent the ICMP error (a router on the path, or the destination); port 0.
+    pub sender: Endpoint,
+    /// Source of the packet that caused the error.
+    pub src: Endpoint,
+    /// Destination of the packet that caused the error.
+    pub dst: Endpoint,
+    pub _pad2: [u8; 4],
+}
+
+/// Field offsets inside the kernel's `struct sk_buff`, resolved from BTF at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SkbOffsets {
+    /// `unsigned char *head`.
+    pub head: u32,
+    /// `__u16 network_header`, relative to `head`.
+    pub network_header: u32,
+    /// `__u16 transport_header`, relative to `head`.
+    pub transport_header: u32,
+    pub _pad: u32,
+}
+
+/// Kernel text ranges `[start, end)` of functions, resolved from `/proc/kallsyms`, used to
+/// recognise a tracepoint's caller cheaply.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IcmpReceivers {
+    pub icmp_rcv_start: u64,
+    pub icmp_rcv_end: u64,
+    pub icmpv6_rcv_start: u64,
+    pub icmpv6_rcv_end: u64,
+}
+
 /// Field offsets inside the kernel's `struct sock`, resolved at load time from the
 /// running kernel's BTF (`/sys/kernel/btf/vmlinux`) and handed to the programs as the
 /// global `SOCK_OFFSETS`. Rust eBPF has no CO-RE relocations, so this is how the programs
@@ -195,11 +246,15 @@ pub enum Counter {
     FirstPacketSeen = 4,
     /// [`FirstPacketEvent`]s lost to a full ring buffer.
     FirstPacketLost = 5,
+    /// ICMP errors about TCP or UDP packets received.
+    IcmpErrorSeen = 6,
+    /// [`IcmpErrorEvent`]s lost to a full ring buffer.
+    IcmpErrorLost = 7,
 }
 
 impl Counter {
     /// Number of counters, i.e. the size of the `COUNTERS` array.
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 8;
     /// All counters, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Self::ConnectSeen,
@@ -208,6 +263,8 @@ impl Counter {
         Self::SockStateLost,
         Self::FirstPacketSeen,
         Self::FirstPacketLost,
+        Self::IcmpErrorSeen,
+        Self::IcmpErrorLost,
     ];
 }
 
@@ -225,6 +282,9 @@ mod user {
     unsafe impl aya::Pod for super::ConnectEvent {}
     unsafe impl aya::Pod for super::SockStateEvent {}
     unsafe impl aya::Pod for super::FirstPacketEvent {}
+    unsafe impl aya::Pod for super::IcmpErrorEvent {}
+    unsafe impl aya::Pod for super::SkbOffsets {}
+    unsafe impl aya::Pod for super::IcmpReceivers {}
     unsafe impl aya::Pod for super::SockOffsets {}
 }
 
@@ -287,6 +347,25 @@ mod tests {
     }
 
     #[test]
+    fn icmp_error_event_layout() {
+        assert_eq!(size_of::<IcmpErrorEvent>(), 88);
+        assert_eq!(offset_of!(IcmpErrorEvent, icmp_type), 16);
+        assert_eq!(offset_of!(IcmpErrorEvent, icmp_code), 17);
+        assert_eq!(offset_of!(IcmpErrorEvent, protocol), 18);
+        assert_eq!(offset_of!(IcmpErrorEvent, mtu), 20);
+        assert_eq!(offset_of!(IcmpErrorEvent, sender), 24);
+        assert_eq!(offset_of!(IcmpErrorEvent, src), 44);
+        assert_eq!(offset_of!(IcmpErrorEvent, dst), 64);
+    }
+
+    #[test]
+    fn globals_layout() {
+        assert_eq!(size_of::<SkbOffsets>(), 16);
+        assert_eq!(size_of::<IcmpReceivers>(), 32);
+        assert_eq!(offset_of!(IcmpReceivers, icmpv6_rcv_end), 24);
+    }
+
+    #[test]
     fn sock_offsets_layout() {
         assert_eq!(size_of::<SockOffsets>(), 40);
         assert_eq!(offset_of!(SockOffsets, v6_daddr), 24);
@@ -299,6 +378,7 @@ mod tests {
             EventKind::Connect,
             EventKind::SockState,
             EventKind::FirstPacket,
+            EventKind::IcmpError,
         ] {
             assert_eq!(EventKind::from_raw(kind as u32), Some(kind));
         }

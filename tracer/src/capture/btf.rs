@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use btf_rs::{Btf, Member, Struct, Type};
-use tracer_common::SockOffsets;
+use tracer_common::{SkbOffsets, SockOffsets};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
@@ -88,6 +88,16 @@ impl KernelBtf {
         })
     }
 
+    /// Offsets of the `struct sk_buff` fields used to find a packet's headers.
+    pub fn skb_offsets(&self) -> Result<SkbOffsets, BtfError> {
+        Ok(SkbOffsets {
+            head: self.offset_of("sk_buff", &["head"])?,
+            network_header: self.offset_of("sk_buff", &["network_header"])?,
+            transport_header: self.offset_of("sk_buff", &["transport_header"])?,
+            _pad: 0,
+        })
+    }
+
     fn find_struct(&self, name: &str) -> Result<Struct, BtfError> {
         let types = self.btf.resolve_types_by_name(name).unwrap_or_default();
         types
@@ -158,6 +168,19 @@ mod tests {
         // Past sock_common (136 bytes on 64-bit kernels); tcp_sock is far larger.
         assert!(off.err > 136 && off.err_soft > 136, "{off:?}");
         assert!(off.total_retrans > off.err, "{off:?}");
+    }
+
+    #[test]
+    fn resolves_sk_buff_header_offsets_on_this_kernel() {
+        if !Path::new(KERNEL_BTF).exists() {
+            return;
+        }
+        let btf = KernelBtf::from_file(Path::new(KERNEL_BTF)).unwrap();
+        let off = btf.skb_offsets().unwrap();
+        // In the `headers` group: transport_header, network_header, mac_header, in order
+        // (u16 each), after `head` comes later in the struct.
+        assert_eq!(off.network_header, off.transport_header + 2, "{off:?}");
+        assert!(off.head > off.network_header, "{off:?}");
     }
 
     #[test]

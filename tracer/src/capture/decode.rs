@@ -8,7 +8,7 @@ use std::{
 
 use tracer_common::{
     AF_INET, AF_INET6, ConnectEvent, Endpoint, EventHeader, EventKind, FirstPacketEvent,
-    SockStateEvent,
+    IcmpErrorEvent, SockStateEvent,
 };
 
 /// A decoded kernel event.
@@ -17,6 +17,7 @@ pub enum KernelEvent {
     Connect(ConnectEvent),
     SockState(SockStateEvent),
     FirstPacket(FirstPacketEvent),
+    IcmpError(IcmpErrorEvent),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -52,6 +53,9 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
         EventKind::FirstPacket => exact::<FirstPacketEvent>(record)
             .map(KernelEvent::FirstPacket)
             .ok_or_else(|| wrong_length(size_of::<FirstPacketEvent>())),
+        EventKind::IcmpError => exact::<IcmpErrorEvent>(record)
+            .map(KernelEvent::IcmpError)
+            .ok_or_else(|| wrong_length(size_of::<IcmpErrorEvent>())),
     }
 }
 

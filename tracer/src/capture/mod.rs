@@ -7,12 +7,9 @@
 
 mod btf;
 mod decode;
+mod kallsyms;
 
-use std::{
-    fs::File,
-    io,
-    path::{Path, PathBuf},
-};
+use std::{fs::File, io, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -23,7 +20,7 @@ use aya::{
     },
 };
 use tokio::io::unix::AsyncFd;
-use tracer_common::Counter;
+use tracer_common::{Counter, IcmpReceivers};
 
 pub use btf::{BtfError, KernelBtf};
 pub use decode::{DecodeError, KernelEvent, comm, decode, socket_addr};
@@ -108,11 +105,13 @@ pub struct KernelCounters {
     pub sock_states_lost: u64,
     pub first_packets: u64,
     pub first_packets_lost: u64,
+    pub icmp_errors: u64,
+    pub icmp_errors_lost: u64,
 }
 
 impl KernelCounters {
     pub fn lost(&self) -> u64 {
-        self.connects_lost + self.sock_states_lost + self.first_packets_lost
+        self.connects_lost + self.sock_states_lost + self.first_packets_lost + self.icmp_errors_lost
     }
 }
 
@@ -158,14 +157,24 @@ impl Capture {
         if !aya::sys::is_map_supported(MapType::RingBuf).unwrap_or(false) {
             return Err(CaptureError::NoRingBuffer);
         }
-        let offsets = KernelBtf::from_file(&options.kernel_btf)?.sock_offsets()?;
+        let kernel_btf = KernelBtf::from_file(&options.kernel_btf)?;
+        let sock_offsets = kernel_btf.sock_offsets()?;
+        let skb_offsets = kernel_btf.skb_offsets()?;
         let cgroup_root = node::cgroup2_mount().map_err(CaptureError::Cgroup)?;
         let cgroup = File::open(&cgroup_root).map_err(CaptureError::Cgroup)?;
+        let mut warnings = Vec::new();
+        let icmp_receivers = icmp_receivers().unwrap_or_else(|why| {
+            warnings.push(format!(
+                "ICMP errors will not be attributed to attempts: {why}"
+            ));
+            IcmpReceivers::default()
+        });
 
         let mut ebpf = EbpfLoader::new()
-            .override_global("SOCK_OFFSETS", &offsets, true)
+            .override_global("SOCK_OFFSETS", &sock_offsets, true)
+            .override_global("SKB_OFFSETS", &skb_offsets, true)
+            .override_global("ICMP_RECEIVERS", &icmp_receivers, true)
             .load(KERNEL_OBJECT)?;
-        let mut warnings = Vec::new();
         attach_connect(&mut ebpf, "connect4", &cgroup)?;
         if let Err(e) = attach_connect(&mut ebpf, "connect6", &cgroup) {
             warnings.push(format!("IPv6 connects will not be traced: {e}"));
@@ -176,10 +185,25 @@ impl Capture {
                  will not be told from address probes: {e}"
             ));
         }
-        if let Err(e) = attach_sock_state(&mut ebpf, &options.kernel_btf) {
-            warnings.push(format!(
-                "TCP outcomes (established, refused, timeout…) will be missing: {e}"
-            ));
+        match aya::Btf::parse_file(&options.kernel_btf, aya::Endianness::default()) {
+            Ok(btf) => {
+                if let Err(e) = attach_btf_tracepoint(&mut ebpf, "inet_sock_set_state", &btf) {
+                    warnings.push(format!(
+                        "TCP outcomes (established, refused, timeout…) will be missing: {e}"
+                    ));
+                }
+                if icmp_receivers != IcmpReceivers::default()
+                    && let Err(e) = attach_btf_tracepoint(&mut ebpf, "consume_skb", &btf)
+                {
+                    warnings.push(format!(
+                        "ICMP errors will not be attributed to attempts: {e}"
+                    ));
+                }
+            }
+            Err(e) => warnings.push(format!(
+                "TCP outcomes and ICMP errors will be missing: cannot parse {}: {e}",
+                options.kernel_btf.display()
+            )),
         }
 
         let ring = RingBuf::try_from(
@@ -225,6 +249,15 @@ impl Capture {
         Ok(())
     }
 
+    /// Reads every event already in the ring buffer without waiting (at shutdown, so the
+    /// events of the last moments are not lost).
+    pub fn read_available(&mut self, out: &mut Vec<Result<KernelEvent, DecodeError>>) {
+        let ring = self.ring.get_mut();
+        while let Some(item) = ring.next() {
+            out.push(decode(&item));
+        }
+    }
+
     /// Sums the per-CPU kernel counters.
     pub fn counters(&self) -> Result<KernelCounters, CaptureError> {
         let total = |counter: Counter| -> Result<u64, CaptureError> {
@@ -237,6 +270,8 @@ impl Capture {
             sock_states_lost: total(Counter::SockStateLost)?,
             first_packets: total(Counter::FirstPacketSeen)?,
             first_packets_lost: total(Counter::FirstPacketLost)?,
+            icmp_errors: total(Counter::IcmpErrorSeen)?,
+            icmp_errors_lost: total(Counter::IcmpErrorLost)?,
         })
     }
 }
@@ -276,17 +311,41 @@ fn attach_first_packet(ebpf: &mut Ebpf, cgroup: &File) -> Result<(), CaptureErro
     Ok(())
 }
 
-fn attach_sock_state(ebpf: &mut Ebpf, kernel_btf: &Path) -> Result<(), CaptureError> {
-    const HOOK: &str = "inet_sock_set_state";
-    let hook_error = |source| CaptureError::Hook { hook: HOOK, source };
-    let btf = aya::Btf::parse_file(kernel_btf, aya::Endianness::default())
-        .map_err(|e| hook_error(ProgramError::Btf(e)))?;
+/// Loads and attaches the tp_btf program named after its tracepoint.
+fn attach_btf_tracepoint(
+    ebpf: &mut Ebpf,
+    hook: &'static str,
+    btf: &aya::Btf,
+) -> Result<(), CaptureError> {
+    let hook_error = |source| CaptureError::Hook { hook, source };
     let program: &mut BtfTracePoint = ebpf
-        .program_mut(HOOK)
-        .ok_or(CaptureError::MissingPart(HOOK))?
+        .program_mut(hook)
+        .ok_or(CaptureError::MissingPart(hook))?
         .try_into()
         .map_err(hook_error)?;
-    program.load(HOOK, &btf).map_err(hook_error)?;
+    program.load(hook, btf).map_err(hook_error)?;
     program.attach().map_err(hook_error)?;
     Ok(())
+}
+
+/// Where `icmp_rcv` and `icmpv6_rcv` live in kernel text.
+fn icmp_receivers() -> Result<IcmpReceivers, String> {
+    let symbols =
+        kallsyms::Kallsyms::load().map_err(|e| format!("cannot read /proc/kallsyms: {e}"))?;
+    let range = |name: &str| {
+        symbols.range(name).ok_or_else(|| {
+            format!(
+                "{name} not found in /proc/kallsyms (addresses hidden by kernel.kptr_restrict?)"
+            )
+        })
+    };
+    let v4 = range("icmp_rcv")?;
+    // IPv6 may be a module that is not loaded: then only ICMPv4 is watched.
+    let v6 = range("icmpv6_rcv").unwrap_or(kallsyms::SymbolRange { start: 0, end: 0 });
+    Ok(IcmpReceivers {
+        icmp_rcv_start: v4.start,
+        icmp_rcv_end: v4.end,
+        icmpv6_rcv_start: v6.start,
+        icmpv6_rcv_end: v6.end,
+    })
 }

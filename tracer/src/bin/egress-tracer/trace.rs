@@ -4,9 +4,9 @@ use std::{io, time::Duration};
 
 use anyhow::Context;
 use egress_tracer::{
-    capture::{Capture, CaptureOptions, KernelEvent},
+    capture::{Capture, CaptureOptions, DecodeError, KernelEvent},
     cluster::{ClusterState, PodInfo, cgroups::CgroupIndex},
-    flow::{FlowAssembler, Origin},
+    flow::{Attempt, FlowAssembler, Origin},
     node::{self, MonotonicClock},
     output::Writer,
 };
@@ -44,7 +44,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     };
 
     let cgroup_root = node::cgroup2_mount().context("cannot find the cgroup v2 hierarchy")?;
-    let mut cgroups = CgroupIndex::new(cgroup_root.clone())
+    let cgroups = CgroupIndex::new(cgroup_root.clone())
         .with_context(|| format!("cannot read cgroups under {}", cgroup_root.display()))?;
     let mut capture = Capture::start(&CaptureOptions {
         kernel_btf: args.btf.clone(),
@@ -59,10 +59,15 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
 
     let clock = MonotonicClock::new();
     let mut writer = Writer::new(io::stdout().lock(), args.output, clock);
-    let mut flows = FlowAssembler::new();
+    let mut pipeline = Pipeline {
+        flows: FlowAssembler::new(),
+        cgroups,
+        cluster,
+        target_uid: target.map(|pod| pod.uid),
+        decode_errors: 0,
+    };
     let mut events = Vec::new();
     let mut done = Vec::new();
-    let mut decode_errors = 0u64;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = interval(EXPIRY_TICK);
@@ -76,36 +81,23 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         tokio::select! {
             read = capture.read_batch(&mut events) => read?,
             _ = tick.tick() => {
-                flows.expire(node::monotonic_now().as_nanos() as u64, &mut done);
+                pipeline.flows.expire(node::monotonic_now().as_nanos() as u64, &mut done);
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = &mut stop_at, if deadline.is_some() => break,
         }
-        for event in events.drain(..) {
-            match event {
-                Ok(KernelEvent::Connect(connect)) => {
-                    let origin = origin_of(connect.cgroup_id, &mut cgroups, &cluster);
-                    if target
-                        .as_ref()
-                        .is_none_or(|t| origin.pod_uid.as_deref() == Some(t.uid.as_str()))
-                    {
-                        flows.on_connect(&connect, origin, &mut done);
-                    }
-                }
-                Ok(KernelEvent::FirstPacket(packet)) => flows.on_first_packet(&packet, &mut done),
-                Ok(KernelEvent::SockState(state)) => flows.on_sock_state(&state, &mut done),
-                Err(_) => decode_errors += 1,
-            }
-        }
+        pipeline.handle(&mut events, &mut done);
         write_all(&mut writer, &mut done)?;
     }
 
-    flows.drain(&mut done);
+    capture.read_available(&mut events);
+    pipeline.handle(&mut events, &mut done);
+    pipeline.flows.drain(&mut done);
     write_all(&mut writer, &mut done)?;
     let counters = capture.counters()?;
     drop(capture);
-    let stats = flows.stats();
+    let stats = pipeline.flows.stats();
     eprintln!(
         "egress-tracer: {} connect() calls seen on the node; {} UDP address probes skipped; \
          {} events lost to a full ring buffer; {} undecodable; {} attempts emitted before \
@@ -113,10 +105,47 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         counters.connects,
         stats.udp_probes,
         counters.lost(),
-        decode_errors,
+        pipeline.decode_errors,
         stats.evicted
     );
     Ok(())
+}
+
+/// From decoded kernel events to finished attempts.
+struct Pipeline {
+    flows: FlowAssembler,
+    cgroups: CgroupIndex,
+    cluster: ClusterState,
+    /// Only this pod's attempts, when tracing one pod.
+    target_uid: Option<String>,
+    decode_errors: u64,
+}
+
+impl Pipeline {
+    fn handle(
+        &mut self,
+        events: &mut Vec<Result<KernelEvent, DecodeError>>,
+        done: &mut Vec<Attempt>,
+    ) {
+        for event in events.drain(..) {
+            match event {
+                Ok(KernelEvent::Connect(connect)) => {
+                    let origin = origin_of(connect.cgroup_id, &mut self.cgroups, &self.cluster);
+                    if self
+                        .target_uid
+                        .as_ref()
+                        .is_none_or(|uid| origin.pod_uid.as_ref() == Some(uid))
+                    {
+                        self.flows.on_connect(&connect, origin, done);
+                    }
+                }
+                Ok(KernelEvent::FirstPacket(packet)) => self.flows.on_first_packet(&packet),
+                Ok(KernelEvent::IcmpError(error)) => self.flows.on_icmp_error(&error, done),
+                Ok(KernelEvent::SockState(state)) => self.flows.on_sock_state(&state, done),
+                Err(_) => self.decode_errors += 1,
+            }
+        }
+    }
 }
 
 fn origin_of(cgroup_id: u64, cgroups: &mut CgroupIndex, cluster: &ClusterState) -> Origin {
@@ -128,10 +157,7 @@ fn origin_of(cgroup_id: u64, cgroups: &mut CgroupIndex, cluster: &ClusterState) 
     Origin { pod, pod_uid }
 }
 
-fn write_all(
-    writer: &mut Writer<impl io::Write>,
-    done: &mut Vec<egress_tracer::flow::Attempt>,
-) -> anyhow::Result<()> {
+fn write_all(writer: &mut Writer<impl io::Write>, done: &mut Vec<Attempt>) -> anyhow::Result<()> {
     if done.is_empty() {
         return Ok(());
     }
