@@ -266,6 +266,11 @@ impl Lab {
         run("ip", &["netns", "add", &name])?;
         self.netns.push(name.clone());
         run("ip", &["-n", &name, "link", "set", "lo", "up"])?;
+        // No duplicate address detection: link-local addresses would stay tentative for a
+        // second and the first IPv6 packets of a test would be lost to it.
+        for scope in ["all", "default"] {
+            sysctl(&name, &format!("net/ipv6/conf/{scope}/accept_dad"), "0")?;
+        }
         Ok(name)
     }
 
