@@ -51,10 +51,12 @@ pub enum CgroupDriver {
     Cgroupfs,
 }
 
-/// A fault injected on the path, in the upstream router (Azure LB / NSG / firewall's
-/// role), for TCP traffic to `dst:port`.
+/// A fault injected on the path for TCP traffic to `dst:port`: on the node (its own
+/// firewall), or in the upstream router (Azure LB / NSG / firewall's role).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
+    /// A node iptables rule that drops the traffic (no NetworkPolicy behind it).
+    NodeFirewallDrop { dst: std::net::IpAddr, port: u16 },
     /// Packets vanish (an NSG deny, a black-holing firewall).
     SilentDrop { dst: std::net::IpAddr, port: u16 },
     /// The router answers with ICMP destination unreachable, code 13 (communication
@@ -182,9 +184,14 @@ impl Lab {
             .unwrap_or_else(|| panic!("no lab pod {name}"))
     }
 
-    /// Injects a fault in the upstream router; it lasts until teardown.
+    /// Injects a fault; it lasts until teardown.
     pub fn inject(&self, fault: Fault) -> io::Result<()> {
+        let router = match fault {
+            Fault::NodeFirewallDrop { .. } => self.node_netns(),
+            _ => self.ns("up"),
+        };
         let (dst, port, action): (std::net::IpAddr, u16, &[&str]) = match fault {
+            Fault::NodeFirewallDrop { dst, port } => (dst, port, &["-j", "DROP"]),
             Fault::SilentDrop { dst, port } => (dst, port, &["-j", "DROP"]),
             Fault::AdminProhibited { dst, port } if dst.is_ipv4() => (
                 dst,
@@ -208,7 +215,7 @@ impl Lab {
         let (dst, port) = (dst.to_string(), port.to_string());
         let mut args = vec!["-I", "FORWARD", "-p", "tcp", "-d", &dst, "--dport", &port];
         args.extend_from_slice(action);
-        run_in(&self.ns("up"), iptables, &args).map(drop)
+        run_in(&router, iptables, &args).map(drop)
     }
 
     /// Starts `program args` in `pod` (its netns, cgroup and resolv.conf), like `kubectl exec`.

@@ -82,10 +82,10 @@ fn traces_one_pods_connects_with_exact_fields_and_detaches_on_sigint() {
     let lab = lab();
     let tracer = trace_client(&lab);
     let attached = BpfObjects::owned_by(tracer.pid()).unwrap();
-    // connect4, connect6, first packet, socket state and ICMP: a program and a link each.
+    // connect4, connect6, first packet, socket state, ICMP and drops: a program and a link each.
     assert_eq!(
         (attached.programs.len(), attached.links.len()),
-        (5, 5),
+        (6, 6),
         "{attached:?}"
     );
 
@@ -223,6 +223,42 @@ fn timeout_when_the_upstream_drops_silently() {
     assert_eq!(record["tcp"]["closed_by"], "application");
     assert!(record["tcp"].get("error").is_none(), "{record}");
     assert_source_is(record, lab.pod("client").ip);
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn node_firewall_drop_is_reported_with_its_reason_and_tuple() {
+    let lab = lab();
+    let dst = std::net::IpAddr::V4(addr::ENDPOINT);
+    lab.inject(Fault::NodeFirewallDrop {
+        dst,
+        port: addr::HTTP_PORT,
+    })
+    .unwrap();
+    let tracer = trace_client(&lab);
+    let (pid, code) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 2);
+    assert_eq!(code, Some(28), "curl must time out");
+    let records = tracer.stop(libc::SIGINT).unwrap().records();
+    let record = tcp_record(&records, pid);
+    assert_eq!(record["outcome"], "timeout");
+    assert_eq!(
+        record["dst"],
+        format!("{}:{}", addr::ENDPOINT, addr::HTTP_PORT)
+    );
+    assert_source_is(record, lab.pod("client").ip);
+    let drop = &record["drop"];
+    assert_eq!(drop["reason"], "NETFILTER_DROP", "{record}");
+    assert_eq!(drop["direction"], "original");
+    // The first SYN and its retransmission, both dropped in the node's FORWARD chain.
+    assert_eq!(drop["count"], 2, "{record}");
+    // Where depends on the iptables flavour: nf_tables or legacy xtables.
+    let location = drop["location"].as_str().unwrap();
+    assert!(
+        ["nf_hook_slow+0x", "nft_do_chain+0x", "ipt_do_table+0x"]
+            .iter()
+            .any(|f| location.starts_with(f)),
+        "{record}"
+    );
 }
 
 #[test]

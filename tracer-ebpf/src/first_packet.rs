@@ -15,11 +15,13 @@ use aya_ebpf::{
     EbpfContext, helpers::bpf_get_socket_cookie, macros::cgroup_skb, programs::SkBuffContext,
 };
 use tracer_common::{
-    AF_INET, AF_INET6, Counter, Endpoint, EventKind, FirstPacketEvent, IPPROTO_TCP, IPPROTO_UDP,
+    AF_INET, AF_INET6, Counter, Endpoint, EventKind, FirstPacketEvent, FlowTuple, IPPROTO_TCP,
+    IPPROTO_UDP,
 };
 
 use crate::maps::{
-    EVENTS, FIRST_PACKET_PENDING, FIRST_PACKET_REPORTED, TRACKED_SOCKS, count, header,
+    EVENTS, FIRST_PACKET_PENDING, FIRST_PACKET_REPORTED, TRACKED_SOCKS, TRACKED_TUPLES, count,
+    header,
 };
 
 /// Return value of cgroup_skb programs that lets the packet through.
@@ -89,6 +91,17 @@ fn report_first_packet(ctx: &SkBuffContext) -> Result<(), i64> {
         src.addr = ctx.load(8)?;
         dst.addr = ctx.load(24)?;
     }
+    let tuple = FlowTuple {
+        family,
+        protocol,
+        _pad: 0,
+        src_port: src.port,
+        dst_port: dst.port,
+        src: src.addr,
+        dst: dst.addr,
+    };
+    // A full map evicts its oldest tuple; a missing tuple only hides this flow's drops.
+    let _ = TRACKED_TUPLES.insert(tuple, cookie, 0);
     let event = FirstPacketEvent {
         header: header(EventKind::FirstPacket),
         sock_cookie: cookie,

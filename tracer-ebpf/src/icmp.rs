@@ -6,18 +6,17 @@
 //! (`ICMP_RECEIVERS`), so every other consumed packet costs one range check. The error is
 //! seen where it is delivered (the pod's namespace, after the node's NAT was undone), so
 //! its embedded header names the pod's own tuple.
-//!
-//! `struct sk_buff` is read at offsets resolved from the kernel's BTF (`SKB_OFFSETS`).
 
-use aya_ebpf::{
-    Global, helpers::bpf_probe_read_kernel, macros::btf_tracepoint, programs::BtfTracePointContext,
-};
+use aya_ebpf::{Global, macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::{
     AF_INET, AF_INET6, Counter, Endpoint, EventKind, IPPROTO_TCP, IPPROTO_UDP, IcmpErrorEvent,
-    IcmpReceivers, SkbOffsets,
+    IcmpReceivers,
 };
 
-use crate::maps::{EVENTS, count, header};
+use crate::{
+    maps::{EVENTS, count, header},
+    skb::{Headers, IPV6_HEADER_LEN, headers, read},
+};
 
 /// Set by userspace at load time from `/proc/kallsyms`.
 #[unsafe(no_mangle)]
@@ -28,15 +27,6 @@ static ICMP_RECEIVERS: Global<IcmpReceivers> = Global::new(IcmpReceivers {
     icmpv6_rcv_end: 0,
 });
 
-/// Set by userspace at load time from the kernel's BTF.
-#[unsafe(no_mangle)]
-static SKB_OFFSETS: Global<SkbOffsets> = Global::new(SkbOffsets {
-    head: 0,
-    network_header: 0,
-    transport_header: 0,
-    _pad: 0,
-});
-
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMPV6_DEST_UNREACH: u8 = 1;
@@ -44,7 +34,6 @@ const ICMPV6_PKT_TOOBIG: u8 = 2;
 const ICMPV6_TIME_EXCEED: u8 = 3;
 /// ICMP header length before the embedded packet, for both families.
 const ICMP_HEADER_LEN: usize = 8;
-const IPV6_HEADER_LEN: usize = 40;
 
 #[btf_tracepoint(function = "consume_skb")]
 pub fn consume_skb(ctx: BtfTracePointContext) -> i32 {
@@ -62,22 +51,12 @@ pub fn consume_skb(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// Reads `T` at `base + offset` in kernel memory.
-#[inline(always)]
-fn read<T>(base: *const u8, offset: usize) -> Result<T, i32> {
-    // SAFETY: bpf_probe_read_kernel validates the address and fails instead of faulting.
-    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset) as *const T) }
-}
-
 #[inline(always)]
 fn report(skb: *const u8, family: u16) -> Result<(), i32> {
-    let off = SKB_OFFSETS.load();
-    let head: u64 = read(skb, off.head as usize)?;
-    let head = head as *const u8;
-    let network: u16 = read(skb, off.network_header as usize)?;
-    let transport: u16 = read(skb, off.transport_header as usize)?;
-    let ip = head.wrapping_add(usize::from(network));
-    let icmp = head.wrapping_add(usize::from(transport));
+    let Headers {
+        network: ip,
+        transport: icmp,
+    } = headers(skb)?;
     let [icmp_type, icmp_code]: [u8; 2] = read(icmp, 0)?;
     let is_error = if family == AF_INET {
         icmp_type == ICMP_DEST_UNREACH || icmp_type == ICMP_TIME_EXCEEDED

@@ -6,6 +6,9 @@
 //! - [`sock_state`]: tp_btf `inet_sock_set_state`, the handshake result of those sockets.
 //! - [`icmp`]: tp_btf `consume_skb` filtered to the ICMP receive functions, the ICMP
 //!   errors that explain failed attempts.
+//! - [`drops`]: tp_btf `kfree_skb`, packets of traced flows dropped, with the reason.
+//!
+//! [`skb`] reads packets from `struct sk_buff` pointers for the tracing programs.
 //!
 //! All of them write to the ring buffer and counters in [`maps`]. Event layouts live in
 //! `tracer-common`, shared with userspace.
@@ -15,11 +18,15 @@
 #[cfg(target_arch = "bpf")]
 mod connect;
 #[cfg(target_arch = "bpf")]
+mod drops;
+#[cfg(target_arch = "bpf")]
 mod first_packet;
 #[cfg(target_arch = "bpf")]
 mod icmp;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod skb;
 #[cfg(target_arch = "bpf")]
 mod sock_state;
 

@@ -5,7 +5,9 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{Counter, EventHeader, EventKind, RING_BUFFER_BYTES, TRACKED_SOCKETS};
+use tracer_common::{
+    Counter, EventHeader, EventKind, FlowTuple, RING_BUFFER_BYTES, TRACKED_SOCKETS,
+};
 
 /// Every event goes here; userspace reads it with one consumer.
 #[map]
@@ -21,6 +23,13 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::C
 /// close (UDP has no close event) cannot fill it.
 #[map]
 pub static TRACKED_SOCKS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(TRACKED_SOCKETS, 0);
+
+/// Tuples of the traced flows (from each traced socket's first packet) to their socket's
+/// cookie, so hooks that see packets without their socket (forwarding, drops) can tell
+/// traced flows apart. LRU like [`TRACKED_SOCKS`].
+#[map]
+pub static TRACKED_TUPLES: LruHashMap<FlowTuple, u64> =
+    LruHashMap::with_max_entries(TRACKED_SOCKETS, 0);
 
 pub const FIRST_PACKET_PENDING: u8 = 0;
 pub const FIRST_PACKET_REPORTED: u8 = 1;

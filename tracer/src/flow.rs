@@ -25,7 +25,7 @@ use tracer_common::{
     SockStateEvent, TCP_ESTABLISHED,
 };
 
-use crate::capture::{comm, socket_addr};
+use crate::capture::{PacketDrop, comm, socket_addr};
 
 /// How long after its connect a UDP attempt is reported (ICMP errors come back within
 /// this); a socket that sent nothing by then counts as a probe.
@@ -134,6 +134,15 @@ pub struct Attempt {
     pub tcp: Option<TcpHandshake>,
     /// The ICMP error that answered the attempt, if any.
     pub icmp: Option<IcmpError>,
+    /// Packets of the attempt the kernel dropped.
+    pub drops: Option<Drops>,
+}
+
+/// The drops of one attempt: the first in detail, and how many there were.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Drops {
+    pub first: PacketDrop,
+    pub count: u32,
 }
 
 /// Counts kept by the assembler.
@@ -145,6 +154,8 @@ pub struct FlowStats {
     pub udp_probes: u64,
     /// ICMP errors about flows that are not pending attempts (finished, or not traced).
     pub unmatched_icmp: u64,
+    /// Drops of traced flows whose attempt was already reported.
+    pub late_drops: u64,
 }
 
 /// An ICMP error attributed to an attempt.
@@ -255,6 +266,7 @@ impl FlowAssembler {
             outcome: Outcome::InProgress,
             tcp,
             icmp: None,
+            drops: None,
         };
         if self.pending.len() >= MAX_PENDING {
             self.evict_oldest(done);
@@ -317,6 +329,24 @@ impl FlowAssembler {
                 Outcome::Unreachable
             };
             done.push(attempt);
+        }
+    }
+
+    /// Attributes a dropped packet to the attempt of socket `cookie` (the kernel matched
+    /// the packet's tuple to the socket).
+    pub fn on_drop(&mut self, cookie: u64, drop: PacketDrop) {
+        let Some(attempt) = self.pending.get_mut(&cookie) else {
+            self.stats.late_drops += 1;
+            return;
+        };
+        match &mut attempt.drops {
+            Some(drops) => drops.count = drops.count.saturating_add(1),
+            None => {
+                attempt.drops = Some(Drops {
+                    first: drop,
+                    count: 1,
+                })
+            }
         }
     }
 
@@ -757,6 +787,31 @@ mod tests {
         flows.on_sock_state(&state(1, 2_000, TCP_CLOSE, 0, 0), &mut done);
         assert_eq!(done[0].outcome, Outcome::Unreachable);
         assert_eq!(done[0].icmp.unwrap().meaning(), "admin-prohibited");
+    }
+
+    #[test]
+    fn drops_are_counted_on_their_attempt() {
+        let mut flows = FlowAssembler::new();
+        let mut done = Vec::new();
+        flows.on_connect(&connect(1, 1_000, IPPROTO_TCP), origin(), &mut done);
+        let drop = PacketDrop {
+            reason: "NETFILTER_DROP".into(),
+            location: "nf_hook_slow+0x9e".into(),
+            reply: false,
+        };
+        flows.on_drop(1, drop.clone());
+        flows.on_drop(1, drop.clone());
+        flows.on_drop(7, drop.clone());
+        flows.on_sock_state(&state(1, 2_000, TCP_CLOSE, 0, 2), &mut done);
+        assert_eq!(done[0].outcome, Outcome::Timeout);
+        assert_eq!(
+            done[0].drops,
+            Some(Drops {
+                first: drop,
+                count: 2
+            })
+        );
+        assert_eq!(flows.stats().late_drops, 1);
     }
 
     #[test]

@@ -38,7 +38,22 @@ pub struct AttemptRecord<'a> {
     pub tcp: Option<TcpRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub icmp: Option<IcmpRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drop: Option<DropRecord<'a>>,
     pub cgroup_id: u64,
+}
+
+/// Packets of the attempt the kernel dropped.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct DropRecord<'a> {
+    /// The kernel's drop reason (`enum skb_drop_reason`, without its prefix).
+    pub reason: &'a str,
+    /// Where in the kernel, as `function+0xoffset`.
+    pub location: &'a str,
+    /// `original` (the attempt's own packet) or `reply`.
+    pub direction: &'static str,
+    /// How many packets of the attempt were dropped (the first is described).
+    pub count: u32,
 }
 
 /// The ICMP error that answered an attempt.
@@ -129,6 +144,12 @@ impl<'a> AttemptRecord<'a> {
                 .as_ref()
                 .map(|h| TcpRecord::new(attempt.outcome, h)),
             icmp: attempt.icmp.as_ref().map(IcmpRecord::from),
+            drop: attempt.drops.as_ref().map(|d| DropRecord {
+                reason: &d.first.reason,
+                location: &d.first.location,
+                direction: if d.first.reply { "reply" } else { "original" },
+                count: d.count,
+            }),
             cgroup_id: attempt.cgroup_id,
         }
     }
@@ -228,6 +249,12 @@ fn outcome_text(record: &AttemptRecord<'_>) -> String {
     if let Some(icmp) = &record.icmp {
         text.push_str(&format!(" (ICMP {} from {})", icmp.meaning, icmp.from));
     }
+    if let Some(drop) = &record.drop {
+        text.push_str(&format!(
+            " ({}× dropped: {} at {})",
+            drop.count, drop.reason, drop.location
+        ));
+    }
     let Some(tcp) = &record.tcp else { return text };
     match record.outcome {
         Outcome::Established => {
@@ -274,6 +301,7 @@ mod tests {
                 closed_by_application: false,
             }),
             icmp: None,
+            drops: None,
         }
     }
 

@@ -42,6 +42,8 @@ pub enum EventKind {
     FirstPacket = 3,
     /// An [`IcmpErrorEvent`]: the kernel received an ICMP or ICMPv6 error.
     IcmpError = 4,
+    /// A [`DropEvent`]: the kernel dropped a packet of a traced flow.
+    Drop = 5,
 }
 
 impl EventKind {
@@ -52,6 +54,7 @@ impl EventKind {
             2 => Some(Self::SockState),
             3 => Some(Self::FirstPacket),
             4 => Some(Self::IcmpError),
+            5 => Some(Self::Drop),
             _ => None,
         }
     }
@@ -183,6 +186,56 @@ pub struct IcmpErrorEvent {
     pub _pad2: [u8; 4],
 }
 
+/// The addresses, ports and protocol that name a flow in its packets; the key of the
+/// kernel's map of traced flows (filled from each traced socket's first packet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowTuple {
+    pub family: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+/// Direction of a dropped packet relative to its flow.
+pub const DROP_DIRECTION_ORIGINAL: u8 = 0;
+/// The dropped packet was a reply (destination to source).
+pub const DROP_DIRECTION_REPLY: u8 = 1;
+
+/// The kernel dropped a packet of a traced flow (`kfree_skb` with a drop reason).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropEvent {
+    pub header: EventHeader,
+    /// Cookie of the socket whose flow the packet belongs to.
+    pub sock_cookie: u64,
+    /// Code address that dropped it (symbolised through `/proc/kallsyms`).
+    pub location: u64,
+    /// `enum skb_drop_reason` value; its name comes from the kernel's BTF.
+    pub reason: u32,
+    /// [`DROP_DIRECTION_ORIGINAL`] or [`DROP_DIRECTION_REPLY`].
+    pub direction: u8,
+    pub protocol: u8,
+    pub _pad: [u8; 2],
+    /// The packet's own source and destination (after any NAT already applied).
+    pub src: Endpoint,
+    pub dst: Endpoint,
+}
+
+/// Values of `enum skb_drop_reason` the drop program needs, resolved by name from BTF
+/// (they differ between kernels).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropReasons {
+    /// `SKB_DROP_REASON_NOT_SPECIFIED`: reasons at or below it (`SKB_CONSUMED`…) are not
+    /// drops worth reporting.
+    pub not_specified: u32,
+    pub _pad: u32,
+}
+
 /// Field offsets inside the kernel's `struct sk_buff`, resolved from BTF at load time.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -250,11 +303,15 @@ pub enum Counter {
     IcmpErrorSeen = 6,
     /// [`IcmpErrorEvent`]s lost to a full ring buffer.
     IcmpErrorLost = 7,
+    /// Packets of traced flows dropped by the kernel.
+    DropSeen = 8,
+    /// [`DropEvent`]s lost to a full ring buffer.
+    DropLost = 9,
 }
 
 impl Counter {
     /// Number of counters, i.e. the size of the `COUNTERS` array.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 10;
     /// All counters, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Self::ConnectSeen,
@@ -265,6 +322,8 @@ impl Counter {
         Self::FirstPacketLost,
         Self::IcmpErrorSeen,
         Self::IcmpErrorLost,
+        Self::DropSeen,
+        Self::DropLost,
     ];
 }
 
@@ -283,6 +342,9 @@ mod user {
     unsafe impl aya::Pod for super::SockStateEvent {}
     unsafe impl aya::Pod for super::FirstPacketEvent {}
     unsafe impl aya::Pod for super::IcmpErrorEvent {}
+    unsafe impl aya::Pod for super::DropEvent {}
+    unsafe impl aya::Pod for super::DropReasons {}
+    unsafe impl aya::Pod for super::FlowTuple {}
     unsafe impl aya::Pod for super::SkbOffsets {}
     unsafe impl aya::Pod for super::IcmpReceivers {}
     unsafe impl aya::Pod for super::SockOffsets {}
@@ -359,7 +421,29 @@ mod tests {
     }
 
     #[test]
+    fn drop_event_layout() {
+        assert_eq!(size_of::<DropEvent>(), 80);
+        assert_eq!(offset_of!(DropEvent, sock_cookie), 16);
+        assert_eq!(offset_of!(DropEvent, location), 24);
+        assert_eq!(offset_of!(DropEvent, reason), 32);
+        assert_eq!(offset_of!(DropEvent, direction), 36);
+        assert_eq!(offset_of!(DropEvent, protocol), 37);
+        assert_eq!(offset_of!(DropEvent, src), 40);
+        assert_eq!(offset_of!(DropEvent, dst), 60);
+    }
+
+    #[test]
+    fn flow_tuple_layout() {
+        assert_eq!(size_of::<FlowTuple>(), 40);
+        assert_eq!(offset_of!(FlowTuple, src_port), 4);
+        assert_eq!(offset_of!(FlowTuple, dst_port), 6);
+        assert_eq!(offset_of!(FlowTuple, src), 8);
+        assert_eq!(offset_of!(FlowTuple, dst), 24);
+    }
+
+    #[test]
     fn globals_layout() {
+        assert_eq!(size_of::<DropReasons>(), 8);
         assert_eq!(size_of::<SkbOffsets>(), 16);
         assert_eq!(size_of::<IcmpReceivers>(), 32);
         assert_eq!(offset_of!(IcmpReceivers, icmpv6_rcv_end), 24);
@@ -379,6 +463,7 @@ mod tests {
             EventKind::SockState,
             EventKind::FirstPacket,
             EventKind::IcmpError,
+            EventKind::Drop,
         ] {
             assert_eq!(EventKind::from_raw(kind as u32), Some(kind));
         }

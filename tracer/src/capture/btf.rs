@@ -5,7 +5,7 @@
 //! when the tracer starts. Anonymous unions and structs (common in `struct sock_common`)
 //! are searched transparently.
 
-use std::path::Path;
+use std::{collections::HashMap, path::Path};
 
 use btf_rs::{Btf, Member, Struct, Type};
 use tracer_common::{SkbOffsets, SockOffsets};
@@ -20,6 +20,8 @@ pub enum BtfError {
     },
     #[error("kernel BTF has no struct {0}")]
     NoStruct(String),
+    #[error("kernel BTF has no enum {0}")]
+    NoEnum(String),
     #[error("kernel BTF: struct {strukt} has no field {field}")]
     NoField { strukt: String, field: String },
     #[error("kernel BTF: {strukt}.{field} is a bitfield or not byte-aligned")]
@@ -96,6 +98,22 @@ impl KernelBtf {
             transport_header: self.offset_of("sk_buff", &["transport_header"])?,
             _pad: 0,
         })
+    }
+
+    /// Every member of the kernel enum `name`, by value (e.g. `skb_drop_reason`).
+    pub fn enum_members(&self, name: &str) -> Result<HashMap<u32, String>, BtfError> {
+        let types = self.btf.resolve_types_by_name(name).unwrap_or_default();
+        let members = types
+            .into_iter()
+            .find_map(|t| match t {
+                Type::Enum(e) => Some(e.members),
+                _ => None,
+            })
+            .ok_or_else(|| BtfError::NoEnum(name.to_owned()))?;
+        Ok(members
+            .iter()
+            .map(|m| (m.val(), self.btf.resolve_name(m).unwrap_or_default()))
+            .collect())
     }
 
     fn find_struct(&self, name: &str) -> Result<Struct, BtfError> {
@@ -181,6 +199,25 @@ mod tests {
         // (u16 each), after `head` comes later in the struct.
         assert_eq!(off.network_header, off.transport_header + 2, "{off:?}");
         assert!(off.head > off.network_header, "{off:?}");
+    }
+
+    #[test]
+    fn decodes_drop_reasons_by_name() {
+        if !Path::new(KERNEL_BTF).exists() {
+            return;
+        }
+        let btf = KernelBtf::from_file(Path::new(KERNEL_BTF)).unwrap();
+        let reasons = btf.enum_members("skb_drop_reason").unwrap();
+        let value_of = |name: &str| reasons.iter().find(|(_, n)| *n == name).map(|(v, _)| *v);
+        // The numbering differs between kernels; the order of these three does not.
+        let consumed = value_of("SKB_CONSUMED").unwrap();
+        let not_specified = value_of("SKB_DROP_REASON_NOT_SPECIFIED").unwrap();
+        let netfilter = value_of("SKB_DROP_REASON_NETFILTER_DROP").unwrap();
+        assert!(consumed < not_specified && not_specified < netfilter);
+        assert!(matches!(
+            btf.enum_members("no_such_enum_xyz"),
+            Err(BtfError::NoEnum(_))
+        ));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::{
 };
 
 use tracer_common::{
-    AF_INET, AF_INET6, ConnectEvent, Endpoint, EventHeader, EventKind, FirstPacketEvent,
+    AF_INET, AF_INET6, ConnectEvent, DropEvent, Endpoint, EventHeader, EventKind, FirstPacketEvent,
     IcmpErrorEvent, SockStateEvent,
 };
 
@@ -18,6 +18,7 @@ pub enum KernelEvent {
     SockState(SockStateEvent),
     FirstPacket(FirstPacketEvent),
     IcmpError(IcmpErrorEvent),
+    Drop(DropEvent),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -56,6 +57,9 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
         EventKind::IcmpError => exact::<IcmpErrorEvent>(record)
             .map(KernelEvent::IcmpError)
             .ok_or_else(|| wrong_length(size_of::<IcmpErrorEvent>())),
+        EventKind::Drop => exact::<DropEvent>(record)
+            .map(KernelEvent::Drop)
+            .ok_or_else(|| wrong_length(size_of::<DropEvent>())),
     }
 }
 

@@ -1,5 +1,6 @@
 //! Kernel symbol addresses from `/proc/kallsyms`: where functions start and end, so a
-//! tracepoint's caller address can be recognised (the ICMP receive functions).
+//! tracepoint's caller address can be recognised (the ICMP receive functions) or named
+//! (where a packet was dropped).
 
 use std::{fs, io};
 
@@ -46,6 +47,13 @@ impl Kallsyms {
         let end = self.symbols.get(index)?.0;
         Some(SymbolRange { start, end })
     }
+
+    /// `function+0xoffset` for an address inside kernel text.
+    pub fn symbolize(&self, address: u64) -> Option<String> {
+        let index = self.symbols.partition_point(|(a, _)| *a <= address);
+        let (start, name) = self.symbols.get(index.checked_sub(1)?)?;
+        Some(format!("{name}+{:#x}", address - start))
+    }
 }
 
 #[cfg(test)]
@@ -75,6 +83,16 @@ ffffffff8210d000 t icmpv6_err\t[ipv6]
         assert_eq!(syms.range("icmpv6_rcv").unwrap().end, 0xffffffff8210d000);
         assert_eq!(syms.range("icmpv6_err"), None, "last symbol has no end");
         assert_eq!(syms.range("no_such_function"), None);
+    }
+
+    #[test]
+    fn symbolizes_addresses() {
+        let syms = Kallsyms::parse(SAMPLE);
+        assert_eq!(
+            syms.symbolize(0xffffffff8204edc4).as_deref(),
+            Some("icmp_rcv+0x14")
+        );
+        assert_eq!(syms.symbolize(0x10), None);
     }
 
     #[test]

@@ -9,7 +9,7 @@ mod btf;
 mod decode;
 mod kallsyms;
 
-use std::{fs::File, io, path::PathBuf};
+use std::{collections::HashMap, fs::File, io, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -20,10 +20,11 @@ use aya::{
     },
 };
 use tokio::io::unix::AsyncFd;
-use tracer_common::{Counter, IcmpReceivers};
+use tracer_common::{Counter, DropEvent, DropReasons, IcmpReceivers};
 
 pub use btf::{BtfError, KernelBtf};
 pub use decode::{DecodeError, KernelEvent, comm, decode, socket_addr};
+use kallsyms::Kallsyms;
 
 use crate::node::{self, Capability};
 
@@ -107,11 +108,17 @@ pub struct KernelCounters {
     pub first_packets_lost: u64,
     pub icmp_errors: u64,
     pub icmp_errors_lost: u64,
+    pub drops: u64,
+    pub drops_lost: u64,
 }
 
 impl KernelCounters {
     pub fn lost(&self) -> u64 {
-        self.connects_lost + self.sock_states_lost + self.first_packets_lost + self.icmp_errors_lost
+        self.connects_lost
+            + self.sock_states_lost
+            + self.first_packets_lost
+            + self.icmp_errors_lost
+            + self.drops_lost
     }
 }
 
@@ -122,6 +129,53 @@ pub struct Capture {
     counters: PerCpuArray<MapData, u64>,
     _ebpf: Ebpf,
     warnings: Vec<String>,
+    names: KernelNames,
+}
+
+/// Names for the numbers kernel events carry.
+pub struct KernelNames {
+    drop_reasons: HashMap<u32, String>,
+    kallsyms: Kallsyms,
+}
+
+impl KernelNames {
+    /// The drop reason's name without its `SKB_DROP_REASON_` prefix (`NETFILTER_DROP`).
+    pub fn drop_reason(&self, value: u32) -> String {
+        match self.drop_reasons.get(&value) {
+            Some(name) => name
+                .strip_prefix("SKB_DROP_REASON_")
+                .unwrap_or(name)
+                .to_owned(),
+            None => format!("reason {value}"),
+        }
+    }
+
+    /// `function+0xoffset`, or the raw address when kallsyms is unavailable.
+    pub fn location(&self, address: u64) -> String {
+        self.kallsyms
+            .symbolize(address)
+            .unwrap_or_else(|| format!("{address:#x}"))
+    }
+
+    /// Describes a drop event for the flow assembler.
+    pub fn describe_drop(&self, event: &DropEvent) -> PacketDrop {
+        PacketDrop {
+            reason: self.drop_reason(event.reason),
+            location: self.location(event.location),
+            reply: event.direction == tracer_common::DROP_DIRECTION_REPLY,
+        }
+    }
+}
+
+/// A dropped packet of an attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PacketDrop {
+    /// `NETFILTER_DROP`, `NO_SOCKET`, …
+    pub reason: String,
+    /// Where in the kernel: `nf_hook_slow+0x9e`.
+    pub location: String,
+    /// The packet was a reply (destination to source), not the attempt's own packet.
+    pub reply: bool,
 }
 
 /// How to start a capture.
@@ -163,17 +217,39 @@ impl Capture {
         let cgroup_root = node::cgroup2_mount().map_err(CaptureError::Cgroup)?;
         let cgroup = File::open(&cgroup_root).map_err(CaptureError::Cgroup)?;
         let mut warnings = Vec::new();
-        let icmp_receivers = icmp_receivers().unwrap_or_else(|why| {
+        let kallsyms = Kallsyms::load().unwrap_or_else(|e| {
+            warnings.push(format!("cannot read /proc/kallsyms: {e}"));
+            Kallsyms::parse("")
+        });
+        let icmp_receivers = icmp_receivers(&kallsyms).unwrap_or_else(|why| {
             warnings.push(format!(
                 "ICMP errors will not be attributed to attempts: {why}"
             ));
             IcmpReceivers::default()
         });
+        let drop_reasons = kernel_btf
+            .enum_members("skb_drop_reason")
+            .unwrap_or_else(|e| {
+                warnings.push(format!("packet drops will not be reported: {e}"));
+                HashMap::new()
+            });
+        let not_specified = drop_reasons
+            .iter()
+            .find(|(_, name)| *name == "SKB_DROP_REASON_NOT_SPECIFIED")
+            .map(|(value, _)| *value);
 
         let mut ebpf = EbpfLoader::new()
             .override_global("SOCK_OFFSETS", &sock_offsets, true)
             .override_global("SKB_OFFSETS", &skb_offsets, true)
             .override_global("ICMP_RECEIVERS", &icmp_receivers, true)
+            .override_global(
+                "DROP_REASONS",
+                &DropReasons {
+                    not_specified: not_specified.unwrap_or(u32::MAX),
+                    _pad: 0,
+                },
+                true,
+            )
             .load(KERNEL_OBJECT)?;
         attach_connect(&mut ebpf, "connect4", &cgroup)?;
         if let Err(e) = attach_connect(&mut ebpf, "connect6", &cgroup) {
@@ -199,6 +275,11 @@ impl Capture {
                         "ICMP errors will not be attributed to attempts: {e}"
                     ));
                 }
+                if not_specified.is_some()
+                    && let Err(e) = attach_btf_tracepoint(&mut ebpf, "kfree_skb", &btf)
+                {
+                    warnings.push(format!("packet drops will not be reported: {e}"));
+                }
             }
             Err(e) => warnings.push(format!(
                 "TCP outcomes and ICMP errors will be missing: cannot parse {}: {e}",
@@ -222,7 +303,16 @@ impl Capture {
             counters,
             _ebpf: ebpf,
             warnings,
+            names: KernelNames {
+                drop_reasons,
+                kallsyms,
+            },
         })
+    }
+
+    /// Names for the numbers in kernel events.
+    pub fn names(&self) -> &KernelNames {
+        &self.names
     }
 
     /// Hooks that could not be attached, each with what is lost.
@@ -272,6 +362,8 @@ impl Capture {
             first_packets_lost: total(Counter::FirstPacketLost)?,
             icmp_errors: total(Counter::IcmpErrorSeen)?,
             icmp_errors_lost: total(Counter::IcmpErrorLost)?,
+            drops: total(Counter::DropSeen)?,
+            drops_lost: total(Counter::DropLost)?,
         })
     }
 }
@@ -329,9 +421,7 @@ fn attach_btf_tracepoint(
 }
 
 /// Where `icmp_rcv` and `icmpv6_rcv` live in kernel text.
-fn icmp_receivers() -> Result<IcmpReceivers, String> {
-    let symbols =
-        kallsyms::Kallsyms::load().map_err(|e| format!("cannot read /proc/kallsyms: {e}"))?;
+fn icmp_receivers(symbols: &Kallsyms) -> Result<IcmpReceivers, String> {
     let range = |name: &str| {
         symbols.range(name).ok_or_else(|| {
             format!(

@@ -4,7 +4,7 @@ use std::{io, time::Duration};
 
 use anyhow::Context;
 use egress_tracer::{
-    capture::{Capture, CaptureOptions, DecodeError, KernelEvent},
+    capture::{Capture, CaptureOptions, DecodeError, KernelEvent, KernelNames},
     cluster::{ClusterState, PodInfo, cgroups::CgroupIndex},
     flow::{Attempt, FlowAssembler, Origin},
     node::{self, MonotonicClock},
@@ -87,12 +87,12 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = &mut stop_at, if deadline.is_some() => break,
         }
-        pipeline.handle(&mut events, &mut done);
+        pipeline.handle(&mut events, capture.names(), &mut done);
         write_all(&mut writer, &mut done)?;
     }
 
     capture.read_available(&mut events);
-    pipeline.handle(&mut events, &mut done);
+    pipeline.handle(&mut events, capture.names(), &mut done);
     pipeline.flows.drain(&mut done);
     write_all(&mut writer, &mut done)?;
     let counters = capture.counters()?;
@@ -125,6 +125,7 @@ impl Pipeline {
     fn handle(
         &mut self,
         events: &mut Vec<Result<KernelEvent, DecodeError>>,
+        names: &KernelNames,
         done: &mut Vec<Attempt>,
     ) {
         for event in events.drain(..) {
@@ -142,6 +143,10 @@ impl Pipeline {
                 Ok(KernelEvent::FirstPacket(packet)) => self.flows.on_first_packet(&packet),
                 Ok(KernelEvent::IcmpError(error)) => self.flows.on_icmp_error(&error, done),
                 Ok(KernelEvent::SockState(state)) => self.flows.on_sock_state(&state, done),
+                Ok(KernelEvent::Drop(drop)) => {
+                    self.flows
+                        .on_drop(drop.sock_cookie, names.describe_drop(&drop));
+                }
                 Err(_) => self.decode_errors += 1,
             }
         }
