@@ -357,3 +357,36 @@ fn dns_lookups_show_as_udp_attempts_and_address_probes_are_skipped() {
         "{mine:#?}"
     );
 }
+
+/// Parses "N connect() calls seen on the node, M received for tracing" from the summary.
+fn connect_counts(stderr: &str) -> (u64, u64) {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("connect() calls seen on the node"))
+        .unwrap_or_else(|| panic!("no summary in: {stderr}"));
+    let numbers: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn other_pods_traffic_stops_in_the_kernel_when_tracing_one_pod() {
+    let lab = lab();
+    let tracer = trace_client(&lab);
+    let others = 10;
+    for _ in 0..others {
+        let (_, code) = curl(&lab, "other", &url(addr::ENDPOINT, addr::HTTP_PORT), 5);
+        assert_eq!(code, Some(0));
+    }
+    let (pid, _) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 5);
+    let output = tracer.stop(libc::SIGINT).unwrap();
+    let (seen, received) = connect_counts(&output.stderr);
+    // Every connect on the node is counted in the kernel, but only the client's reach
+    // userspace: curl to an IP literal makes exactly one connect.
+    assert!(seen > others, "{}", output.stderr);
+    assert_eq!(received, 1, "{}", output.stderr);
+    assert_eq!(tcp_record(&output.records(), pid)["outcome"], "established");
+}

@@ -15,7 +15,7 @@ use tracer_common::{
     IPPROTO_UDP,
 };
 
-use crate::maps::{EVENTS, FIRST_PACKET_PENDING, TRACKED_SOCKS, count, header};
+use crate::maps::{EVENTS, FIRST_PACKET_PENDING, TRACKED_SOCKS, count, header, is_traced};
 
 /// Return value of cgroup sock_addr programs that lets the syscall proceed.
 const ALLOW: i32 = 1;
@@ -49,6 +49,11 @@ fn report(ctx: &SockAddrContext, family: u16, protocol: u32, user_port: u32, add
         return;
     }
     count(Counter::ConnectSeen);
+    // SAFETY: no arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if !is_traced(cgroup_id) {
+        return;
+    }
     // SAFETY: helpers valid in cgroup sock_addr programs.
     let sock_cookie = unsafe { aya_ebpf::helpers::bpf_get_socket_cookie(ctx.as_ptr()) };
     // Ignore a full map: LRU evicts, and a missing entry only costs the first packet.
@@ -56,8 +61,7 @@ fn report(ctx: &SockAddrContext, family: u16, protocol: u32, user_port: u32, add
     let pid_tgid = bpf_get_current_pid_tgid();
     let event = ConnectEvent {
         header: header(EventKind::Connect),
-        // SAFETY: no arguments.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        cgroup_id,
         sock_cookie,
         pid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,

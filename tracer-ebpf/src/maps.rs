@@ -3,10 +3,11 @@
 use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{
-    Counter, EventHeader, EventKind, FlowTuple, RING_BUFFER_BYTES, TRACKED_SOCKETS,
+    Counter, EventHeader, EventKind, FlowTuple, RING_BUFFER_BYTES, SETTING_CGROUP_FILTER,
+    SETTINGS_COUNT, TRACED_CGROUPS_MAX, TRACKED_SOCKETS,
 };
 
 /// Every event goes here; userspace reads it with one consumer.
@@ -30,6 +31,23 @@ pub static TRACKED_SOCKS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(TRA
 #[map]
 pub static TRACKED_TUPLES: LruHashMap<FlowTuple, u64> =
     LruHashMap::with_max_entries(TRACKED_SOCKETS, 0);
+
+/// Runtime settings written by userspace, indexed by `SETTING_*`.
+#[map]
+pub static SETTINGS: Array<u32> = Array::with_max_entries(SETTINGS_COUNT, 0);
+
+/// cgroup ids of the traced pods' containers, when tracing only some pods: the kernel-side
+/// filter that keeps other pods' traffic from costing more than a lookup.
+#[map]
+pub static TRACED_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(TRACED_CGROUPS_MAX, 0);
+
+/// Whether processes in `cgroup_id` are traced.
+#[inline(always)]
+pub fn is_traced(cgroup_id: u64) -> bool {
+    let filtering = SETTINGS.get(SETTING_CGROUP_FILTER).is_some_and(|v| *v != 0);
+    // SAFETY: only existence is checked.
+    !filtering || unsafe { TRACED_CGROUPS.get(cgroup_id) }.is_some()
+}
 
 pub const FIRST_PACKET_PENDING: u8 = 0;
 pub const FIRST_PACKET_REPORTED: u8 = 1;

@@ -327,6 +327,14 @@ impl Counter {
     ];
 }
 
+/// Index in the `SETTINGS` array: 1 when only the cgroups in `TRACED_CGROUPS` are traced
+/// (tracing one pod), 0 when every process is.
+pub const SETTING_CGROUP_FILTER: u32 = 0;
+/// Number of entries in the `SETTINGS` array.
+pub const SETTINGS_COUNT: u32 = 1;
+/// Capacity of the `TRACED_CGROUPS` map (cgroups of the traced pods).
+pub const TRACED_CGROUPS_MAX: u32 = 4096;
+
 /// Size of the `EVENTS` ring buffer in bytes (a power of two, a multiple of the page size).
 pub const RING_BUFFER_BYTES: u32 = 1 << 22;
 /// Capacity of the LRU map of sockets whose state changes are reported.

@@ -20,7 +20,7 @@ use aya::{
     },
 };
 use tokio::io::unix::AsyncFd;
-use tracer_common::{Counter, DropEvent, DropReasons, IcmpReceivers};
+use tracer_common::{Counter, DropEvent, DropReasons, IcmpReceivers, SETTING_CGROUP_FILTER};
 
 pub use btf::{BtfError, KernelBtf};
 pub use decode::{DecodeError, KernelEvent, comm, decode, socket_addr};
@@ -127,7 +127,7 @@ pub struct Capture {
     // Field order matters: the ring buffer and counters are dropped before the programs.
     ring: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     warnings: Vec<String>,
     names: KernelNames,
 }
@@ -301,13 +301,33 @@ impl Capture {
         Ok(Self {
             ring,
             counters,
-            _ebpf: ebpf,
+            ebpf,
             warnings,
             names: KernelNames {
                 drop_reasons,
                 kallsyms,
             },
         })
+    }
+
+    /// Restricts tracing, in the kernel, to processes in these cgroups (adding to any set
+    /// before); other processes' connects then cost one map lookup and reach no one.
+    pub fn trace_only_cgroups(&mut self, cgroup_ids: &[u64]) -> Result<(), CaptureError> {
+        let map = self
+            .ebpf
+            .map_mut("TRACED_CGROUPS")
+            .ok_or(CaptureError::MissingPart("map TRACED_CGROUPS"))?;
+        let mut traced: aya::maps::HashMap<_, u64, u8> = aya::maps::HashMap::try_from(map)?;
+        for id in cgroup_ids {
+            traced.insert(id, 1, 0)?;
+        }
+        let map = self
+            .ebpf
+            .map_mut("SETTINGS")
+            .ok_or(CaptureError::MissingPart("map SETTINGS"))?;
+        let mut settings: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map)?;
+        settings.set(SETTING_CGROUP_FILTER, 1, 0)?;
+        Ok(())
     }
 
     /// Names for the numbers in kernel events.

@@ -49,6 +49,19 @@ impl CgroupIndex {
         self.pods.get(&cgroup_id)
     }
 
+    /// Ids of every cgroup of the pod with this UID, after a rescan if one is due (so
+    /// containers started since are included).
+    pub fn cgroups_of_pod(&mut self, pod_uid: &str) -> Vec<u64> {
+        if self.may_rescan() {
+            let _ = self.rescan();
+        }
+        self.pods
+            .iter()
+            .filter(|(_, pod)| pod.pod_uid == pod_uid)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     fn may_rescan(&self) -> bool {
         self.last_scan
             .is_none_or(|t| t.elapsed() >= RESCAN_INTERVAL)
@@ -116,6 +129,11 @@ mod tests {
         assert_eq!(pod.container.unwrap().id, id);
         assert!(index.lookup(other_ino).is_none());
         let pod_slice_ino = fs::metadata(container.parent().unwrap()).unwrap().ino();
+        let mut of_pod = index.cgroups_of_pod("6f1c2a3b-4d5e-4f60-8a9b-0c1d2e3f4a5b");
+        of_pod.sort();
+        let mut expected = vec![container_ino, pod_slice_ino];
+        expected.sort();
+        assert_eq!(of_pod, expected);
         let pod_slice = index.lookup(pod_slice_ino).cloned().unwrap();
         assert_eq!(
             (pod_slice.pod_uid.as_str(), pod_slice.container),

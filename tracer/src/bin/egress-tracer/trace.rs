@@ -19,6 +19,8 @@ use crate::{TraceArgs, UsageError};
 
 /// How often held attempts are checked for expiry.
 const EXPIRY_TICK: Duration = Duration::from_millis(200);
+/// How often the traced pod's cgroups are looked up again (restarted containers).
+const CGROUP_REFRESH: Duration = Duration::from_secs(2);
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let cluster = match &args.cluster_state {
@@ -52,6 +54,15 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     for warning in capture.warnings() {
         eprintln!("warning: {warning}");
     }
+    let mut pipeline = Pipeline {
+        flows: FlowAssembler::new(),
+        cgroups,
+        cluster,
+        target_uid: target.as_ref().map(|pod| pod.uid.clone()),
+        connects_received: 0,
+        decode_errors: 0,
+    };
+    pipeline.filter_in_kernel(&mut capture)?;
     let scope = target
         .as_ref()
         .map_or_else(|| "all processes".to_owned(), |p| format!("pod {p}"));
@@ -59,18 +70,12 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
 
     let clock = MonotonicClock::new();
     let mut writer = Writer::new(io::stdout().lock(), args.output, clock);
-    let mut pipeline = Pipeline {
-        flows: FlowAssembler::new(),
-        cgroups,
-        cluster,
-        target_uid: target.map(|pod| pod.uid),
-        decode_errors: 0,
-    };
     let mut events = Vec::new();
     let mut done = Vec::new();
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = interval(EXPIRY_TICK);
+    let mut refresh = interval(CGROUP_REFRESH);
     let deadline = args.duration.map(|d| Instant::now() + d);
     let stop_at = sleep_until(
         deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(u32::MAX.into())),
@@ -83,6 +88,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             _ = tick.tick() => {
                 pipeline.flows.expire(node::monotonic_now().as_nanos() as u64, &mut done);
             }
+            _ = refresh.tick() => pipeline.filter_in_kernel(&mut capture)?,
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = &mut stop_at, if deadline.is_some() => break,
@@ -99,10 +105,11 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     drop(capture);
     let stats = pipeline.flows.stats();
     eprintln!(
-        "egress-tracer: {} connect() calls seen on the node; {} UDP address probes skipped; \
-         {} events lost to a full ring buffer; {} undecodable; {} attempts emitted before \
-         their outcome (limits reached)",
+        "egress-tracer: {} connect() calls seen on the node, {} received for tracing; \
+         {} UDP address probes skipped; {} events lost to a full ring buffer; {} undecodable; \
+         {} attempts emitted before their outcome (limits reached)",
         counters.connects,
+        pipeline.connects_received,
         stats.udp_probes,
         counters.lost(),
         pipeline.decode_errors,
@@ -118,10 +125,23 @@ struct Pipeline {
     cluster: ClusterState,
     /// Only this pod's attempts, when tracing one pod.
     target_uid: Option<String>,
+    connects_received: u64,
     decode_errors: u64,
 }
 
 impl Pipeline {
+    /// When tracing one pod, tells the kernel its cgroups (again, to include containers
+    /// started since), so other pods' traffic stops in the kernel.
+    fn filter_in_kernel(&mut self, capture: &mut Capture) -> anyhow::Result<()> {
+        if let Some(uid) = &self.target_uid {
+            let cgroups = self.cgroups.cgroups_of_pod(uid);
+            capture
+                .trace_only_cgroups(&cgroups)
+                .context("cannot set the kernel-side pod filter")?;
+        }
+        Ok(())
+    }
+
     fn handle(
         &mut self,
         events: &mut Vec<Result<KernelEvent, DecodeError>>,
@@ -131,6 +151,7 @@ impl Pipeline {
         for event in events.drain(..) {
             match event {
                 Ok(KernelEvent::Connect(connect)) => {
+                    self.connects_received += 1;
                     let origin = origin_of(connect.cgroup_id, &mut self.cgroups, &self.cluster);
                     if self
                         .target_uid
