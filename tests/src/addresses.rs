@@ -34,8 +34,20 @@ pub const HTTP_PORT: u16 = 80;
 /// A port nothing listens on at the endpoint.
 pub const CLOSED_PORT: u16 = 81;
 
+/// A name under the endpoint's zone that does not exist (NXDOMAIN).
+pub const MISSING_NAME: &str = "missing.example.test";
+/// A name with so many addresses that its answer does not fit a 512-byte UDP message:
+/// resolvers get a truncated answer and retry over TCP.
+pub const BIG_NAME: &str = "big.example.test";
+/// How many addresses [`BIG_NAME`] has (203.0.113.100 and up).
+pub const BIG_NAME_ADDRESSES: u8 = 40;
+/// A zone whose authoritative server answers SERVFAIL to everything.
+pub const SERVFAIL_ZONE: &str = "servfail.test";
+
 /// The upstream DNS server (Azure DNS's role).
 pub const UPSTREAM_DNS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 53);
+/// The broken authoritative server of [`SERVFAIL_ZONE`].
+pub const BROKEN_DNS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 54);
 /// The cluster DNS Service IP (CoreDNS's role).
 pub const CLUSTER_DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
 /// The point-to-point link between the node and the cluster DNS namespace.

@@ -20,6 +20,7 @@
 pub mod addresses;
 mod cleanup;
 pub mod demo;
+pub mod dns_server;
 pub mod http;
 mod manifest;
 pub mod process;
@@ -64,6 +65,8 @@ pub enum Fault {
     AdminProhibited { dst: std::net::IpAddr, port: u16 },
     /// The router answers the SYN with a TCP reset, as some firewalls do.
     Reset { dst: std::net::IpAddr, port: u16 },
+    /// The upstream DNS server cannot be reached (UDP and TCP port 53 dropped).
+    UpstreamDnsUnreachable,
 }
 
 /// A pod to create.
@@ -73,6 +76,8 @@ pub struct PodSpec {
     pub name: String,
     pub labels: Vec<(String, String)>,
     pub driver: CgroupDriver,
+    /// The `options` line of the pod's resolv.conf.
+    pub resolver_options: String,
 }
 
 impl PodSpec {
@@ -82,7 +87,14 @@ impl PodSpec {
             name: name.to_owned(),
             labels: vec![("app".to_owned(), name.to_owned())],
             driver,
+            resolver_options: "ndots:5".to_owned(),
         }
+    }
+
+    /// Replaces the resolv.conf `options` (e.g. `ndots:5 timeout:1 attempts:1`).
+    pub fn with_resolver_options(mut self, options: &str) -> Self {
+        options.clone_into(&mut self.resolver_options);
+        self
     }
 }
 
@@ -186,26 +198,40 @@ impl Lab {
 
     /// Injects a fault; it lasts until teardown.
     pub fn inject(&self, fault: Fault) -> io::Result<()> {
+        use std::net::IpAddr;
+        const TCP: &[&str] = &["tcp"];
         let router = match fault {
             Fault::NodeFirewallDrop { .. } => self.node_netns(),
             _ => self.ns("up"),
         };
-        let (dst, port, action): (std::net::IpAddr, u16, &[&str]) = match fault {
-            Fault::NodeFirewallDrop { dst, port } => (dst, port, &["-j", "DROP"]),
-            Fault::SilentDrop { dst, port } => (dst, port, &["-j", "DROP"]),
+        let (dst, port, protocols, action): (IpAddr, u16, &[&str], &[&str]) = match fault {
+            Fault::NodeFirewallDrop { dst, port } | Fault::SilentDrop { dst, port } => {
+                (dst, port, TCP, &["-j", "DROP"])
+            }
             Fault::AdminProhibited { dst, port } if dst.is_ipv4() => (
                 dst,
                 port,
+                TCP,
                 &["-j", "REJECT", "--reject-with", "icmp-admin-prohibited"],
             ),
             Fault::AdminProhibited { dst, port } => (
                 dst,
                 port,
+                TCP,
                 &["-j", "REJECT", "--reject-with", "adm-prohibited"],
             ),
-            Fault::Reset { dst, port } => {
-                (dst, port, &["-j", "REJECT", "--reject-with", "tcp-reset"])
-            }
+            Fault::Reset { dst, port } => (
+                dst,
+                port,
+                TCP,
+                &["-j", "REJECT", "--reject-with", "tcp-reset"],
+            ),
+            Fault::UpstreamDnsUnreachable => (
+                IpAddr::V4(addr::UPSTREAM_DNS),
+                53,
+                &["udp", "tcp"],
+                &["-j", "DROP"],
+            ),
         };
         let iptables = if dst.is_ipv4() {
             "iptables"
@@ -213,9 +239,14 @@ impl Lab {
             "ip6tables"
         };
         let (dst, port) = (dst.to_string(), port.to_string());
-        let mut args = vec!["-I", "FORWARD", "-p", "tcp", "-d", &dst, "--dport", &port];
-        args.extend_from_slice(action);
-        run_in(&router, iptables, &args).map(drop)
+        for protocol in protocols {
+            let mut args = vec![
+                "-I", "FORWARD", "-p", protocol, "-d", &dst, "--dport", &port,
+            ];
+            args.extend_from_slice(action);
+            run_in(&router, iptables, &args)?;
+        }
+        Ok(())
     }
 
     /// Starts `program args` in `pod` (its netns, cgroup and resolv.conf), like `kubectl exec`.
@@ -380,6 +411,7 @@ impl Lab {
         addr_add(&inet, "lo", &format!("{}/32", addr::ENDPOINT))?;
         addr_add(&inet, "lo", &format!("{}/128", addr::ENDPOINT6))?;
         addr_add(&inet, "lo", &format!("{}/32", addr::UPSTREAM_DNS))?;
+        addr_add(&inet, "lo", &format!("{}/32", addr::BROKEN_DNS))?;
         ip(
             &inet,
             &[
@@ -475,6 +507,11 @@ impl Lab {
             "--log-facility=-",
             "--log-queries",
         ];
+        let big_hosts = self.state_dir.join("big-hosts");
+        let lines: String = (0..addr::BIG_NAME_ADDRESSES)
+            .map(|i| format!("203.0.113.{} {}\n", 100 + u16::from(i), addr::BIG_NAME))
+            .collect();
+        fs::write(&big_hosts, lines)?;
         // Upstream DNS in the "internet": authoritative for example.test.
         let mut upstream = Command::new(&dnsmasq);
         upstream.args(common).args([
@@ -487,6 +524,8 @@ impl Lab {
                 addr::ENDPOINT,
                 addr::ENDPOINT6
             ),
+            &format!("--addn-hosts={}", big_hosts.display()),
+            &format!("--server=/{}/{}", addr::SERVFAIL_ZONE, addr::BROKEN_DNS),
         ]);
         self.spawn_service("upstream-dns", upstream, "inet")?;
         // Cluster DNS (the CoreDNS Service IP), forwarding everything else upstream.
@@ -508,6 +547,16 @@ impl Lab {
             &format!("[{}]:{}", addr::ENDPOINT6, addr::HTTP_PORT),
         ]);
         self.spawn_service("endpoint", endpoint, "inet")?;
+        // The broken authoritative server of the SERVFAIL zone.
+        let mut broken = Command::new(lab_helper()?);
+        broken.args([
+            "serve-dns",
+            "--listen",
+            &format!("{}:53", addr::BROKEN_DNS),
+            "--rcode",
+            "2",
+        ]);
+        self.spawn_service("broken-dns", broken, "inet")?;
         Ok(())
     }
 
@@ -573,9 +622,10 @@ impl Lab {
         fs::write(
             &resolv_conf,
             format!(
-                "search {ns}.svc.cluster.local svc.cluster.local cluster.local\nnameserver {dns}\noptions ndots:5\n",
+                "search {ns}.svc.cluster.local svc.cluster.local cluster.local\nnameserver {dns}\noptions {options}\n",
                 ns = spec.namespace,
-                dns = addr::CLUSTER_DNS
+                dns = addr::CLUSTER_DNS,
+                options = spec.resolver_options
             ),
         )?;
         let mut pod = LabPod {
@@ -669,7 +719,7 @@ impl Lab {
     /// is gone after teardown).
     pub fn service_logs(&self) -> String {
         let mut text = String::new();
-        for service in ["upstream-dns", "cluster-dns", "endpoint"] {
+        for service in ["upstream-dns", "cluster-dns", "endpoint", "broken-dns"] {
             let log = fs::read_to_string(self.state_dir.join(format!("{service}.log")))
                 .unwrap_or_default();
             let lines: Vec<&str> = log.lines().collect();

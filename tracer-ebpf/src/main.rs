@@ -1,8 +1,9 @@
 //! egress-tracer kernel programs, one module per hook.
 //!
 //! - [`connect`]: cgroup `connect4`/`connect6`, every `connect()` of every process.
-//! - [`first_packet`]: cgroup_skb egress, the first packet (TCP SYN or UDP datagram) of
-//!   the sockets that `connect` saw, with the tuple the kernel chose.
+//! - [`packets`]: cgroup_skb egress and ingress, every packet parsed once for
+//!   [`first_packet`] (the first TCP SYN or UDP datagram of the sockets that `connect` saw,
+//!   with the tuple the kernel chose) and [`dns`] (DNS messages, both directions).
 //! - [`sock_state`]: tp_btf `inet_sock_set_state`, the handshake result of those sockets.
 //! - [`icmp`]: tp_btf `consume_skb` filtered to the ICMP receive functions, the ICMP
 //!   errors that explain failed attempts.
@@ -18,6 +19,8 @@
 #[cfg(target_arch = "bpf")]
 mod connect;
 #[cfg(target_arch = "bpf")]
+mod dns;
+#[cfg(target_arch = "bpf")]
 mod drops;
 #[cfg(target_arch = "bpf")]
 mod first_packet;
@@ -25,6 +28,8 @@ mod first_packet;
 mod icmp;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod packets;
 #[cfg(target_arch = "bpf")]
 mod skb;
 #[cfg(target_arch = "bpf")]

@@ -125,10 +125,14 @@ pub struct Attempt {
     pub pid: u32,
     pub comm: String,
     pub cgroup_id: u64,
+    /// The socket's cookie (joins the socket's other events).
+    pub sock_cookie: u64,
     pub protocol: Protocol,
     /// Source chosen by the kernel, when the kernel revealed it.
     pub src: Option<SocketAddr>,
     pub dst: SocketAddr,
+    /// The name the process looked up for `dst`, when DNS named it.
+    pub dst_name: Option<String>,
     pub outcome: Outcome,
     /// TCP only.
     pub tcp: Option<TcpHandshake>,
@@ -260,9 +264,11 @@ impl FlowAssembler {
             pid: event.pid,
             comm: comm(&event.comm),
             cgroup_id: event.cgroup_id,
+            sock_cookie: event.sock_cookie,
             protocol,
             src: None,
             dst,
+            dst_name: None,
             outcome: Outcome::InProgress,
             tcp,
             icmp: None,
@@ -397,6 +403,11 @@ impl FlowAssembler {
 
     pub fn stats(&self) -> FlowStats {
         self.stats
+    }
+
+    /// The pending attempt of a socket, if any (to learn a socket's process).
+    pub fn pending(&self, cookie: u64) -> Option<&Attempt> {
+        self.pending.get(&cookie)
     }
 
     /// Removes a pending attempt and its tuple.

@@ -6,12 +6,16 @@
 //!   their ring-buffer events.
 //! - [`cluster`]: the cluster model; maps a kernel cgroup id to the pod it belongs to.
 //! - [`flow`]: joins the events of one egress attempt into one record.
+//! - [`dns`]: parses DNS messages, pairs them, and groups them into lookups.
+//! - [`pipeline`]: drives the above from kernel events to finished records.
 //! - [`output`]: renders records as a table or NDJSON.
 //!
 //! [`node`] holds facts about the host (cgroup mount, capabilities, clocks).
 
 pub mod capture;
 pub mod cluster;
+pub mod dns;
 pub mod flow;
 pub mod node;
 pub mod output;
+pub mod pipeline;

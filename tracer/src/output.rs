@@ -11,7 +11,8 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    flow::{Attempt, IcmpError, Outcome, Protocol, TcpHandshake, errno_name},
+    dns::{Answer, Lookup, LookupResult},
+    flow::{Attempt, IcmpError, Origin, Outcome, Protocol, TcpHandshake, errno_name},
     node::MonotonicClock,
 };
 
@@ -33,6 +34,7 @@ pub struct AttemptRecord<'a> {
     pub protocol: Protocol,
     pub src: Option<SocketAddr>,
     pub dst: SocketAddr,
+    pub dst_name: Option<&'a str>,
     pub outcome: Outcome,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tcp: Option<TcpRecord>,
@@ -138,6 +140,7 @@ impl<'a> AttemptRecord<'a> {
             protocol: attempt.protocol,
             src: attempt.src,
             dst: attempt.dst,
+            dst_name: attempt.dst_name.as_deref(),
             outcome: attempt.outcome,
             tcp: attempt
                 .tcp
@@ -157,6 +160,77 @@ impl<'a> AttemptRecord<'a> {
 
 fn rfc3339(time: SystemTime) -> String {
     humantime::format_rfc3339_micros(time).to_string()
+}
+
+/// The NDJSON record of one DNS lookup (all the queries of one name).
+#[derive(Debug, Serialize, PartialEq)]
+pub struct LookupRecord<'a> {
+    pub time: String,
+    pub pod: Option<&'a str>,
+    pub pod_uid: Option<&'a str>,
+    pub process: Option<Process<'a>>,
+    pub protocol: &'static str,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub outcome: LookupResult,
+    pub dns: DnsRecord<'a>,
+    pub cgroup_id: u64,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct DnsRecord<'a> {
+    /// The name the application asked for.
+    pub name: &'a str,
+    pub types: Vec<&'a str>,
+    /// The deciding response code, `null` when nothing answered.
+    pub rcode: Option<&'a str>,
+    /// Every name queried: the search-domain expansions, then the name itself.
+    pub queried: &'a [String],
+    pub answers: &'a [Answer],
+    /// The server asked.
+    pub server: SocketAddr,
+    /// From the first query to the last response.
+    pub latency_ms: Option<f64>,
+    /// Queries that got no response within the resolver timeout.
+    pub timeouts: u32,
+    /// A UDP answer was truncated (the resolver should retry over TCP).
+    pub truncated: bool,
+    pub over_tcp: bool,
+}
+
+impl<'a> LookupRecord<'a> {
+    pub fn new(lookup: &'a Lookup, origin: &'a Origin, clock: MonotonicClock) -> Self {
+        Self {
+            time: rfc3339(clock.to_wall(lookup.first_ns)),
+            pod: origin.pod.as_deref(),
+            pod_uid: origin.pod_uid.as_deref(),
+            process: lookup
+                .process
+                .as_ref()
+                .map(|(pid, comm)| Process { pid: *pid, comm }),
+            protocol: if lookup.over_tcp && !lookup.truncated {
+                "tcp"
+            } else {
+                "udp"
+            },
+            src: lookup.client,
+            dst: lookup.server,
+            outcome: lookup.result,
+            dns: DnsRecord {
+                name: &lookup.name,
+                types: lookup.qtypes.iter().map(String::as_str).collect(),
+                rcode: lookup.rcode.as_deref(),
+                queried: &lookup.queried,
+                answers: &lookup.answers,
+                server: lookup.server,
+                latency_ms: lookup.duration.map(|d| d.as_secs_f64() * 1000.0),
+                timeouts: lookup.timeouts,
+                truncated: lookup.truncated,
+                over_tcp: lookup.over_tcp,
+            },
+            cgroup_id: lookup.cgroup_id,
+        }
+    }
 }
 
 /// Writes attempts in one format; the table header is written before the first row.
@@ -196,11 +270,7 @@ impl<W: Write> Writer<W> {
                 writeln!(self.out)
             }
             Format::Table => {
-                if !self.header_written {
-                    let header: Vec<&str> = TABLE_COLUMNS.iter().map(|(name, _)| *name).collect();
-                    self.row(&header)?;
-                    self.header_written = true;
-                }
+                self.header()?;
                 let time = record.time.get(11..26).unwrap_or(&record.time).to_owned();
                 let pod = record.pod.unwrap_or("(host)");
                 let pid = record.process.pid.to_string();
@@ -225,8 +295,48 @@ impl<W: Write> Writer<W> {
         }
     }
 
+    /// Writes one DNS lookup.
+    pub fn write_lookup(&mut self, lookup: &Lookup, origin: &Origin) -> io::Result<()> {
+        let record = LookupRecord::new(lookup, origin, self.clock);
+        match self.format {
+            Format::Json => {
+                serde_json::to_writer(&mut self.out, &record)?;
+                writeln!(self.out)
+            }
+            Format::Table => {
+                self.header()?;
+                let time = record.time.get(11..26).unwrap_or(&record.time).to_owned();
+                let (pid, comm) = record
+                    .process
+                    .as_ref()
+                    .map_or(("-".to_owned(), "-"), |p| (p.pid.to_string(), p.comm));
+                let mut outcome =
+                    format!("{} {}", lookup_result_name(record.outcome), record.dns.name);
+                if let Some(answer) = record.dns.answers.iter().find(|a| a.rtype != "CNAME") {
+                    outcome.push_str(&format!(" → {}", answer.value));
+                }
+                if record.dns.queried.len() > 1 {
+                    outcome.push_str(&format!(" ({} names tried)", record.dns.queried.len()));
+                }
+                let src = record.src.to_string();
+                let dst = record.dst.to_string();
+                let pod = record.pod.unwrap_or("(host)");
+                self.row(&[&time, pod, &pid, comm, "dns", &src, &dst, &outcome])
+            }
+        }
+    }
+
     pub fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
+    }
+
+    fn header(&mut self) -> io::Result<()> {
+        if !self.header_written {
+            let header: Vec<&str> = TABLE_COLUMNS.iter().map(|(name, _)| *name).collect();
+            self.row(&header)?;
+            self.header_written = true;
+        }
+        Ok(())
     }
 
     fn row(&mut self, cells: &[&str]) -> io::Result<()> {
@@ -239,6 +349,19 @@ impl<W: Write> Writer<W> {
             }
         }
         writeln!(self.out, "{}", line.trim_end())
+    }
+}
+
+fn lookup_result_name(result: LookupResult) -> &'static str {
+    match result {
+        LookupResult::Resolved => "resolved",
+        LookupResult::Nxdomain => "nxdomain",
+        LookupResult::Servfail => "servfail",
+        LookupResult::Refused => "refused",
+        LookupResult::NoAnswer => "no-answer",
+        LookupResult::Timeout => "timeout",
+        LookupResult::Malformed => "malformed",
+        LookupResult::Failed => "failed",
     }
 }
 
@@ -290,9 +413,11 @@ mod tests {
             pid: 4242,
             comm: "curl".into(),
             cgroup_id: 77,
+            sock_cookie: 9,
             protocol: Protocol::Tcp,
             src: Some("10.244.0.5:41234".parse().unwrap()),
             dst: "203.0.113.10:80".parse().unwrap(),
+            dst_name: Some("api.example.test".into()),
             outcome: Outcome::Established,
             tcp: Some(TcpHandshake {
                 syn_retransmits: 0,
@@ -326,6 +451,7 @@ mod tests {
         assert_eq!(value["protocol"], "tcp");
         assert_eq!(value["src"], "10.244.0.5:41234");
         assert_eq!(value["dst"], "203.0.113.10:80");
+        assert_eq!(value["dst_name"], "api.example.test");
         assert_eq!(value["outcome"], "established");
         assert_eq!(
             value["tcp"],

@@ -1,6 +1,7 @@
 //! The lab's helper binary: processes the lab runs inside its namespaces, and `clean`.
 //!
 //! `lab serve-http --listen ADDR [--listen ADDR…] [--status N]` runs the HTTP endpoint;
+//! `lab serve-dns --listen ADDR --rcode N` answers every DNS query with that response code;
 //! `lab up` builds a lab with two pods, prints how to use it, and keeps it until killed
 //! (for exploring by hand); `lab clean` removes every lab object left on this machine.
 
@@ -10,10 +11,11 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("serve-http") => serve_http(&args[1..]),
+        Some("serve-dns") => serve_dns(&args[1..]),
         Some("clean") => clean(),
         Some("up") => up(),
         _ => {
-            Err("usage: lab serve-http --listen ADDR [--status N] | lab up | lab clean".to_owned())
+            Err("usage: lab serve-http --listen ADDR [--status N] | lab serve-dns --listen ADDR --rcode N | lab up | lab clean".to_owned())
         }
     };
     match result {
@@ -49,6 +51,21 @@ fn serve_http(args: &[String]) -> Result<(), String> {
         return Err("serve-http needs at least one --listen".into());
     }
     egress_lab::http::serve(&listen, status).map_err(|e| e.to_string())
+}
+
+fn serve_dns(args: &[String]) -> Result<(), String> {
+    match args {
+        [listen_flag, listen, rcode_flag, rcode]
+            if listen_flag == "--listen" && rcode_flag == "--rcode" =>
+        {
+            let listen = listen
+                .parse()
+                .map_err(|e| format!("--listen {listen}: {e}"))?;
+            let rcode = rcode.parse().map_err(|e| format!("--rcode {rcode}: {e}"))?;
+            egress_lab::dns_server::serve(listen, rcode).map_err(|e| e.to_string())
+        }
+        _ => Err("usage: lab serve-dns --listen ADDR --rcode N".into()),
+    }
 }
 
 fn up() -> Result<(), String> {

@@ -44,6 +44,8 @@ pub enum EventKind {
     IcmpError = 4,
     /// A [`DropEvent`]: the kernel dropped a packet of a traced flow.
     Drop = 5,
+    /// A [`DnsEvent`]: a DNS message left or reached a traced process.
+    Dns = 6,
 }
 
 impl EventKind {
@@ -55,6 +57,7 @@ impl EventKind {
             3 => Some(Self::FirstPacket),
             4 => Some(Self::IcmpError),
             5 => Some(Self::Drop),
+            6 => Some(Self::Dns),
             _ => None,
         }
     }
@@ -225,6 +228,37 @@ pub struct DropEvent {
     pub dst: Endpoint,
 }
 
+/// How many bytes of a DNS message the kernel copies (a classic UDP DNS message's limit;
+/// longer messages arrive truncated, flagged by [`DnsEvent::payload_len`]).
+pub const DNS_CAPTURE_BYTES: usize = 512;
+/// [`DnsEvent::direction`]: the message left the process (a query).
+pub const DNS_EGRESS: u8 = 0;
+/// [`DnsEvent::direction`]: the message reached the process (a response).
+pub const DNS_INGRESS: u8 = 1;
+
+/// A DNS message (to or from port 53, over UDP or TCP) of a traced process, seen at its
+/// cgroup's socket level, with a bounded prefix of its bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsEvent {
+    pub header: EventHeader,
+    /// Cookie of the socket that sent or received it.
+    pub sock_cookie: u64,
+    /// cgroup v2 id of that socket.
+    pub cgroup_id: u64,
+    /// [`DNS_EGRESS`] or [`DNS_INGRESS`].
+    pub direction: u8,
+    /// [`IPPROTO_UDP`] or [`IPPROTO_TCP`] (TCP payloads start with a 2-byte length).
+    pub protocol: u8,
+    /// Bytes of `data` that hold the message: `min(payload_len, DNS_CAPTURE_BYTES)`.
+    pub captured: u16,
+    /// Length of the transport payload in the packet.
+    pub payload_len: u32,
+    pub src: Endpoint,
+    pub dst: Endpoint,
+    pub data: [u8; DNS_CAPTURE_BYTES],
+}
+
 /// Values of `enum skb_drop_reason` the drop program needs, resolved by name from BTF
 /// (they differ between kernels).
 #[repr(C)]
@@ -307,11 +341,15 @@ pub enum Counter {
     DropSeen = 8,
     /// [`DropEvent`]s lost to a full ring buffer.
     DropLost = 9,
+    /// DNS messages of traced processes.
+    DnsSeen = 10,
+    /// [`DnsEvent`]s lost to a full ring buffer.
+    DnsLost = 11,
 }
 
 impl Counter {
     /// Number of counters, i.e. the size of the `COUNTERS` array.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 12;
     /// All counters, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Self::ConnectSeen,
@@ -324,6 +362,8 @@ impl Counter {
         Self::IcmpErrorLost,
         Self::DropSeen,
         Self::DropLost,
+        Self::DnsSeen,
+        Self::DnsLost,
     ];
 }
 
@@ -351,6 +391,7 @@ mod user {
     unsafe impl aya::Pod for super::FirstPacketEvent {}
     unsafe impl aya::Pod for super::IcmpErrorEvent {}
     unsafe impl aya::Pod for super::DropEvent {}
+    unsafe impl aya::Pod for super::DnsEvent {}
     unsafe impl aya::Pod for super::DropReasons {}
     unsafe impl aya::Pod for super::FlowTuple {}
     unsafe impl aya::Pod for super::SkbOffsets {}
@@ -441,6 +482,26 @@ mod tests {
     }
 
     #[test]
+    fn dns_event_layout() {
+        assert_eq!(size_of::<DnsEvent>(), 592);
+        assert_eq!(offset_of!(DnsEvent, sock_cookie), 16);
+        assert_eq!(offset_of!(DnsEvent, cgroup_id), 24);
+        assert_eq!(offset_of!(DnsEvent, direction), 32);
+        assert_eq!(offset_of!(DnsEvent, protocol), 33);
+        assert_eq!(offset_of!(DnsEvent, captured), 34);
+        assert_eq!(offset_of!(DnsEvent, payload_len), 36);
+        assert_eq!(offset_of!(DnsEvent, src), 40);
+        assert_eq!(offset_of!(DnsEvent, dst), 60);
+        assert_eq!(offset_of!(DnsEvent, data), 80);
+    }
+
+    #[test]
+    fn dns_capture_length_is_a_power_of_two() {
+        // The kernel program bounds its copy length with a mask.
+        assert!(DNS_CAPTURE_BYTES.is_power_of_two());
+    }
+
+    #[test]
     fn flow_tuple_layout() {
         assert_eq!(size_of::<FlowTuple>(), 40);
         assert_eq!(offset_of!(FlowTuple, src_port), 4);
@@ -472,6 +533,7 @@ mod tests {
             EventKind::FirstPacket,
             EventKind::IcmpError,
             EventKind::Drop,
+            EventKind::Dns,
         ] {
             assert_eq!(EventKind::from_raw(kind as u32), Some(kind));
         }

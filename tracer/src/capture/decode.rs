@@ -7,18 +7,20 @@ use std::{
 };
 
 use tracer_common::{
-    AF_INET, AF_INET6, ConnectEvent, DropEvent, Endpoint, EventHeader, EventKind, FirstPacketEvent,
-    IcmpErrorEvent, SockStateEvent,
+    AF_INET, AF_INET6, ConnectEvent, DNS_CAPTURE_BYTES, DnsEvent, DropEvent, Endpoint, EventHeader,
+    EventKind, FirstPacketEvent, IcmpErrorEvent, SockStateEvent,
 };
 
 /// A decoded kernel event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KernelEvent {
     Connect(ConnectEvent),
     SockState(SockStateEvent),
     FirstPacket(FirstPacketEvent),
     IcmpError(IcmpErrorEvent),
     Drop(DropEvent),
+    /// Boxed: the message bytes make it far larger than the other events.
+    Dns(Box<DnsEvent>),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -27,6 +29,8 @@ pub enum DecodeError {
     NoHeader(usize),
     #[error("unknown event kind {0}")]
     UnknownKind(u32),
+    #[error("DNS record claims {0} captured bytes, more than the {DNS_CAPTURE_BYTES} copied")]
+    DnsOverlong(u16),
     #[error("{kind:?} record has {got} bytes, expected {expected}")]
     WrongLength {
         kind: EventKind,
@@ -60,6 +64,14 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
         EventKind::Drop => exact::<DropEvent>(record)
             .map(KernelEvent::Drop)
             .ok_or_else(|| wrong_length(size_of::<DropEvent>())),
+        EventKind::Dns => {
+            let event =
+                exact::<DnsEvent>(record).ok_or_else(|| wrong_length(size_of::<DnsEvent>()))?;
+            if usize::from(event.captured) > DNS_CAPTURE_BYTES {
+                return Err(DecodeError::DnsOverlong(event.captured));
+            }
+            Ok(KernelEvent::Dns(Box::new(event)))
+        }
     }
 }
 

@@ -255,11 +255,24 @@ impl Capture {
         if let Err(e) = attach_connect(&mut ebpf, "connect6", &cgroup) {
             warnings.push(format!("IPv6 connects will not be traced: {e}"));
         }
-        if let Err(e) = attach_first_packet(&mut ebpf, &cgroup) {
+        if let Err(e) = attach_skb(
+            &mut ebpf,
+            "skb_egress",
+            CgroupSkbAttachType::Egress,
+            &cgroup,
+        ) {
             warnings.push(format!(
-                "source ports of failed TCP connections will be missing, and UDP connects \
-                 will not be told from address probes: {e}"
+                "DNS queries, source ports of failed TCP connections and drops will be missing, \
+                 and UDP connects will not be told from address probes: {e}"
             ));
+        }
+        if let Err(e) = attach_skb(
+            &mut ebpf,
+            "skb_ingress",
+            CgroupSkbAttachType::Ingress,
+            &cgroup,
+        ) {
+            warnings.push(format!("DNS responses will be missing: {e}"));
         }
         match aya::Btf::parse_file(&options.kernel_btf, aya::Endianness::default()) {
             Ok(btf) => {
@@ -404,21 +417,21 @@ fn attach_connect(ebpf: &mut Ebpf, hook: &'static str, cgroup: &File) -> Result<
     Ok(())
 }
 
-fn attach_first_packet(ebpf: &mut Ebpf, cgroup: &File) -> Result<(), CaptureError> {
-    const HOOK: &str = "first_packet";
-    let hook_error = |source| CaptureError::Hook { hook: HOOK, source };
+fn attach_skb(
+    ebpf: &mut Ebpf,
+    hook: &'static str,
+    direction: CgroupSkbAttachType,
+    cgroup: &File,
+) -> Result<(), CaptureError> {
+    let hook_error = |source| CaptureError::Hook { hook, source };
     let program: &mut CgroupSkb = ebpf
-        .program_mut(HOOK)
-        .ok_or(CaptureError::MissingPart(HOOK))?
+        .program_mut(hook)
+        .ok_or(CaptureError::MissingPart(hook))?
         .try_into()
         .map_err(hook_error)?;
     program.load().map_err(hook_error)?;
     program
-        .attach(
-            cgroup,
-            CgroupSkbAttachType::Egress,
-            CgroupAttachMode::default(),
-        )
+        .attach(cgroup, direction, CgroupAttachMode::default())
         .map_err(hook_error)?;
     Ok(())
 }

@@ -55,6 +55,10 @@ struct TraceArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Format::Table)]
     output: Format,
+    /// How long a DNS query may wait for its response before it counts as timed out
+    /// (the resolver's `options timeout:`, 5 s by default).
+    #[arg(long, value_name = "D", value_parser = parse_duration, default_value = "5s")]
+    dns_timeout: Duration,
     /// BTF of the running kernel, for kernels without /sys/kernel/btf/vmlinux (a file
     /// for this exact kernel, e.g. from BTFHub).
     #[arg(long, value_name = "PATH", default_value = egress_tracer::node::KERNEL_BTF)]

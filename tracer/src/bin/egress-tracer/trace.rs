@@ -4,11 +4,11 @@ use std::{io, time::Duration};
 
 use anyhow::Context;
 use egress_tracer::{
-    capture::{Capture, CaptureOptions, DecodeError, KernelEvent, KernelNames},
-    cluster::{ClusterState, PodInfo, cgroups::CgroupIndex},
-    flow::{Attempt, FlowAssembler, Origin},
+    capture::{Capture, CaptureOptions},
+    cluster::{ClusterState, cgroups::CgroupIndex},
     node::{self, MonotonicClock},
     output::Writer,
+    pipeline::{Pipeline, Record},
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -54,15 +54,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     for warning in capture.warnings() {
         eprintln!("warning: {warning}");
     }
-    let mut pipeline = Pipeline {
-        flows: FlowAssembler::new(),
-        cgroups,
-        cluster,
-        target_uid: target.as_ref().map(|pod| pod.uid.clone()),
-        connects_received: 0,
-        decode_errors: 0,
-    };
-    pipeline.filter_in_kernel(&mut capture)?;
+    let mut pipeline = Pipeline::new(cgroups, cluster, target.as_ref(), args.dns_timeout);
+    filter_in_kernel(&mut pipeline, &mut capture)?;
     let scope = target
         .as_ref()
         .map_or_else(|| "all processes".to_owned(), |p| format!("pod {p}"));
@@ -71,7 +64,6 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let clock = MonotonicClock::new();
     let mut writer = Writer::new(io::stdout().lock(), args.output, clock);
     let mut events = Vec::new();
-    let mut done = Vec::new();
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = interval(EXPIRY_TICK);
@@ -85,110 +77,67 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             read = capture.read_batch(&mut events) => read?,
-            _ = tick.tick() => {
-                pipeline.flows.expire(node::monotonic_now().as_nanos() as u64, &mut done);
-            }
-            _ = refresh.tick() => pipeline.filter_in_kernel(&mut capture)?,
+            _ = tick.tick() => pipeline.tick(node::monotonic_now().as_nanos() as u64),
+            _ = refresh.tick() => filter_in_kernel(&mut pipeline, &mut capture)?,
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = &mut stop_at, if deadline.is_some() => break,
         }
-        pipeline.handle(&mut events, capture.names(), &mut done);
-        write_all(&mut writer, &mut done)?;
+        pipeline.handle(&mut events, capture.names());
+        write_records(&mut writer, &mut pipeline)?;
     }
 
     capture.read_available(&mut events);
-    pipeline.handle(&mut events, capture.names(), &mut done);
-    pipeline.flows.drain(&mut done);
-    write_all(&mut writer, &mut done)?;
+    pipeline.handle(&mut events, capture.names());
+    pipeline.finish();
+    write_records(&mut writer, &mut pipeline)?;
     let counters = capture.counters()?;
     drop(capture);
-    let stats = pipeline.flows.stats();
+    let (stats, flows, dns) = (
+        pipeline.stats(),
+        pipeline.flow_stats(),
+        pipeline.dns_stats(),
+    );
     eprintln!(
         "egress-tracer: {} connect() calls seen on the node, {} received for tracing; \
-         {} UDP address probes skipped; {} events lost to a full ring buffer; {} undecodable; \
-         {} attempts emitted before their outcome (limits reached)",
+         {} UDP address probes skipped; {} malformed DNS messages; {} events lost to a full \
+         ring buffer; {} undecodable; {} attempts emitted before their outcome (limits reached)",
         counters.connects,
-        pipeline.connects_received,
-        stats.udp_probes,
+        stats.connects_received,
+        flows.udp_probes,
+        dns.malformed,
         counters.lost(),
-        pipeline.decode_errors,
-        stats.evicted
+        stats.decode_errors,
+        flows.evicted + dns.evicted
     );
     Ok(())
 }
 
-/// From decoded kernel events to finished attempts.
-struct Pipeline {
-    flows: FlowAssembler,
-    cgroups: CgroupIndex,
-    cluster: ClusterState,
-    /// Only this pod's attempts, when tracing one pod.
-    target_uid: Option<String>,
-    connects_received: u64,
-    decode_errors: u64,
-}
-
-impl Pipeline {
-    /// When tracing one pod, tells the kernel its cgroups (again, to include containers
-    /// started since), so other pods' traffic stops in the kernel.
-    fn filter_in_kernel(&mut self, capture: &mut Capture) -> anyhow::Result<()> {
-        if let Some(uid) = &self.target_uid {
-            let cgroups = self.cgroups.cgroups_of_pod(uid);
-            capture
-                .trace_only_cgroups(&cgroups)
-                .context("cannot set the kernel-side pod filter")?;
-        }
-        Ok(())
+/// When tracing one pod, tells the kernel its cgroups (again, to include containers
+/// started since), so other pods' traffic stops in the kernel.
+fn filter_in_kernel(pipeline: &mut Pipeline, capture: &mut Capture) -> anyhow::Result<()> {
+    if let Some(cgroups) = pipeline.target_cgroups() {
+        capture
+            .trace_only_cgroups(&cgroups)
+            .context("cannot set the kernel-side pod filter")?;
     }
-
-    fn handle(
-        &mut self,
-        events: &mut Vec<Result<KernelEvent, DecodeError>>,
-        names: &KernelNames,
-        done: &mut Vec<Attempt>,
-    ) {
-        for event in events.drain(..) {
-            match event {
-                Ok(KernelEvent::Connect(connect)) => {
-                    self.connects_received += 1;
-                    let origin = origin_of(connect.cgroup_id, &mut self.cgroups, &self.cluster);
-                    if self
-                        .target_uid
-                        .as_ref()
-                        .is_none_or(|uid| origin.pod_uid.as_ref() == Some(uid))
-                    {
-                        self.flows.on_connect(&connect, origin, done);
-                    }
-                }
-                Ok(KernelEvent::FirstPacket(packet)) => self.flows.on_first_packet(&packet),
-                Ok(KernelEvent::IcmpError(error)) => self.flows.on_icmp_error(&error, done),
-                Ok(KernelEvent::SockState(state)) => self.flows.on_sock_state(&state, done),
-                Ok(KernelEvent::Drop(drop)) => {
-                    self.flows
-                        .on_drop(drop.sock_cookie, names.describe_drop(&drop));
-                }
-                Err(_) => self.decode_errors += 1,
-            }
-        }
-    }
+    Ok(())
 }
 
-fn origin_of(cgroup_id: u64, cgroups: &mut CgroupIndex, cluster: &ClusterState) -> Origin {
-    let pod_uid = cgroups.lookup(cgroup_id).map(|c| c.pod_uid.clone());
-    let pod = pod_uid
-        .as_deref()
-        .and_then(|uid| cluster.pod_by_uid(uid))
-        .map(PodInfo::to_string);
-    Origin { pod, pod_uid }
-}
-
-fn write_all(writer: &mut Writer<impl io::Write>, done: &mut Vec<Attempt>) -> anyhow::Result<()> {
-    if done.is_empty() {
+fn write_records(
+    writer: &mut Writer<impl io::Write>,
+    pipeline: &mut Pipeline,
+) -> anyhow::Result<()> {
+    let records = pipeline.take_records();
+    if records.is_empty() {
         return Ok(());
     }
-    for attempt in done.drain(..) {
-        writer.write(&attempt).context("cannot write to stdout")?;
+    for record in &records {
+        match record {
+            Record::Attempt(attempt) => writer.write(attempt),
+            Record::Lookup(lookup, origin) => writer.write_lookup(lookup, origin),
+        }
+        .context("cannot write to stdout")?;
     }
     writer.flush().context("cannot write to stdout")
 }

@@ -1,0 +1,993 @@
+//! DNS: parses the message prefixes the kernel copied, pairs queries with responses,
+//! notices queries that were never answered, groups the search-domain expansions of one
+//! lookup, and remembers answers so that connections can be named.
+//!
+//! A *lookup* is what an application asked for: `api.example.test` with `ndots:5` makes
+//! the resolver try `api.example.test.<ns>.svc.cluster.local`, `….svc.cluster.local`,
+//! `….cluster.local` and `api.example.test`, each for A and AAAA. Those queries share a
+//! lookup when they come from the same cgroup and strip to the same base name with the
+//! pod's search list; the lookup is reported once, [`LOOKUP_SETTLE`] after its last query
+//! was answered or timed out.
+//!
+//! Everything is bounded: [`MAX_PENDING_QUERIES`], [`MAX_LOOKUPS`] and
+//! [`MAX_NAMES`] entries at most, the oldest evicted first and counted.
+
+use std::{
+    collections::{BTreeSet, HashMap, VecDeque},
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use hickory_proto::{
+    op::{Message, MessageType, ResponseCode},
+    rr::RData,
+};
+use serde::Serialize;
+
+/// How long after its last query settled a lookup is reported.
+pub const LOOKUP_SETTLE: Duration = Duration::from_millis(500);
+/// Most queries awaiting a response.
+pub const MAX_PENDING_QUERIES: usize = 65_536;
+/// Most lookups in progress.
+pub const MAX_LOOKUPS: usize = 16_384;
+/// Most remembered (cgroup, address) → name answers.
+pub const MAX_NAMES: usize = 65_536;
+
+/// A DNS message, as far as the tracer cares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsMessage {
+    pub id: u16,
+    pub is_response: bool,
+    /// `NOERROR`, `NXDOMAIN`, `SERVFAIL`, `REFUSED`, …
+    pub rcode: String,
+    /// The TC bit: the answer did not fit (UDP), retry over TCP.
+    pub truncated: bool,
+    pub question: Option<Question>,
+    pub answers: Vec<Answer>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Question {
+    /// Lowercase, without the trailing dot.
+    pub name: String,
+    /// `A`, `AAAA`, …
+    #[serde(rename = "type")]
+    pub qtype: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Answer {
+    pub name: String,
+    /// `A`, `AAAA` or `CNAME`.
+    #[serde(rename = "type")]
+    pub rtype: &'static str,
+    /// The address or the canonical name.
+    pub value: String,
+}
+
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DnsError {
+    #[error("empty DNS payload")]
+    Empty,
+    #[error("TCP DNS payload shorter than its length prefix")]
+    ShortTcpPrefix,
+    #[error("malformed DNS message: {0}")]
+    Malformed(String),
+}
+
+/// Parses one message; `framed` payloads start with a 2-byte length (TCP). `cut` says the kernel
+/// copied only a prefix of a longer message: then the header, the question and the
+/// answers that fit are read, and the rest is ignored.
+pub fn parse(payload: &[u8], framed: bool, cut: bool) -> Result<DnsMessage, DnsError> {
+    let bytes = if framed {
+        payload.get(2..).ok_or(DnsError::ShortTcpPrefix)?
+    } else {
+        payload
+    };
+    if bytes.is_empty() {
+        return Err(DnsError::Empty);
+    }
+    // hickory-proto bounds name decompression (pointer loops, label lengths past the
+    // end) and returns an error instead of looping.
+    let message = match Message::from_vec(bytes) {
+        Ok(message) => message,
+        Err(_) if cut => complete_prefix(bytes)?,
+        Err(e) => return Err(DnsError::Malformed(e.to_string())),
+    };
+    let question = message.queries().first().map(|q| Question {
+        name: normalize(&q.name().to_string()),
+        qtype: q.query_type().to_string(),
+    });
+    let answers = message
+        .answers()
+        .iter()
+        .filter_map(|record| {
+            let (rtype, value) = match record.data() {
+                RData::A(a) => ("A", a.0.to_string()),
+                RData::AAAA(aaaa) => ("AAAA", aaaa.0.to_string()),
+                RData::CNAME(cname) => ("CNAME", normalize(&cname.0.to_string())),
+                _ => return None,
+            };
+            Some(Answer {
+                name: normalize(&record.name().to_string()),
+                rtype,
+                value,
+            })
+        })
+        .collect();
+    Ok(DnsMessage {
+        id: message.id(),
+        is_response: message.message_type() == MessageType::Response,
+        rcode: rcode_name(message.response_code()),
+        truncated: message.truncated(),
+        question,
+        answers,
+    })
+}
+
+/// Offset of the answer count in the DNS header; the authority and additional counts
+/// follow.
+const ANCOUNT_OFFSET: usize = 6;
+
+/// The largest message a cut prefix holds: the header, the question, and as many answers
+/// as are complete (found by bisection on the answer count, since parsing succeeds for
+/// every count up to the number of complete answers).
+fn complete_prefix(bytes: &[u8]) -> Result<Message, DnsError> {
+    let with_answers = |count: u16| {
+        let mut copy = bytes.to_vec();
+        copy.get_mut(ANCOUNT_OFFSET..ANCOUNT_OFFSET + 6)?
+            .copy_from_slice(&[(count >> 8) as u8, count as u8, 0, 0, 0, 0]);
+        Message::from_vec(&copy).ok()
+    };
+    let claimed = bytes
+        .get(ANCOUNT_OFFSET..ANCOUNT_OFFSET + 2)
+        .map_or(0, |c| u16::from_be_bytes([c[0], c[1]]));
+    let mut best = with_answers(0).ok_or_else(|| {
+        DnsError::Malformed("the captured prefix does not hold the question".into())
+    })?;
+    let (mut low, mut high) = (1u16, claimed);
+    while low <= high {
+        let middle = low + (high - low) / 2;
+        match with_answers(middle) {
+            Some(message) => {
+                best = message;
+                low = middle + 1;
+            }
+            None => high = middle - 1,
+        }
+    }
+    Ok(best)
+}
+
+/// The RFC mnemonic of a response code (`NXDOMAIN`), as dig prints it.
+fn rcode_name(code: ResponseCode) -> String {
+    match code {
+        ResponseCode::NoError => "NOERROR".to_owned(),
+        ResponseCode::FormErr => "FORMERR".to_owned(),
+        ResponseCode::ServFail => "SERVFAIL".to_owned(),
+        ResponseCode::NXDomain => "NXDOMAIN".to_owned(),
+        ResponseCode::NotImp => "NOTIMP".to_owned(),
+        ResponseCode::Refused => "REFUSED".to_owned(),
+        other => format!("RCODE{}", u16::from(other)),
+    }
+}
+
+fn normalize(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// The resolver search list of the process that made a query (`search` in its
+/// resolv.conf).
+pub fn search_domains(resolv_conf: &str) -> Vec<String> {
+    resolv_conf
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("search"))
+        .filter(|rest| rest.starts_with(char::is_whitespace))
+        .flat_map(|rest| rest.split_whitespace().map(normalize))
+        .collect()
+}
+
+/// The name an application asked for, given a query name and the search list: the
+/// query name without the first search domain it ends with.
+pub fn base_name(qname: &str, search: &[String]) -> String {
+    search
+        .iter()
+        .find_map(|domain| {
+            qname
+                .strip_suffix(domain.as_str())
+                .and_then(|rest| rest.strip_suffix('.'))
+                .filter(|base| !base.is_empty())
+        })
+        .unwrap_or(qname)
+        .to_owned()
+}
+
+/// One DNS message seen by the kernel, with what the tracer knows of its sender.
+#[derive(Clone, Debug)]
+pub struct SeenMessage {
+    pub monotonic_ns: u64,
+    pub cgroup_id: u64,
+    pub sock_cookie: u64,
+    pub tcp: bool,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    /// The process (pid, comm) behind the socket, when known.
+    pub process: Option<(u32, String)>,
+    /// The parsed message, or why it could not be parsed.
+    pub message: Result<DnsMessage, DnsError>,
+}
+
+/// How a lookup ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LookupResult {
+    /// At least one query got addresses (or a CNAME) back.
+    Resolved,
+    Nxdomain,
+    Servfail,
+    Refused,
+    /// `NOERROR` without any answer of the asked types.
+    NoAnswer,
+    /// At least one query got no response within the resolver timeout, and none resolved.
+    Timeout,
+    /// A response could not be parsed.
+    Malformed,
+    /// Another response code.
+    Failed,
+}
+
+/// One lookup: every query an application's resolver made for one name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lookup {
+    pub first_ns: u64,
+    pub cgroup_id: u64,
+    /// The process (pid, comm) that made the first query, when known.
+    pub process: Option<(u32, String)>,
+    /// The name the application asked for.
+    pub name: String,
+    /// Every name queried, in order (the search-domain expansions and the name itself).
+    pub queried: Vec<String>,
+    pub qtypes: BTreeSet<String>,
+    pub result: LookupResult,
+    /// The response code of the deciding response, if any.
+    pub rcode: Option<String>,
+    pub answers: Vec<Answer>,
+    /// The server asked (of the first query).
+    pub server: SocketAddr,
+    /// The client address of the first query.
+    pub client: SocketAddr,
+    /// From the first query to the last response.
+    pub duration: Option<Duration>,
+    pub timeouts: u32,
+    /// A UDP answer came back truncated.
+    pub truncated: bool,
+    /// Some queries went over TCP.
+    pub over_tcp: bool,
+}
+
+struct PendingQuery {
+    sent_ns: u64,
+    lookup: LookupKey,
+}
+
+/// (protocol is TCP, client, server, DNS id).
+type QueryKey = (bool, SocketAddr, SocketAddr, u16);
+/// (cgroup, base name).
+type LookupKey = (u64, String);
+
+struct OpenLookup {
+    lookup: Lookup,
+    outstanding: u32,
+    /// When the last query was answered or timed out.
+    settled_ns: u64,
+    /// Response code of the last response to the base name itself, else of any.
+    base_rcode: Option<String>,
+    last_rcode: Option<String>,
+    malformed: bool,
+}
+
+/// Counts kept by the tracker.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsStats {
+    pub malformed: u64,
+    pub unmatched_responses: u64,
+    pub evicted: u64,
+}
+
+/// Pairs queries and responses into lookups.
+#[derive(Default)]
+pub struct DnsTracker {
+    timeout: Duration,
+    pending: HashMap<QueryKey, PendingQuery>,
+    pending_order: VecDeque<QueryKey>,
+    lookups: HashMap<LookupKey, OpenLookup>,
+    lookup_order: VecDeque<LookupKey>,
+    names: HashMap<(u64, IpAddr), String>,
+    names_order: VecDeque<(u64, IpAddr)>,
+    stats: DnsStats,
+}
+
+impl DnsTracker {
+    /// `timeout`: how long a query may wait for its response (the resolver's timeout).
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            ..Self::default()
+        }
+    }
+
+    /// Takes one message. `search` is the sender's search list (for grouping queries).
+    pub fn on_message(&mut self, mut seen: SeenMessage, search: &[String], done: &mut Vec<Lookup>) {
+        let parsed = std::mem::replace(&mut seen.message, Err(DnsError::Empty));
+        let message = match parsed {
+            Ok(message) => message,
+            Err(_) => {
+                self.stats.malformed += 1;
+                // A malformed response to a pending query still settles that query.
+                self.mark_malformed(&seen);
+                return;
+            }
+        };
+        if message.is_response {
+            self.on_response(&seen, message);
+        } else if let Some(question) = message.question {
+            self.on_query(&seen, message.id, question, search, done);
+        }
+    }
+
+    fn on_query(
+        &mut self,
+        seen: &SeenMessage,
+        id: u16,
+        question: Question,
+        search: &[String],
+        done: &mut Vec<Lookup>,
+    ) {
+        let base = base_name(&question.name, search);
+        let lookup_key = (seen.cgroup_id, base.clone());
+        if !self.lookups.contains_key(&lookup_key) {
+            if self.lookups.len() >= MAX_LOOKUPS {
+                self.evict_lookup(done);
+            }
+            self.lookup_order.push_back(lookup_key.clone());
+            self.lookups.insert(
+                lookup_key.clone(),
+                OpenLookup {
+                    lookup: Lookup {
+                        first_ns: seen.monotonic_ns,
+                        cgroup_id: seen.cgroup_id,
+                        process: seen.process.clone(),
+                        name: base,
+                        queried: Vec::new(),
+                        qtypes: BTreeSet::new(),
+                        result: LookupResult::Timeout,
+                        rcode: None,
+                        answers: Vec::new(),
+                        server: seen.dst,
+                        client: seen.src,
+                        duration: None,
+                        timeouts: 0,
+                        truncated: false,
+                        over_tcp: false,
+                    },
+                    outstanding: 0,
+                    settled_ns: seen.monotonic_ns,
+                    base_rcode: None,
+                    last_rcode: None,
+                    malformed: false,
+                },
+            );
+        }
+        let open = self.lookups.get_mut(&lookup_key).expect("inserted above");
+        if !open.lookup.queried.contains(&question.name) {
+            open.lookup.queried.push(question.name.clone());
+        }
+        open.lookup.qtypes.insert(question.qtype);
+        open.lookup.over_tcp |= seen.tcp;
+        open.outstanding += 1;
+        if self.pending.len() >= MAX_PENDING_QUERIES {
+            self.evict_query();
+        }
+        let key = (seen.tcp, seen.src, seen.dst, id);
+        let previous = self.pending.insert(
+            key,
+            PendingQuery {
+                sent_ns: seen.monotonic_ns,
+                lookup: lookup_key,
+            },
+        );
+        // The same id again on the same socket is a retransmission: one outstanding.
+        if let Some(previous) = previous {
+            self.settle_one(&previous.lookup, None);
+        }
+        self.pending_order.push_back(key);
+    }
+
+    fn on_response(&mut self, seen: &SeenMessage, message: DnsMessage) {
+        let key = (seen.tcp, seen.dst, seen.src, message.id);
+        let Some(query) = self.pending.remove(&key) else {
+            self.stats.unmatched_responses += 1;
+            return;
+        };
+        let Some(open) = self.lookups.get_mut(&query.lookup) else {
+            return;
+        };
+        let lookup = &mut open.lookup;
+        lookup.duration = Some(Duration::from_nanos(
+            seen.monotonic_ns.saturating_sub(lookup.first_ns),
+        ));
+        lookup.truncated |= message.truncated;
+        if let Some(question) = &message.question {
+            if question.name == lookup.name {
+                open.base_rcode = Some(message.rcode.clone());
+            }
+            for answer in message.answers.iter().filter(|a| a.rtype != "CNAME") {
+                if let Ok(ip) = answer.value.parse::<IpAddr>() {
+                    remember(
+                        &mut self.names,
+                        &mut self.names_order,
+                        (seen.cgroup_id, ip),
+                        question.name.clone(),
+                    );
+                }
+            }
+        }
+        open.last_rcode = Some(message.rcode.clone());
+        let truncated_udp = message.truncated && !seen.tcp;
+        if !message.answers.is_empty() && !truncated_udp {
+            for answer in message.answers {
+                if !lookup.answers.contains(&answer) {
+                    lookup.answers.push(answer);
+                }
+            }
+        }
+        self.settle_one(&query.lookup, Some(seen.monotonic_ns));
+    }
+
+    fn mark_malformed(&mut self, seen: &SeenMessage) {
+        // Without a parsed id the query cannot be matched exactly: settle the oldest
+        // query on the same socket pair.
+        let key = self
+            .pending
+            .keys()
+            .find(|(tcp, client, server, _)| {
+                *tcp == seen.tcp && *client == seen.dst && *server == seen.src
+            })
+            .copied();
+        if let Some(key) = key {
+            let query = self.pending.remove(&key).expect("found above");
+            if let Some(open) = self.lookups.get_mut(&query.lookup) {
+                open.malformed = true;
+            }
+            self.settle_one(&query.lookup, Some(seen.monotonic_ns));
+        }
+    }
+
+    fn settle_one(&mut self, key: &LookupKey, at_ns: Option<u64>) {
+        if let Some(open) = self.lookups.get_mut(key) {
+            open.outstanding = open.outstanding.saturating_sub(1);
+            if let Some(at) = at_ns {
+                open.settled_ns = open.settled_ns.max(at);
+            }
+        }
+    }
+
+    /// Times out unanswered queries and reports lookups that have settled, at monotonic
+    /// time `now_ns`.
+    pub fn expire(&mut self, now_ns: u64, done: &mut Vec<Lookup>) {
+        let timeout = self.timeout.as_nanos() as u64;
+        while let Some(key) = self.pending_order.front().copied() {
+            let Some(query) = self.pending.get(&key) else {
+                self.pending_order.pop_front();
+                continue;
+            };
+            if now_ns.saturating_sub(query.sent_ns) < timeout {
+                break;
+            }
+            self.pending_order.pop_front();
+            let query = self.pending.remove(&key).expect("present");
+            if let Some(open) = self.lookups.get_mut(&query.lookup) {
+                open.lookup.timeouts += 1;
+            }
+            self.settle_one(&query.lookup, Some(query.sent_ns + timeout));
+        }
+        let settle = LOOKUP_SETTLE.as_nanos() as u64;
+        let ready: Vec<LookupKey> = self
+            .lookups
+            .iter()
+            .filter(|(_, open)| {
+                open.outstanding == 0 && now_ns.saturating_sub(open.settled_ns) >= settle
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in ready {
+            if let Some(open) = self.lookups.remove(&key) {
+                done.push(finish(open));
+            }
+        }
+        if self.lookup_order.len() > 2 * MAX_LOOKUPS {
+            let lookups = &self.lookups;
+            self.lookup_order.retain(|k| lookups.contains_key(k));
+        }
+    }
+
+    /// Reports every lookup still open (at shutdown).
+    pub fn drain(&mut self, done: &mut Vec<Lookup>) {
+        self.pending.clear();
+        self.pending_order.clear();
+        for key in std::mem::take(&mut self.lookup_order) {
+            if let Some(open) = self.lookups.remove(&key) {
+                done.push(finish(open));
+            }
+        }
+    }
+
+    /// The name a process in `cgroup_id` looked up for `ip`, if it did.
+    pub fn name_of(&self, cgroup_id: u64, ip: IpAddr) -> Option<&str> {
+        self.names.get(&(cgroup_id, ip)).map(String::as_str)
+    }
+
+    pub fn stats(&self) -> DnsStats {
+        self.stats
+    }
+
+    fn evict_query(&mut self) {
+        while let Some(key) = self.pending_order.pop_front() {
+            if let Some(query) = self.pending.remove(&key) {
+                self.stats.evicted += 1;
+                self.settle_one(&query.lookup, None);
+                return;
+            }
+        }
+    }
+
+    fn evict_lookup(&mut self, done: &mut Vec<Lookup>) {
+        while let Some(key) = self.lookup_order.pop_front() {
+            if let Some(open) = self.lookups.remove(&key) {
+                self.stats.evicted += 1;
+                done.push(finish(open));
+                return;
+            }
+        }
+    }
+}
+
+fn remember(
+    names: &mut HashMap<(u64, IpAddr), String>,
+    order: &mut VecDeque<(u64, IpAddr)>,
+    key: (u64, IpAddr),
+    name: String,
+) {
+    if names.insert(key, name).is_none() {
+        order.push_back(key);
+        if names.len() > MAX_NAMES
+            && let Some(oldest) = order.pop_front()
+        {
+            names.remove(&oldest);
+        }
+    }
+}
+
+/// Decides how a lookup ended from its responses.
+fn finish(open: OpenLookup) -> Lookup {
+    let mut lookup = open.lookup;
+    let rcode = open.base_rcode.or(open.last_rcode);
+    lookup.result = if !lookup.answers.is_empty() {
+        LookupResult::Resolved
+    } else if open.malformed {
+        LookupResult::Malformed
+    } else {
+        match rcode.as_deref() {
+            None => LookupResult::Timeout,
+            // A timed-out query explains a failure better than an empty NOERROR for
+            // another record type.
+            Some(_) if lookup.timeouts > 0 => LookupResult::Timeout,
+            Some("NOERROR") => LookupResult::NoAnswer,
+            Some("NXDOMAIN") => LookupResult::Nxdomain,
+            Some("SERVFAIL") => LookupResult::Servfail,
+            Some("REFUSED") => LookupResult::Refused,
+            Some(_) => LookupResult::Failed,
+        }
+    };
+    lookup.rcode = rcode;
+    lookup
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a DNS message by hand: header, one question, and A answers.
+    fn message(id: u16, flags: u16, name: &str, qtype: u16, answers: &[[u8; 4]]) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&id.to_be_bytes());
+        m.extend_from_slice(&flags.to_be_bytes());
+        m.extend_from_slice(&1u16.to_be_bytes());
+        m.extend_from_slice(&(answers.len() as u16).to_be_bytes());
+        m.extend_from_slice(&[0, 0, 0, 0]);
+        for label in name.split('.') {
+            m.push(label.len() as u8);
+            m.extend_from_slice(label.as_bytes());
+        }
+        m.push(0);
+        m.extend_from_slice(&qtype.to_be_bytes());
+        m.extend_from_slice(&1u16.to_be_bytes());
+        for address in answers {
+            // Name: pointer to the question name at offset 12.
+            m.extend_from_slice(&[0xc0, 12]);
+            m.extend_from_slice(&1u16.to_be_bytes());
+            m.extend_from_slice(&1u16.to_be_bytes());
+            m.extend_from_slice(&30u32.to_be_bytes());
+            m.extend_from_slice(&4u16.to_be_bytes());
+            m.extend_from_slice(address);
+        }
+        m
+    }
+
+    const QUERY: u16 = 0x0100;
+    const RESPONSE: u16 = 0x8180;
+    const NXDOMAIN: u16 = 0x8183;
+    const SERVFAIL: u16 = 0x8182;
+    const TRUNCATED: u16 = 0x8380;
+    const A: u16 = 1;
+    const AAAA: u16 = 28;
+
+    #[test]
+    fn parses_a_query_and_a_response() {
+        let query = parse(&message(7, QUERY, "Api.Example.Test", A, &[]), false, false).unwrap();
+        assert_eq!(
+            (query.id, query.is_response, query.truncated),
+            (7, false, false)
+        );
+        assert_eq!(
+            query.question,
+            Some(Question {
+                name: "api.example.test".into(),
+                qtype: "A".into()
+            })
+        );
+        let response = parse(
+            &message(7, RESPONSE, "api.example.test", A, &[[203, 0, 113, 10]]),
+            false,
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            (response.is_response, response.rcode.as_str()),
+            (true, "NOERROR")
+        );
+        assert_eq!(
+            response.answers,
+            vec![Answer {
+                name: "api.example.test".into(),
+                rtype: "A",
+                value: "203.0.113.10".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn tcp_messages_carry_a_length_prefix() {
+        let body = message(9, NXDOMAIN, "x.example.test", A, &[]);
+        let mut framed = (body.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&body);
+        let parsed = parse(&framed, true, false).unwrap();
+        assert_eq!((parsed.id, parsed.rcode.as_str()), (9, "NXDOMAIN"));
+        assert_eq!(parse(&[0], true, false), Err(DnsError::ShortTcpPrefix));
+    }
+
+    #[test]
+    fn a_cut_message_keeps_its_complete_answers() {
+        let addresses: Vec<[u8; 4]> = (0..40).map(|i| [203, 0, 113, 100 + i]).collect();
+        let full = message(5, RESPONSE, "big.example.test", A, &addresses);
+        assert!(full.len() > 512);
+        let prefix = &full[..512];
+        assert!(matches!(
+            parse(prefix, false, false),
+            Err(DnsError::Malformed(_))
+        ));
+        let parsed = parse(prefix, false, true).unwrap();
+        assert_eq!((parsed.id, parsed.rcode.as_str()), (5, "NOERROR"));
+        // 12 + 22 bytes of header and question, 16 bytes per answer.
+        assert_eq!(parsed.answers.len(), (512 - 34) / 16);
+        assert_eq!(parsed.answers[0].value, "203.0.113.100");
+        // A prefix that does not even hold the question is still malformed.
+        assert!(matches!(
+            parse(&full[..20], false, true),
+            Err(DnsError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn hostile_messages_are_malformed_not_fatal() {
+        // A compression pointer that points at itself.
+        let mut looping = message(1, RESPONSE, "a.test", A, &[]);
+        looping.truncate(12);
+        looping.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        // A label length running past the end.
+        let mut overlong = message(2, QUERY, "a.test", A, &[]);
+        overlong[12] = 63;
+        overlong.truncate(20);
+        // A zero-length label in the middle is the root: trailing bytes are garbage.
+        let zero_label = [0u8, 3, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+        // Header counts promising records that are not there.
+        let mut lying = message(3, RESPONSE, "a.test", A, &[]);
+        lying[7] = 200;
+        for (what, bytes) in [
+            ("pointer loop", looping),
+            ("label past end", overlong),
+            ("zero label", zero_label.to_vec()),
+            ("lying counts", lying),
+            ("short header", vec![1, 2, 3]),
+        ] {
+            assert!(
+                matches!(parse(&bytes, false, false), Err(DnsError::Malformed(_))),
+                "{what}"
+            );
+        }
+        assert_eq!(parse(&[], false, false), Err(DnsError::Empty));
+    }
+
+    #[test]
+    fn search_domains_and_base_names() {
+        let search = search_domains(
+            "nameserver 10.0.0.10\nsearch shop.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\nsearchx no\n",
+        );
+        assert_eq!(
+            search,
+            vec![
+                "shop.svc.cluster.local",
+                "svc.cluster.local",
+                "cluster.local"
+            ]
+        );
+        assert_eq!(
+            base_name("api.example.test.shop.svc.cluster.local", &search),
+            "api.example.test"
+        );
+        assert_eq!(
+            base_name("api.example.test.cluster.local", &search),
+            "api.example.test"
+        );
+        assert_eq!(base_name("api.example.test", &search), "api.example.test");
+        assert_eq!(base_name("cluster.local", &search), "cluster.local");
+    }
+
+    fn seen(ns: u64, src: &str, dst: &str, bytes: Vec<u8>) -> SeenMessage {
+        SeenMessage {
+            monotonic_ns: ns,
+            cgroup_id: 42,
+            sock_cookie: 5,
+            tcp: false,
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            process: Some((100, "curl".into())),
+            message: parse(&bytes, false, false),
+        }
+    }
+
+    const CLIENT: &str = "10.244.0.10:40000";
+    const SERVER: &str = "10.0.0.10:53";
+    const MS: u64 = 1_000_000;
+
+    fn search() -> Vec<String> {
+        search_domains("search default.svc.cluster.local svc.cluster.local cluster.local")
+    }
+
+    #[test]
+    fn expansions_are_one_lookup_reported_once() {
+        let mut dns = DnsTracker::new(Duration::from_secs(5));
+        let mut done = Vec::new();
+        let names = [
+            "api.example.test.default.svc.cluster.local",
+            "api.example.test.svc.cluster.local",
+            "api.example.test.cluster.local",
+            "api.example.test",
+        ];
+        for (i, name) in names.iter().enumerate() {
+            let id = i as u16 * 2;
+            let t = i as u64 * 10 * MS;
+            dns.on_message(
+                seen(t, CLIENT, SERVER, message(id, QUERY, name, A, &[])),
+                &search(),
+                &mut done,
+            );
+            dns.on_message(
+                seen(t, CLIENT, SERVER, message(id + 1, QUERY, name, AAAA, &[])),
+                &search(),
+                &mut done,
+            );
+            dns.on_message(
+                seen(t + MS, SERVER, CLIENT, message(id, NXDOMAIN, name, A, &[])),
+                &search(),
+                &mut done,
+            );
+            dns.on_message(
+                seen(
+                    t + MS,
+                    SERVER,
+                    CLIENT,
+                    message(id + 1, NXDOMAIN, name, AAAA, &[]),
+                ),
+                &search(),
+                &mut done,
+            );
+        }
+        let last = 31 * MS;
+        dns.expire(last + LOOKUP_SETTLE.as_nanos() as u64 - 1, &mut done);
+        assert!(done.is_empty(), "not settled yet");
+        dns.expire(last + LOOKUP_SETTLE.as_nanos() as u64, &mut done);
+        assert_eq!(done.len(), 1);
+        let lookup = &done[0];
+        assert_eq!(lookup.name, "api.example.test");
+        assert_eq!(lookup.queried, names);
+        assert_eq!(
+            lookup.qtypes,
+            BTreeSet::from(["A".to_owned(), "AAAA".to_owned()])
+        );
+        assert_eq!(lookup.result, LookupResult::Nxdomain);
+        assert_eq!(lookup.rcode.as_deref(), Some("NXDOMAIN"));
+        assert_eq!(lookup.server, SERVER.parse().unwrap());
+        assert_eq!(lookup.duration, Some(Duration::from_millis(31)));
+    }
+
+    #[test]
+    fn a_resolved_expansion_resolves_the_lookup_and_names_the_address() {
+        let mut dns = DnsTracker::new(Duration::from_secs(5));
+        let mut done = Vec::new();
+        dns.on_message(
+            seen(
+                0,
+                CLIENT,
+                SERVER,
+                message(1, QUERY, "api.example.test.svc.cluster.local", A, &[]),
+            ),
+            &search(),
+            &mut done,
+        );
+        dns.on_message(
+            seen(
+                MS,
+                SERVER,
+                CLIENT,
+                message(1, NXDOMAIN, "api.example.test.svc.cluster.local", A, &[]),
+            ),
+            &search(),
+            &mut done,
+        );
+        dns.on_message(
+            seen(
+                2 * MS,
+                CLIENT,
+                SERVER,
+                message(2, QUERY, "api.example.test", A, &[]),
+            ),
+            &search(),
+            &mut done,
+        );
+        dns.on_message(
+            seen(
+                3 * MS,
+                SERVER,
+                CLIENT,
+                message(2, RESPONSE, "api.example.test", A, &[[203, 0, 113, 10]]),
+            ),
+            &search(),
+            &mut done,
+        );
+        dns.expire(3 * MS + LOOKUP_SETTLE.as_nanos() as u64, &mut done);
+        assert_eq!(done[0].result, LookupResult::Resolved);
+        assert_eq!(done[0].answers[0].value, "203.0.113.10");
+        assert_eq!(
+            dns.name_of(42, "203.0.113.10".parse().unwrap()),
+            Some("api.example.test")
+        );
+        assert_eq!(dns.name_of(43, "203.0.113.10".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn unanswered_query_times_out() {
+        let mut dns = DnsTracker::new(Duration::from_secs(2));
+        let mut done = Vec::new();
+        dns.on_message(
+            seen(
+                0,
+                CLIENT,
+                SERVER,
+                message(1, QUERY, "api.example.test", A, &[]),
+            ),
+            &search(),
+            &mut done,
+        );
+        dns.expire(2_000 * MS - 1, &mut done);
+        assert!(done.is_empty());
+        dns.expire(2_000 * MS + LOOKUP_SETTLE.as_nanos() as u64, &mut done);
+        assert_eq!(done.len(), 1);
+        assert_eq!(
+            (done[0].result, done[0].timeouts),
+            (LookupResult::Timeout, 1)
+        );
+    }
+
+    #[test]
+    fn servfail_and_truncation() {
+        let mut dns = DnsTracker::new(Duration::from_secs(5));
+        let mut done = Vec::new();
+        dns.on_message(
+            seen(0, CLIENT, SERVER, message(1, QUERY, "broken.test", A, &[])),
+            &search(),
+            &mut done,
+        );
+        dns.on_message(
+            seen(
+                MS,
+                SERVER,
+                CLIENT,
+                message(1, SERVFAIL, "broken.test", A, &[]),
+            ),
+            &search(),
+            &mut done,
+        );
+        dns.on_message(
+            seen(
+                0,
+                CLIENT,
+                SERVER,
+                message(3, QUERY, "big.example.test", A, &[]),
+            ),
+            &search(),
+            &mut done,
+        );
+        dns.on_message(
+            seen(
+                MS,
+                SERVER,
+                CLIENT,
+                message(3, TRUNCATED, "big.example.test", A, &[]),
+            ),
+            &search(),
+            &mut done,
+        );
+        dns.drain(&mut done);
+        let by_name = |n: &str| done.iter().find(|l| l.name == n).unwrap();
+        assert_eq!(by_name("broken.test").result, LookupResult::Servfail);
+        assert!(by_name("big.example.test").truncated);
+    }
+
+    #[test]
+    fn malformed_response_settles_its_query_as_malformed() {
+        let mut dns = DnsTracker::new(Duration::from_secs(5));
+        let mut done = Vec::new();
+        dns.on_message(
+            seen(
+                0,
+                CLIENT,
+                SERVER,
+                message(1, QUERY, "api.example.test", A, &[]),
+            ),
+            &search(),
+            &mut done,
+        );
+        dns.on_message(
+            seen(MS, SERVER, CLIENT, vec![0xff; 5]),
+            &search(),
+            &mut done,
+        );
+        dns.expire(MS + LOOKUP_SETTLE.as_nanos() as u64, &mut done);
+        assert_eq!(done[0].result, LookupResult::Malformed);
+        assert_eq!(dns.stats().malformed, 1);
+    }
+
+    #[test]
+    fn unmatched_responses_are_counted() {
+        let mut dns = DnsTracker::new(Duration::from_secs(5));
+        let mut done = Vec::new();
+        dns.on_message(
+            seen(MS, SERVER, CLIENT, message(9, RESPONSE, "x.test", A, &[])),
+            &search(),
+            &mut done,
+        );
+        assert_eq!(dns.stats().unmatched_responses, 1);
+        assert!(done.is_empty());
+    }
+}

@@ -1,0 +1,269 @@
+//! From decoded kernel events to records: attributes events to pods, assembles attempts
+//! ([`flow`](crate::flow)) and DNS lookups ([`dns`](crate::dns)), names destinations from
+//! DNS answers, and folds the resolver's own UDP sockets into the lookups they carried.
+//! (Sockets that carried DNS and were never reported as attempts, like TCP ones, are
+//! forgotten once [`MAX_REMEMBERED`] is reached.)
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    time::Duration,
+};
+
+use tracer_common::{DnsEvent, IPPROTO_TCP};
+
+use crate::{
+    capture::{DecodeError, KernelEvent, KernelNames, socket_addr},
+    cluster::{ClusterState, PodInfo, cgroups::CgroupIndex},
+    dns::{self, DnsTracker, Lookup, SeenMessage},
+    flow::{Attempt, FlowAssembler, Origin, Protocol},
+};
+
+/// Bound on remembered sockets that carried DNS and on cached search lists.
+const MAX_REMEMBERED: usize = 65_536;
+const DNS_PORT: u16 = 53;
+
+/// A finished record.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    Attempt(Attempt),
+    Lookup(Lookup, Origin),
+}
+
+/// Counts kept by the pipeline itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PipelineStats {
+    pub connects_received: u64,
+    pub decode_errors: u64,
+}
+
+pub struct Pipeline {
+    flows: FlowAssembler,
+    dns: DnsTracker,
+    cgroups: CgroupIndex,
+    cluster: ClusterState,
+    /// Only this pod's events, when tracing one pod.
+    target_uid: Option<String>,
+    /// Sockets that carried DNS: their UDP/TCP attempts to port 53 are part of a lookup.
+    dns_sockets: HashSet<u64>,
+    /// TCP DNS streams (socket, direction) whose last segment was a lone length prefix.
+    tcp_length_only: HashSet<(u64, u8)>,
+    /// Search lists read from the resolv.conf of a process in each cgroup.
+    search_lists: HashMap<u64, Vec<String>>,
+    attempts: Vec<Attempt>,
+    lookups: Vec<Lookup>,
+    stats: PipelineStats,
+}
+
+impl Pipeline {
+    /// `dns_timeout`: how long a DNS query may wait for its response.
+    pub fn new(
+        cgroups: CgroupIndex,
+        cluster: ClusterState,
+        target: Option<&PodInfo>,
+        dns_timeout: Duration,
+    ) -> Self {
+        Self {
+            flows: FlowAssembler::new(),
+            dns: DnsTracker::new(dns_timeout),
+            cgroups,
+            cluster,
+            target_uid: target.map(|pod| pod.uid.clone()),
+            dns_sockets: HashSet::new(),
+            tcp_length_only: HashSet::new(),
+            search_lists: HashMap::new(),
+            attempts: Vec::new(),
+            lookups: Vec::new(),
+            stats: PipelineStats::default(),
+        }
+    }
+
+    /// The cgroups of the traced pod (rescanned for new containers), if tracing one pod.
+    pub fn target_cgroups(&mut self) -> Option<Vec<u64>> {
+        let uid = self.target_uid.as_ref()?;
+        Some(self.cgroups.cgroups_of_pod(uid))
+    }
+
+    /// Takes decoded events (draining `events`).
+    pub fn handle(
+        &mut self,
+        events: &mut Vec<Result<KernelEvent, DecodeError>>,
+        names: &KernelNames,
+    ) {
+        for event in events.drain(..) {
+            match event {
+                Ok(KernelEvent::Connect(connect)) => {
+                    self.stats.connects_received += 1;
+                    let origin = self.origin_of(connect.cgroup_id);
+                    if self.wanted(&origin) {
+                        self.flows.on_connect(&connect, origin, &mut self.attempts);
+                    }
+                }
+                Ok(KernelEvent::FirstPacket(packet)) => self.flows.on_first_packet(&packet),
+                Ok(KernelEvent::IcmpError(error)) => {
+                    self.flows.on_icmp_error(&error, &mut self.attempts)
+                }
+                Ok(KernelEvent::SockState(state)) => {
+                    self.flows.on_sock_state(&state, &mut self.attempts)
+                }
+                Ok(KernelEvent::Drop(drop)) => {
+                    self.flows
+                        .on_drop(drop.sock_cookie, names.describe_drop(&drop));
+                }
+                Ok(KernelEvent::Dns(event)) => self.on_dns(&event),
+                Err(_) => self.stats.decode_errors += 1,
+            }
+        }
+    }
+
+    fn on_dns(&mut self, event: &DnsEvent) {
+        let origin = self.origin_of(event.cgroup_id);
+        if !self.wanted(&origin) {
+            return;
+        }
+        let (Some(src), Some(dst)) = (socket_addr(&event.src), socket_addr(&event.dst)) else {
+            return;
+        };
+        let tcp = event.protocol == IPPROTO_TCP;
+        let payload = &event.data[..usize::from(event.captured)];
+        let cut = event.payload_len > u32::from(event.captured);
+        // Over TCP a message is a 2-byte length and the message, which some servers send
+        // as two segments: remember a lone length, and read the next segment unframed.
+        let framed = if tcp {
+            let stream = (event.sock_cookie, event.direction);
+            if payload.len() == 2 && !cut {
+                if self.tcp_length_only.len() >= MAX_REMEMBERED {
+                    self.tcp_length_only.clear();
+                }
+                self.tcp_length_only.insert(stream);
+                return;
+            }
+            !self.tcp_length_only.remove(&stream)
+        } else {
+            false
+        };
+        let process = self
+            .flows
+            .pending(event.sock_cookie)
+            .map(|a| (a.pid, a.comm.clone()));
+        let search = self.search_list(event.cgroup_id, process.as_ref(), &origin);
+        if self.dns_sockets.len() >= MAX_REMEMBERED {
+            self.dns_sockets.clear();
+        }
+        self.dns_sockets.insert(event.sock_cookie);
+        let seen = SeenMessage {
+            monotonic_ns: event.header.ts_ns,
+            cgroup_id: event.cgroup_id,
+            sock_cookie: event.sock_cookie,
+            tcp,
+            src,
+            dst,
+            process,
+            message: dns::parse(payload, framed, cut),
+        };
+        self.dns.on_message(seen, &search, &mut self.lookups);
+    }
+
+    /// Settles what waited long enough, at monotonic time `now_ns`.
+    pub fn tick(&mut self, now_ns: u64) {
+        self.flows.expire(now_ns, &mut self.attempts);
+        self.dns.expire(now_ns, &mut self.lookups);
+    }
+
+    /// Settles everything still open (at shutdown).
+    pub fn finish(&mut self) {
+        self.flows.drain(&mut self.attempts);
+        self.dns.drain(&mut self.lookups);
+    }
+
+    /// The records finished since the last call, attempts first.
+    pub fn take_records(&mut self) -> Vec<Record> {
+        let mut records = Vec::with_capacity(self.attempts.len() + self.lookups.len());
+        for mut attempt in self.attempts.drain(..) {
+            // A UDP attempt is reported after its first datagrams, so its DNS messages
+            // are known by then. TCP connections to a DNS server stay attempts of their
+            // own: they are reported when the handshake ends, before any message.
+            let carried_dns = attempt.protocol == Protocol::Udp
+                && attempt.dst.port() == DNS_PORT
+                && self.dns_sockets.remove(&attempt.sock_cookie);
+            if carried_dns {
+                continue;
+            }
+            attempt.dst_name = self
+                .dns
+                .name_of(attempt.cgroup_id, attempt.dst.ip())
+                .map(str::to_owned);
+            records.push(Record::Attempt(attempt));
+        }
+        for lookup in self.lookups.drain(..) {
+            let origin = origin_of(lookup.cgroup_id, &mut self.cgroups, &self.cluster);
+            records.push(Record::Lookup(lookup, origin));
+        }
+        records
+    }
+
+    pub fn stats(&self) -> PipelineStats {
+        self.stats
+    }
+
+    pub fn flow_stats(&self) -> crate::flow::FlowStats {
+        self.flows.stats()
+    }
+
+    pub fn dns_stats(&self) -> dns::DnsStats {
+        self.dns.stats()
+    }
+
+    fn wanted(&self, origin: &Origin) -> bool {
+        self.target_uid
+            .as_ref()
+            .is_none_or(|uid| origin.pod_uid.as_ref() == Some(uid))
+    }
+
+    fn origin_of(&mut self, cgroup_id: u64) -> Origin {
+        origin_of(cgroup_id, &mut self.cgroups, &self.cluster)
+    }
+
+    /// The search list of the resolver in `cgroup_id`: from the resolv.conf a process of
+    /// the cgroup sees (its own mount namespace), else Kubernetes' default for the pod's
+    /// namespace.
+    fn search_list(
+        &mut self,
+        cgroup_id: u64,
+        process: Option<&(u32, String)>,
+        origin: &Origin,
+    ) -> Vec<String> {
+        if let Some(list) = self.search_lists.get(&cgroup_id) {
+            return list.clone();
+        }
+        let from_resolv_conf = process
+            .and_then(|(pid, _)| {
+                fs::read_to_string(format!("/proc/{pid}/root/etc/resolv.conf")).ok()
+            })
+            .map(|text| dns::search_domains(&text));
+        if let Some(list) = from_resolv_conf {
+            if self.search_lists.len() >= MAX_REMEMBERED {
+                self.search_lists.clear();
+            }
+            self.search_lists.insert(cgroup_id, list.clone());
+            return list;
+        }
+        match origin.pod.as_deref().and_then(|pod| pod.split_once('/')) {
+            Some((namespace, _)) => vec![
+                format!("{namespace}.svc.cluster.local"),
+                "svc.cluster.local".to_owned(),
+                "cluster.local".to_owned(),
+            ],
+            None => Vec::new(),
+        }
+    }
+}
+
+fn origin_of(cgroup_id: u64, cgroups: &mut CgroupIndex, cluster: &ClusterState) -> Origin {
+    let pod_uid = cgroups.lookup(cgroup_id).map(|c| c.pod_uid.clone());
+    let pod = pod_uid
+        .as_deref()
+        .and_then(|uid| cluster.pod_by_uid(uid))
+        .map(PodInfo::to_string);
+    Origin { pod, pod_uid }
+}
