@@ -28,8 +28,10 @@ use kallsyms::Kallsyms;
 
 use crate::node::{self, Capability};
 
-/// The kernel programs, built by `build.rs` for the BPF target.
-static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
+/// The kernel programs, built by `build.rs` for the BPF target (public for tests that
+/// load single programs, such as `BPF_PROG_TEST_RUN` of the packet programs).
+pub static KERNEL_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
 
 /// Capabilities needed to load and attach the programs: CAP_BPF to load, CAP_PERFMON for
 /// tracing programs and kernel reads, CAP_NET_ADMIN to attach to cgroups.
