@@ -82,11 +82,11 @@ fn traces_one_pods_connects_with_exact_fields_and_detaches_on_sigint() {
     let lab = lab();
     let tracer = trace_client(&lab);
     let attached = BpfObjects::owned_by(tracer.pid()).unwrap();
-    // connect4, connect6, packets out and in, socket state, ICMP and drops: a program and
-    // a link each.
+    // connect4/6, sendmsg4/6, packets out and in, socket state, ICMP and drops: a program
+    // and a link each.
     assert_eq!(
         (attached.programs.len(), attached.links.len()),
-        (7, 7),
+        (9, 9),
         "{attached:?}"
     );
 
@@ -386,4 +386,41 @@ fn other_pods_traffic_stops_in_the_kernel_when_tracing_one_pod() {
     assert!(seen > others, "{}", output.stderr);
     assert_eq!(received, 1, "{}", output.stderr);
     assert_eq!(tcp_record(&output.records(), pid)["outcome"], "established");
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn udp_to_a_closed_port_is_refused_by_icmp_port_unreachable() {
+    let lab = lab();
+    let tracer = trace_client(&lab);
+    let helper = egress_lab::lab_helper().unwrap();
+    let helper = helper.to_str().unwrap();
+    let closed = format!("{}:9999", addr::ENDPOINT);
+    let (unconnected, status) = lab
+        .exec_in_pod(lab.pod("client"), helper, &["udp-send", &closed])
+        .unwrap();
+    assert!(status.success());
+    let (connected, status) = lab
+        .exec_in_pod(
+            lab.pod("client"),
+            helper,
+            &["udp-send", &closed, "--connect"],
+        )
+        .unwrap();
+    assert!(status.success());
+    let records = tracer.stop(libc::SIGINT).unwrap().records();
+    for pid in [unconnected, connected] {
+        let mine = records_of_pid(&records, pid);
+        assert_eq!(mine.len(), 1, "{records:#?}");
+        let record = mine[0];
+        assert_eq!(record["protocol"], "udp");
+        assert_eq!(record["dst"], closed.as_str());
+        assert_eq!(record["outcome"], "refused", "{record}");
+        assert_eq!(
+            record["icmp"],
+            serde_json::json!({"protocol": "icmp", "type": 3, "code": 3,
+                               "meaning": "port-unreachable", "from": addr::ENDPOINT.to_string()})
+        );
+        assert_source_is(record, lab.pod("client").ip);
+    }
 }

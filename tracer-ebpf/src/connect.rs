@@ -1,4 +1,6 @@
-//! cgroup `connect4`/`connect6`: one event per `connect()` of a TCP or UDP socket.
+//! cgroup `connect4`/`connect6`: one event per `connect()` of a TCP or UDP socket; and
+//! cgroup `sendmsg4`/`sendmsg6`: one event for the first send of an unconnected UDP socket
+//! to each destination (resolvers such as musl's, and `sendto()` users).
 //!
 //! Attached at the cgroup v2 root, so every process on the node (pods and host) is seen;
 //! userspace attributes the event to a pod by its cgroup id. The programs never change
@@ -11,42 +13,84 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use tracer_common::{
-    AF_INET, AF_INET6, COMM_LEN, ConnectEvent, Counter, Endpoint, EventKind, IPPROTO_TCP,
-    IPPROTO_UDP,
+    AF_INET, AF_INET6, CALL_CONNECT, CALL_SENDMSG, COMM_LEN, ConnectEvent, Counter, Endpoint,
+    EventKind, IPPROTO_TCP, IPPROTO_UDP, SocketDestination,
 };
 
-use crate::maps::{EVENTS, FIRST_PACKET_PENDING, TRACKED_SOCKS, count, header, is_traced};
+use crate::maps::{
+    EVENTS, FIRST_PACKET_PENDING, TRACKED_SOCKS, UDP_DESTINATIONS_SEEN, count, header, is_traced,
+};
 
 /// Return value of cgroup sock_addr programs that lets the syscall proceed.
 const ALLOW: i32 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    // SAFETY: the context pointer is valid for the duration of the program.
-    let sa = unsafe { &*ctx.sock_addr };
-    let mut addr = [0u8; 16];
-    addr[..4].copy_from_slice(&sa.user_ip4.to_ne_bytes());
-    report(&ctx, AF_INET, sa.protocol, sa.user_port, addr);
+    report(&ctx, AF_INET, CALL_CONNECT);
     ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    // SAFETY: as above.
-    let sa = unsafe { &*ctx.sock_addr };
-    let mut addr = [0u8; 16];
-    for (i, word) in sa.user_ip6.iter().enumerate() {
-        addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-    }
-    report(&ctx, AF_INET6, sa.protocol, sa.user_port, addr);
+    report(&ctx, AF_INET6, CALL_CONNECT);
     ALLOW
 }
 
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    report(&ctx, AF_INET, CALL_SENDMSG);
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    report(&ctx, AF_INET6, CALL_SENDMSG);
+    ALLOW
+}
+
+/// The destination the application passed.
 #[inline(always)]
-fn report(ctx: &SockAddrContext, family: u16, protocol: u32, user_port: u32, addr: [u8; 16]) {
-    let protocol = protocol as u8;
+fn destination(ctx: &SockAddrContext, family: u16) -> Endpoint {
+    // SAFETY: the context pointer is valid for the duration of the program.
+    let sa = unsafe { &*ctx.sock_addr };
+    let mut addr = [0u8; 16];
+    if family == AF_INET {
+        addr[..4].copy_from_slice(&sa.user_ip4.to_ne_bytes());
+    } else {
+        for (i, word) in sa.user_ip6.iter().enumerate() {
+            addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+    }
+    Endpoint {
+        family,
+        // user_port holds the port in network byte order in its low 16 bits.
+        port: u16::from_be(sa.user_port as u16),
+        addr,
+    }
+}
+
+#[inline(always)]
+fn report(ctx: &SockAddrContext, family: u16, call: u8) {
+    // SAFETY: as above.
+    let protocol = unsafe { (*ctx.sock_addr).protocol } as u8;
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return;
+    }
+    let dst = destination(ctx, family);
+    // SAFETY: helper valid in cgroup sock_addr programs.
+    let sock_cookie = unsafe { aya_ebpf::helpers::bpf_get_socket_cookie(ctx.as_ptr()) };
+    if call == CALL_SENDMSG {
+        // Report a socket's first send to each destination only.
+        let key = SocketDestination {
+            sock_cookie,
+            dst,
+            _pad: [0; 4],
+        };
+        // SAFETY: only existence is checked.
+        if unsafe { UDP_DESTINATIONS_SEEN.get(key) }.is_some() {
+            return;
+        }
+        let _ = UDP_DESTINATIONS_SEEN.insert(key, 0, 0);
     }
     count(Counter::ConnectSeen);
     // SAFETY: no arguments.
@@ -54,10 +98,14 @@ fn report(ctx: &SockAddrContext, family: u16, protocol: u32, user_port: u32, add
     if !is_traced(cgroup_id) {
         return;
     }
-    // SAFETY: helpers valid in cgroup sock_addr programs.
-    let sock_cookie = unsafe { aya_ebpf::helpers::bpf_get_socket_cookie(ctx.as_ptr()) };
-    // Ignore a full map: LRU evicts, and a missing entry only costs the first packet.
-    let _ = TRACKED_SOCKS.insert(sock_cookie, FIRST_PACKET_PENDING, 0);
+    // A socket whose first packet was already reported (a second destination of an
+    // unconnected UDP socket) keeps its state; a new connect() starts over.
+    // SAFETY: only existence is checked.
+    let known = unsafe { TRACKED_SOCKS.get(sock_cookie) }.is_some();
+    if call == CALL_CONNECT || !known {
+        // Ignore a full map: LRU evicts, and a missing entry only costs the first packet.
+        let _ = TRACKED_SOCKS.insert(sock_cookie, FIRST_PACKET_PENDING, 0);
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let event = ConnectEvent {
         header: header(EventKind::Connect),
@@ -67,13 +115,9 @@ fn report(ctx: &SockAddrContext, family: u16, protocol: u32, user_port: u32, add
         tid: pid_tgid as u32,
         comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
         protocol,
-        _pad: [0; 7],
-        dst: Endpoint {
-            family,
-            // user_port holds the port in network byte order in its low 16 bits.
-            port: u16::from_be(user_port as u16),
-            addr,
-        },
+        call,
+        _pad: [0; 6],
+        dst,
     };
     if EVENTS.output::<ConnectEvent>(&event, 0).is_err() {
         count(Counter::ConnectLost);

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     Counter, EventHeader, EventKind, FlowTuple, RING_BUFFER_BYTES, SETTING_CGROUP_FILTER,
-    SETTINGS_COUNT, TRACED_CGROUPS_MAX, TRACKED_SOCKETS,
+    SETTINGS_COUNT, SocketDestination, TRACED_CGROUPS_MAX, TRACKED_SOCKETS, UDP_DESTINATIONS,
 };
 
 /// Every event goes here; userspace reads it with one consumer.
@@ -31,6 +31,11 @@ pub static TRACKED_SOCKS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(TRA
 #[map]
 pub static TRACKED_TUPLES: LruHashMap<FlowTuple, u64> =
     LruHashMap::with_max_entries(TRACKED_SOCKETS, 0);
+
+/// (unconnected UDP socket, destination) pairs already reported by `sendmsg4`/`sendmsg6`.
+#[map]
+pub static UDP_DESTINATIONS_SEEN: LruHashMap<SocketDestination, u8> =
+    LruHashMap::with_max_entries(UDP_DESTINATIONS, 0);
 
 /// Runtime settings written by userspace, indexed by `SETTING_*`.
 #[map]

@@ -7,6 +7,8 @@
 //!   leaves; it is reported [`UDP_SETTLE`] after the connect, or at once when an ICMP error
 //!   answers it. A connected UDP socket that sent nothing by then was an address-selection
 //!   probe (`getaddrinfo` makes those) and is counted, not reported.
+//! - An unconnected UDP socket's first send to a destination is an attempt of its own,
+//!   reported like a connected socket's.
 //! - ICMP errors are matched to attempts by the tuple their embedded header carries.
 //!
 //! Memory is bounded: at most [`MAX_PENDING`] attempts wait, and none longer than
@@ -21,8 +23,8 @@ use std::{
 
 use serde::Serialize;
 use tracer_common::{
-    AF_INET6, ConnectEvent, FirstPacketEvent, IPPROTO_TCP, IPPROTO_UDP, IcmpErrorEvent,
-    SockStateEvent, TCP_ESTABLISHED,
+    AF_INET6, CALL_SENDMSG, ConnectEvent, FirstPacketEvent, IPPROTO_TCP, IPPROTO_UDP,
+    IcmpErrorEvent, SockStateEvent, TCP_ESTABLISHED,
 };
 
 use crate::capture::{PacketDrop, comm, socket_addr};
@@ -277,8 +279,22 @@ impl FlowAssembler {
         if self.pending.len() >= MAX_PENDING {
             self.evict_oldest(done);
         }
+        let mut attempt = attempt;
         if let Some(previous) = self.take(event.sock_cookie) {
+            // The same socket again: its source does not change (its address may, with
+            // the route, but the port does not: keep what the first packet showed).
+            if protocol == Protocol::Udp {
+                attempt.src = previous.src;
+            }
             self.finish_displaced(previous, done);
+        }
+        if event.call == CALL_SENDMSG {
+            // Reported from inside sendmsg(): the datagram is on its way.
+            attempt.outcome = Outcome::Sent;
+        }
+        if let Some(src) = attempt.src {
+            self.by_tuple
+                .insert((protocol, src, attempt.dst), event.sock_cookie);
         }
         self.pending.insert(event.sock_cookie, attempt);
         match protocol {
@@ -604,7 +620,8 @@ mod tests {
             tid: 100,
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
             protocol,
-            _pad: [0; 7],
+            call: tracer_common::CALL_CONNECT,
+            _pad: [0; 6],
             dst: endpoint([203, 0, 113, 10], 80),
         }
     }
@@ -844,6 +861,30 @@ mod tests {
         assert_eq!(meaning(true, 1, 1), "admin-prohibited");
         assert_eq!(meaning(true, 1, 4), "port-unreachable");
         assert_eq!(meaning(true, 2, 0), "packet-too-big");
+    }
+
+    #[test]
+    fn unconnected_udp_sends_are_attempts_to_each_destination() {
+        let mut flows = FlowAssembler::new();
+        let mut done = Vec::new();
+        let mut first = connect(1, 1_000, IPPROTO_UDP);
+        first.call = CALL_SENDMSG;
+        flows.on_connect(&first, origin(), &mut done);
+        flows.on_first_packet(&first_packet(1, IPPROTO_UDP, 40_000));
+        let mut second = connect(1, 2_000, IPPROTO_UDP);
+        second.call = CALL_SENDMSG;
+        second.dst = endpoint([203, 0, 113, 11], 53);
+        flows.on_connect(&second, origin(), &mut done);
+        // The first destination is reported when the second displaces it.
+        assert_eq!(done.len(), 1);
+        assert_eq!((done[0].outcome, done[0].dst.port()), (Outcome::Sent, 80));
+        flows.drain(&mut done);
+        assert_eq!(done.len(), 2);
+        assert_eq!(done[1].outcome, Outcome::Sent);
+        assert_eq!(done[1].dst, "203.0.113.11:53".parse().unwrap());
+        // Same socket, same source port.
+        assert_eq!(done[1].src, Some("10.244.0.5:40000".parse().unwrap()));
+        assert_eq!(flows.stats().udp_probes, 0);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //!
 //! `lab serve-http --listen ADDR [--listen ADDR…] [--status N]` runs the HTTP endpoint;
 //! `lab serve-dns --listen ADDR --rcode N` answers every DNS query with that response code;
+//! `lab udp-send ADDR [--connect]` sends one datagram;
 //! `lab up` builds a lab with two pods, prints how to use it, and keeps it until killed
 //! (for exploring by hand); `lab clean` removes every lab object left on this machine.
 
@@ -12,10 +13,11 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("serve-http") => serve_http(&args[1..]),
         Some("serve-dns") => serve_dns(&args[1..]),
+        Some("udp-send") => udp_send(&args[1..]),
         Some("clean") => clean(),
         Some("up") => up(),
         _ => {
-            Err("usage: lab serve-http --listen ADDR [--status N] | lab serve-dns --listen ADDR --rcode N | lab up | lab clean".to_owned())
+            Err("usage: lab serve-http --listen ADDR [--status N] | lab serve-dns --listen ADDR --rcode N | lab udp-send ADDR [--connect] | lab up | lab clean".to_owned())
         }
     };
     match result {
@@ -66,6 +68,33 @@ fn serve_dns(args: &[String]) -> Result<(), String> {
         }
         _ => Err("usage: lab serve-dns --listen ADDR --rcode N".into()),
     }
+}
+
+/// Sends one datagram to ADDR (with `sendto`, or after `connect` with `--connect`) and
+/// waits a moment for an ICMP error to come back.
+fn udp_send(args: &[String]) -> Result<(), String> {
+    let (address, connect) = match args {
+        [address] => (address, false),
+        [address, flag] if flag == "--connect" => (address, true),
+        _ => return Err("usage: lab udp-send ADDR [--connect]".into()),
+    };
+    let address: std::net::SocketAddr = address.parse().map_err(|e| format!("{address}: {e}"))?;
+    let bind: std::net::SocketAddr = if address.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .expect("valid");
+    let socket = std::net::UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+    if connect {
+        socket.connect(address).map_err(|e| e.to_string())?;
+        socket.send(b"lab").map_err(|e| e.to_string())?;
+    } else {
+        socket.send_to(b"lab", address).map_err(|e| e.to_string())?;
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    Ok(())
 }
 
 fn up() -> Result<(), String> {

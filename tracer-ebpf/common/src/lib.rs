@@ -96,7 +96,8 @@ impl Endpoint {
     };
 }
 
-/// A `connect()` call seen by the cgroup `connect4`/`connect6` hooks.
+/// A `connect()` call seen by the cgroup `connect4`/`connect6` hooks, or the first send
+/// of an unconnected UDP socket to a destination (`sendmsg4`/`sendmsg6`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnectEvent {
@@ -113,10 +114,18 @@ pub struct ConnectEvent {
     pub comm: [u8; COMM_LEN],
     /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`] (other protocols are not reported).
     pub protocol: u8,
-    pub _pad: [u8; 7],
+    /// [`CALL_CONNECT`] or [`CALL_SENDMSG`].
+    pub call: u8,
+    pub _pad: [u8; 6],
     /// The address the application asked for.
     pub dst: Endpoint,
 }
+
+/// [`ConnectEvent::call`]: `connect()`.
+pub const CALL_CONNECT: u8 = 0;
+/// [`ConnectEvent::call`]: the first `sendmsg()`/`sendto()` of an unconnected UDP socket to
+/// a destination (later sends to the same destination are not reported).
+pub const CALL_SENDMSG: u8 = 1;
 
 /// A traced TCP socket left `SYN_SENT`: the handshake completed, failed, or was given up.
 ///
@@ -321,7 +330,8 @@ pub struct SockOffsets {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// `connect()` calls seen (IPv4 and IPv6, TCP and UDP).
+    /// `connect()` calls, and first sends of unconnected UDP sockets to a destination,
+    /// seen (IPv4 and IPv6, TCP and UDP).
     ConnectSeen = 0,
     /// [`ConnectEvent`]s that could not be written because the ring buffer was full.
     ConnectLost = 1,
@@ -377,6 +387,18 @@ pub const TRACED_CGROUPS_MAX: u32 = 4096;
 
 /// Size of the `EVENTS` ring buffer in bytes (a power of two, a multiple of the page size).
 pub const RING_BUFFER_BYTES: u32 = 1 << 22;
+/// Capacity of the LRU map of (unconnected UDP socket, destination) pairs already reported.
+pub const UDP_DESTINATIONS: u32 = 65_536;
+
+/// Key of that map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketDestination {
+    pub sock_cookie: u64,
+    pub dst: Endpoint,
+    pub _pad: [u8; 4],
+}
+
 /// Capacity of the LRU map of sockets whose state changes are reported.
 pub const TRACKED_SOCKETS: u32 = 65_536;
 
@@ -394,6 +416,7 @@ mod user {
     unsafe impl aya::Pod for super::DnsEvent {}
     unsafe impl aya::Pod for super::DropReasons {}
     unsafe impl aya::Pod for super::FlowTuple {}
+    unsafe impl aya::Pod for super::SocketDestination {}
     unsafe impl aya::Pod for super::SkbOffsets {}
     unsafe impl aya::Pod for super::IcmpReceivers {}
     unsafe impl aya::Pod for super::SockOffsets {}
@@ -432,6 +455,7 @@ mod tests {
         assert_eq!(offset_of!(ConnectEvent, tid), 36);
         assert_eq!(offset_of!(ConnectEvent, comm), 40);
         assert_eq!(offset_of!(ConnectEvent, protocol), 56);
+        assert_eq!(offset_of!(ConnectEvent, call), 57);
         assert_eq!(offset_of!(ConnectEvent, dst), 64);
     }
 

@@ -138,7 +138,8 @@ mod tests {
             tid: 1235,
             comm,
             protocol: IPPROTO_TCP,
-            _pad: [0; 7],
+            call: tracer_common::CALL_CONNECT,
+            _pad: [0; 6],
             dst: Endpoint {
                 family: AF_INET,
                 port: 80,

@@ -186,12 +186,16 @@ pub struct CaptureOptions {
     /// The running kernel's BTF: normally [`node::KERNEL_BTF`]; for kernels without
     /// built-in BTF, a file for that exact kernel (for example from BTFHub).
     pub kernel_btf: PathBuf,
+    /// Trace only processes in these cgroups (one pod's), from the first event on; `None`
+    /// traces every process.
+    pub only_cgroups: Option<Vec<u64>>,
 }
 
 impl Default for CaptureOptions {
     fn default() -> Self {
         Self {
             kernel_btf: PathBuf::from(node::KERNEL_BTF),
+            only_cgroups: None,
         }
     }
 }
@@ -253,9 +257,20 @@ impl Capture {
                 true,
             )
             .load(KERNEL_OBJECT)?;
-        attach_connect(&mut ebpf, "connect4", &cgroup)?;
-        if let Err(e) = attach_connect(&mut ebpf, "connect6", &cgroup) {
+        // The filter is in place before any program is attached.
+        if let Some(cgroups) = &options.only_cgroups {
+            trace_only_cgroups(&mut ebpf, cgroups)?;
+        }
+        attach_sock_addr(&mut ebpf, "connect4", &cgroup)?;
+        if let Err(e) = attach_sock_addr(&mut ebpf, "connect6", &cgroup) {
             warnings.push(format!("IPv6 connects will not be traced: {e}"));
+        }
+        for (hook, family) in [("sendmsg4", "IPv4"), ("sendmsg6", "IPv6")] {
+            if let Err(e) = attach_sock_addr(&mut ebpf, hook, &cgroup) {
+                warnings.push(format!(
+                    "{family} sends of unconnected UDP sockets will not be traced: {e}"
+                ));
+            }
         }
         if let Err(e) = attach_skb(
             &mut ebpf,
@@ -328,21 +343,7 @@ impl Capture {
     /// Restricts tracing, in the kernel, to processes in these cgroups (adding to any set
     /// before); other processes' connects then cost one map lookup and reach no one.
     pub fn trace_only_cgroups(&mut self, cgroup_ids: &[u64]) -> Result<(), CaptureError> {
-        let map = self
-            .ebpf
-            .map_mut("TRACED_CGROUPS")
-            .ok_or(CaptureError::MissingPart("map TRACED_CGROUPS"))?;
-        let mut traced: aya::maps::HashMap<_, u64, u8> = aya::maps::HashMap::try_from(map)?;
-        for id in cgroup_ids {
-            traced.insert(id, 1, 0)?;
-        }
-        let map = self
-            .ebpf
-            .map_mut("SETTINGS")
-            .ok_or(CaptureError::MissingPart("map SETTINGS"))?;
-        let mut settings: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map)?;
-        settings.set(SETTING_CGROUP_FILTER, 1, 0)?;
-        Ok(())
+        trace_only_cgroups(&mut self.ebpf, cgroup_ids)
     }
 
     /// Names for the numbers in kernel events.
@@ -403,7 +404,11 @@ impl Capture {
     }
 }
 
-fn attach_connect(ebpf: &mut Ebpf, hook: &'static str, cgroup: &File) -> Result<(), CaptureError> {
+fn attach_sock_addr(
+    ebpf: &mut Ebpf,
+    hook: &'static str,
+    cgroup: &File,
+) -> Result<(), CaptureError> {
     let hook_error = |source| CaptureError::Hook { hook, source };
     let program: &mut CgroupSockAddr = ebpf
         .program_mut(hook)
@@ -435,6 +440,22 @@ fn attach_skb(
     program
         .attach(cgroup, direction, CgroupAttachMode::default())
         .map_err(hook_error)?;
+    Ok(())
+}
+
+fn trace_only_cgroups(ebpf: &mut Ebpf, cgroup_ids: &[u64]) -> Result<(), CaptureError> {
+    let map = ebpf
+        .map_mut("TRACED_CGROUPS")
+        .ok_or(CaptureError::MissingPart("map TRACED_CGROUPS"))?;
+    let mut traced: aya::maps::HashMap<_, u64, u8> = aya::maps::HashMap::try_from(map)?;
+    for id in cgroup_ids {
+        traced.insert(id, 1, 0)?;
+    }
+    let map = ebpf
+        .map_mut("SETTINGS")
+        .ok_or(CaptureError::MissingPart("map SETTINGS"))?;
+    let mut settings: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map)?;
+    settings.set(SETTING_CGROUP_FILTER, 1, 0)?;
     Ok(())
 }
 

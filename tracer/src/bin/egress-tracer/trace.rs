@@ -48,14 +48,14 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let cgroup_root = node::cgroup2_mount().context("cannot find the cgroup v2 hierarchy")?;
     let cgroups = CgroupIndex::new(cgroup_root.clone())
         .with_context(|| format!("cannot read cgroups under {}", cgroup_root.display()))?;
+    let mut pipeline = Pipeline::new(cgroups, cluster, target.as_ref(), args.dns_timeout);
     let mut capture = Capture::start(&CaptureOptions {
         kernel_btf: args.btf.clone(),
+        only_cgroups: pipeline.target_cgroups(),
     })?;
     for warning in capture.warnings() {
         eprintln!("warning: {warning}");
     }
-    let mut pipeline = Pipeline::new(cgroups, cluster, target.as_ref(), args.dns_timeout);
-    filter_in_kernel(&mut pipeline, &mut capture)?;
     let scope = target
         .as_ref()
         .map_or_else(|| "all processes".to_owned(), |p| format!("pod {p}"));
