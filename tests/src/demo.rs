@@ -1,8 +1,9 @@
-//! `cargo xtask demo`: a node lab, a traced pod making a few connections, the records.
+//! `cargo xtask demo`: a node lab, a traced pod making a few connections (some of them
+//! failing in different places), the records.
 
 use anyhow::Context;
 
-use crate::{CgroupDriver, Lab, PodSpec, addresses as addr, tracer::Tracer};
+use crate::{CgroupDriver, Fault, Lab, PodSpec, addresses as addr, tracer::Tracer};
 
 pub fn run() -> anyhow::Result<()> {
     println!("demo: building a node lab (node, upstream router, internet, cluster DNS, two pods)…");
@@ -11,6 +12,20 @@ pub fn run() -> anyhow::Result<()> {
         PodSpec::new("shop", "other", CgroupDriver::Cgroupfs),
     ])
     .context("cannot build the lab (try `cargo xtask lab-clean`, then again)")?;
+    let blocked = std::net::IpAddr::V4(addr::ENDPOINT);
+    println!(
+        "demo: the upstream router rejects port 443 (ICMP admin-prohibited, as a firewall would)"
+    );
+    lab.inject(Fault::AdminProhibited {
+        dst: blocked,
+        port: 443,
+    })?;
+    println!("demo: the node's firewall drops port 8080");
+    lab.inject(Fault::NodeFirewallDrop {
+        dst: blocked,
+        port: 8080,
+    })?;
+
     let state = lab.cluster_state();
     let args = [
         "trace",
@@ -24,19 +39,22 @@ pub fn run() -> anyhow::Result<()> {
     println!("demo: on the node: egress-tracer {}", args.join(" "));
     let tracer = Tracer::start(&lab, &args)?;
 
-    let steps: [(&str, String); 4] = [
+    let steps: [(&str, String); 7] = [
         ("client", format!("http://{}/", addr::ENDPOINT_NAME)),
         ("client", format!("http://[{}]/", addr::ENDPOINT6)),
+        ("client", format!("http://{}/", addr::MISSING_NAME)),
         (
             "client",
             format!("http://{}:{}/", addr::ENDPOINT, addr::CLOSED_PORT),
         ),
+        ("client", format!("http://{}:443/", addr::ENDPOINT)),
+        ("client", format!("http://{}:8080/", addr::ENDPOINT)),
         ("other", format!("http://{}/", addr::ENDPOINT)),
     ];
     for (pod, url) in &steps {
         let pod = lab.pod(pod);
         let (pid, status) =
-            lab.exec_in_pod(pod, "curl", &["-s", "-m", "3", "-o", "/dev/null", url])?;
+            lab.exec_in_pod(pod, "curl", &["-s", "-m", "2", "-o", "/dev/null", url])?;
         let result = if status.success() {
             "ok".to_owned()
         } else {

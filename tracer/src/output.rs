@@ -241,14 +241,15 @@ pub struct Writer<W: Write> {
     header_written: bool,
 }
 
-const TABLE_COLUMNS: [(&str, usize); 8] = [
+const TABLE_COLUMNS: [(&str, usize); 9] = [
     ("TIME", 15),
-    ("POD", 28),
+    ("POD", 24),
     ("PID", 7),
     ("COMM", 15),
     ("PROTO", 5),
     ("SRC", 22),
     ("DST", 22),
+    ("NAME", 20),
     ("OUTCOME", 0),
 ];
 
@@ -289,6 +290,7 @@ impl<W: Write> Writer<W> {
                     protocol,
                     &src,
                     &dst,
+                    record.dst_name.unwrap_or("-"),
                     &outcome,
                 ])
             }
@@ -310,8 +312,7 @@ impl<W: Write> Writer<W> {
                     .process
                     .as_ref()
                     .map_or(("-".to_owned(), "-"), |p| (p.pid.to_string(), p.comm));
-                let mut outcome =
-                    format!("{} {}", lookup_result_name(record.outcome), record.dns.name);
+                let mut outcome = lookup_result_name(record.outcome).to_owned();
                 if let Some(answer) = record.dns.answers.iter().find(|a| a.rtype != "CNAME") {
                     outcome.push_str(&format!(" → {}", answer.value));
                 }
@@ -321,7 +322,17 @@ impl<W: Write> Writer<W> {
                 let src = record.src.to_string();
                 let dst = record.dst.to_string();
                 let pod = record.pod.unwrap_or("(host)");
-                self.row(&[&time, pod, &pid, comm, "dns", &src, &dst, &outcome])
+                self.row(&[
+                    &time,
+                    pod,
+                    &pid,
+                    comm,
+                    "dns",
+                    &src,
+                    &dst,
+                    record.dns.name,
+                    &outcome,
+                ])
             }
         }
     }
