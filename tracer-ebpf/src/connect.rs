@@ -92,12 +92,12 @@ fn report(ctx: &SockAddrContext, family: u16, call: u8) {
         }
         let _ = UDP_DESTINATIONS_SEEN.insert(key, 0, 0);
     }
-    count(Counter::ConnectSeen);
     // SAFETY: no arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     if !is_traced(cgroup_id) {
         return;
     }
+    count(Counter::ConnectSeen);
     // A socket whose first packet was already reported (a second destination of an
     // unconnected UDP socket) keeps its state; a new connect() starts over.
     // SAFETY: only existence is checked.

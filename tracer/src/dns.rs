@@ -236,6 +236,21 @@ pub enum LookupResult {
     Failed,
 }
 
+impl LookupResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LookupResult::Resolved => "resolved",
+            LookupResult::Nxdomain => "nxdomain",
+            LookupResult::Servfail => "servfail",
+            LookupResult::Refused => "refused",
+            LookupResult::NoAnswer => "no-answer",
+            LookupResult::Timeout => "timeout",
+            LookupResult::Malformed => "malformed",
+            LookupResult::Failed => "failed",
+        }
+    }
+}
+
 /// One lookup: every query an application's resolver made for one name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lookup {

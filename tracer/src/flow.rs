@@ -260,7 +260,7 @@ impl FlowAssembler {
         let Some(dst) = socket_addr(&event.dst) else {
             return;
         };
-        let attempt = Attempt {
+        let mut attempt = Attempt {
             monotonic_ns: event.header.ts_ns,
             origin,
             pid: event.pid,
@@ -279,7 +279,6 @@ impl FlowAssembler {
         if self.pending.len() >= MAX_PENDING {
             self.evict_oldest(done);
         }
-        let mut attempt = attempt;
         if let Some(previous) = self.take(event.sock_cookie) {
             // The same socket again: its source does not change (its address may, with
             // the route, but the port does not: keep what the first packet showed).
@@ -826,6 +825,8 @@ mod tests {
             reason: "NETFILTER_DROP".into(),
             location: "nf_hook_slow+0x9e".into(),
             reply: false,
+            src: Some("10.244.0.5:50000".parse().unwrap()),
+            dst: Some("203.0.113.10:80".parse().unwrap()),
         };
         flows.on_drop(1, drop.clone());
         flows.on_drop(1, drop.clone());

@@ -56,6 +56,9 @@ pub struct DropRecord<'a> {
     pub direction: &'static str,
     /// How many packets of the attempt were dropped (the first is described).
     pub count: u32,
+    /// The first dropped packet's source and destination.
+    pub src: Option<SocketAddr>,
+    pub dst: Option<SocketAddr>,
 }
 
 /// The ICMP error that answered an attempt.
@@ -152,6 +155,8 @@ impl<'a> AttemptRecord<'a> {
                 location: &d.first.location,
                 direction: if d.first.reply { "reply" } else { "original" },
                 count: d.count,
+                src: d.first.src,
+                dst: d.first.dst,
             }),
             cgroup_id: attempt.cgroup_id,
         }
@@ -266,13 +271,10 @@ impl<W: Write> Writer<W> {
     pub fn write(&mut self, attempt: &Attempt) -> io::Result<()> {
         let record = AttemptRecord::new(attempt, self.clock);
         match self.format {
-            Format::Json => {
-                serde_json::to_writer(&mut self.out, &record)?;
-                writeln!(self.out)
-            }
+            Format::Json => self.json_line(&record),
             Format::Table => {
                 self.header()?;
-                let time = record.time.get(11..26).unwrap_or(&record.time).to_owned();
+                let time = table_time(&record.time);
                 let pod = record.pod.unwrap_or("(host)");
                 let pid = record.process.pid.to_string();
                 let protocol = match record.protocol {
@@ -301,18 +303,15 @@ impl<W: Write> Writer<W> {
     pub fn write_lookup(&mut self, lookup: &Lookup, origin: &Origin) -> io::Result<()> {
         let record = LookupRecord::new(lookup, origin, self.clock);
         match self.format {
-            Format::Json => {
-                serde_json::to_writer(&mut self.out, &record)?;
-                writeln!(self.out)
-            }
+            Format::Json => self.json_line(&record),
             Format::Table => {
                 self.header()?;
-                let time = record.time.get(11..26).unwrap_or(&record.time).to_owned();
+                let time = table_time(&record.time);
                 let (pid, comm) = record
                     .process
                     .as_ref()
                     .map_or(("-".to_owned(), "-"), |p| (p.pid.to_string(), p.comm));
-                let mut outcome = lookup_result_name(record.outcome).to_owned();
+                let mut outcome = record.outcome.as_str().to_owned();
                 if let Some(answer) = record.dns.answers.iter().find(|a| a.rtype != "CNAME") {
                     outcome.push_str(&format!(" → {}", answer.value));
                 }
@@ -341,6 +340,11 @@ impl<W: Write> Writer<W> {
         self.out.flush()
     }
 
+    fn json_line(&mut self, record: &impl Serialize) -> io::Result<()> {
+        serde_json::to_writer(&mut self.out, record)?;
+        writeln!(self.out)
+    }
+
     fn header(&mut self) -> io::Result<()> {
         if !self.header_written {
             let header: Vec<&str> = TABLE_COLUMNS.iter().map(|(name, _)| *name).collect();
@@ -363,17 +367,9 @@ impl<W: Write> Writer<W> {
     }
 }
 
-fn lookup_result_name(result: LookupResult) -> &'static str {
-    match result {
-        LookupResult::Resolved => "resolved",
-        LookupResult::Nxdomain => "nxdomain",
-        LookupResult::Servfail => "servfail",
-        LookupResult::Refused => "refused",
-        LookupResult::NoAnswer => "no-answer",
-        LookupResult::Timeout => "timeout",
-        LookupResult::Malformed => "malformed",
-        LookupResult::Failed => "failed",
-    }
+/// `HH:MM:SS.micros` of an RFC 3339 time (the date is noise in a live table).
+fn table_time(rfc3339: &str) -> String {
+    rfc3339.get(11..26).unwrap_or(rfc3339).to_owned()
 }
 
 /// The outcome with its most telling detail, e.g. `established 1.2ms`,
@@ -525,6 +521,36 @@ mod tests {
             table.contains("unreachable (ICMP admin-prohibited from 198.51.100.1)"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn table_and_json_name_outcomes_alike() {
+        let outcomes = [
+            Outcome::Established,
+            Outcome::Refused,
+            Outcome::Timeout,
+            Outcome::Unreachable,
+            Outcome::Aborted,
+            Outcome::Failed,
+            Outcome::Sent,
+            Outcome::InProgress,
+        ];
+        for outcome in outcomes {
+            assert_eq!(serde_json::to_value(outcome).unwrap(), outcome.as_str());
+        }
+        let results = [
+            LookupResult::Resolved,
+            LookupResult::Nxdomain,
+            LookupResult::Servfail,
+            LookupResult::Refused,
+            LookupResult::NoAnswer,
+            LookupResult::Timeout,
+            LookupResult::Malformed,
+            LookupResult::Failed,
+        ];
+        for result in results {
+            assert_eq!(serde_json::to_value(result).unwrap(), result.as_str());
+        }
     }
 
     #[test]

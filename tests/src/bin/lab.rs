@@ -2,7 +2,7 @@
 //!
 //! `lab serve-http --listen ADDR [--listen ADDR…] [--status N]` runs the HTTP endpoint;
 //! `lab serve-dns --listen ADDR --rcode N` answers every DNS query with that response code;
-//! `lab udp-send ADDR [--connect]` sends one datagram;
+//! `lab udp-send ADDR [--connect | --count N]` sends one datagram (or N, to N ports);
 //! `lab up` builds a lab with two pods, prints how to use it, and keeps it until killed
 //! (for exploring by hand); `lab clean` removes every lab object left on this machine.
 
@@ -17,7 +17,7 @@ fn main() -> ExitCode {
         Some("clean") => clean(),
         Some("up") => up(),
         _ => {
-            Err("usage: lab serve-http --listen ADDR [--status N] | lab serve-dns --listen ADDR --rcode N | lab udp-send ADDR [--connect] | lab up | lab clean".to_owned())
+            Err("usage: lab serve-http --listen ADDR [--status N] | lab serve-dns --listen ADDR --rcode N | lab udp-send ADDR [--connect | --count N] | lab up | lab clean".to_owned())
         }
     };
     match result {
@@ -73,12 +73,26 @@ fn serve_dns(args: &[String]) -> Result<(), String> {
 /// Sends one datagram to ADDR (with `sendto`, or after `connect` with `--connect`) and
 /// waits a moment for an ICMP error to come back.
 fn udp_send(args: &[String]) -> Result<(), String> {
-    let (address, connect) = match args {
-        [address] => (address, false),
-        [address, flag] if flag == "--connect" => (address, true),
-        _ => return Err("usage: lab udp-send ADDR [--connect]".into()),
+    let usage = || "usage: lab udp-send ADDR [--connect | --count N]".to_owned();
+    let (address, connect, count) = match args {
+        [address] => (address, false, 1),
+        [address, flag] if flag == "--connect" => (address, true, 1),
+        [address, flag, n] if flag == "--count" => {
+            (address, false, n.parse::<u16>().map_err(|_| usage())?)
+        }
+        _ => return Err(usage()),
     };
     let address: std::net::SocketAddr = address.parse().map_err(|e| format!("{address}: {e}"))?;
+    if count > 1 {
+        // A burst of first sends, one to each of `count` ports from ADDR's up.
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        for offset in 0..count {
+            let mut to = address;
+            to.set_port(address.port().wrapping_add(offset));
+            socket.send_to(b"lab", to).map_err(|e| e.to_string())?;
+        }
+        return Ok(());
+    }
     let bind: std::net::SocketAddr = if address.is_ipv4() {
         "0.0.0.0:0"
     } else {

@@ -330,8 +330,8 @@ pub struct SockOffsets {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// `connect()` calls, and first sends of unconnected UDP sockets to a destination,
-    /// seen (IPv4 and IPv6, TCP and UDP).
+    /// `connect()` calls, and first sends of unconnected UDP sockets to a destination, of
+    /// traced processes (IPv4 and IPv6, TCP and UDP).
     ConnectSeen = 0,
     /// [`ConnectEvent`]s that could not be written because the ring buffer was full.
     ConnectLost = 1,

@@ -165,6 +165,8 @@ impl KernelNames {
             reason: self.drop_reason(event.reason),
             location: self.location(event.location),
             reply: event.direction == tracer_common::DROP_DIRECTION_REPLY,
+            src: socket_addr(&event.src),
+            dst: socket_addr(&event.dst),
         }
     }
 }
@@ -178,6 +180,9 @@ pub struct PacketDrop {
     pub location: String,
     /// The packet was a reply (destination to source), not the attempt's own packet.
     pub reply: bool,
+    /// The dropped packet's own source and destination.
+    pub src: Option<std::net::SocketAddr>,
+    pub dst: Option<std::net::SocketAddr>,
 }
 
 /// How to start a capture.
@@ -189,6 +194,9 @@ pub struct CaptureOptions {
     /// Trace only processes in these cgroups (one pod's), from the first event on; `None`
     /// traces every process.
     pub only_cgroups: Option<Vec<u64>>,
+    /// Size of the event ring buffer in bytes (a power of two, at least a page); `None`
+    /// keeps the built-in [`tracer_common::RING_BUFFER_BYTES`].
+    pub ring_buffer_bytes: Option<u32>,
 }
 
 impl Default for CaptureOptions {
@@ -196,6 +204,7 @@ impl Default for CaptureOptions {
         Self {
             kernel_btf: PathBuf::from(node::KERNEL_BTF),
             only_cgroups: None,
+            ring_buffer_bytes: None,
         }
     }
 }
@@ -244,7 +253,11 @@ impl Capture {
             .find(|(_, name)| *name == "SKB_DROP_REASON_NOT_SPECIFIED")
             .map(|(value, _)| *value);
 
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        if let Some(bytes) = options.ring_buffer_bytes {
+            loader.map_max_entries("EVENTS", bytes);
+        }
+        let mut ebpf = loader
             .override_global("SOCK_OFFSETS", &sock_offsets, true)
             .override_global("SKB_OFFSETS", &skb_offsets, true)
             .override_global("ICMP_RECEIVERS", &icmp_receivers, true)

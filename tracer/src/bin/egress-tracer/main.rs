@@ -59,6 +59,10 @@ struct TraceArgs {
     /// (the resolver's `options timeout:`, 5 s by default).
     #[arg(long, value_name = "D", value_parser = parse_duration, default_value = "5s")]
     dns_timeout: Duration,
+    /// Size of the kernel's event ring buffer in bytes (a power of two, at least 4096);
+    /// events beyond it are lost and counted, while the kernel's counters stay exact.
+    #[arg(long, value_name = "BYTES", value_parser = parse_ring_buffer_size)]
+    ring_buffer_size: Option<u32>,
     /// BTF of the running kernel, for kernels without /sys/kernel/btf/vmlinux (a file
     /// for this exact kernel, e.g. from BTFHub).
     #[arg(long, value_name = "PATH", default_value = egress_tracer::node::KERNEL_BTF)]
@@ -72,6 +76,14 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err("must be longer than zero".into());
     }
     Ok(duration)
+}
+
+fn parse_ring_buffer_size(text: &str) -> Result<u32, String> {
+    let bytes: u32 = text.parse().map_err(|e| format!("{e}"))?;
+    if bytes < 4096 || !bytes.is_power_of_two() {
+        return Err("must be a power of two of at least 4096 (the page size)".into());
+    }
+    Ok(bytes)
 }
 
 /// An error in what the user asked for (exit code 2).

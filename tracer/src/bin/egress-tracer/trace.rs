@@ -52,6 +52,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let mut capture = Capture::start(&CaptureOptions {
         kernel_btf: args.btf.clone(),
         only_cgroups: pipeline.target_cgroups(),
+        ring_buffer_bytes: args.ring_buffer_size,
     })?;
     for warning in capture.warnings() {
         eprintln!("warning: {warning}");
@@ -98,12 +99,15 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         pipeline.flow_stats(),
         pipeline.dns_stats(),
     );
+    // Kernel counts are exact even when the ring buffer overflowed: what was counted
+    // but not received was lost.
     eprintln!(
-        "egress-tracer: {} connect() calls seen on the node, {} received for tracing; \
-         {} UDP address probes skipped; {} malformed DNS messages; {} events lost to a full \
-         ring buffer; {} undecodable; {} attempts emitted before their outcome (limits reached)",
+        "egress-tracer: {} connects and first sends traced in the kernel, {} received, {} lost; \
+         {} UDP address probes skipped; {} malformed DNS messages; {} events lost in all to a \
+         full ring buffer; {} undecodable; {} attempts emitted before their outcome (limits reached)",
         counters.connects,
         stats.connects_received,
+        counters.connects_lost,
         flows.udp_probes,
         dns.malformed,
         counters.lost(),
