@@ -279,6 +279,12 @@ impl Lab {
         Ok((pid, child.wait()?))
     }
 
+    /// Runs `program args` to completion in the node's network namespace (for `conntrack`,
+    /// `iptables`, … in tests) and returns its standard output.
+    pub fn run_on_node(&self, program: &str, args: &[&str]) -> io::Result<String> {
+        run_in(&self.node_netns(), program, args)
+    }
+
     /// Starts a process in the node's network namespace (as a hostNetwork DaemonSet pod
     /// runs) inside the lab's cgroup, so teardown ends it even if the caller forgets.
     /// Stdio is as the caller set it on `command`.

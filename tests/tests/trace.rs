@@ -82,11 +82,11 @@ fn traces_one_pods_connects_with_exact_fields_and_detaches_on_sigint() {
     let lab = lab();
     let tracer = trace_client(&lab);
     let attached = BpfObjects::owned_by(tracer.pid()).unwrap();
-    // connect4/6, sendmsg4/6, packets out and in, socket state, ICMP and drops: a program
-    // and a link each.
+    // connect4/6, sendmsg4/6, packets out and in, socket state, ICMP, drops and NAT: a
+    // program and a link each.
     assert_eq!(
         (attached.programs.len(), attached.links.len()),
-        (9, 9),
+        (10, 10),
         "{attached:?}"
     );
 
@@ -476,4 +476,53 @@ fn counts_stay_exact_when_a_tiny_ring_buffer_overflows() {
     assert_eq!(traced, sends, "{}", output.stderr);
     assert!(lost > 0, "{}", output.stderr);
     assert_eq!(received + lost, traced, "{}", output.stderr);
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn snat_mapping_matches_the_nodes_conntrack_table() {
+    let lab = lab();
+    let tracer = trace_client(&lab);
+    let (pid, code) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 5);
+    assert_eq!(code, Some(0));
+    let records = tracer.stop(libc::SIGINT).unwrap().records();
+    let record = tcp_record(&records, pid);
+    let src = record["src"].as_str().unwrap();
+    let (_, pod_port) = src.rsplit_once(':').unwrap();
+    // The node's own view: the conntrack entry of this flow, reply direction.
+    let client_ip = lab.pod("client").ip.to_string();
+    let table = lab
+        .run_on_node(
+            "conntrack",
+            &[
+                "-L",
+                "-p",
+                "tcp",
+                "--orig-src",
+                &client_ip,
+                "--orig-port-dst",
+                "80",
+            ],
+        )
+        .unwrap();
+    let entry = table
+        .lines()
+        .find(|line| line.contains(&format!("sport={pod_port} ")))
+        .unwrap_or_else(|| panic!("no conntrack entry for {src} in:\n{table}"));
+    let field = |name: &str, nth: usize| {
+        entry
+            .split_whitespace()
+            .filter_map(|f| f.strip_prefix(name))
+            .nth(nth)
+            .unwrap_or_else(|| panic!("{name} #{nth} in {entry}"))
+            .to_owned()
+    };
+    // Reply direction: from the endpoint to the translated source.
+    let translated = format!("{}:{}", field("dst=", 1), field("dport=", 1));
+    assert_eq!(
+        record["nat"],
+        serde_json::json!({"src": translated}),
+        "{record}\n{entry}"
+    );
+    assert_eq!(field("dst=", 1), addr::NODE_IP.to_string());
 }

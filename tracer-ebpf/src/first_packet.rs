@@ -11,10 +11,7 @@ use aya_ebpf::{EbpfContext, helpers::bpf_get_socket_cookie, programs::SkBuffCont
 use tracer_common::{Counter, EventKind, FirstPacketEvent, FlowTuple, IPPROTO_TCP};
 
 use crate::{
-    maps::{
-        EVENTS, FIRST_PACKET_PENDING, FIRST_PACKET_REPORTED, TRACKED_SOCKS, TRACKED_TUPLES, count,
-        header,
-    },
+    maps::{EVENTS, FIRST_PACKET_REPORTED, TRACKED_SOCKS, TRACKED_TUPLES, count, header},
     packets::Packet,
 };
 
@@ -35,10 +32,10 @@ pub fn on_egress(ctx: &SkBuffContext, packet: &Packet) -> Result<(), i64> {
     };
     // SAFETY: a valid map value pointer; a racing packet at worst reports twice.
     unsafe {
-        if *state != FIRST_PACKET_PENDING {
+        if *state & FIRST_PACKET_REPORTED != 0 {
             return Ok(());
         }
-        *state = FIRST_PACKET_REPORTED;
+        *state |= FIRST_PACKET_REPORTED;
     }
     count(Counter::FirstPacketSeen);
     let (src, dst) = packet.endpoints(ctx)?;

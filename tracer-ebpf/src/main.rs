@@ -8,6 +8,7 @@
 //! - [`icmp`]: tp_btf `consume_skb` filtered to the ICMP receive functions, the ICMP
 //!   errors that explain failed attempts.
 //! - [`drops`]: tp_btf `kfree_skb`, packets of traced flows dropped, with the reason.
+//! - [`nat`]: tp_btf `net_dev_queue`, the SNAT/DNAT the node applied to traced flows.
 //!
 //! [`skb`] reads packets from `struct sk_buff` pointers for the tracing programs.
 //!
@@ -28,6 +29,8 @@ mod first_packet;
 mod icmp;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod nat;
 #[cfg(target_arch = "bpf")]
 mod packets;
 #[cfg(target_arch = "bpf")]

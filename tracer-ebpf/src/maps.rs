@@ -19,9 +19,9 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
 /// Cookies of the sockets whose `connect()` was reported; the first-packet and state
-/// hooks only report these. The value is [`FIRST_PACKET_PENDING`] until the socket's first
-/// packet was reported, then [`FIRST_PACKET_REPORTED`]. LRU so that sockets we never see
-/// close (UDP has no close event) cannot fill it.
+/// hooks only report these. The value holds flags of what was reported already
+/// ([`FIRST_PACKET_REPORTED`], [`NAT_REPORTED`]); [`FIRST_PACKET_PENDING`] is none. LRU so
+/// that sockets we never see close (UDP has no close event) cannot fill it.
 #[map]
 pub static TRACKED_SOCKS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(TRACKED_SOCKETS, 0);
 
@@ -56,6 +56,7 @@ pub fn is_traced(cgroup_id: u64) -> bool {
 
 pub const FIRST_PACKET_PENDING: u8 = 0;
 pub const FIRST_PACKET_REPORTED: u8 = 1;
+pub const NAT_REPORTED: u8 = 2;
 
 #[inline(always)]
 pub fn count(counter: Counter) {

@@ -27,7 +27,7 @@ use tracer_common::{
     IcmpErrorEvent, SockStateEvent, TCP_ESTABLISHED,
 };
 
-use crate::capture::{PacketDrop, comm, socket_addr};
+use crate::capture::{PacketDrop, Translation, comm, socket_addr};
 
 /// How long after its connect a UDP attempt is reported (ICMP errors come back within
 /// this); a socket that sent nothing by then counts as a probe.
@@ -142,6 +142,8 @@ pub struct Attempt {
     pub icmp: Option<IcmpError>,
     /// Packets of the attempt the kernel dropped.
     pub drops: Option<Drops>,
+    /// What the node's NAT made of its addresses.
+    pub nat: Option<Translation>,
 }
 
 /// The drops of one attempt: the first in detail, and how many there were.
@@ -275,6 +277,7 @@ impl FlowAssembler {
             tcp,
             icmp: None,
             drops: None,
+            nat: None,
         };
         if self.pending.len() >= MAX_PENDING {
             self.evict_oldest(done);
@@ -350,6 +353,13 @@ impl FlowAssembler {
                 Outcome::Unreachable
             };
             done.push(attempt);
+        }
+    }
+
+    /// Records the NAT translation of the attempt of socket `cookie`.
+    pub fn on_nat(&mut self, cookie: u64, translation: Translation) {
+        if let Some(attempt) = self.pending.get_mut(&cookie) {
+            attempt.nat = Some(translation);
         }
     }
 

@@ -42,7 +42,20 @@ pub struct AttemptRecord<'a> {
     pub icmp: Option<IcmpRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drop: Option<DropRecord<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatRecord>,
     pub cgroup_id: u64,
+}
+
+/// What the node's NAT made of the attempt's addresses.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct NatRecord {
+    /// The source after SNAT/MASQUERADE (the node's address and port).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub src: Option<SocketAddr>,
+    /// The destination after DNAT (a Service's backend).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst: Option<SocketAddr>,
 }
 
 /// Packets of the attempt the kernel dropped.
@@ -157,6 +170,10 @@ impl<'a> AttemptRecord<'a> {
                 count: d.count,
                 src: d.first.src,
                 dst: d.first.dst,
+            }),
+            nat: attempt.nat.map(|t| NatRecord {
+                src: t.src,
+                dst: t.dst,
             }),
             cgroup_id: attempt.cgroup_id,
         }
@@ -434,6 +451,7 @@ mod tests {
             }),
             icmp: None,
             drops: None,
+            nat: None,
         }
     }
 

@@ -111,6 +111,9 @@ impl Pipeline {
                         .on_drop(drop.sock_cookie, names.describe_drop(&drop));
                 }
                 Ok(KernelEvent::Dns(event)) => self.on_dns(&event),
+                Ok(KernelEvent::Nat(nat)) => self
+                    .flows
+                    .on_nat(nat.sock_cookie, KernelNames::describe_nat(&nat)),
                 Err(_) => self.stats.decode_errors += 1,
             }
         }

@@ -8,7 +8,7 @@
 use std::{collections::HashMap, path::Path};
 
 use btf_rs::{Btf, Member, Struct, Type};
-use tracer_common::{SkbOffsets, SockOffsets};
+use tracer_common::{NatOffsets, SkbOffsets, SockOffsets, nf_tuple};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
@@ -22,6 +22,8 @@ pub enum BtfError {
     NoStruct(String),
     #[error("kernel BTF has no enum {0}")]
     NoEnum(String),
+    #[error("kernel BTF: unexpected layout: {0}")]
+    Layout(String),
     #[error("kernel BTF: struct {strukt} has no field {field}")]
     NoField { strukt: String, field: String },
     #[error("kernel BTF: {strukt}.{field} is a bitfield or not byte-aligned")]
@@ -34,6 +36,17 @@ pub struct KernelBtf {
 }
 
 impl KernelBtf {
+    /// The types of a kernel module (`/sys/kernel/btf/<module>`) on top of these, for
+    /// structs that live in modules (`nf_conn` when conntrack is a module, as on AKS).
+    pub fn with_module(&self, module: &str) -> Result<Self, BtfError> {
+        let path = Path::new("/sys/kernel/btf").join(module);
+        let btf = Btf::from_split_file(&path, &self.btf).map_err(|source| BtfError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Self { btf })
+    }
+
     pub fn from_file(path: &Path) -> Result<Self, BtfError> {
         let btf = Btf::from_file(path).map_err(|source| BtfError::Read {
             path: path.display().to_string(),
@@ -97,6 +110,40 @@ impl KernelBtf {
             network_header: self.offset_of("sk_buff", &["network_header"])?,
             transport_header: self.offset_of("sk_buff", &["transport_header"])?,
             _pad: 0,
+        })
+    }
+
+    /// Where a packet's conntrack entry and tuples are. Checks that `struct
+    /// nf_conntrack_tuple` is laid out as the NAT program reads it.
+    pub fn nat_offsets(&self) -> Result<NatOffsets, BtfError> {
+        let tuple_field = |path: &[&str]| self.offset_of("nf_conntrack_tuple", path);
+        let expected = [
+            (&["src", "u3"][..], nf_tuple::SRC_ADDR),
+            (&["src", "u"][..], nf_tuple::SRC_PORT),
+            (&["src", "l3num"][..], nf_tuple::L3NUM),
+            (&["dst", "u3"][..], nf_tuple::DST_ADDR),
+            (&["dst", "u"][..], nf_tuple::DST_PORT),
+            (&["dst", "protonum"][..], nf_tuple::PROTONUM),
+        ];
+        for (path, offset) in expected {
+            if tuple_field(path)? as usize != offset {
+                return Err(BtfError::Layout(format!(
+                    "nf_conntrack_tuple.{} is not at byte {offset}",
+                    path.join(".")
+                )));
+            }
+        }
+        if self.find_struct("nf_conntrack_tuple")?.size() != nf_tuple::SIZE {
+            return Err(BtfError::Layout(format!(
+                "nf_conntrack_tuple is not {} bytes",
+                nf_tuple::SIZE
+            )));
+        }
+        Ok(NatOffsets {
+            nfct: self.offset_of("sk_buff", &["_nfct"])?,
+            tuplehash: self.offset_of("nf_conn", &["tuplehash"])?,
+            tuple_hash_size: self.find_struct("nf_conntrack_tuple_hash")?.size() as u32,
+            tuple: self.offset_of("nf_conntrack_tuple_hash", &["tuple"])?,
         })
     }
 
@@ -199,6 +246,23 @@ mod tests {
         // (u16 each), after `head` comes later in the struct.
         assert_eq!(off.network_header, off.transport_header + 2, "{off:?}");
         assert!(off.head > off.network_header, "{off:?}");
+    }
+
+    #[test]
+    fn conntrack_layout_matches_the_nat_program() {
+        if !Path::new(KERNEL_BTF).exists() {
+            return;
+        }
+        let btf = KernelBtf::from_file(Path::new(KERNEL_BTF)).unwrap();
+        // This kernel has conntrack built in; elsewhere it comes from the module's BTF.
+        let btf = match btf.nat_offsets() {
+            Err(BtfError::NoStruct(_)) => btf.with_module("nf_conntrack").unwrap(),
+            _ => btf,
+        };
+        let off = btf.nat_offsets().unwrap();
+        // Each direction's tuple_hash is a list node (16 bytes) and the 40-byte tuple.
+        assert_eq!((off.tuple, off.tuple_hash_size), (16, 56), "{off:?}");
+        assert!(off.tuplehash > 0 && off.nfct > 0, "{off:?}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::{
 
 use tracer_common::{
     AF_INET, AF_INET6, ConnectEvent, DNS_CAPTURE_BYTES, DnsEvent, DropEvent, Endpoint, EventHeader,
-    EventKind, FirstPacketEvent, IcmpErrorEvent, SockStateEvent,
+    EventKind, FirstPacketEvent, IcmpErrorEvent, NatEvent, SockStateEvent,
 };
 
 /// A decoded kernel event.
@@ -21,6 +21,7 @@ pub enum KernelEvent {
     Drop(DropEvent),
     /// Boxed: the message bytes make it far larger than the other events.
     Dns(Box<DnsEvent>),
+    Nat(NatEvent),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -72,6 +73,9 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
             }
             Ok(KernelEvent::Dns(Box::new(event)))
         }
+        EventKind::Nat => exact::<NatEvent>(record)
+            .map(KernelEvent::Nat)
+            .ok_or_else(|| wrong_length(size_of::<NatEvent>())),
     }
 }
 

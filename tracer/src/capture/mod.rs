@@ -20,7 +20,9 @@ use aya::{
     },
 };
 use tokio::io::unix::AsyncFd;
-use tracer_common::{Counter, DropEvent, DropReasons, IcmpReceivers, SETTING_CGROUP_FILTER};
+use tracer_common::{
+    Counter, DropEvent, DropReasons, IcmpReceivers, NatEvent, NatOffsets, SETTING_CGROUP_FILTER,
+};
 
 pub use btf::{BtfError, KernelBtf};
 pub use decode::{DecodeError, KernelEvent, comm, decode, socket_addr};
@@ -112,6 +114,8 @@ pub struct KernelCounters {
     pub icmp_errors_lost: u64,
     pub drops: u64,
     pub drops_lost: u64,
+    pub nats: u64,
+    pub nats_lost: u64,
 }
 
 impl KernelCounters {
@@ -121,6 +125,7 @@ impl KernelCounters {
             + self.first_packets_lost
             + self.icmp_errors_lost
             + self.drops_lost
+            + self.nats_lost
     }
 }
 
@@ -159,6 +164,15 @@ impl KernelNames {
             .unwrap_or_else(|| format!("{address:#x}"))
     }
 
+    /// The translation in a NAT event: what the source and destination became.
+    pub fn describe_nat(event: &NatEvent) -> Translation {
+        let changed = |reply, original| (reply != original).then(|| socket_addr(&reply)).flatten();
+        Translation {
+            src: changed(event.reply_dst, event.original_src),
+            dst: changed(event.reply_src, event.original_dst),
+        }
+    }
+
     /// Describes a drop event for the flow assembler.
     pub fn describe_drop(&self, event: &DropEvent) -> PacketDrop {
         PacketDrop {
@@ -169,6 +183,15 @@ impl KernelNames {
             dst: socket_addr(&event.dst),
         }
     }
+}
+
+/// What the node's NAT made of an attempt's addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    /// The source after SNAT/MASQUERADE, when it changed.
+    pub src: Option<std::net::SocketAddr>,
+    /// The destination after DNAT (a Service to its backend), when it changed.
+    pub dst: Option<std::net::SocketAddr>,
 }
 
 /// A dropped packet of an attempt.
@@ -242,6 +265,10 @@ impl Capture {
             ));
             IcmpReceivers::default()
         });
+        let nat_offsets = nat_offsets(&kernel_btf).unwrap_or_else(|e| {
+            warnings.push(format!("NAT translations will be missing: {e}"));
+            NatOffsets::default()
+        });
         let drop_reasons = kernel_btf
             .enum_members("skb_drop_reason")
             .unwrap_or_else(|e| {
@@ -261,6 +288,7 @@ impl Capture {
             .override_global("SOCK_OFFSETS", &sock_offsets, true)
             .override_global("SKB_OFFSETS", &skb_offsets, true)
             .override_global("ICMP_RECEIVERS", &icmp_receivers, true)
+            .override_global("NAT_OFFSETS", &nat_offsets, true)
             .override_global(
                 "DROP_REASONS",
                 &DropReasons {
@@ -322,6 +350,11 @@ impl Capture {
                     && let Err(e) = attach_btf_tracepoint(&mut ebpf, "kfree_skb", &btf)
                 {
                     warnings.push(format!("packet drops will not be reported: {e}"));
+                }
+                if nat_offsets != NatOffsets::default()
+                    && let Err(e) = attach_btf_tracepoint(&mut ebpf, "net_dev_queue", &btf)
+                {
+                    warnings.push(format!("NAT translations will be missing: {e}"));
                 }
             }
             Err(e) => warnings.push(format!(
@@ -413,6 +446,8 @@ impl Capture {
             icmp_errors_lost: total(Counter::IcmpErrorLost)?,
             drops: total(Counter::DropSeen)?,
             drops_lost: total(Counter::DropLost)?,
+            nats: total(Counter::NatSeen)?,
+            nats_lost: total(Counter::NatLost)?,
         })
     }
 }
@@ -487,6 +522,14 @@ fn attach_btf_tracepoint(
     program.load(hook, btf).map_err(hook_error)?;
     program.attach().map_err(hook_error)?;
     Ok(())
+}
+
+/// Conntrack offsets, from the kernel's BTF or, when conntrack is a module, the module's.
+fn nat_offsets(kernel_btf: &KernelBtf) -> Result<NatOffsets, BtfError> {
+    match kernel_btf.nat_offsets() {
+        Err(BtfError::NoStruct(_)) => kernel_btf.with_module("nf_conntrack")?.nat_offsets(),
+        other => other,
+    }
 }
 
 /// Where `icmp_rcv` and `icmpv6_rcv` live in kernel text.
