@@ -52,12 +52,22 @@ impl Tracer {
     /// Starts `egress-tracer ARGS` in the node namespace and waits until it is attached.
     pub fn start(lab: &Lab, args: &[&str]) -> io::Result<Self> {
         let mut command = Command::new(tracer_binary()?);
+        command.args(args);
+        Self::attach(lab.spawn_on_node(piped(command))?)
+    }
+
+    /// Starts it the way an operator would on a node: `ip netns exec NODE egress-tracer
+    /// ARGS`, which also gives it a private mount namespace with a fresh `/sys`.
+    pub fn start_with_ip_netns_exec(lab: &Lab, args: &[&str]) -> io::Result<Self> {
+        let mut command = Command::new("ip");
         command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = lab.spawn_on_node(command)?;
+            .args(["netns", "exec", &lab.node_netns()])
+            .arg(tracer_binary()?)
+            .args(args);
+        Self::attach(piped(command).spawn()?)
+    }
+
+    fn attach(mut child: Child) -> io::Result<Self> {
         let stdout = lines_of(child.stdout.take().expect("piped"));
         let stderr = lines_of(child.stderr.take().expect("piped"));
         let mut tracer = Tracer {
@@ -135,6 +145,14 @@ impl Drop for Tracer {
             let _ = self.child.wait();
         }
     }
+}
+
+fn piped(mut command: Command) -> Command {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
 }
 
 fn lines_of(stream: impl io::Read + Send + 'static) -> Receiver<String> {

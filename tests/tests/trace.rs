@@ -526,3 +526,34 @@ fn snat_mapping_matches_the_nodes_conntrack_table() {
     );
     assert_eq!(field("dst=", 1), addr::NODE_IP.to_string());
 }
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn works_when_started_with_ip_netns_exec() {
+    let lab = lab();
+    let state = lab.cluster_state();
+    // `ip netns exec` remounts /sys privately: the cgroup mounts are not visible there.
+    let tracer = Tracer::start_with_ip_netns_exec(
+        &lab,
+        &[
+            "trace",
+            "--cluster-state",
+            state.to_str().unwrap(),
+            "--pod",
+            "default/client",
+            "-o",
+            "json",
+        ],
+    )
+    .unwrap();
+    let (pid, code) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 5);
+    assert_eq!(code, Some(0));
+    let output = tracer.stop(libc::SIGINT).unwrap();
+    assert!(output.status.success(), "{}", output.stderr);
+    let records = output.records();
+    let record = tcp_record(&records, pid);
+    assert_eq!(
+        (record["pod"].as_str(), record["outcome"].as_str()),
+        (Some("default/client"), Some("established"))
+    );
+}

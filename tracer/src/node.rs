@@ -3,7 +3,7 @@
 
 use std::{
     fs, io,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
 
@@ -20,16 +20,44 @@ pub fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
     })
 }
 
-/// The cgroup v2 mount point of this process's mount namespace.
+/// The cgroup v2 hierarchy: where this process's mount namespace has it, else where the
+/// mount namespace of a parent process (or init) has it, reached through
+/// `/proc/PID/root`. `ip netns exec` remounts `/sys` in a private mount namespace, which
+/// hides the cgroup mounts below it; its parent still sees them.
 pub fn cgroup2_mount() -> io::Result<PathBuf> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
-    cgroup2_mount_in(&mountinfo).ok_or_else(|| {
+    let own = fs::read_to_string("/proc/self/mountinfo")?;
+    if let Some(mount) = cgroup2_mount_in(&own) {
+        return Ok(mount);
+    }
+    let through = |pid: u32| {
+        let mountinfo = fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
+        let mount = cgroup2_mount_in(&mountinfo)?;
+        let path = Path::new(&format!("/proc/{pid}/root")).join(mount.strip_prefix("/").ok()?);
+        path.is_dir().then_some(path)
+    };
+    let found = ancestors().chain([1]).find_map(through);
+    found.ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::NotFound,
-            "no cgroup2 filesystem is mounted (see /proc/self/mountinfo); \
-             egress-tracer needs cgroup v2 to attach its connect hooks",
+            "no cgroup2 filesystem is mounted here or on the host (see /proc/self/mountinfo \
+             and /proc/1/mountinfo); egress-tracer needs cgroup v2 to attach its hooks",
         )
     })
+}
+
+/// This process's parent, grandparent, … (at most 32 of them), by pid.
+fn ancestors() -> impl Iterator<Item = u32> {
+    let parent_of = |pid: &str| {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let ppid: u32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        (ppid > 1).then_some(ppid)
+    };
+    std::iter::successors(parent_of("self"), move |pid| parent_of(&pid.to_string())).take(32)
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
