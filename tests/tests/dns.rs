@@ -117,7 +117,8 @@ fn timeout_when_the_upstream_dns_is_unreachable() {
         .with_resolver_options("ndots:5 timeout:1 attempts:1");
     let lab = Lab::start(&[pod]).unwrap();
     lab.inject(Fault::UpstreamDnsUnreachable).unwrap();
-    let tracer = trace(&lab, "client", &["--dns-timeout", "1s"]);
+    // The tracer takes the 1 s timeout from the pod's own resolv.conf.
+    let tracer = trace(&lab, "client", &[]);
     let pid = resolve(&lab, "client", addr::ENDPOINT_NAME);
     // Let the tracer's own timeout pass before stopping it.
     std::thread::sleep(Duration::from_millis(1500));

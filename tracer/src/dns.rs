@@ -176,15 +176,35 @@ fn normalize(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
 }
 
-/// The resolver search list of the process that made a query (`search` in its
-/// resolv.conf).
-pub fn search_domains(resolv_conf: &str) -> Vec<String> {
-    resolv_conf
-        .lines()
-        .filter_map(|line| line.trim().strip_prefix("search"))
-        .filter(|rest| rest.starts_with(char::is_whitespace))
-        .flat_map(|rest| rest.split_whitespace().map(normalize))
-        .collect()
+/// What the tracer needs of a process's resolver configuration (its resolv.conf).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resolver {
+    /// `search`: the domains a short name is tried in.
+    pub search: Vec<String>,
+    /// `options timeout:N`: how long the resolver waits for a response.
+    pub timeout: Option<Duration>,
+}
+
+/// Reads the parts of a resolv.conf that matter for grouping queries and timing them out.
+pub fn resolver_config(resolv_conf: &str) -> Resolver {
+    let mut resolver = Resolver::default();
+    for line in resolv_conf.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("search") => resolver.search = words.map(normalize).collect(),
+            Some("options") => {
+                for option in words {
+                    if let Some(seconds) =
+                        option.strip_prefix("timeout:").and_then(|s| s.parse().ok())
+                    {
+                        resolver.timeout = Some(Duration::from_secs(seconds));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    resolver
 }
 
 /// The name an application asked for, given a query name and the search list: the
@@ -281,7 +301,8 @@ pub struct Lookup {
 }
 
 struct PendingQuery {
-    sent_ns: u64,
+    /// When the query counts as timed out.
+    deadline_ns: u64,
     lookup: LookupKey,
 }
 
@@ -323,7 +344,8 @@ pub struct DnsTracker {
 }
 
 impl DnsTracker {
-    /// `timeout`: how long a query may wait for its response (the resolver's timeout).
+    /// `timeout`: how long a query may wait for its response when the resolver's own
+    /// timeout is not known.
     pub fn new(timeout: Duration) -> Self {
         Self {
             timeout,
@@ -331,8 +353,14 @@ impl DnsTracker {
         }
     }
 
-    /// Takes one message. `search` is the sender's search list (for grouping queries).
-    pub fn on_message(&mut self, mut seen: SeenMessage, search: &[String], done: &mut Vec<Lookup>) {
+    /// Takes one message; `resolver` is the sender's configuration (search list for
+    /// grouping, timeout).
+    pub fn on_message(
+        &mut self,
+        mut seen: SeenMessage,
+        resolver: &Resolver,
+        done: &mut Vec<Lookup>,
+    ) {
         let parsed = std::mem::replace(&mut seen.message, Err(DnsError::Empty));
         let message = match parsed {
             Ok(message) => message,
@@ -346,7 +374,7 @@ impl DnsTracker {
         if message.is_response {
             self.on_response(&seen, message);
         } else if let Some(question) = message.question {
-            self.on_query(&seen, message.id, question, search, done);
+            self.on_query(&seen, message.id, question, resolver, done);
         }
     }
 
@@ -355,10 +383,10 @@ impl DnsTracker {
         seen: &SeenMessage,
         id: u16,
         question: Question,
-        search: &[String],
+        resolver: &Resolver,
         done: &mut Vec<Lookup>,
     ) {
-        let base = base_name(&question.name, search);
+        let base = base_name(&question.name, &resolver.search);
         let lookup_key = (seen.cgroup_id, base.clone());
         if !self.lookups.contains_key(&lookup_key) {
             if self.lookups.len() >= MAX_LOOKUPS {
@@ -407,7 +435,8 @@ impl DnsTracker {
         let previous = self.pending.insert(
             key,
             PendingQuery {
-                sent_ns: seen.monotonic_ns,
+                deadline_ns: seen.monotonic_ns
+                    + resolver.timeout.unwrap_or(self.timeout).as_nanos() as u64,
                 lookup: lookup_key,
             },
         );
@@ -490,13 +519,15 @@ impl DnsTracker {
     /// Times out unanswered queries and reports lookups that have settled, at monotonic
     /// time `now_ns`.
     pub fn expire(&mut self, now_ns: u64, done: &mut Vec<Lookup>) {
-        let timeout = self.timeout.as_nanos() as u64;
+        // Queries are in sending order; deadlines differ only between resolvers with
+        // different timeouts, so a later deadline can hold an earlier one back by at most
+        // the difference.
         while let Some(key) = self.pending_order.front().copied() {
             let Some(query) = self.pending.get(&key) else {
                 self.pending_order.pop_front();
                 continue;
             };
-            if now_ns.saturating_sub(query.sent_ns) < timeout {
+            if now_ns < query.deadline_ns {
                 break;
             }
             self.pending_order.pop_front();
@@ -504,7 +535,7 @@ impl DnsTracker {
             if let Some(open) = self.lookups.get_mut(&query.lookup) {
                 open.lookup.timeouts += 1;
             }
-            self.settle_one(&query.lookup, Some(query.sent_ns + timeout));
+            self.settle_one(&query.lookup, Some(query.deadline_ns));
         }
         let settle = LOOKUP_SETTLE.as_nanos() as u64;
         let ready: Vec<LookupKey> = self
@@ -583,10 +614,17 @@ fn remember(
     }
 }
 
-/// Decides how a lookup ended from its responses.
+/// Decides how a lookup ended. The name itself decides when it was asked: its answer,
+/// or its silence (timed out, or still unanswered when tracing stopped), whatever the
+/// search-domain expansions before it got; otherwise the last response does.
 fn finish(open: OpenLookup) -> Lookup {
     let mut lookup = open.lookup;
-    let rcode = open.base_rcode.or(open.last_rcode);
+    let asked_name = lookup.queried.contains(&lookup.name);
+    let rcode = if asked_name {
+        open.base_rcode
+    } else {
+        open.last_rcode.clone()
+    };
     lookup.result = if !lookup.answers.is_empty() {
         LookupResult::Resolved
     } else if open.malformed {
@@ -604,7 +642,7 @@ fn finish(open: OpenLookup) -> Lookup {
             Some(_) => LookupResult::Failed,
         }
     };
-    lookup.rcode = rcode;
+    lookup.rcode = rcode.or(open.last_rcode);
     lookup
 }
 
@@ -744,10 +782,13 @@ mod tests {
     }
 
     #[test]
-    fn search_domains_and_base_names() {
-        let search = search_domains(
-            "nameserver 10.0.0.10\nsearch shop.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\nsearchx no\n",
+    fn resolver_configuration_and_base_names() {
+        let resolver = resolver_config(
+            "nameserver 10.0.0.10\nsearch shop.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5 timeout:2 attempts:1\nsearchx no\n",
         );
+        assert_eq!(resolver.timeout, Some(Duration::from_secs(2)));
+        assert_eq!(resolver_config("nameserver 1.1.1.1\n"), Resolver::default());
+        let search = resolver.search;
         assert_eq!(
             search,
             vec![
@@ -785,8 +826,8 @@ mod tests {
     const SERVER: &str = "10.0.0.10:53";
     const MS: u64 = 1_000_000;
 
-    fn search() -> Vec<String> {
-        search_domains("search default.svc.cluster.local svc.cluster.local cluster.local")
+    fn search() -> Resolver {
+        resolver_config("search default.svc.cluster.local svc.cluster.local cluster.local")
     }
 
     #[test]
@@ -922,6 +963,60 @@ mod tests {
             (done[0].result, done[0].timeouts),
             (LookupResult::Timeout, 1)
         );
+    }
+
+    #[test]
+    fn the_name_itself_unanswered_is_a_timeout_even_after_nxdomain_expansions() {
+        let mut dns = DnsTracker::new(Duration::from_secs(5));
+        let mut done = Vec::new();
+        let expansion = "api.example.test.cluster.local";
+        dns.on_message(
+            seen(0, CLIENT, SERVER, message(1, QUERY, expansion, A, &[])),
+            &search(),
+            &mut done,
+        );
+        dns.on_message(
+            seen(MS, SERVER, CLIENT, message(1, NXDOMAIN, expansion, A, &[])),
+            &search(),
+            &mut done,
+        );
+        dns.on_message(
+            seen(
+                2 * MS,
+                CLIENT,
+                SERVER,
+                message(2, QUERY, "api.example.test", A, &[]),
+            ),
+            &search(),
+            &mut done,
+        );
+        // Tracing stops before the resolver's timeout.
+        dns.drain(&mut done);
+        assert_eq!(done[0].result, LookupResult::Timeout);
+        assert_eq!(
+            done[0].rcode.as_deref(),
+            Some("NXDOMAIN"),
+            "the expansions' answer is kept"
+        );
+    }
+
+    #[test]
+    fn the_resolvers_own_timeout_applies() {
+        let mut dns = DnsTracker::new(Duration::from_secs(5));
+        let mut done = Vec::new();
+        let resolver = resolver_config("options timeout:1");
+        dns.on_message(
+            seen(
+                0,
+                CLIENT,
+                SERVER,
+                message(1, QUERY, "api.example.test", A, &[]),
+            ),
+            &resolver,
+            &mut done,
+        );
+        dns.expire(1_000 * MS + LOOKUP_SETTLE.as_nanos() as u64, &mut done);
+        assert_eq!((done.len(), done[0].timeouts), (1, 1));
     }
 
     #[test]

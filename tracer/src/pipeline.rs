@@ -15,7 +15,7 @@ use tracer_common::{DnsEvent, IPPROTO_TCP};
 use crate::{
     capture::{DecodeError, KernelEvent, KernelNames, socket_addr},
     cluster::{ClusterState, PodInfo, cgroups::CgroupIndex},
-    dns::{self, DnsTracker, Lookup, SeenMessage},
+    dns::{self, DnsTracker, Lookup, Resolver, SeenMessage},
     flow::{Attempt, FlowAssembler, Origin, Protocol},
 };
 
@@ -48,8 +48,8 @@ pub struct Pipeline {
     dns_sockets: HashSet<u64>,
     /// TCP DNS streams (socket, direction) whose last segment was a lone length prefix.
     tcp_length_only: HashSet<(u64, u8)>,
-    /// Search lists read from the resolv.conf of a process in each cgroup.
-    search_lists: HashMap<u64, Vec<String>>,
+    /// Resolver configurations read from the resolv.conf of a process in each cgroup.
+    resolvers: HashMap<u64, Resolver>,
     attempts: Vec<Attempt>,
     lookups: Vec<Lookup>,
     stats: PipelineStats,
@@ -71,7 +71,7 @@ impl Pipeline {
             target_uid: target.map(|pod| pod.uid.clone()),
             dns_sockets: HashSet::new(),
             tcp_length_only: HashSet::new(),
-            search_lists: HashMap::new(),
+            resolvers: HashMap::new(),
             attempts: Vec::new(),
             lookups: Vec::new(),
             stats: PipelineStats::default(),
@@ -149,7 +149,7 @@ impl Pipeline {
             .flows
             .pending(event.sock_cookie)
             .map(|a| (a.pid, a.comm.clone()));
-        let search = self.search_list(event.cgroup_id, process.as_ref(), &origin);
+        let resolver = self.resolver(event.cgroup_id, process.as_ref(), &origin);
         if self.dns_sockets.len() >= MAX_REMEMBERED {
             self.dns_sockets.clear();
         }
@@ -164,7 +164,7 @@ impl Pipeline {
             process,
             message: dns::parse(payload, framed, cut),
         };
-        self.dns.on_message(seen, &search, &mut self.lookups);
+        self.dns.on_message(seen, &resolver, &mut self.lookups);
     }
 
     /// Settles what waited long enough, at monotonic time `now_ns`.
@@ -227,37 +227,41 @@ impl Pipeline {
         origin_of(cgroup_id, &mut self.cgroups, &self.cluster)
     }
 
-    /// The search list of the resolver in `cgroup_id`: from the resolv.conf a process of
-    /// the cgroup sees (its own mount namespace), else Kubernetes' default for the pod's
-    /// namespace.
-    fn search_list(
+    /// The resolver configuration in `cgroup_id`: from the resolv.conf a process of the
+    /// cgroup sees (its own mount namespace), else Kubernetes' default search list for the
+    /// pod's namespace.
+    fn resolver(
         &mut self,
         cgroup_id: u64,
         process: Option<&(u32, String)>,
         origin: &Origin,
-    ) -> Vec<String> {
-        if let Some(list) = self.search_lists.get(&cgroup_id) {
-            return list.clone();
+    ) -> Resolver {
+        if let Some(resolver) = self.resolvers.get(&cgroup_id) {
+            return resolver.clone();
         }
         let from_resolv_conf = process
             .and_then(|(pid, _)| {
                 fs::read_to_string(format!("/proc/{pid}/root/etc/resolv.conf")).ok()
             })
-            .map(|text| dns::search_domains(&text));
-        if let Some(list) = from_resolv_conf {
-            if self.search_lists.len() >= MAX_REMEMBERED {
-                self.search_lists.clear();
+            .map(|text| dns::resolver_config(&text));
+        if let Some(resolver) = from_resolv_conf {
+            if self.resolvers.len() >= MAX_REMEMBERED {
+                self.resolvers.clear();
             }
-            self.search_lists.insert(cgroup_id, list.clone());
-            return list;
+            self.resolvers.insert(cgroup_id, resolver.clone());
+            return resolver;
         }
-        match origin.pod.as_deref().and_then(|pod| pod.split_once('/')) {
+        let search = match origin.pod.as_deref().and_then(|pod| pod.split_once('/')) {
             Some((namespace, _)) => vec![
                 format!("{namespace}.svc.cluster.local"),
                 "svc.cluster.local".to_owned(),
                 "cluster.local".to_owned(),
             ],
             None => Vec::new(),
+        };
+        Resolver {
+            search,
+            timeout: None,
         }
     }
 }

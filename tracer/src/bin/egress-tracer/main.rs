@@ -55,8 +55,8 @@ struct TraceArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Format::Table)]
     output: Format,
-    /// How long a DNS query may wait for its response before it counts as timed out
-    /// (the resolver's `options timeout:`, 5 s by default).
+    /// How long a DNS query may wait for its response before it counts as timed out, when
+    /// the resolver's own `options timeout:` in the pod's resolv.conf cannot be read.
     #[arg(long, value_name = "D", value_parser = parse_duration, default_value = "5s")]
     dns_timeout: Duration,
     /// Size of the kernel's event ring buffer in bytes (a power of two, at least 4096);
