@@ -26,7 +26,7 @@ pub struct PodCgroup {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ContainerCgroup {
     pub runtime: Runtime,
-    /// The runtime's container id (64 hex digits).
+    /// The runtime's container id (64 hex digits with the usual runtimes).
     pub id: String,
     /// CRI-O's per-container monitor (`crio-conmon-<id>`), not the workload itself.
     pub is_monitor: bool,
@@ -65,13 +65,9 @@ pub fn parse(path: &str) -> Option<PodCgroup> {
         .enumerate()
         .find_map(|(i, c)| pod_uid_of(c).map(|(uid, driver)| (i, uid, driver)))?;
     let qos = qos_of(&rest[..=pod_index]);
-    let container = match &rest[pod_index + 1..] {
-        [] => None,
-        [container] => Some(container_of(container)?),
-        // Deeper cgroups belong to something a container created itself: keep the
-        // container they live in.
-        [container, ..] => Some(container_of(container)?),
-    };
+    // Deeper cgroups belong to something a container created itself: keep the container
+    // they live in.
+    let container = rest.get(pod_index + 1).map(|name| container_of(name));
     Some(PodCgroup {
         pod_uid,
         qos,
@@ -117,7 +113,10 @@ fn qos_of(components: &[&str]) -> QosClass {
     }
 }
 
-fn container_of(component: &str) -> Option<ContainerCgroup> {
+/// The container a cgroup below the pod's is for. Runtimes name it `<prefix>-<id>.scope`
+/// (systemd driver) or `<id>` (cgroupfs driver); an unusual name is kept as the id rather
+/// than losing the pod.
+fn container_of(component: &str) -> ContainerCgroup {
     let name = component.strip_suffix(".scope").unwrap_or(component);
     let (runtime, is_monitor, id) = if let Some(id) = name.strip_prefix("cri-containerd-") {
         (Runtime::Containerd, false, id)
@@ -130,12 +129,11 @@ fn container_of(component: &str) -> Option<ContainerCgroup> {
     } else {
         (Runtime::Unspecified, false, name)
     };
-    let is_container_id = id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit());
-    is_container_id.then(|| ContainerCgroup {
+    ContainerCgroup {
         runtime,
         id: id.to_owned(),
         is_monitor,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -265,6 +263,20 @@ mod tests {
     }
 
     #[test]
+    fn unusual_container_names_keep_the_pod() {
+        let parsed = parse(&format!("/kubepods/besteffort/pod{UID}/ctr1")).unwrap();
+        assert_eq!(parsed.pod_uid, UID);
+        assert_eq!(
+            parsed.container,
+            Some(ContainerCgroup {
+                runtime: Runtime::Unspecified,
+                id: "ctr1".into(),
+                is_monitor: false
+            })
+        );
+    }
+
+    #[test]
     fn not_pods() {
         for path in [
             "/",
@@ -274,9 +286,8 @@ mod tests {
             "/kubepods.slice/kubepods-besteffort.slice",
             // A pod-like name outside kubepods.
             &format!("/system.slice/pod{UID}"),
-            // Malformed UIDs and container ids.
+            // Malformed UIDs.
             "/kubepods/besteffort/pod1234/abc",
-            &format!("/kubepods/besteffort/pod{UID}/not-a-container"),
             &format!("/kubepods.slice/kubepods-pod{UID_SYSTEMD}x.slice"),
         ] {
             assert_eq!(parse(path), None, "{path}");
