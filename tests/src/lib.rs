@@ -78,6 +78,8 @@ pub struct PodSpec {
     pub driver: CgroupDriver,
     /// The `options` line of the pod's resolv.conf.
     pub resolver_options: String,
+    /// A port the pod serves HTTP on (a Service backend).
+    pub http_port: Option<u16>,
 }
 
 impl PodSpec {
@@ -88,7 +90,14 @@ impl PodSpec {
             labels: vec![("app".to_owned(), name.to_owned())],
             driver,
             resolver_options: "ndots:5".to_owned(),
+            http_port: None,
         }
+    }
+
+    /// Makes the pod serve HTTP on `port` of its address.
+    pub fn serving_http(mut self, port: u16) -> Self {
+        self.http_port = Some(port);
+        self
     }
 
     /// Replaces the resolv.conf `options` (e.g. `ndots:5 timeout:1 attempts:1`).
@@ -277,6 +286,46 @@ impl Lab {
         let mut child = self.spawn_in_pod(pod, program, args)?;
         let pid = child.id();
         Ok((pid, child.wait()?))
+    }
+
+    /// Adds a ClusterIP Service: kube-proxy's DNAT rule in the node namespace (cluster IP
+    /// and port to the backend pod's address and target port), and the Service and
+    /// EndpointSlice manifests in the cluster state.
+    pub fn add_cluster_ip_service(
+        &self,
+        namespace: &str,
+        name: &str,
+        cluster_ip: std::net::Ipv4Addr,
+        port: u16,
+        backend: &LabPod,
+        target_port: u16,
+    ) -> io::Result<()> {
+        let (ip, port_text) = (cluster_ip.to_string(), port.to_string());
+        let backend_address = format!("{}:{target_port}", backend.ip);
+        let rule = [
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            &ip,
+            "-p",
+            "tcp",
+            "--dport",
+            &port_text,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &backend_address,
+        ];
+        self.run_on_node("iptables", &rule)?;
+        let manifests =
+            manifest::service_manifests(namespace, name, cluster_ip, port, backend, target_port);
+        fs::write(
+            self.cluster_state()
+                .join(format!("{namespace}_{name}_service.json")),
+            manifests,
+        )
     }
 
     /// Runs `program args` to completion in the node's network namespace (for `conntrack`,
@@ -661,6 +710,20 @@ impl Lab {
         )?;
         pod.pid = child.id();
         self.children.push(child);
+        if let Some(port) = spec.http_port {
+            let mut server = Command::new(lab_helper()?);
+            server.args(["serve-http", "--listen", &format!("{}:{port}", pod.ip)]);
+            process::log_to(
+                &mut server,
+                &self.state_dir.join(format!("http-{}.log", spec.name)),
+            )?;
+            let placement = Placement {
+                netns: &pod.netns,
+                cgroup: &pod.cgroup,
+                resolv_conf: None,
+            };
+            self.children.push(process::spawn(server, &placement)?);
+        }
 
         let manifest = PodManifest {
             namespace: &pod.namespace,

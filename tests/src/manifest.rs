@@ -5,6 +5,52 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde_json::{Map, Value, json};
 
+use crate::LabPod;
+
+/// A ClusterIP Service and its EndpointSlice, as a kubectl `List`.
+pub fn service_manifests(
+    namespace: &str,
+    name: &str,
+    cluster_ip: Ipv4Addr,
+    port: u16,
+    backend: &LabPod,
+    target_port: u16,
+) -> String {
+    let list = json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {
+                    "type": "ClusterIP",
+                    "clusterIP": cluster_ip.to_string(),
+                    "clusterIPs": [cluster_ip.to_string()],
+                    "ports": [{"port": port, "targetPort": target_port, "protocol": "TCP"}],
+                },
+            },
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": format!("{name}-lab"),
+                    "namespace": namespace,
+                    "labels": {"kubernetes.io/service-name": name},
+                },
+                "addressType": "IPv4",
+                "endpoints": [{
+                    "addresses": [backend.ip.to_string()],
+                    "targetRef": {"kind": "Pod", "name": backend.name, "namespace": backend.namespace},
+                }],
+                "ports": [{"port": target_port, "protocol": "TCP"}],
+            },
+        ],
+    });
+    serde_json::to_string_pretty(&list).expect("a JSON value serialises")
+}
+
 pub struct PodManifest<'a> {
     pub namespace: &'a str,
     pub name: &'a str,

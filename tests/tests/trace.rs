@@ -557,3 +557,34 @@ fn works_when_started_with_ip_netns_exec() {
         (Some("default/client"), Some("established"))
     );
 }
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn cluster_ip_service_is_attributed_to_its_service_and_backend_pod() {
+    let lab = Lab::start(&[
+        PodSpec::new("default", "client", CgroupDriver::Systemd),
+        PodSpec::new("shop", "web", CgroupDriver::Cgroupfs).serving_http(8080),
+    ])
+    .unwrap();
+    let cluster_ip = std::net::Ipv4Addr::new(10, 0, 1, 10);
+    lab.add_cluster_ip_service("shop", "web", cluster_ip, 80, lab.pod("web"), 8080)
+        .unwrap();
+    let tracer = trace_client(&lab);
+    let (pid, code) = curl(&lab, "client", &url(cluster_ip, 80), 5);
+    assert_eq!(code, Some(0), "the Service must answer");
+    let records = tracer.stop(libc::SIGINT).unwrap().records();
+    let record = tcp_record(&records, pid);
+    assert_eq!(record["dst"], "10.0.1.10:80");
+    assert_eq!(record["outcome"], "established");
+    let backend = format!("{}:8080", lab.pod("web").ip);
+    // kube-proxy's DNAT, read from the flow's conntrack entry; no SNAT inside the cluster.
+    assert_eq!(
+        record["nat"],
+        serde_json::json!({"dst": backend}),
+        "{record}"
+    );
+    assert_eq!(
+        record["service"],
+        serde_json::json!({"name": "shop/web", "backend": backend, "backend_pod": "shop/web"})
+    );
+}

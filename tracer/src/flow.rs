@@ -144,6 +144,19 @@ pub struct Attempt {
     pub drops: Option<Drops>,
     /// What the node's NAT made of its addresses.
     pub nat: Option<Translation>,
+    /// The Service `dst` is, with the backend the node's DNAT chose.
+    pub service: Option<ServiceTarget>,
+}
+
+/// A connection to a Service's cluster IP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceTarget {
+    /// `namespace/name` of the Service.
+    pub name: String,
+    /// The backend the connection was translated to (from conntrack).
+    pub backend: Option<SocketAddr>,
+    /// `namespace/name` of the pod with the backend's address.
+    pub backend_pod: Option<String>,
 }
 
 /// The drops of one attempt: the first in detail, and how many there were.
@@ -278,6 +291,7 @@ impl FlowAssembler {
             icmp: None,
             drops: None,
             nat: None,
+            service: None,
         };
         if self.pending.len() >= MAX_PENDING {
             self.evict_oldest(done);

@@ -44,7 +44,20 @@ pub struct AttemptRecord<'a> {
     pub drop: Option<DropRecord<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nat: Option<NatRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceRecord<'a>>,
     pub cgroup_id: u64,
+}
+
+/// The Service the attempt went to, and its backend.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct ServiceRecord<'a> {
+    /// `namespace/name`.
+    pub name: &'a str,
+    /// The backend address the node's DNAT chose.
+    pub backend: Option<SocketAddr>,
+    /// `namespace/name` of the backend pod, when it is a known pod.
+    pub backend_pod: Option<&'a str>,
 }
 
 /// What the node's NAT made of the attempt's addresses.
@@ -174,6 +187,11 @@ impl<'a> AttemptRecord<'a> {
             nat: attempt.nat.map(|t| NatRecord {
                 src: t.src,
                 dst: t.dst,
+            }),
+            service: attempt.service.as_ref().map(|s| ServiceRecord {
+                name: &s.name,
+                backend: s.backend,
+                backend_pod: s.backend_pod.as_deref(),
             }),
             cgroup_id: attempt.cgroup_id,
         }
@@ -452,6 +470,7 @@ mod tests {
             icmp: None,
             drops: None,
             nat: None,
+            service: None,
         }
     }
 

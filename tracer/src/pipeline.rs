@@ -1,6 +1,7 @@
 //! From decoded kernel events to records: attributes events to pods, assembles attempts
 //! ([`flow`](crate::flow)) and DNS lookups ([`dns`](crate::dns)), names destinations from
-//! DNS answers, and folds the resolver's own UDP sockets into the lookups they carried.
+//! DNS answers and Services from the cluster model, and folds the resolver's own UDP
+//! sockets into the lookups they carried.
 //! (Sockets that carried DNS and were never reported as attempts, like TCP ones, are
 //! forgotten once [`MAX_REMEMBERED`] is reached.)
 
@@ -16,7 +17,7 @@ use crate::{
     capture::{DecodeError, KernelEvent, KernelNames, socket_addr},
     cluster::{ClusterState, PodInfo, cgroups::CgroupIndex},
     dns::{self, DnsTracker, Lookup, Resolver, SeenMessage},
-    flow::{Attempt, FlowAssembler, Origin, Protocol},
+    flow::{Attempt, FlowAssembler, Origin, Protocol, ServiceTarget},
 };
 
 /// Bound on remembered sockets that carried DNS and on cached search lists.
@@ -26,7 +27,8 @@ const DNS_PORT: u16 = 53;
 /// A finished record.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Record {
-    Attempt(Attempt),
+    /// Boxed: an attempt with its evidence is much larger than a lookup.
+    Attempt(Box<Attempt>),
     Lookup(Lookup, Origin),
 }
 
@@ -196,7 +198,17 @@ impl Pipeline {
                 .dns
                 .name_of(attempt.cgroup_id, attempt.dst.ip())
                 .map(str::to_owned);
-            records.push(Record::Attempt(attempt));
+            attempt.service = self.cluster.service_at(attempt.dst).map(|service| {
+                let backend = attempt.nat.and_then(|nat| nat.dst);
+                ServiceTarget {
+                    name: service.to_string(),
+                    backend,
+                    backend_pod: backend
+                        .and_then(|b| self.cluster.pod_by_ip(b.ip()))
+                        .map(PodInfo::to_string),
+                }
+            });
+            records.push(Record::Attempt(Box::new(attempt)));
         }
         for lookup in self.lookups.drain(..) {
             let origin = origin_of(lookup.cgroup_id, &mut self.cgroups, &self.cluster);

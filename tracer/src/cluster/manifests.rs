@@ -10,7 +10,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::{
+    api::{
+        core::v1::{Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -18,6 +24,8 @@ use serde_json::Value;
 #[derive(Debug, Default)]
 pub struct Manifests {
     pub pods: Vec<Pod>,
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
     /// Problems with individual files, documents or objects; the rest was loaded.
     pub warnings: Vec<ManifestWarning>,
 }
@@ -141,23 +149,35 @@ fn add_object(file: &Path, document: usize, value: Value, manifests: &mut Manife
         }
         return;
     }
-    let warn = |message: String| ManifestWarning {
-        file: file.to_owned(),
-        document,
-        object: Some(describe(&kind, &value)),
-        message,
+    let object = describe(&kind, &value);
+    let result = match kind.as_str() {
+        "Pod" => parse_named(value, &mut manifests.pods),
+        "Service" => parse_named(value, &mut manifests.services),
+        "EndpointSlice" => parse_named(value, &mut manifests.endpoint_slices),
+        "" => Err("has no kind".into()),
+        _ => Ok(()),
     };
-    match kind.as_str() {
-        "Pod" => match serde_json::from_value::<Pod>(value.clone()) {
-            Ok(pod) if pod.metadata.name.is_none() => {
-                manifests.warnings.push(warn("has no metadata.name".into()))
-            }
-            Ok(pod) => manifests.pods.push(pod),
-            Err(e) => manifests.warnings.push(warn(e.to_string())),
-        },
-        "" => manifests.warnings.push(warn("has no kind".into())),
-        _ => {}
+    if let Err(message) = result {
+        manifests.warnings.push(ManifestWarning {
+            file: file.to_owned(),
+            document,
+            object: Some(object),
+            message,
+        });
     }
+}
+
+/// Adds a named object of type `T` to `into`.
+fn parse_named<T>(value: Value, into: &mut Vec<T>) -> Result<(), String>
+where
+    T: k8s_openapi::Metadata<Ty = ObjectMeta> + serde::de::DeserializeOwned,
+{
+    let object: T = serde_json::from_value(value).map_err(|e| e.to_string())?;
+    if object.metadata().name.is_none() {
+        return Err("has no metadata.name".into());
+    }
+    into.push(object);
+    Ok(())
 }
 
 fn describe(kind: &str, value: &Value) -> String {

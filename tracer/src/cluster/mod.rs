@@ -11,11 +11,11 @@ pub mod manifests;
 use std::{
     collections::{BTreeMap, HashMap},
     fmt,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::Path,
 };
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 
 pub use manifests::{LoadError, ManifestWarning};
 
@@ -97,13 +97,77 @@ fn suggestion_text(suggestions: &[String]) -> String {
 pub struct ClusterState {
     pods: Vec<PodInfo>,
     by_uid: HashMap<String, usize>,
+    services: Vec<ServiceInfo>,
+}
+
+/// What the tracer needs to know about a Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub namespace: String,
+    pub name: String,
+    /// `spec.clusterIPs` (or `clusterIP`); empty for headless Services.
+    pub cluster_ips: Vec<IpAddr>,
+    /// `spec.ports[].port`.
+    pub ports: Vec<u16>,
+}
+
+impl ServiceInfo {
+    fn from_service(service: Service) -> Option<Self> {
+        let spec = service.spec.unwrap_or_default();
+        // clusterIPs includes clusterIP when set; older objects have only clusterIP.
+        let ips = spec
+            .cluster_ips
+            .filter(|ips| !ips.is_empty())
+            .unwrap_or_else(|| spec.cluster_ip.into_iter().collect());
+        let cluster_ips: Vec<IpAddr> = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+        Some(Self {
+            namespace: service
+                .metadata
+                .namespace
+                .unwrap_or_else(|| "default".to_owned()),
+            name: service.metadata.name?,
+            cluster_ips,
+            ports: spec
+                .ports
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|p| u16::try_from(p.port).ok())
+                .collect(),
+        })
+    }
+}
+
+impl fmt::Display for ServiceInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
 }
 
 impl ClusterState {
     /// Loads `--cluster-state PATH`; returns the per-object problems alongside.
     pub fn load(path: &Path) -> Result<(Self, Vec<ManifestWarning>), LoadError> {
         let manifests = manifests::load(path)?;
-        Ok((Self::from_pods(manifests.pods), manifests.warnings))
+        let mut state = Self::from_pods(manifests.pods);
+        state.services = manifests
+            .services
+            .into_iter()
+            .filter_map(ServiceInfo::from_service)
+            .collect();
+        Ok((state, manifests.warnings))
+    }
+
+    /// The Service whose cluster IP and port `dst` is.
+    pub fn service_at(&self, dst: SocketAddr) -> Option<&ServiceInfo> {
+        self.services
+            .iter()
+            .find(|s| s.cluster_ips.contains(&dst.ip()) && s.ports.contains(&dst.port()))
+    }
+
+    /// The pod with this IP (not hostNetwork pods, which share the node's).
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&PodInfo> {
+        self.pods
+            .iter()
+            .find(|p| !p.host_network && p.ips.contains(&ip))
     }
 
     pub fn from_pods(pods: impl IntoIterator<Item = Pod>) -> Self {
@@ -265,6 +329,40 @@ mod tests {
             state().find_pod("kube-system/coredns"),
             Err(PodLookupError::NoUid("kube-system/coredns".into()))
         );
+    }
+
+    #[test]
+    fn services_by_cluster_ip_and_port() {
+        let dir = std::env::temp_dir().join(format!("cluster-services-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("state.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+             spec: {clusterIP: 10.0.1.10, clusterIPs: [10.0.1.10, 'fd00::10'], ports: [{port: 80}, {port: 443}]}\n\
+             ---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: shop, uid: 11111111-2222-3333-4444-555555555555}\n\
+             status: {podIP: 10.244.0.11}\n",
+        )
+        .unwrap();
+        let (state, warnings) = ClusterState::load(&dir).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let service = state.service_at("10.0.1.10:443".parse().unwrap()).unwrap();
+        assert_eq!(service.to_string(), "shop/web");
+        assert_eq!(service.cluster_ips.len(), 2);
+        assert!(state.service_at("[fd00::10]:80".parse().unwrap()).is_some());
+        assert!(
+            state
+                .service_at("10.0.1.10:8080".parse().unwrap())
+                .is_none()
+        );
+        assert_eq!(
+            state
+                .pod_by_ip("10.244.0.11".parse().unwrap())
+                .unwrap()
+                .name,
+            "web-1"
+        );
+        assert!(state.pod_by_ip("10.244.0.99".parse().unwrap()).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
