@@ -27,9 +27,9 @@ const DNS_PORT: u16 = 53;
 /// A finished record.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Record {
-    /// Boxed: an attempt with its evidence is much larger than a lookup.
+    // Boxed: both are large, and a record only passes through.
     Attempt(Box<Attempt>),
-    Lookup(Lookup, Origin),
+    Lookup(Box<Lookup>, Origin),
 }
 
 /// Counts kept by the pipeline itself.
@@ -212,7 +212,7 @@ impl Pipeline {
         }
         for lookup in self.lookups.drain(..) {
             let origin = origin_of(lookup.cgroup_id, &mut self.cgroups, &self.cluster);
-            records.push(Record::Lookup(lookup, origin));
+            records.push(Record::Lookup(Box::new(lookup), origin));
         }
         records
     }
