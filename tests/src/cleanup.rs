@@ -95,22 +95,31 @@ pub fn create_state_dir(dir: &Path) -> io::Result<()> {
     fs::rename(&temporary, dir)
 }
 
-/// Removes the labs whose owning process has exited (a killed or crashed test run).
-pub fn clean_stale() -> io::Result<()> {
+/// Ids of the labs whose owning process has exited (a killed or crashed run, or a
+/// teardown that failed); labs of running tests elsewhere on the machine are not stale.
+pub fn stale_labs() -> Vec<String> {
     let Ok(entries) = fs::read_dir(state_root()) else {
-        return Ok(());
+        return Vec::new();
     };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(id) = name.strip_prefix(PREFIX) else {
-            continue;
-        };
-        let owner = fs::read_to_string(entry.path().join("owner"))
-            .ok()
-            .and_then(|pid| pid.trim().parse::<u32>().ok());
-        if owner.is_none_or(|pid| !process::is_alive(pid)) {
-            remove_lab(id)?;
-        }
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let id = name.strip_prefix(PREFIX)?.to_owned();
+            let owner = fs::read_to_string(entry.path().join("owner"))
+                .ok()
+                .and_then(|pid| pid.trim().parse::<u32>().ok());
+            owner
+                .is_none_or(|pid| !process::is_alive(pid))
+                .then_some(id)
+        })
+        .collect()
+}
+
+/// Removes the labs whose owning process has exited.
+pub fn clean_stale() -> io::Result<()> {
+    for id in stale_labs() {
+        remove_lab(&id)?;
     }
     Ok(())
 }

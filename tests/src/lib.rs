@@ -34,7 +34,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use cleanup::{Leftovers, clean_leftovers, clean_stale, leftovers_of};
+pub use cleanup::{Leftovers, clean_leftovers, clean_stale, leftovers_of, stale_labs};
 pub use manifest::PodManifest;
 
 use addresses as addr;
