@@ -452,24 +452,30 @@ impl Capture {
     }
 }
 
+/// The program named `hook`, as its type.
+fn program<'a, T>(ebpf: &'a mut Ebpf, hook: &'static str) -> Result<&'a mut T, CaptureError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(hook)
+        .ok_or(CaptureError::MissingPart(hook))?
+        .try_into()
+        .map_err(|source| CaptureError::Hook { hook, source })
+}
+
 fn attach_sock_addr(
     ebpf: &mut Ebpf,
     hook: &'static str,
     cgroup: &File,
 ) -> Result<(), CaptureError> {
-    let hook_error = |source| CaptureError::Hook { hook, source };
-    let program: &mut CgroupSockAddr = ebpf
-        .program_mut(hook)
-        .ok_or(CaptureError::MissingPart(hook))?
-        .try_into()
-        .map_err(hook_error)?;
-    program.load().map_err(hook_error)?;
+    let program: &mut CgroupSockAddr = program(ebpf, hook)?;
     // On kernels with BPF links (5.7+) aya attaches through a link, which always coexists
     // with the CNI's and other tools' programs; the kernel rejects explicit flags there.
     program
-        .attach(cgroup, CgroupAttachMode::default())
-        .map_err(hook_error)?;
-    Ok(())
+        .load()
+        .and_then(|()| program.attach(cgroup, CgroupAttachMode::default()))
+        .map(drop)
+        .map_err(|source| CaptureError::Hook { hook, source })
 }
 
 fn attach_skb(
@@ -478,17 +484,12 @@ fn attach_skb(
     direction: CgroupSkbAttachType,
     cgroup: &File,
 ) -> Result<(), CaptureError> {
-    let hook_error = |source| CaptureError::Hook { hook, source };
-    let program: &mut CgroupSkb = ebpf
-        .program_mut(hook)
-        .ok_or(CaptureError::MissingPart(hook))?
-        .try_into()
-        .map_err(hook_error)?;
-    program.load().map_err(hook_error)?;
+    let program: &mut CgroupSkb = program(ebpf, hook)?;
     program
-        .attach(cgroup, direction, CgroupAttachMode::default())
-        .map_err(hook_error)?;
-    Ok(())
+        .load()
+        .and_then(|()| program.attach(cgroup, direction, CgroupAttachMode::default()))
+        .map(drop)
+        .map_err(|source| CaptureError::Hook { hook, source })
 }
 
 fn trace_only_cgroups(ebpf: &mut Ebpf, cgroup_ids: &[u64]) -> Result<(), CaptureError> {
@@ -513,15 +514,12 @@ fn attach_btf_tracepoint(
     hook: &'static str,
     btf: &aya::Btf,
 ) -> Result<(), CaptureError> {
-    let hook_error = |source| CaptureError::Hook { hook, source };
-    let program: &mut BtfTracePoint = ebpf
-        .program_mut(hook)
-        .ok_or(CaptureError::MissingPart(hook))?
-        .try_into()
-        .map_err(hook_error)?;
-    program.load(hook, btf).map_err(hook_error)?;
-    program.attach().map_err(hook_error)?;
-    Ok(())
+    let program: &mut BtfTracePoint = program(ebpf, hook)?;
+    program
+        .load(hook, btf)
+        .and_then(|()| program.attach())
+        .map(drop)
+        .map_err(|source| CaptureError::Hook { hook, source })
 }
 
 /// Conntrack offsets, from the kernel's BTF or, when conntrack is a module, the module's.
