@@ -85,7 +85,7 @@ fn malformed_object_is_named_and_the_rest_still_loads() {
 
 #[test]
 fn usage_errors_exit_2() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (
             &["trace", "--pod", "default/client"],
             "needs the pods' metadata: pass --cluster-state PATH",
@@ -105,6 +105,7 @@ fn usage_errors_exit_2() {
             "invalid value 'soon' for '--duration <D>'",
         ),
         (&["trace", "--duration", "0s"], "must be longer than zero"),
+        (&["trace", "--duration", "0"], "must be longer than zero"),
         (
             &["trace", "-o", "xml"],
             "invalid value 'xml' for '--output <OUTPUT>'",
@@ -196,4 +197,26 @@ fn missing_kernel_btf_is_an_environment_error() {
         stderr(&output)
     );
     assert!(!Path::new("/nonexistent/vmlinux").exists());
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn a_pod_not_running_here_is_traced_with_a_warning() {
+    let dir = state_dir("absent");
+    let output = tracer(&[
+        "trace",
+        "--cluster-state",
+        dir.to_str().unwrap(),
+        "--pod",
+        "default/client",
+        "--duration",
+        "1",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("warning: pod default/client has no cgroups on this node"),
+        "{}",
+        stderr(&output)
+    );
+    fs::remove_dir_all(dir).unwrap();
 }

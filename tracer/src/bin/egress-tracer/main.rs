@@ -69,9 +69,14 @@ struct TraceArgs {
     btf: PathBuf,
 }
 
+/// A duration such as `30s`, `2m` or `1h30m`; a bare number is seconds.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let duration =
-        humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 10s, 2m, 1h)"))?;
+    let duration = match text.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => {
+            humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 10s, 2m, 1h)"))?
+        }
+    };
     if duration.is_zero() {
         return Err("must be longer than zero".into());
     }

@@ -49,9 +49,16 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let cgroups = CgroupIndex::new(cgroup_root.clone())
         .with_context(|| format!("cannot read cgroups under {}", cgroup_root.display()))?;
     let mut pipeline = Pipeline::new(cgroups, cluster, target.as_ref(), args.dns_timeout);
+    let only_cgroups = pipeline.target_cgroups();
+    if let (Some(pod), Some([])) = (&target, only_cgroups.as_deref()) {
+        eprintln!(
+            "warning: pod {pod} has no cgroups on this node (is it scheduled here and running?); \
+             tracing it anyway, new containers are picked up as they start"
+        );
+    }
     let mut capture = Capture::start(&CaptureOptions {
         kernel_btf: args.btf.clone(),
-        only_cgroups: pipeline.target_cgroups(),
+        only_cgroups,
         ring_buffer_bytes: args.ring_buffer_size,
     })?;
     for warning in capture.warnings() {
