@@ -1,7 +1,7 @@
 //! `cargo xtask setup`: installs what is missing, and says so. Safe to run again.
 //!
 //! What and why (versions from `shared/design/toolchain.md`):
-//! - the nightly toolchain's `rust-src`, to build `core` for the BPF target;
+//! - the nightly toolchain's `rust-src`, to build `core` for the BPF target, and clippy;
 //! - LLVM 22 development files, which bpf-linker 0.13 links against;
 //! - bpf-linker 0.13.0, which links the kernel programs;
 //! - the Debian tools the node lab drives (iproute2, iptables, nftables, conntrack,
@@ -36,7 +36,7 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 pub fn run() -> anyhow::Result<()> {
     install_packages()?;
-    install_rust_src()?;
+    install_nightly_components()?;
     install_bpf_linker()?;
     println!("xtask: setup complete");
     Ok(())
@@ -81,7 +81,7 @@ fn is_installed(package: &str) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout) == "install ok installed")
 }
 
-fn install_rust_src() -> anyhow::Result<()> {
+fn install_nightly_components() -> anyhow::Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         println!("xtask: installing the nightly toolchain (builds the kernel programs)");
@@ -100,12 +100,24 @@ fn install_rust_src() -> anyhow::Result<()> {
         "nightly",
         "--installed",
     ]))?;
-    if components.lines().any(|l| l.starts_with("rust-src")) {
-        println!("xtask: nightly rust-src present");
-        return Ok(());
+    for (component, why) in [
+        ("rust-src", "to build `core` for the BPF target"),
+        ("clippy", "to lint the kernel programs"),
+    ] {
+        if components.lines().any(|l| l.starts_with(component)) {
+            println!("xtask: nightly {component} present");
+            continue;
+        }
+        println!("xtask: installing nightly {component} ({why})");
+        run_cmd(Command::new("rustup").args([
+            "component",
+            "add",
+            component,
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
-    println!("xtask: installing nightly rust-src (to build `core` for the BPF target)");
-    run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    Ok(())
 }
 
 fn install_bpf_linker() -> anyhow::Result<()> {
