@@ -68,7 +68,14 @@ pub fn run() -> anyhow::Result<()> {
     for line in &output.stdout {
         println!("  {line}");
     }
-    println!("\n  {}", output.stderr.lines().last().unwrap_or_default());
+    println!();
+    for line in output
+        .stderr
+        .lines()
+        .filter(|l| !l.starts_with("egress-tracer: tracing"))
+    {
+        println!("  {line}");
+    }
     let id = lab.id().to_owned();
     lab.teardown().context("lab teardown")?;
     println!("\ndemo: lab {id} removed; nothing is left behind.");

@@ -108,7 +108,8 @@ impl Tracer {
         }
     }
 
-    /// Sends `signal` (SIGINT, SIGTERM) and collects the output after it exits.
+    /// Sends `signal` (SIGINT, SIGTERM) and collects the output after it exits; an exit
+    /// other than success is an error.
     pub fn stop(self, signal: i32) -> io::Result<TracerOutput> {
         // SAFETY: kill(2) of our own child.
         unsafe { libc::kill(self.child.id() as i32, signal) };
@@ -130,6 +131,12 @@ impl Tracer {
         };
         let stdout: Vec<String> = self.stdout.iter().collect();
         self.stderr_seen.extend(self.stderr.iter());
+        if !status.success() {
+            return Err(io::Error::other(format!(
+                "tracer exited with {status}; stderr:\n{}",
+                self.stderr_seen.join("\n")
+            )));
+        }
         Ok(TracerOutput {
             status,
             stdout,

@@ -485,10 +485,23 @@ fn snat_mapping_matches_the_nodes_conntrack_table() {
     let tracer = trace_client(&lab);
     let (pid, code) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 5);
     assert_eq!(code, Some(0));
-    let records = tracer.stop(libc::SIGINT).unwrap().records();
+    let output = tracer.stop(libc::SIGINT).unwrap();
+    let records = output.records();
     let record = tcp_record(&records, pid);
     let src = record["src"].as_str().unwrap();
     let (_, pod_port) = src.rsplit_once(':').unwrap();
+    // The node-wide table figures: this flow's entry is in it.
+    let summary = output
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("egress-tracer: node conntrack "))
+        .unwrap_or_else(|| panic!("{}", output.stderr));
+    let entries: u64 = summary["egress-tracer: node conntrack ".len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(entries >= 1, "{summary}");
     // The node's own view: the conntrack entry of this flow, reply direction.
     let client_ip = lab.pod("client").ip.to_string();
     let table = lab

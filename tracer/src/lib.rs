@@ -10,10 +10,12 @@
 //! - [`pipeline`]: drives the above from kernel events to finished records.
 //! - [`output`]: renders records as a table or NDJSON.
 //!
-//! [`node`] holds facts about the host (cgroup mount, capabilities, clocks).
+//! [`node`] holds facts about the host (cgroup mount, capabilities, clocks), and
+//! [`conntrack`] the node's conntrack table figures.
 
 pub mod capture;
 pub mod cluster;
+pub mod conntrack;
 pub mod dns;
 pub mod flow;
 pub mod node;

@@ -35,14 +35,55 @@ pub fn cgroup2_mount() -> io::Result<PathBuf> {
         let path = Path::new(&format!("/proc/{pid}/root")).join(mount.strip_prefix("/").ok()?);
         path.is_dir().then_some(path)
     };
-    let found = ancestors().chain([1]).find_map(through);
-    found.ok_or_else(|| {
+    if let Some(path) = ancestors().chain([1]).find_map(through) {
+        return Ok(path);
+    }
+    mount_private_cgroup2().map_err(|e| {
         io::Error::new(
             io::ErrorKind::NotFound,
-            "no cgroup2 filesystem is mounted here or on the host (see /proc/self/mountinfo \
-             and /proc/1/mountinfo); egress-tracer needs cgroup v2 to attach its hooks",
+            format!(
+                "no cgroup2 filesystem is mounted here (see /proc/self/mountinfo) nor reachable \
+                 through a parent process, and mounting one privately failed ({e}); \
+                 egress-tracer needs cgroup v2 to attach its hooks"
+            ),
         )
     })
+}
+
+/// Mounts the cgroup v2 hierarchy on `/sys/fs/cgroup` in a mount namespace of this
+/// process's own, so nothing changes for anyone else. Needs a single-threaded process.
+fn mount_private_cgroup2() -> io::Result<PathBuf> {
+    let target = PathBuf::from("/sys/fs/cgroup");
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    let (root, target_c, fstype) = (c("/"), c("/sys/fs/cgroup"), c("cgroup2"));
+    // SAFETY: plain syscalls on valid C strings.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let private = libc::MS_REC | libc::MS_PRIVATE;
+        if libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            private,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::mount(
+            fstype.as_ptr(),
+            target_c.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(target)
 }
 
 /// This process's parent, grandparent, … (at most 32 of them), by pid.

@@ -6,6 +6,7 @@ use anyhow::Context;
 use egress_tracer::{
     capture::{Capture, CaptureOptions},
     cluster::{ClusterState, cgroups::CgroupIndex},
+    conntrack::ConntrackStats,
     node::{self, MonotonicClock},
     output::Writer,
     pipeline::{Pipeline, Record},
@@ -67,13 +68,15 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let scope = target
         .as_ref()
         .map_or_else(|| "all processes".to_owned(), |p| format!("pod {p}"));
+    // Handlers before the announcement: whoever waits for it may signal at once.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let conntrack_at_start = ConntrackStats::read().ok().flatten();
     eprintln!("egress-tracer: tracing {scope}; Ctrl-C to stop");
 
     let clock = MonotonicClock::new();
     let mut writer = Writer::new(io::stdout().lock(), args.output, clock);
     let mut events = Vec::new();
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = interval(EXPIRY_TICK);
     let mut refresh = interval(CGROUP_REFRESH);
     let deadline = args.duration.map(|d| Instant::now() + d);
@@ -121,6 +124,19 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         stats.decode_errors,
         flows.evicted + dns.evicted
     );
+    if let (Some(start), Some(end)) = (conntrack_at_start, ConntrackStats::read().ok().flatten()) {
+        let during = end.since(&start);
+        eprintln!(
+            "egress-tracer: node conntrack {} of {} entries; while tracing: {} insert failures, \
+             {} drops, {} early drops, {} invalid",
+            during.entries,
+            during.limit,
+            during.insert_failed,
+            during.drop,
+            during.early_drop,
+            during.invalid
+        );
+    }
     Ok(())
 }
 

@@ -1,0 +1,136 @@
+//! The node's conntrack table as the kernel counts it (for the tracer's network
+//! namespace): how full it is, and the per-CPU failure counters that eBPF does not see
+//! (`/proc/net/stat/nf_conntrack`, the counters `conntrack -S` prints).
+
+use std::{collections::HashMap, fs, io};
+
+/// Node-wide conntrack figures at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackStats {
+    /// Entries in the table (`nf_conntrack_count`).
+    pub entries: u64,
+    /// The table's size (`nf_conntrack_max`).
+    pub limit: u64,
+    /// New entries that could not be inserted (typically two packets of one new flow
+    /// racing, such as parallel A and AAAA queries on one socket).
+    pub insert_failed: u64,
+    /// Packets dropped because no entry could be made (table full, early drop failed).
+    pub drop: u64,
+    /// Entries dropped early to make room.
+    pub early_drop: u64,
+    /// Packets conntrack could not track (invalid state).
+    pub invalid: u64,
+}
+
+impl ConntrackStats {
+    /// Reads the figures of the tracer's network namespace; `None` when conntrack is not
+    /// loaded there.
+    pub fn read() -> io::Result<Option<Self>> {
+        let Ok(stat) = fs::read_to_string("/proc/net/stat/nf_conntrack") else {
+            return Ok(None);
+        };
+        let read_number = |path: &str| -> io::Result<u64> {
+            fs::read_to_string(path)?
+                .trim()
+                .parse()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: {e}")))
+        };
+        let totals = per_cpu_totals(&stat);
+        let total = |name: &str| totals.get(name).copied().unwrap_or(0);
+        Ok(Some(Self {
+            entries: read_number("/proc/sys/net/netfilter/nf_conntrack_count")?,
+            limit: read_number("/proc/sys/net/netfilter/nf_conntrack_max")?,
+            insert_failed: total("insert_failed"),
+            drop: total("drop"),
+            early_drop: total("early_drop"),
+            invalid: total("invalid"),
+        }))
+    }
+
+    /// The failure counters' growth since `earlier` (entries and limit are this reading's).
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            entries: self.entries,
+            limit: self.limit,
+            insert_failed: self.insert_failed.saturating_sub(earlier.insert_failed),
+            drop: self.drop.saturating_sub(earlier.drop),
+            early_drop: self.early_drop.saturating_sub(earlier.early_drop),
+            invalid: self.invalid.saturating_sub(earlier.invalid),
+        }
+    }
+}
+
+/// Sums `/proc/net/stat/nf_conntrack`: a header of column names, then one line of hex
+/// counters per CPU. Malformed lines are skipped.
+fn per_cpu_totals(text: &str) -> HashMap<String, u64> {
+    let mut lines = text.lines();
+    let Some(header) = lines.next() else {
+        return HashMap::new();
+    };
+    let names: Vec<&str> = header.split_whitespace().collect();
+    let mut totals: HashMap<String, u64> = HashMap::new();
+    for line in lines {
+        let values: Option<Vec<u64>> = line
+            .split_whitespace()
+            .map(|v| u64::from_str_radix(v, 16).ok())
+            .collect();
+        let Some(values) = values.filter(|v| v.len() == names.len()) else {
+            continue;
+        };
+        for (name, value) in names.iter().zip(values) {
+            let total = totals.entry((*name).to_owned()).or_default();
+            *total = total.saturating_add(value);
+        }
+    }
+    totals
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_per_cpu_columns() {
+        let text = "\
+entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart
+00000005  00000000 00000000 00000000 00000002 00000000 00000000 00000000 00000000 00000003 00000001 00000000 00000000  00000000 00000000 00000000 00000000
+00000005  00000001 00000000 00000000 0000000a 00000000 00000000 00000000 00000000 00000010 00000000 00000004 00000000  00000000 00000000 00000000 00000000
+garbage line
+";
+        let totals = per_cpu_totals(text);
+        assert_eq!(totals["insert_failed"], 0x13);
+        assert_eq!(totals["invalid"], 0x0c);
+        assert_eq!(totals["drop"], 1);
+        assert_eq!(totals["early_drop"], 4);
+        assert!(per_cpu_totals("").is_empty());
+    }
+
+    #[test]
+    fn growth_since_an_earlier_reading() {
+        let before = ConntrackStats {
+            entries: 10,
+            limit: 100,
+            insert_failed: 2,
+            drop: 0,
+            early_drop: 1,
+            invalid: 5,
+        };
+        let after = ConntrackStats {
+            entries: 12,
+            insert_failed: 3,
+            invalid: 9,
+            ..before
+        };
+        assert_eq!(
+            after.since(&before),
+            ConntrackStats {
+                entries: 12,
+                limit: 100,
+                insert_failed: 1,
+                drop: 0,
+                early_drop: 0,
+                invalid: 4
+            }
+        );
+    }
+}
