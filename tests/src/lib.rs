@@ -932,6 +932,9 @@ fn check_root() -> io::Result<()> {
     Ok(())
 }
 
+/// The cgroup v2 mount point. (The tracer has its own, fuller lookup; the lab does not
+/// depend on the tracer crate because xtask, which must build before the BPF toolchain is
+/// installed, depends on the lab.)
 pub(crate) fn cgroup2_mount() -> io::Result<PathBuf> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
     mountinfo

@@ -151,7 +151,7 @@ impl Pipeline {
             .flows
             .pending(event.sock_cookie)
             .map(|a| (a.pid, a.comm.clone()));
-        let resolver = self.resolver(event.cgroup_id, process.as_ref(), &origin);
+        self.learn_resolver(event.cgroup_id, process.as_ref());
         if self.dns_sockets.len() >= MAX_REMEMBERED {
             self.dns_sockets.clear();
         }
@@ -166,7 +166,16 @@ impl Pipeline {
             process,
             message: dns::parse(payload, framed, cut),
         };
-        self.dns.on_message(seen, &resolver, &mut self.lookups);
+        // Borrowed from the cache, not cloned: this runs for every DNS message.
+        let fallback;
+        let resolver = match self.resolvers.get(&event.cgroup_id) {
+            Some(resolver) => resolver,
+            None => {
+                fallback = default_resolver(&origin);
+                &fallback
+            }
+        };
+        self.dns.on_message(seen, resolver, &mut self.lookups);
     }
 
     /// Settles what waited long enough, at monotonic time `now_ns`.
@@ -239,42 +248,39 @@ impl Pipeline {
         origin_of(cgroup_id, &mut self.cgroups, &self.cluster)
     }
 
-    /// The resolver configuration in `cgroup_id`: from the resolv.conf a process of the
-    /// cgroup sees (its own mount namespace), else Kubernetes' default search list for the
-    /// pod's namespace.
-    fn resolver(
-        &mut self,
-        cgroup_id: u64,
-        process: Option<&(u32, String)>,
-        origin: &Origin,
-    ) -> Resolver {
-        if let Some(resolver) = self.resolvers.get(&cgroup_id) {
-            return resolver.clone();
+    /// Remembers the resolver configuration of `cgroup_id` from the resolv.conf a
+    /// process of the cgroup sees (its own mount namespace), once one can be read.
+    fn learn_resolver(&mut self, cgroup_id: u64, process: Option<&(u32, String)>) {
+        if self.resolvers.contains_key(&cgroup_id) {
+            return;
         }
-        let from_resolv_conf = process
-            .and_then(|(pid, _)| {
-                fs::read_to_string(format!("/proc/{pid}/root/etc/resolv.conf")).ok()
-            })
-            .map(|text| dns::resolver_config(&text));
-        if let Some(resolver) = from_resolv_conf {
-            if self.resolvers.len() >= MAX_REMEMBERED {
-                self.resolvers.clear();
-            }
-            self.resolvers.insert(cgroup_id, resolver.clone());
-            return resolver;
-        }
-        let search = match origin.pod.as_deref().and_then(|pod| pod.split_once('/')) {
-            Some((namespace, _)) => vec![
-                format!("{namespace}.svc.cluster.local"),
-                "svc.cluster.local".to_owned(),
-                "cluster.local".to_owned(),
-            ],
-            None => Vec::new(),
+        let Some(text) = process.and_then(|(pid, _)| {
+            fs::read_to_string(format!("/proc/{pid}/root/etc/resolv.conf")).ok()
+        }) else {
+            return;
         };
-        Resolver {
-            search,
-            timeout: None,
+        if self.resolvers.len() >= MAX_REMEMBERED {
+            self.resolvers.clear();
         }
+        self.resolvers
+            .insert(cgroup_id, dns::resolver_config(&text));
+    }
+}
+
+/// Kubernetes' default resolver configuration for a pod's namespace, for pods whose own
+/// resolv.conf could not be read.
+fn default_resolver(origin: &Origin) -> Resolver {
+    let search = match origin.pod.as_deref().and_then(|pod| pod.split_once('/')) {
+        Some((namespace, _)) => vec![
+            format!("{namespace}.svc.cluster.local"),
+            "svc.cluster.local".to_owned(),
+            "cluster.local".to_owned(),
+        ],
+        None => Vec::new(),
+    };
+    Resolver {
+        search,
+        timeout: None,
     }
 }
 

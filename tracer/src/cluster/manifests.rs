@@ -11,10 +11,7 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::{
-        core::v1::{Pod, Service},
-        discovery::v1::EndpointSlice,
-    },
+    api::core::v1::{Pod, Service},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use serde::Deserialize;
@@ -25,7 +22,6 @@ use serde_json::Value;
 pub struct Manifests {
     pub pods: Vec<Pod>,
     pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
     /// Problems with individual files, documents or objects; the rest was loaded.
     pub warnings: Vec<ManifestWarning>,
 }
@@ -153,7 +149,6 @@ fn add_object(file: &Path, document: usize, value: Value, manifests: &mut Manife
     let result = match kind.as_str() {
         "Pod" => parse_named(value, &mut manifests.pods),
         "Service" => parse_named(value, &mut manifests.services),
-        "EndpointSlice" => parse_named(value, &mut manifests.endpoint_slices),
         "" => Err("has no kind".into()),
         _ => Ok(()),
     };
