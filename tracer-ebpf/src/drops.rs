@@ -2,18 +2,27 @@
 //!
 //! Only explicit drop reasons count (above `SKB_DROP_REASON_NOT_SPECIFIED`, whose value
 //! userspace resolves by name from BTF, as they differ between kernels): freeing a
-//! consumed packet is not a drop. The packet's tuple is looked up in `TRACKED_TUPLES`, in
-//! both directions, so drops of untraced traffic cost a parse and two lookups. This sees
-//! drops in every network namespace, including the node's forwarding path (a
-//! NetworkPolicy or firewall rule dropping a pod's packet before SNAT).
+//! consumed packet is not a drop. The packet is matched to a traced flow by its own tuple
+//! (both directions, in `TRACKED_TUPLES`), or, once NAT rewrote its header, by the
+//! original tuple of its conntrack entry. This sees drops in every network namespace,
+//! including the node's forwarding path: a NetworkPolicy or firewall rule dropping a
+//! pod's packet before SNAT, and conntrack itself dropping it after.
+//!
+//! The event carries the packet's conntrack state (no entry, untracked, or the entry's
+//! status bits), which tells userspace whether conntrack dropped it and why: an entry
+//! that NAT set up but that never made it into the table is an insert failure.
+
+use core::ptr::addr_of_mut;
 
 use aya_ebpf::{Global, macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::{
-    Counter, DROP_DIRECTION_ORIGINAL, DROP_DIRECTION_REPLY, DropEvent, DropReasons, Endpoint,
-    EventKind, FlowTuple,
+    Counter, DROP_CT_ENTRY, DROP_CT_NONE, DROP_CT_UNKNOWN, DROP_CT_UNTRACKED,
+    DROP_DIRECTION_ORIGINAL, DROP_DIRECTION_REPLY, DropEvent, DropReasons, Endpoint, EventKind,
+    FlowTuple,
 };
 
 use crate::{
+    conntrack::{Attached, attached, flow_key, original, status},
     maps::{EVENTS, TRACKED_TUPLES, count, header},
     skb::{headers, reversed, tuple_at},
 };
@@ -39,37 +48,95 @@ pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
 
 #[inline(always)]
 fn report(skb: *const u8, location: u64, reason: u32) -> Result<(), i32> {
-    let Some(tuple) = tuple_at(headers(skb)?.network)? else {
+    let Some(packet) = tuple_at(headers(skb)?.network)? else {
         return Ok(());
     };
-    let (cookie, direction) = if let Some(cookie) = lookup(&tuple) {
-        (cookie, DROP_DIRECTION_ORIGINAL)
-    } else if let Some(cookie) = lookup(&reversed(&tuple)) {
-        (cookie, DROP_DIRECTION_REPLY)
-    } else {
-        return Ok(());
-    };
-    count(Counter::DropSeen);
-    let endpoint = |addr: [u8; 16], port: u16| Endpoint {
-        family: tuple.family,
-        port,
-        addr,
-    };
-    let event = DropEvent {
-        header: header(EventKind::Drop),
-        sock_cookie: cookie,
-        location,
-        reason,
-        direction,
-        protocol: tuple.protocol,
-        _pad: [0; 2],
-        src: endpoint(tuple.src, tuple.src_port),
-        dst: endpoint(tuple.dst, tuple.dst_port),
-    };
-    if EVENTS.output::<DropEvent>(&event, 0).is_err() {
-        count(Counter::DropLost);
+    let mut direction = DROP_DIRECTION_ORIGINAL;
+    let mut cookie = traced(&packet, false);
+    if cookie == NOT_TRACED {
+        direction = DROP_DIRECTION_REPLY;
+        cookie = traced(&packet, true);
     }
+    let mut ct_status = 0;
+    let conntrack = match attached(skb) {
+        Err(_) => DROP_CT_UNKNOWN,
+        Ok(Attached::None) => DROP_CT_NONE,
+        Ok(Attached::Untracked) => DROP_CT_UNTRACKED,
+        Ok(Attached::Entry(entry, reply)) => {
+            ct_status = status(entry).unwrap_or(0);
+            if cookie == NOT_TRACED {
+                cookie = traced_by_entry(entry);
+                direction = if reply {
+                    DROP_DIRECTION_REPLY
+                } else {
+                    DROP_DIRECTION_ORIGINAL
+                };
+            }
+            DROP_CT_ENTRY
+        }
+    };
+    if cookie == NOT_TRACED {
+        return Ok(());
+    }
+    count(Counter::DropSeen);
+    let Some(mut entry) = EVENTS.reserve::<DropEvent>(0) else {
+        count(Counter::DropLost);
+        return Ok(());
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` is the reserved, exclusively owned record; every field is written
+    // before it is submitted.
+    unsafe {
+        addr_of_mut!((*event).header).write(header(EventKind::Drop));
+        addr_of_mut!((*event).sock_cookie).write(cookie);
+        addr_of_mut!((*event).location).write(location);
+        addr_of_mut!((*event).reason).write(reason);
+        addr_of_mut!((*event).direction).write(direction);
+        addr_of_mut!((*event).protocol).write(packet.protocol);
+        addr_of_mut!((*event).conntrack).write(conntrack);
+        addr_of_mut!((*event)._pad).write(0);
+        addr_of_mut!((*event).src).write(Endpoint {
+            family: packet.family,
+            port: packet.src_port,
+            addr: packet.src,
+        });
+        addr_of_mut!((*event).dst).write(Endpoint {
+            family: packet.family,
+            port: packet.dst_port,
+            addr: packet.dst,
+        });
+        addr_of_mut!((*event).ct_status).write(ct_status);
+        addr_of_mut!((*event)._pad2).write(0);
+    }
+    entry.submit(0);
     Ok(())
+}
+
+/// Socket cookies start at 1.
+const NOT_TRACED: u64 = 0;
+
+// The lookups are BPF subprograms (`inline(never)`) so that their tuple copies do not add
+// to `kfree_skb`'s stack frame.
+
+/// The cookie of the traced socket whose flow `tuple` (or, `reversed`, its reply) is.
+#[inline(never)]
+fn traced(tuple: &FlowTuple, reversed_tuple: bool) -> u64 {
+    let found = if reversed_tuple {
+        lookup(&reversed(tuple))
+    } else {
+        lookup(tuple)
+    };
+    found.unwrap_or(NOT_TRACED)
+}
+
+/// A packet NAT already rewrote is matched by its entry's original tuple (the pod's).
+#[inline(never)]
+fn traced_by_entry(entry: *const u8) -> u64 {
+    original(entry)
+        .ok()
+        .and_then(|tuple| flow_key(&tuple))
+        .and_then(|key| lookup(&key))
+        .unwrap_or(NOT_TRACED)
 }
 
 #[inline(always)]

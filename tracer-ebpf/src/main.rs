@@ -10,7 +10,8 @@
 //! - [`drops`]: tp_btf `kfree_skb`, packets of traced flows dropped, with the reason.
 //! - [`nat`]: tp_btf `net_dev_queue`, the SNAT/DNAT the node applied to traced flows.
 //!
-//! [`skb`] reads packets from `struct sk_buff` pointers for the tracing programs.
+//! [`skb`] reads packets from `struct sk_buff` pointers for the tracing programs, and
+//! [`conntrack`] the conntrack entries they carry.
 //!
 //! All of them write to the ring buffer and counters in [`maps`]. Event layouts live in
 //! `tracer-common`, shared with userspace.
@@ -19,6 +20,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod connect;
+#[cfg(target_arch = "bpf")]
+mod conntrack;
 #[cfg(target_arch = "bpf")]
 mod dns;
 #[cfg(target_arch = "bpf")]

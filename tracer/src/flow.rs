@@ -851,6 +851,7 @@ mod tests {
             reply: false,
             src: Some("10.244.0.5:50000".parse().unwrap()),
             dst: Some("203.0.113.10:80".parse().unwrap()),
+            conntrack: crate::capture::PacketConntrack::Entry { status: 0 },
         };
         flows.on_drop(1, drop.clone());
         flows.on_drop(1, drop.clone());

@@ -80,7 +80,7 @@ pub struct EventHeader {
 
 /// One end of a flow.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Endpoint {
     /// [`AF_INET`] or [`AF_INET6`]; 0 when unknown.
     pub family: u16,
@@ -220,6 +220,27 @@ pub const DROP_DIRECTION_ORIGINAL: u8 = 0;
 /// The dropped packet was a reply (destination to source).
 pub const DROP_DIRECTION_REPLY: u8 = 1;
 
+/// [`DropEvent::conntrack`]: conntrack's types are unknown on this kernel, so the packet's
+/// conntrack state was not read.
+pub const DROP_CT_UNKNOWN: u8 = 0;
+/// The packet carried no conntrack entry: conntrack had not seen it yet, could not
+/// allocate one (table full), or judged the packet invalid.
+pub const DROP_CT_NONE: u8 = 1;
+/// The packet was exempted from tracking (`NOTRACK`).
+pub const DROP_CT_UNTRACKED: u8 = 2;
+/// The packet carried a conntrack entry; [`DropEvent::ct_status`] holds its status bits.
+pub const DROP_CT_ENTRY: u8 = 3;
+
+/// `IPS_SRC_NAT_DONE`: source NAT (or its null binding) was set up for the entry.
+pub const IPS_SRC_NAT_DONE: u32 = 1 << 7;
+/// `IPS_DST_NAT_DONE`.
+pub const IPS_DST_NAT_DONE: u32 = 1 << 8;
+/// `IPS_CONFIRMED`: the entry is in the conntrack table (set when the first packet
+/// leaves the last netfilter hook).
+pub const IPS_CONFIRMED: u32 = 1 << 3;
+/// `IPS_SRC_NAT`: the source is actually translated.
+pub const IPS_SRC_NAT: u32 = 1 << 4;
+
 /// The kernel dropped a packet of a traced flow (`kfree_skb` with a drop reason).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -234,10 +255,15 @@ pub struct DropEvent {
     /// [`DROP_DIRECTION_ORIGINAL`] or [`DROP_DIRECTION_REPLY`].
     pub direction: u8,
     pub protocol: u8,
-    pub _pad: [u8; 2],
+    /// The packet's conntrack state: [`DROP_CT_ENTRY`], [`DROP_CT_NONE`]…
+    pub conntrack: u8,
+    pub _pad: u8,
     /// The packet's own source and destination (after any NAT already applied).
     pub src: Endpoint,
     pub dst: Endpoint,
+    /// The low 32 bits of the conntrack entry's `status` (`IPS_*`), when it had one.
+    pub ct_status: u32,
+    pub _pad2: u32,
 }
 
 /// How many bytes of a DNS message the kernel copies (a classic UDP DNS message's limit;
@@ -305,6 +331,8 @@ pub struct NatOffsets {
     pub tuple_hash_size: u32,
     /// `nf_conntrack_tuple_hash.tuple`.
     pub tuple: u32,
+    /// `nf_conn.status`.
+    pub status: u32,
 }
 
 /// Layout of `struct nf_conntrack_tuple` the NAT program reads (it copies the 40-byte
@@ -562,14 +590,16 @@ mod tests {
 
     #[test]
     fn drop_event_layout() {
-        assert_eq!(size_of::<DropEvent>(), 80);
+        assert_eq!(size_of::<DropEvent>(), 88);
         assert_eq!(offset_of!(DropEvent, sock_cookie), 16);
         assert_eq!(offset_of!(DropEvent, location), 24);
         assert_eq!(offset_of!(DropEvent, reason), 32);
         assert_eq!(offset_of!(DropEvent, direction), 36);
         assert_eq!(offset_of!(DropEvent, protocol), 37);
         assert_eq!(offset_of!(DropEvent, src), 40);
+        assert_eq!(offset_of!(DropEvent, conntrack), 38);
         assert_eq!(offset_of!(DropEvent, dst), 60);
+        assert_eq!(offset_of!(DropEvent, ct_status), 80);
     }
 
     #[test]
@@ -601,7 +631,8 @@ mod tests {
         assert_eq!(offset_of!(NatEvent, original_dst), 52);
         assert_eq!(offset_of!(NatEvent, reply_src), 72);
         assert_eq!(offset_of!(NatEvent, reply_dst), 92);
-        assert_eq!(size_of::<NatOffsets>(), 16);
+        assert_eq!(size_of::<NatOffsets>(), 20);
+        assert_eq!(offset_of!(NatOffsets, status), 16);
     }
 
     #[test]

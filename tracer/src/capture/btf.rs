@@ -144,6 +144,7 @@ impl KernelBtf {
             tuplehash: self.offset_of("nf_conn", &["tuplehash"])?,
             tuple_hash_size: self.find_struct("nf_conntrack_tuple_hash")?.size() as u32,
             tuple: self.offset_of("nf_conntrack_tuple_hash", &["tuple"])?,
+            status: self.offset_of("nf_conn", &["status"])?,
         })
     }
 
@@ -263,6 +264,12 @@ mod tests {
         // Each direction's tuple_hash is a list node (16 bytes) and the 40-byte tuple.
         assert_eq!((off.tuple, off.tuple_hash_size), (16, 56), "{off:?}");
         assert!(off.tuplehash > 0 && off.nfct > 0, "{off:?}");
+        // `status` follows both tuple hashes (it sits after them in every kernel since
+        // 2.6).
+        assert!(
+            off.status >= off.tuplehash + 2 * off.tuple_hash_size,
+            "{off:?}"
+        );
     }
 
     #[test]

@@ -181,7 +181,41 @@ impl KernelNames {
             reply: event.direction == tracer_common::DROP_DIRECTION_REPLY,
             src: socket_addr(&event.src),
             dst: socket_addr(&event.dst),
+            conntrack: match event.conntrack {
+                tracer_common::DROP_CT_NONE => PacketConntrack::None,
+                tracer_common::DROP_CT_UNTRACKED => PacketConntrack::Untracked,
+                tracer_common::DROP_CT_ENTRY => PacketConntrack::Entry {
+                    status: event.ct_status,
+                },
+                _ => PacketConntrack::Unknown,
+            },
         }
+    }
+}
+
+/// The conntrack state of a dropped packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PacketConntrack {
+    /// Not read (conntrack's types are unknown on this kernel).
+    Unknown,
+    /// No entry: conntrack had not seen the packet, could not make an entry, or judged
+    /// the packet invalid.
+    None,
+    /// Exempted from tracking.
+    Untracked,
+    /// An entry with these `IPS_*` status bits.
+    Entry { status: u32 },
+}
+
+impl PacketConntrack {
+    /// An entry that is not in the conntrack table yet (the flow's first packet).
+    pub fn unconfirmed(self) -> bool {
+        matches!(self, Self::Entry { status } if status & tracer_common::IPS_CONFIRMED == 0)
+    }
+
+    /// An entry whose source NAT (or its null binding) was already set up.
+    pub fn source_nat_done(self) -> bool {
+        matches!(self, Self::Entry { status } if status & tracer_common::IPS_SRC_NAT_DONE != 0)
     }
 }
 
@@ -206,6 +240,7 @@ pub struct PacketDrop {
     /// The dropped packet's own source and destination.
     pub src: Option<std::net::SocketAddr>,
     pub dst: Option<std::net::SocketAddr>,
+    pub conntrack: PacketConntrack,
 }
 
 /// How to start a capture.
