@@ -42,6 +42,8 @@ use process::{Placement, run, run_in};
 
 /// Prefix of every lab object name (network namespaces, cgroups, state directories).
 pub const PREFIX: &str = "elab-";
+/// The one source port of [`Fault::SnatSinglePort`].
+pub const SINGLE_SNAT_PORT: u16 = 40000;
 
 /// How a pod's cgroups are laid out, as kubelet's two cgroup drivers do it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +69,9 @@ pub enum Fault {
     Reset { dst: std::net::IpAddr, port: u16 },
     /// The upstream DNS server cannot be reached (UDP and TCP port 53 dropped).
     UpstreamDnsUnreachable,
+    /// The node translates TCP to `dst:port` to a single source port, so a second
+    /// concurrent flow clashes with the first and conntrack fails to insert it.
+    SnatSinglePort { dst: std::net::IpAddr, port: u16 },
 }
 
 /// A pod to create.
@@ -209,6 +214,7 @@ impl Lab {
     pub fn inject(&self, fault: Fault) -> io::Result<()> {
         use std::net::IpAddr;
         const TCP: &[&str] = &["tcp"];
+
         let router = match fault {
             Fault::NodeFirewallDrop { .. } => self.node_netns(),
             _ => self.ns("up"),
@@ -235,6 +241,7 @@ impl Lab {
                 TCP,
                 &["-j", "REJECT", "--reject-with", "tcp-reset"],
             ),
+            Fault::SnatSinglePort { dst, port } => return self.snat_to_single_port(dst, port),
             Fault::UpstreamDnsUnreachable => (
                 IpAddr::V4(addr::UPSTREAM_DNS),
                 53,
@@ -256,6 +263,42 @@ impl Lab {
             run_in(&router, iptables, &args)?;
         }
         Ok(())
+    }
+
+    fn snat_to_single_port(&self, dst: std::net::IpAddr, port: u16) -> io::Result<()> {
+        let (iptables, to_source) = match dst {
+            std::net::IpAddr::V4(_) => {
+                ("iptables", format!("{}:{SINGLE_SNAT_PORT}", addr::NODE_IP))
+            }
+            std::net::IpAddr::V6(_) => (
+                "ip6tables",
+                format!("[{}]:{SINGLE_SNAT_PORT}", addr::NODE_IP6),
+            ),
+        };
+        let (dst, port) = (dst.to_string(), port.to_string());
+        run_in(
+            &self.node_netns(),
+            iptables,
+            &[
+                "-t",
+                "nat",
+                "-I",
+                "POSTROUTING",
+                "-p",
+                "tcp",
+                "-d",
+                &dst,
+                "--dport",
+                &port,
+                "-o",
+                "eth0",
+                "-j",
+                "SNAT",
+                "--to-source",
+                &to_source,
+            ],
+        )
+        .map(drop)
     }
 
     /// Starts `program args` in `pod` (its netns, cgroup and resolv.conf), like `kubectl exec`.

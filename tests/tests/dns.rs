@@ -80,6 +80,11 @@ fn nxdomain_after_every_expansion_is_one_lookup() {
     assert_eq!(lookup["pod"], "default/client");
     assert_eq!(lookup["process"]["comm"], "getent");
     assert_eq!(lookup["outcome"], "nxdomain");
+    assert_eq!(
+        (&lookup["verdict"]["hop"], &lookup["verdict"]["reason"]),
+        (&"dns".into(), &"nxdomain".into()),
+        "{lookup}"
+    );
     assert_eq!(lookup["dst"], format!("{}:53", addr::CLUSTER_DNS));
     let dns = &lookup["dns"];
     assert_eq!(dns["name"], addr::MISSING_NAME);
@@ -106,6 +111,11 @@ fn servfail_from_the_authoritative_server() {
     let output = tracer.stop(libc::SIGINT).unwrap();
     let lookup = lookup_of(&output, pid);
     assert_eq!(lookup["outcome"], "servfail", "{lookup}");
+    assert_eq!(
+        (&lookup["verdict"]["hop"], &lookup["verdict"]["reason"]),
+        (&"dns".into(), &"servfail".into()),
+        "{lookup}"
+    );
     assert_eq!(lookup["dns"]["name"], name.as_str());
     assert_eq!(lookup["dns"]["rcode"], "SERVFAIL");
 }
@@ -125,6 +135,15 @@ fn timeout_when_the_upstream_dns_is_unreachable() {
     let output = tracer.stop(libc::SIGINT).unwrap();
     let lookup = lookup_of(&output, pid);
     assert_eq!(lookup["outcome"], "timeout", "{lookup}");
+    assert_eq!(
+        (
+            &lookup["verdict"]["hop"],
+            &lookup["verdict"]["reason"],
+            &lookup["verdict"]["symptom"]
+        ),
+        (&"dns".into(), &"timeout".into(), &"dns-timeout".into()),
+        "{lookup}"
+    );
     let dns = &lookup["dns"];
     assert_eq!(dns["name"], addr::ENDPOINT_NAME);
     assert!(dns["timeouts"].as_u64().unwrap() >= 1, "{lookup}");

@@ -67,6 +67,20 @@ fn tcp_record(records: &[Value], pid: u32) -> &Value {
     found[0]
 }
 
+/// The verdict's hop, reason and whether it is only likely.
+fn assert_verdict(record: &Value, hop: &str, reason: &str, likely: bool) {
+    let verdict = &record["verdict"];
+    assert_eq!(
+        (&verdict["hop"], &verdict["reason"], &verdict["likely"]),
+        (
+            &Value::from(hop),
+            &Value::from(reason),
+            &Value::from(likely)
+        ),
+        "{record}"
+    );
+}
+
 fn assert_source_is(record: &Value, ip: impl std::fmt::Display) {
     let src = record["src"]
         .as_str()
@@ -199,6 +213,8 @@ fn refused_by_the_endpoint() {
     assert_eq!(record["tcp"]["error"], "ECONNREFUSED");
     assert_eq!(record["tcp"]["closed_by"], "kernel");
     assert_eq!(record["tcp"]["syn_retransmits"], 0);
+    // A reset: the endpoint's, unless a firewall on the path forged it.
+    assert_verdict(record, "endpoint", "refused", true);
     // The SYN's source survives the socket releasing its port.
     assert_source_is(record, lab.pod("client").ip);
 }
@@ -224,6 +240,13 @@ fn timeout_when_the_upstream_drops_silently() {
     assert_eq!(record["tcp"]["closed_by"], "application");
     assert!(record["tcp"].get("error").is_none(), "{record}");
     assert_source_is(record, lab.pod("client").ip);
+    // The SYN left the node translated (seen at the device queue), then vanished.
+    assert_eq!(
+        record["nat"]["src"].as_str().unwrap().split(':').next(),
+        Some(addr::NODE_IP.to_string().as_str()),
+        "{record}"
+    );
+    assert_verdict(record, "upstream", "silent-drop", false);
 }
 
 #[test]
@@ -265,6 +288,8 @@ fn node_firewall_drop_is_reported_with_its_reason_and_tuple() {
             .any(|f| location.starts_with(f)),
         "{record}"
     );
+    assert_eq!(record["verdict"]["hop"], "node-firewall", "{record}");
+    assert_eq!(record["verdict"]["reason"], "netfilter-drop", "{record}");
 }
 
 #[test]
@@ -314,6 +339,7 @@ fn unreachable_when_the_upstream_rejects_with_admin_prohibited() {
                 format!("[{}]", lab.pod("client").ipv6)
             },
         );
+        assert_verdict(record, "upstream", "icmp-admin-prohibited", false);
     }
 }
 
@@ -599,5 +625,170 @@ fn cluster_ip_service_is_attributed_to_its_service_and_backend_pod() {
     assert_eq!(
         record["service"],
         serde_json::json!({"name": "shop/web", "backend": backend, "backend_pod": "shop/web"})
+    );
+}
+
+/// Idle TCP connections held by a helper process, which is ended (by its PID) on drop.
+struct HeldConnections(std::process::Child);
+
+impl Drop for HeldConnections {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Holds `count` idle TCP connections from `pod` to the endpoint's HTTP port, and waits
+/// until the node's conntrack table has them.
+fn hold_connections(lab: &Lab, pod: &str, count: usize) -> HeldConnections {
+    let helper = egress_lab::lab_helper().unwrap();
+    let target = format!("{}:{}", addr::ENDPOINT, addr::HTTP_PORT);
+    let count_text = count.to_string();
+    let held = HeldConnections(
+        lab.spawn_in_pod(
+            lab.pod(pod),
+            helper.to_str().unwrap(),
+            &[
+                "hold-tcp",
+                &target,
+                "--count",
+                &count_text,
+                "--seconds",
+                "30",
+            ],
+        )
+        .unwrap(),
+    );
+    let pod_ip = lab.pod(pod).ip.to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let table = lab
+            .run_on_node(
+                "conntrack",
+                &[
+                    "-L",
+                    "-p",
+                    "tcp",
+                    "--orig-src",
+                    &pod_ip,
+                    "--state",
+                    "ESTABLISHED",
+                ],
+            )
+            .unwrap_or_default();
+        if table.lines().filter(|l| l.contains("dport=80 ")).count() >= count {
+            return held;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the held connections never showed up in conntrack:\n{table}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn conntrack_insert_failure_is_attributed_to_its_flow() {
+    let lab = lab();
+    // The node NATs flows to the endpoint to one source port: a second concurrent flow
+    // gets the same translated tuple, and conntrack cannot insert its entry.
+    lab.inject(Fault::SnatSinglePort {
+        dst: addr::ENDPOINT.into(),
+        port: addr::HTTP_PORT,
+    })
+    .unwrap();
+    let tracer = trace_client(&lab);
+    let holder = hold_connections(&lab, "client", 1);
+    let (pid, code) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 3);
+    assert_eq!(code, Some(28), "curl should time out");
+    let output = tracer.stop(libc::SIGINT).unwrap();
+    drop(holder);
+    let records = output.records();
+    let record = tcp_record(&records, pid);
+    assert_eq!(record["outcome"], "timeout", "{record}");
+    let drop = &record["drop"];
+    assert_eq!(drop["reason"], "NETFILTER_DROP", "{record}");
+    assert_eq!(drop["direction"], "original", "{record}");
+    assert!(
+        drop["location"]
+            .as_str()
+            .unwrap()
+            .starts_with("nf_hook_slow+"),
+        "{record}"
+    );
+    assert_eq!(
+        drop["conntrack"],
+        serde_json::json!({"state": "entry", "confirmed": false, "source_nat_done": true}),
+        "{record}"
+    );
+    // The dropped packet was already translated to the single port.
+    assert_eq!(
+        drop["src"],
+        format!("{}:{}", addr::NODE_IP, egress_lab::SINGLE_SNAT_PORT),
+        "{record}"
+    );
+    let verdict = &record["verdict"];
+    assert_eq!(verdict["hop"], "conntrack", "{record}");
+    assert_eq!(verdict["reason"], "insert-failed", "{record}");
+    // The node's insert_failed counter corroborates it, so it is not just likely.
+    assert_eq!(verdict["likely"], false, "{record}");
+    let evidence = verdict["evidence"].to_string();
+    assert!(evidence.contains("insert_failed counter rose"), "{record}");
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn snat_exhaustion_is_suspected_when_syns_time_out_near_the_budget() {
+    let lab = lab();
+    let state = lab.cluster_state();
+    let tracer = Tracer::start(
+        &lab,
+        &[
+            "trace",
+            "--cluster-state",
+            state.to_str().unwrap(),
+            "--pod",
+            "default/client",
+            "--snat-port-budget",
+            "2",
+            "-o",
+            "json",
+        ],
+    )
+    .unwrap();
+    // Two flows hold the node's two budgeted ports; then new SYNs vanish beyond the node,
+    // as when a load balancer has no SNAT port left for them.
+    let holder = hold_connections(&lab, "client", 2);
+    lab.inject(Fault::SilentDrop {
+        dst: addr::ENDPOINT.into(),
+        port: addr::HTTP_PORT,
+    })
+    .unwrap();
+    let (pid, code) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 4);
+    assert_eq!(code, Some(28), "curl should time out");
+    let output = tracer.stop(libc::SIGINT).unwrap();
+    drop(holder);
+    let records = output.records();
+    let record = tcp_record(&records, pid);
+    assert_eq!(record["outcome"], "timeout", "{record}");
+    // The two held flows and this one, all translated to the node's address, towards
+    // the endpoint (the conntrack table is dumped every 2 s, during curl's 4 s).
+    assert_eq!(
+        record["snat"],
+        serde_json::json!({"ports_in_use": 3, "budget": 2, "port_range": record["snat"]["port_range"]}),
+        "{record}"
+    );
+    let verdict = &record["verdict"];
+    assert_eq!(verdict["hop"], "upstream", "{record}");
+    assert_eq!(verdict["reason"], "snat-exhaustion-suspected", "{record}");
+    assert!(
+        verdict["evidence"].to_string().contains(&format!(
+            "3 TCP flows translated to {} towards {}:{}",
+            addr::NODE_IP,
+            addr::ENDPOINT,
+            addr::HTTP_PORT
+        )),
+        "{record}"
     );
 }

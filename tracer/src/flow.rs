@@ -27,7 +27,11 @@ use tracer_common::{
     IcmpErrorEvent, SockStateEvent, TCP_ESTABLISHED,
 };
 
-use crate::capture::{PacketDrop, Translation, comm, socket_addr};
+use crate::{
+    capture::{PacketDrop, Translation, comm, socket_addr},
+    conntrack::snat::SnatUsage,
+    verdict::Verdict,
+};
 
 /// How long after its connect a UDP attempt is reported (ICMP errors come back within
 /// this); a socket that sent nothing by then counts as a probe.
@@ -146,6 +150,11 @@ pub struct Attempt {
     pub nat: Option<Translation>,
     /// The Service `dst` is, with the backend the node's DNAT chose.
     pub service: Option<ServiceTarget>,
+    /// The node's SNAT port usage towards the attempt's destination, for translated
+    /// attempts.
+    pub snat: Option<SnatUsage>,
+    /// Which hop stopped it (or that none did).
+    pub verdict: Option<Verdict>,
 }
 
 /// A connection to a Service's cluster IP.
@@ -292,6 +301,8 @@ impl FlowAssembler {
             drops: None,
             nat: None,
             service: None,
+            snat: None,
+            verdict: None,
         };
         if self.pending.len() >= MAX_PENDING {
             self.evict_oldest(done);

@@ -8,10 +8,11 @@
 //! - [`flow`]: joins the events of one egress attempt into one record.
 //! - [`dns`]: parses DNS messages, pairs them, and groups them into lookups.
 //! - [`pipeline`]: drives the above from kernel events to finished records.
+//! - [`verdict`]: which hop stopped an attempt, with the evidence.
 //! - [`output`]: renders records as a table or NDJSON.
 //!
 //! [`node`] holds facts about the host (cgroup mount, capabilities, clocks), and
-//! [`conntrack`] the node's conntrack table figures.
+//! [`conntrack`] the node's conntrack table: its counters and SNAT port usage.
 
 pub mod capture;
 pub mod cluster;
@@ -21,3 +22,4 @@ pub mod flow;
 pub mod node;
 pub mod output;
 pub mod pipeline;
+pub mod verdict;

@@ -11,9 +11,12 @@ use std::{
 use serde::Serialize;
 
 use crate::{
+    capture::PacketConntrack,
+    conntrack::snat::SnatUsage,
     dns::{Answer, Lookup, LookupResult},
     flow::{Attempt, IcmpError, Origin, Outcome, Protocol, TcpHandshake, errno_name},
     node::MonotonicClock,
+    verdict::{self, Verdict},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -46,7 +49,64 @@ pub struct AttemptRecord<'a> {
     pub nat: Option<NatRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceRecord<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snat: Option<SnatRecord>,
+    /// `null` when the attempt's ending says nothing about the path (aborted by the
+    /// application, or still in progress).
+    pub verdict: Option<&'a Verdict>,
     pub cgroup_id: u64,
+}
+
+/// The node's SNAT port usage towards the attempt's destination.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct SnatRecord {
+    /// Flows translated to the attempt's source address, towards its destination, at
+    /// the last conntrack dump.
+    pub ports_in_use: u32,
+    /// The cloud load balancer's allocation, from `--snat-port-budget`.
+    pub budget: Option<u32>,
+    /// The node's local port range.
+    pub port_range: [u16; 2],
+}
+
+impl From<&SnatUsage> for SnatRecord {
+    fn from(usage: &SnatUsage) -> Self {
+        Self {
+            ports_in_use: usage.in_use,
+            budget: usage.budget,
+            port_range: [usage.port_range.0, usage.port_range.1],
+        }
+    }
+}
+
+/// The conntrack state of a dropped packet.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct ConntrackRecord {
+    /// `entry`, `none` (no entry: not tracked yet, table full or invalid), `untracked`,
+    /// or `unknown` (not readable on this kernel).
+    pub state: &'static str,
+    /// The entry was in the conntrack table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confirmed: Option<bool>,
+    /// The entry's source NAT was set up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_nat_done: Option<bool>,
+}
+
+impl From<PacketConntrack> for ConntrackRecord {
+    fn from(state: PacketConntrack) -> Self {
+        let entry = matches!(state, PacketConntrack::Entry { .. });
+        Self {
+            state: match state {
+                PacketConntrack::Unknown => "unknown",
+                PacketConntrack::None => "none",
+                PacketConntrack::Untracked => "untracked",
+                PacketConntrack::Entry { .. } => "entry",
+            },
+            confirmed: entry.then(|| !state.unconfirmed()),
+            source_nat_done: entry.then(|| state.source_nat_done()),
+        }
+    }
 }
 
 /// The Service the attempt went to, and its backend.
@@ -85,6 +145,8 @@ pub struct DropRecord<'a> {
     /// The first dropped packet's source and destination.
     pub src: Option<SocketAddr>,
     pub dst: Option<SocketAddr>,
+    /// Its conntrack state when it was dropped.
+    pub conntrack: ConntrackRecord,
 }
 
 /// The ICMP error that answered an attempt.
@@ -183,6 +245,7 @@ impl<'a> AttemptRecord<'a> {
                 count: d.count,
                 src: d.first.src,
                 dst: d.first.dst,
+                conntrack: d.first.conntrack.into(),
             }),
             nat: attempt.nat.map(|t| NatRecord {
                 src: t.src,
@@ -193,6 +256,8 @@ impl<'a> AttemptRecord<'a> {
                 backend: s.backend,
                 backend_pod: s.backend_pod.as_deref(),
             }),
+            snat: attempt.snat.as_ref().map(SnatRecord::from),
+            verdict: attempt.verdict.as_ref(),
             cgroup_id: attempt.cgroup_id,
         }
     }
@@ -214,6 +279,7 @@ pub struct LookupRecord<'a> {
     pub dst: SocketAddr,
     pub outcome: LookupResult,
     pub dns: DnsRecord<'a>,
+    pub verdict: Verdict,
     pub cgroup_id: u64,
 }
 
@@ -268,6 +334,7 @@ impl<'a> LookupRecord<'a> {
                 truncated: lookup.truncated,
                 over_tcp: lookup.over_tcp,
             },
+            verdict: verdict::of_lookup(lookup),
             cgroup_id: lookup.cgroup_id,
         }
     }
@@ -281,7 +348,7 @@ pub struct Writer<W: Write> {
     header_written: bool,
 }
 
-const TABLE_COLUMNS: [(&str, usize); 9] = [
+const TABLE_COLUMNS: [(&str, usize); 10] = [
     ("TIME", 15),
     ("POD", 24),
     ("PID", 7),
@@ -290,6 +357,7 @@ const TABLE_COLUMNS: [(&str, usize); 9] = [
     ("SRC", 22),
     ("DST", 22),
     ("NAME", 20),
+    ("VERDICT", 30),
     ("OUTCOME", 0),
 ];
 
@@ -319,6 +387,7 @@ impl<W: Write> Writer<W> {
                 let src = record.src.map_or_else(|| "-".to_owned(), |s| s.to_string());
                 let dst = record.dst.to_string();
                 let outcome = outcome_text(&record);
+                let verdict = record.verdict.map_or_else(|| "-".to_owned(), verdict_text);
                 self.row(&[
                     &time,
                     pod,
@@ -328,6 +397,7 @@ impl<W: Write> Writer<W> {
                     &src,
                     &dst,
                     record.dst_name.unwrap_or("-"),
+                    &verdict,
                     &outcome,
                 ])
             }
@@ -356,6 +426,7 @@ impl<W: Write> Writer<W> {
                 let src = record.src.to_string();
                 let dst = record.dst.to_string();
                 let pod = record.pod.unwrap_or("(host)");
+                let verdict = verdict_text(&record.verdict);
                 self.row(&[
                     &time,
                     pod,
@@ -365,6 +436,7 @@ impl<W: Write> Writer<W> {
                     &src,
                     &dst,
                     record.dns.name,
+                    &verdict,
                     &outcome,
                 ])
             }
@@ -400,6 +472,12 @@ impl<W: Write> Writer<W> {
         }
         writeln!(self.out, "{}", line.trim_end())
     }
+}
+
+/// `hop/reason`, marked when only likely.
+fn verdict_text(verdict: &Verdict) -> String {
+    let likely = if verdict.likely { " (likely)" } else { "" };
+    format!("{}/{}{likely}", verdict.hop.as_str(), verdict.reason)
 }
 
 /// `HH:MM:SS.micros` of an RFC 3339 time (the date is noise in a live table).
@@ -471,6 +549,8 @@ mod tests {
             drops: None,
             nat: None,
             service: None,
+            snat: None,
+            verdict: None,
         }
     }
 

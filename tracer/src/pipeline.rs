@@ -16,8 +16,10 @@ use tracer_common::{DnsEvent, IPPROTO_TCP};
 use crate::{
     capture::{DecodeError, KernelEvent, KernelNames, socket_addr},
     cluster::{ClusterState, PodInfo, cgroups::CgroupIndex},
+    conntrack::snat::SnatTable,
     dns::{self, DnsTracker, Lookup, Resolver, SeenMessage},
     flow::{Attempt, FlowAssembler, Origin, Protocol, ServiceTarget},
+    verdict::{self, NodeFacts},
 };
 
 /// Bound on remembered sockets that carried DNS and on cached search lists.
@@ -55,6 +57,9 @@ pub struct Pipeline {
     attempts: Vec<Attempt>,
     lookups: Vec<Lookup>,
     stats: PipelineStats,
+    /// The latest SNAT port usage of the node.
+    snat: Option<SnatTable>,
+    node: NodeFacts,
 }
 
 impl Pipeline {
@@ -77,7 +82,19 @@ impl Pipeline {
             attempts: Vec::new(),
             lookups: Vec::new(),
             stats: PipelineStats::default(),
+            snat: None,
+            node: NodeFacts::default(),
         }
+    }
+
+    /// The node's latest SNAT port usage, for the verdicts of translated attempts.
+    pub fn set_snat(&mut self, table: Option<SnatTable>) {
+        self.snat = table;
+    }
+
+    /// What the verdicts need to know about the node.
+    pub fn set_node_facts(&mut self, facts: NodeFacts) {
+        self.node = facts;
     }
 
     /// The cgroups of the traced pod (rescanned for new containers), if tracing one pod.
@@ -217,6 +234,17 @@ impl Pipeline {
                         .map(PodInfo::to_string),
                 }
             });
+            if let (Some(table), Some(nat)) = (&self.snat, attempt.nat)
+                && let Some(src) = nat.src
+            {
+                let protocol = match attempt.protocol {
+                    Protocol::Tcp => IPPROTO_TCP,
+                    Protocol::Udp => tracer_common::IPPROTO_UDP,
+                };
+                let dst = nat.dst.unwrap_or(attempt.dst);
+                attempt.snat = Some(table.usage(src.ip(), dst, protocol));
+            }
+            attempt.verdict = verdict::of_attempt(&attempt, &self.node);
             records.push(Record::Attempt(Box::new(attempt)));
         }
         for lookup in self.lookups.drain(..) {

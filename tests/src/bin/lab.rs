@@ -3,6 +3,7 @@
 //! `lab serve-http --listen ADDR [--listen ADDR…] [--status N]` runs the HTTP endpoint;
 //! `lab serve-dns --listen ADDR --rcode N` answers every DNS query with that response code;
 //! `lab udp-send ADDR [--connect | --count N]` sends one datagram (or N, to N ports);
+//! `lab hold-tcp ADDR --count N --seconds S` opens N TCP connections and holds them;
 //! `lab up` builds a lab with two pods, prints how to use it, and keeps it until killed
 //! (for exploring by hand); `lab clean` removes every lab object left on this machine.
 
@@ -14,10 +15,11 @@ fn main() -> ExitCode {
         Some("serve-http") => serve_http(&args[1..]),
         Some("serve-dns") => serve_dns(&args[1..]),
         Some("udp-send") => udp_send(&args[1..]),
+        Some("hold-tcp") => hold_tcp(&args[1..]),
         Some("clean") => clean(),
         Some("up") => up(),
         _ => {
-            Err("usage: lab serve-http --listen ADDR [--status N] | lab serve-dns --listen ADDR --rcode N | lab udp-send ADDR [--connect | --count N] | lab up | lab clean".to_owned())
+            Err("usage: lab serve-http --listen ADDR [--status N] | lab serve-dns --listen ADDR --rcode N | lab udp-send ADDR [--connect | --count N] | lab hold-tcp ADDR --count N --seconds S | lab up | lab clean".to_owned())
         }
     };
     match result {
@@ -108,6 +110,28 @@ fn udp_send(args: &[String]) -> Result<(), String> {
         socket.send_to(b"lab", address).map_err(|e| e.to_string())?;
     }
     std::thread::sleep(std::time::Duration::from_millis(300));
+    Ok(())
+}
+
+/// Opens `--count` TCP connections to ADDR one after the other and keeps them open,
+/// idle, for `--seconds` (flows that hold SNAT ports).
+fn hold_tcp(args: &[String]) -> Result<(), String> {
+    let usage = || "usage: lab hold-tcp ADDR --count N --seconds S".to_owned();
+    let [address, count_flag, count, seconds_flag, seconds] = args else {
+        return Err(usage());
+    };
+    if count_flag != "--count" || seconds_flag != "--seconds" {
+        return Err(usage());
+    }
+    let address: SocketAddr = address.parse().map_err(|e| format!("{address}: {e}"))?;
+    let count: u16 = count.parse().map_err(|_| usage())?;
+    let seconds: u64 = seconds.parse().map_err(|_| usage())?;
+    let held = (0..count)
+        .map(|_| std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_secs(3)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("connect {address}: {e}"))?;
+    std::thread::sleep(std::time::Duration::from_secs(seconds));
+    drop(held);
     Ok(())
 }
 

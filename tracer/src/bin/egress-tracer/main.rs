@@ -63,6 +63,14 @@ struct TraceArgs {
     /// events beyond it are lost and counted, while the kernel's counters stay exact.
     #[arg(long, value_name = "BYTES", value_parser = parse_ring_buffer_size)]
     ring_buffer_size: Option<u32>,
+    /// SNAT ports the cloud gives this node (an Azure load balancer's allocatedOutboundPorts;
+    /// AKS's default allocation: 1024 per node for pools of up to 50 nodes, 512 up to
+    /// 100, 256 up to 200, 128 up to 400, 64 up to 800, 32 up to 1000). When SYNs to a
+    /// destination time out while the node's translated flows to it reach 90% of this,
+    /// the verdict is `upstream`/`snat-exhaustion-suspected`. Without it, only the
+    /// node's local port range counts.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub snat_port_budget: Option<u32>,
     /// BTF of the running kernel, for kernels without /sys/kernel/btf/vmlinux (a file
     /// for this exact kernel, e.g. from BTFHub).
     #[arg(long, value_name = "PATH", default_value = egress_tracer::node::KERNEL_BTF)]

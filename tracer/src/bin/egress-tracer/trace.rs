@@ -6,10 +6,11 @@ use anyhow::Context;
 use egress_tracer::{
     capture::{Capture, CaptureOptions},
     cluster::{ClusterState, cgroups::CgroupIndex},
-    conntrack::ConntrackStats,
+    conntrack::{self, ConntrackStats},
     node::{self, MonotonicClock},
     output::Writer,
     pipeline::{Pipeline, Record},
+    verdict::NodeFacts,
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -22,6 +23,8 @@ use crate::{TraceArgs, UsageError};
 const EXPIRY_TICK: Duration = Duration::from_millis(200);
 /// How often the traced pod's cgroups are looked up again (restarted containers).
 const CGROUP_REFRESH: Duration = Duration::from_secs(2);
+/// How often the node's conntrack counters and SNAT usage are read again.
+const CONNTRACK_REFRESH: Duration = Duration::from_secs(2);
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let cluster = match &args.cluster_state {
@@ -72,6 +75,11 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let conntrack_at_start = ConntrackStats::read().ok().flatten();
+    let legacy_iptables = NodeFacts::legacy_iptables_present();
+    let mut node_conntrack = conntrack::watch(args.snat_port_budget, CONNTRACK_REFRESH, |e| {
+        eprintln!("warning: {e}")
+    })
+    .context("cannot start the conntrack reader thread")?;
     eprintln!("egress-tracer: tracing {scope}; Ctrl-C to stop");
 
     let clock = MonotonicClock::new();
@@ -90,6 +98,16 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             read = capture.read_batch(&mut events) => read?,
             _ = tick.tick() => pipeline.tick(node::monotonic_now().as_nanos() as u64),
             _ = refresh.tick() => filter_in_kernel(&mut pipeline, &mut capture)?,
+            Ok(()) = node_conntrack.changed() => {
+                let latest = node_conntrack.borrow_and_update().clone();
+                pipeline.set_node_facts(NodeFacts {
+                    legacy_iptables,
+                    conntrack_growth: conntrack_at_start
+                        .zip(latest.stats)
+                        .map(|(start, now)| now.since(&start)),
+                });
+                pipeline.set_snat(latest.snat);
+            }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = &mut stop_at, if deadline.is_some() => break,
@@ -100,6 +118,12 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
 
     capture.read_available(&mut events);
     pipeline.handle(&mut events, capture.names());
+    if let (Some(start), Ok(Some(now))) = (conntrack_at_start, ConntrackStats::read()) {
+        pipeline.set_node_facts(NodeFacts {
+            legacy_iptables,
+            conntrack_growth: Some(now.since(&start)),
+        });
+    }
     pipeline.finish();
     write_records(&mut writer, &mut pipeline)?;
     let counters = capture.counters()?;

@@ -1,8 +1,67 @@
-//! The node's conntrack table as the kernel counts it (for the tracer's network
-//! namespace): how full it is, and the per-CPU failure counters that eBPF does not see
-//! (`/proc/net/stat/nf_conntrack`, the counters `conntrack -S` prints).
+//! The node's conntrack and NAT, from the sources that see them best:
+//!
+//! - eBPF (`tracer-ebpf`): per flow, the translation (the packet's conntrack entry at
+//!   `net_dev_queue`, after NAT) and conntrack's drops (`kfree_skb`, with the entry's
+//!   state), joined to the flow by the entry's original tuple. The verdicts read them
+//!   (`verdict`).
+//! - `/proc/net/stat/nf_conntrack` (here, [`ConntrackStats`]): how full the table is and
+//!   the per-CPU failure counters (`conntrack -S`), which no flow carries: they
+//!   corroborate the kernel's drops.
+//! - ctnetlink ([`netlink`]): a dump of the whole table, for SNAT port pressure
+//!   ([`snat`]): the node's SNAT ports are shared by every pod and host process, most of
+//!   them untraced.
+//!
+//! [`watch`] refreshes the last two in the background.
 
-use std::{collections::HashMap, fs, io};
+use std::{collections::HashMap, fs, io, thread, time::Duration};
+
+use tokio::sync::watch;
+
+pub mod netlink;
+pub mod snat;
+
+/// What [`watch`] publishes.
+#[derive(Clone, Debug, Default)]
+pub struct NodeConntrack {
+    pub stats: Option<ConntrackStats>,
+    pub snat: Option<snat::SnatTable>,
+}
+
+/// Reads the node's conntrack figures every `every` on a thread of its own (a dump of a
+/// large table takes a while, and must not hold up the event path), until the receiver
+/// is dropped. `on_error` hears of each source's first failure.
+pub fn watch(
+    budget: Option<u32>,
+    every: Duration,
+    on_error: impl Fn(String) + Send + 'static,
+) -> io::Result<watch::Receiver<NodeConntrack>> {
+    let (sender, receiver) = watch::channel(NodeConntrack::default());
+    thread::Builder::new()
+        .name("conntrack".to_owned())
+        .spawn(move || {
+            let mut snat_failed = false;
+            loop {
+                let stats = ConntrackStats::read().ok().flatten();
+                let snat = match snat::SnatTable::read(budget) {
+                    Ok(table) => Some(table),
+                    Err(e) => {
+                        if !snat_failed {
+                            on_error(format!(
+                                "SNAT port usage is unavailable: cannot dump the conntrack table over ctnetlink ({e}); it needs CAP_NET_ADMIN and the nf_conntrack_netlink module"
+                            ));
+                            snat_failed = true;
+                        }
+                        None
+                    }
+                };
+                if sender.send(NodeConntrack { stats, snat }).is_err() {
+                    return;
+                }
+                thread::sleep(every);
+            }
+        })?;
+    Ok(receiver)
+}
 
 /// Node-wide conntrack figures at one moment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
