@@ -8,6 +8,7 @@
 //! - [`flow`]: joins the events of one egress attempt into one record.
 //! - [`dns`]: parses DNS messages, pairs them, and groups them into lookups.
 //! - [`pipeline`]: drives the above from kernel events to finished records.
+//! - [`policy`]: the NetworkPolicy evaluator (which policy allows or denies a flow).
 //! - [`verdict`]: which hop stopped an attempt, with the evidence.
 //! - [`output`]: renders records as a table or NDJSON.
 //!
@@ -22,4 +23,5 @@ pub mod flow;
 pub mod node;
 pub mod output;
 pub mod pipeline;
+pub mod policy;
 pub mod verdict;

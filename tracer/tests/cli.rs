@@ -220,3 +220,111 @@ fn a_pod_not_running_here_is_traced_with_a_warning() {
     );
     fs::remove_dir_all(dir).unwrap();
 }
+
+fn policy_state(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "egress-tracer-policy-{test}-{}",
+        std::process::id()
+    ));
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(
+        dir.join("state.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, uid: u1, labels: {app: web}}\nstatus: {podIP: 10.244.0.10}\n\
+         ---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-egress, namespace: shop}\n\
+         spec: {podSelector: {matchLabels: {app: web}}, policyTypes: [Egress], egress: [{ports: [{port: 443}]}]}\n",
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn policy_exits_1_when_denied_and_explains_it_in_json() {
+    let dir = policy_state("denied");
+    let state = dir.to_str().unwrap();
+    let output = tracer(&[
+        "policy",
+        "--cluster-state",
+        state,
+        "--pod",
+        "shop/web",
+        "--to",
+        "10.0.0.10:53/UDP",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let decision: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(decision["allowed"], false);
+    assert_eq!(
+        decision["policies"],
+        serde_json::json!(["shop/deny-egress"])
+    );
+    assert_eq!(
+        decision["denied_by"],
+        serde_json::json!(["shop/deny-egress"])
+    );
+    assert_eq!(decision["allowed_by"], serde_json::Value::Null);
+    assert_eq!(
+        decision["explanation"],
+        "shop/deny-egress selects shop/web (app=web) for egress; no egress rule allows UDP 53 to 10.0.0.10"
+    );
+
+    let output = tracer(&[
+        "policy",
+        "--cluster-state",
+        state,
+        "--pod",
+        "shop/web",
+        "--to",
+        "203.0.113.10:443",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.starts_with("ALLOWED  shop/web -> 203.0.113.10:443\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("shop/deny-egress egress[0] allows TCP 443 to 203.0.113.10"),
+        "{text}"
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn policy_usage_errors_exit_2() {
+    let dir = policy_state("usage");
+    let state = dir.to_str().unwrap();
+    for (args, expected) in [
+        (
+            vec!["--pod", "shop/web", "--to", "10.0.0.10"],
+            "expected IP:PORT[/PROTO]",
+        ),
+        (
+            vec!["--pod", "shop/web", "--to", "10.0.0.10:53/icmp"],
+            "unknown protocol",
+        ),
+        (
+            vec!["--pod", "shop/nope", "--to", "10.0.0.10:53"],
+            "pod shop/nope not found",
+        ),
+    ] {
+        let mut all = vec!["policy", "--cluster-state", state];
+        all.extend(args);
+        let output = tracer(&all);
+        assert_eq!(output.status.code(), Some(2), "{all:?}");
+        assert!(
+            stderr(&output).contains(expected),
+            "{all:?}: {}",
+            stderr(&output)
+        );
+    }
+    let output = tracer(&["policy", "--pod", "shop/web", "--to", "10.0.0.10:53"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("policy needs --cluster-state PATH"),
+        "{}",
+        stderr(&output)
+    );
+    fs::remove_dir_all(dir).unwrap();
+}

@@ -11,10 +11,15 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::core::v1::{Pod, Service},
+    api::{
+        core::v1::{Namespace, Pod, Service},
+        networking::v1::NetworkPolicy,
+    },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use serde::Deserialize;
+
+use crate::policy::Policy;
 use serde_json::Value;
 
 /// Objects read from manifests. Kinds the tracer does not use are skipped silently.
@@ -22,6 +27,9 @@ use serde_json::Value;
 pub struct Manifests {
     pub pods: Vec<Pod>,
     pub services: Vec<Service>,
+    pub namespaces: Vec<Namespace>,
+    /// NetworkPolicies, validated.
+    pub policies: Vec<Policy>,
     /// Problems with individual files, documents or objects; the rest was loaded.
     pub warnings: Vec<ManifestWarning>,
 }
@@ -149,6 +157,8 @@ fn add_object(file: &Path, document: usize, value: Value, manifests: &mut Manife
     let result = match kind.as_str() {
         "Pod" => parse_named(value, &mut manifests.pods),
         "Service" => parse_named(value, &mut manifests.services),
+        "Namespace" => parse_named(value, &mut manifests.namespaces),
+        "NetworkPolicy" => parse_policy(value, &mut manifests.policies),
         "" => Err("has no kind".into()),
         _ => Ok(()),
     };
@@ -160,6 +170,12 @@ fn add_object(file: &Path, document: usize, value: Value, manifests: &mut Manife
             message,
         });
     }
+}
+
+fn parse_policy(value: Value, into: &mut Vec<Policy>) -> Result<(), String> {
+    let object: NetworkPolicy = serde_json::from_value(value).map_err(|e| e.to_string())?;
+    into.push(Policy::from_k8s(&object)?);
+    Ok(())
 }
 
 /// Adds a named object of type `T` to `into`.

@@ -17,6 +17,8 @@ use std::{
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 
+use crate::policy::{self, ContainerPort, Policy};
+
 pub use manifests::{LoadError, ManifestWarning};
 
 /// What the tracer needs to know about a pod.
@@ -31,6 +33,8 @@ pub struct PodInfo {
     pub labels: BTreeMap<String, String>,
     pub host_network: bool,
     pub node_name: Option<String>,
+    /// Named container ports (what NetworkPolicies' named ports resolve to).
+    pub container_ports: Vec<ContainerPort>,
 }
 
 impl PodInfo {
@@ -49,7 +53,20 @@ impl PodInfo {
         {
             ips.insert(0, ip);
         }
+        let container_ports = spec
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .filter_map(|p| {
+                Some(ContainerPort {
+                    name: p.name.clone()?,
+                    port: u16::try_from(p.container_port).ok()?,
+                    protocol: policy::Protocol::parse(p.protocol.as_deref().unwrap_or("TCP"))?,
+                })
+            })
+            .collect();
         Some(Self {
+            container_ports,
             namespace: metadata.namespace.unwrap_or_else(|| "default".to_owned()),
             name: metadata.name?,
             uid: metadata.uid.unwrap_or_default().to_ascii_lowercase(),
@@ -98,6 +115,9 @@ pub struct ClusterState {
     pods: Vec<PodInfo>,
     by_uid: HashMap<String, usize>,
     services: Vec<ServiceInfo>,
+    /// Labels of the namespaces known from manifests.
+    namespaces: HashMap<String, BTreeMap<String, String>>,
+    policies: Vec<Policy>,
 }
 
 /// What the tracer needs to know about a Service.
@@ -146,14 +166,37 @@ impl fmt::Display for ServiceInfo {
 impl ClusterState {
     /// Loads `--cluster-state PATH`; returns the per-object problems alongside.
     pub fn load(path: &Path) -> Result<(Self, Vec<ManifestWarning>), LoadError> {
-        let manifests = manifests::load(path)?;
+        let mut manifests = manifests::load(path)?;
+        let warnings = std::mem::take(&mut manifests.warnings);
+        Ok((Self::from_manifests(manifests), warnings))
+    }
+
+    /// The state made of loaded objects.
+    pub fn from_manifests(manifests: manifests::Manifests) -> Self {
         let mut state = Self::from_pods(manifests.pods);
         state.services = manifests
             .services
             .into_iter()
             .filter_map(ServiceInfo::from_service)
             .collect();
-        Ok((state, manifests.warnings))
+        state.namespaces = manifests
+            .namespaces
+            .into_iter()
+            .filter_map(|ns| Some((ns.metadata.name?, ns.metadata.labels.unwrap_or_default())))
+            .collect();
+        state.policies = manifests.policies;
+        state
+    }
+
+    /// The NetworkPolicies, in the order they were loaded.
+    pub fn policies(&self) -> &[Policy] {
+        &self.policies
+    }
+
+    /// A namespace's labels (with `kubernetes.io/metadata.name`, which every namespace
+    /// has, even when its object is unknown).
+    pub fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
+        policy::namespace_labels(namespace, self.namespaces.get(namespace))
     }
 
     /// The Service whose cluster IP and port `dst` is.

@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 a failure while running, 2 a usage or environment error
 //! (bad arguments, unknown pod, missing privileges, unsupported kernel).
 
+mod policy;
 mod trace;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
@@ -38,6 +39,31 @@ enum Command {
         Save the cluster state with `kubectl get pods -A -o yaml > pods.yaml` \
         (a file or a directory of YAML/JSON files).")]
     Trace(TraceArgs),
+    /// Explain what the NetworkPolicies decide for one flow of a pod, and why.
+    #[command(after_help = "Exit codes: 0 allowed, 1 denied, 2 usage error.\n\n\
+        Examples:\n  \
+        egress-tracer policy --cluster-state state.yaml --pod shop/web --to 10.0.0.10:53/UDP\n  \
+        egress-tracer policy --cluster-state state/ --pod shop/web --to 203.0.113.10:443 -o json\n\n\
+        Save the state with `kubectl get pods,namespaces,networkpolicies -A -o yaml > state.yaml`. \
+        In-cluster destinations are judged by the source's egress and the destination pod's ingress.")]
+    Policy(PolicyArgs),
+}
+
+#[derive(clap::Args)]
+struct PolicyArgs {
+    /// The source pod, as NAMESPACE/NAME.
+    #[arg(long, value_name = "NS/NAME")]
+    pod: String,
+    /// The destination, as IP:PORT[/PROTO] (TCP, UDP or SCTP; TCP by default).
+    #[arg(long, value_name = "IP:PORT[/PROTO]")]
+    to: String,
+    /// Pods, Namespaces and NetworkPolicies from kubectl YAML/JSON (files, Lists,
+    /// multi-document files or a directory).
+    #[arg(long, value_name = "PATH", env = "EGRESS_TRACER_CLUSTER_STATE")]
+    cluster_state: Option<PathBuf>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    output: Format,
 }
 
 #[derive(clap::Args)]
@@ -117,10 +143,19 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Trace(args) => runtime.block_on(trace::run(args)),
+        Command::Trace(args) => runtime
+            .block_on(trace::run(args))
+            .map(|()| ExitCode::SUCCESS),
+        Command::Policy(args) => policy::run(args).map(|allowed| {
+            if allowed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
             if is_usage_or_environment(&error) {
