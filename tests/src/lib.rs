@@ -23,6 +23,7 @@ pub mod demo;
 pub mod dns_server;
 pub mod http;
 mod manifest;
+pub mod network_policy;
 pub mod process;
 pub mod tracer;
 
@@ -128,6 +129,7 @@ pub struct LabPod {
     pub resolv_conf: PathBuf,
     /// The pod's long-lived process (its "container").
     pub pid: u32,
+    pub labels: Vec<(String, String)>,
 }
 
 impl LabPod {
@@ -369,6 +371,30 @@ impl Lab {
                 .join(format!("{namespace}_{name}_service.json")),
             manifests,
         )
+    }
+
+    /// Applies NetworkPolicies (JSON objects, as `kubectl get networkpolicy -o json`
+    /// prints them): writes them to the cluster state and enforces them with iptables
+    /// rules in the node's namespace ([`network_policy`]). Call it once, with all of them.
+    pub fn apply_network_policies(&self, policies: &[serde_json::Value]) -> io::Result<()> {
+        let rules = network_policy::iptables_rules(policies, &self.pods)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        for rule in rules {
+            let args: Vec<&str> = rule.iter().map(String::as_str).collect();
+            self.run_on_node("iptables", &args)?;
+        }
+        for policy in policies {
+            let name = policy["metadata"]["name"].as_str().unwrap_or("policy");
+            let namespace = policy["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default");
+            fs::write(
+                self.cluster_state()
+                    .join(format!("{namespace}_{name}_networkpolicy.json")),
+                serde_json::to_string_pretty(policy)?,
+            )?;
+        }
+        Ok(())
     }
 
     /// Runs `program args` to completion in the node's network namespace (for `conntrack`,
@@ -736,6 +762,7 @@ impl Lab {
             cgroup,
             resolv_conf,
             pid: 0,
+            labels: spec.labels.clone(),
         };
         let mut sleeper = Command::new("sleep");
         sleeper

@@ -16,7 +16,7 @@ use crate::{
     dns::{Answer, Lookup, LookupResult},
     flow::{Attempt, IcmpError, Origin, Outcome, Protocol, TcpHandshake, errno_name},
     node::MonotonicClock,
-    verdict::{self, Verdict},
+    verdict::Verdict,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -279,7 +279,7 @@ pub struct LookupRecord<'a> {
     pub dst: SocketAddr,
     pub outcome: LookupResult,
     pub dns: DnsRecord<'a>,
-    pub verdict: Verdict,
+    pub verdict: &'a Verdict,
     pub cgroup_id: u64,
 }
 
@@ -305,7 +305,12 @@ pub struct DnsRecord<'a> {
 }
 
 impl<'a> LookupRecord<'a> {
-    pub fn new(lookup: &'a Lookup, origin: &'a Origin, clock: MonotonicClock) -> Self {
+    pub fn new(
+        lookup: &'a Lookup,
+        origin: &'a Origin,
+        verdict: &'a Verdict,
+        clock: MonotonicClock,
+    ) -> Self {
         Self {
             time: rfc3339(clock.to_wall(lookup.first_ns)),
             pod: origin.pod.as_deref(),
@@ -334,7 +339,7 @@ impl<'a> LookupRecord<'a> {
                 truncated: lookup.truncated,
                 over_tcp: lookup.over_tcp,
             },
-            verdict: verdict::of_lookup(lookup),
+            verdict,
             cgroup_id: lookup.cgroup_id,
         }
     }
@@ -405,8 +410,13 @@ impl<W: Write> Writer<W> {
     }
 
     /// Writes one DNS lookup.
-    pub fn write_lookup(&mut self, lookup: &Lookup, origin: &Origin) -> io::Result<()> {
-        let record = LookupRecord::new(lookup, origin, self.clock);
+    pub fn write_lookup(
+        &mut self,
+        lookup: &Lookup,
+        origin: &Origin,
+        verdict: &Verdict,
+    ) -> io::Result<()> {
+        let record = LookupRecord::new(lookup, origin, verdict, self.clock);
         match self.format {
             Format::Json => self.json_line(&record),
             Format::Table => {
@@ -426,7 +436,7 @@ impl<W: Write> Writer<W> {
                 let src = record.src.to_string();
                 let dst = record.dst.to_string();
                 let pod = record.pod.unwrap_or("(host)");
-                let verdict = verdict_text(&record.verdict);
+                let verdict = verdict_text(record.verdict);
                 self.row(&[
                     &time,
                     pod,

@@ -19,7 +19,8 @@ use crate::{
     conntrack::snat::SnatTable,
     dns::{self, DnsTracker, Lookup, Resolver, SeenMessage},
     flow::{Attempt, FlowAssembler, Origin, Protocol, ServiceTarget},
-    verdict::{self, NodeFacts},
+    policy::{self, Decision, Flow},
+    verdict::{self, NodeFacts, Verdict},
 };
 
 /// Bound on remembered sockets that carried DNS and on cached search lists.
@@ -31,7 +32,11 @@ const DNS_PORT: u16 = 53;
 pub enum Record {
     // Boxed: both are large, and a record only passes through.
     Attempt(Box<Attempt>),
-    Lookup(Box<Lookup>, Origin),
+    Lookup {
+        lookup: Box<Lookup>,
+        origin: Origin,
+        verdict: Box<Verdict>,
+    },
 }
 
 /// Counts kept by the pipeline itself.
@@ -244,12 +249,28 @@ impl Pipeline {
                 let dst = nat.dst.unwrap_or(attempt.dst);
                 attempt.snat = Some(table.usage(src.ip(), dst, protocol));
             }
-            attempt.verdict = verdict::of_attempt(&attempt, &self.node);
+            let protocol = match attempt.protocol {
+                Protocol::Tcp => policy::Protocol::Tcp,
+                Protocol::Udp => policy::Protocol::Udp,
+            };
+            let decision = policy_decision(&self.cluster, &attempt.origin, attempt.dst, protocol);
+            attempt.verdict = verdict::of_attempt(&attempt, &self.node, decision.as_ref());
             records.push(Record::Attempt(Box::new(attempt)));
         }
         for lookup in self.lookups.drain(..) {
             let origin = origin_of(lookup.cgroup_id, &mut self.cgroups, &self.cluster);
-            records.push(Record::Lookup(Box::new(lookup), origin));
+            let protocol = if lookup.over_tcp && !lookup.truncated {
+                policy::Protocol::Tcp
+            } else {
+                policy::Protocol::Udp
+            };
+            let decision = policy_decision(&self.cluster, &origin, lookup.server, protocol);
+            let verdict = Box::new(verdict::of_lookup(&lookup, decision.as_ref()));
+            records.push(Record::Lookup {
+                lookup: Box::new(lookup),
+                origin,
+                verdict,
+            });
         }
         records
     }
@@ -319,4 +340,23 @@ fn origin_of(cgroup_id: u64, cgroups: &mut CgroupIndex, cluster: &ClusterState) 
         .and_then(|uid| cluster.pod_by_uid(uid))
         .map(PodInfo::to_string);
     Origin { pod, pod_uid }
+}
+
+/// What the NetworkPolicies decide for a pod's flow, when the pod is known.
+fn policy_decision(
+    cluster: &ClusterState,
+    origin: &Origin,
+    dst: std::net::SocketAddr,
+    protocol: policy::Protocol,
+) -> Option<Decision> {
+    let src = cluster.pod_by_uid(origin.pod_uid.as_deref()?)?;
+    Some(policy::decide(
+        cluster,
+        &Flow {
+            src,
+            dst: dst.ip(),
+            port: dst.port(),
+            protocol,
+        },
+    ))
 }

@@ -31,6 +31,7 @@ use crate::{
     conntrack::ConntrackStats,
     dns::{Lookup, LookupResult},
     flow::{Attempt, Drops, IcmpError, Outcome, errno_name},
+    policy::Decision,
 };
 
 /// The hops of the egress path.
@@ -139,7 +140,84 @@ impl NodeFacts {
 
 /// The verdict of a finished attempt; `None` when its ending says nothing about the path
 /// (still in progress, or aborted by the application before any retransmission).
-pub fn of_attempt(attempt: &Attempt, node: &NodeFacts) -> Option<Verdict> {
+/// `policy` is what the NetworkPolicies decide for it, when its pod is known.
+pub fn of_attempt(
+    attempt: &Attempt,
+    node: &NodeFacts,
+    policy: Option<&Decision>,
+) -> Option<Verdict> {
+    let verdict = of_path(attempt, node)?;
+    Some(match policy {
+        Some(decision) => with_policy(verdict, attempt, decision),
+        None => verdict,
+    })
+}
+
+/// A NetworkPolicy that denies the flow explains a netfilter drop on the node, or a
+/// silent loss before the node's NAT (an eBPF CNI drops without a kernel drop reason).
+fn with_policy(verdict: Verdict, attempt: &Attempt, decision: &Decision) -> Verdict {
+    let dropped_by_rule = verdict.hop == Hop::NodeFirewall;
+    let lost_before_nat = verdict.hop == Hop::Upstream
+        && verdict.reason == "silent-drop"
+        && attempt.nat.is_none_or(|nat| nat.src.is_none());
+    if decision.allowed {
+        return if dropped_by_rule {
+            verdict.evidence(format!(
+                "the NetworkPolicies allow this flow ({}): the rule is not a policy's",
+                decision.explanation
+            ))
+        } else {
+            verdict
+        };
+    }
+    if !(dropped_by_rule || lost_before_nat) {
+        return verdict.evidence(format!(
+            "a NetworkPolicy denies this flow, but the evidence points elsewhere: {}",
+            decision.explanation
+        ));
+    }
+    let mut denied = Verdict::new(
+        Hop::NetworkPolicy,
+        "denied",
+        format!(
+            "NetworkPolicy {} denies the traffic to {}",
+            decision.denied_by.join(", "),
+            target_of(attempt)
+        ),
+    )
+    .evidence(format!("NetworkPolicy: {}", decision.explanation));
+    denied.evidence.extend(verdict.evidence);
+    denied.likely = !dropped_by_rule;
+    if denied.likely {
+        denied = denied
+            .evidence("no kernel drop was seen: the CNI may drop without a drop reason (eBPF)");
+    }
+    denied.policy = Some(decision.denied_by.join(","));
+    denied
+        .next(format!(
+            "kubectl describe networkpolicy -n {} {}",
+            namespace_of(&decision.denied_by),
+            names_of(&decision.denied_by)
+        ))
+        .next("add an egress rule (or, for in-cluster destinations, an ingress rule at the destination) that allows this port and peer")
+}
+
+fn namespace_of(policies: &[String]) -> &str {
+    policies
+        .first()
+        .and_then(|p| p.split_once('/'))
+        .map_or("default", |(ns, _)| ns)
+}
+
+fn names_of(policies: &[String]) -> String {
+    policies
+        .iter()
+        .map(|p| p.split_once('/').map_or(p.as_str(), |(_, name)| name))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn of_path(attempt: &Attempt, node: &NodeFacts) -> Option<Verdict> {
     let target = target_of(attempt);
     if let Some(drops) = &attempt.drops {
         return Some(of_drop(drops, &target, node));
@@ -467,8 +545,39 @@ fn of_socket_error(attempt: &Attempt, target: &str) -> Verdict {
     }
 }
 
-/// The verdict of a DNS lookup.
-pub fn of_lookup(lookup: &Lookup) -> Verdict {
+/// The verdict of a DNS lookup; a timeout that a NetworkPolicy explains (UDP/53 to the
+/// server denied) is the policy's, with the symptom `dns-timeout`.
+pub fn of_lookup(lookup: &Lookup, policy: Option<&Decision>) -> Verdict {
+    let verdict = of_dns(lookup);
+    match policy {
+        Some(decision) if !decision.allowed && lookup.result == LookupResult::Timeout => {
+            let mut denied = Verdict::new(
+                Hop::NetworkPolicy,
+                "denied",
+                format!(
+                    "NetworkPolicy {} denies DNS to {}: the lookup of {} timed out",
+                    decision.denied_by.join(", "),
+                    lookup.server,
+                    lookup.name
+                ),
+            )
+            .evidence(format!("NetworkPolicy: {}", decision.explanation));
+            denied.evidence.extend(verdict.evidence);
+            denied.symptom = Some("dns-timeout".to_owned());
+            denied.policy = Some(decision.denied_by.join(","));
+            denied
+                .next(format!(
+                    "kubectl describe networkpolicy -n {} {}",
+                    namespace_of(&decision.denied_by),
+                    names_of(&decision.denied_by)
+                ))
+                .next("allow egress to the cluster DNS Service's pods on UDP and TCP 53")
+        }
+        _ => verdict,
+    }
+}
+
+fn of_dns(lookup: &Lookup) -> Verdict {
     let name = &lookup.name;
     let servers = lookup.server;
     let dns = |reason: &str, summary: String| {
@@ -581,6 +690,10 @@ mod tests {
         }
     }
 
+    fn judge(attempt: &Attempt, node: &NodeFacts) -> Option<Verdict> {
+        of_attempt(attempt, node, None)
+    }
+
     fn hop_reason(verdict: &Verdict) -> (Hop, &str, bool) {
         (verdict.hop, verdict.reason.as_str(), verdict.likely)
     }
@@ -598,7 +711,7 @@ mod tests {
             insert_failed: 3,
             ..Default::default()
         };
-        let verdict = of_attempt(&a, &facts(counted, false)).unwrap();
+        let verdict = judge(&a, &facts(counted, false)).unwrap();
         assert_eq!(
             hop_reason(&verdict),
             (Hop::Conntrack, "insert-failed", false)
@@ -610,7 +723,7 @@ mod tests {
                 .any(|e| e.contains("insert_failed counter rose by 3"))
         );
         // Without the counter's rise it is only likely.
-        let verdict = of_attempt(&a, &facts(ConntrackStats::default(), false)).unwrap();
+        let verdict = judge(&a, &facts(ConntrackStats::default(), false)).unwrap();
         assert_eq!(
             hop_reason(&verdict),
             (Hop::Conntrack, "insert-failed", true)
@@ -626,7 +739,7 @@ mod tests {
             drop: 5,
             ..Default::default()
         };
-        let verdict = of_attempt(&a, &facts(full, false)).unwrap();
+        let verdict = judge(&a, &facts(full, false)).unwrap();
         assert_eq!(hop_reason(&verdict), (Hop::Conntrack, "table-full", false));
         assert!(
             verdict
@@ -645,10 +758,10 @@ mod tests {
                 status: DST_NAT_DONE,
             },
         );
-        let verdict = of_attempt(&a, &facts(ConntrackStats::default(), false)).unwrap();
+        let verdict = judge(&a, &facts(ConntrackStats::default(), false)).unwrap();
         assert_eq!(hop_reason(&verdict), (Hop::Conntrack, "nat-failed", true));
         // Legacy iptables rules are freed by nf_hook_slow too: a rule is likelier.
-        let verdict = of_attempt(&a, &facts(ConntrackStats::default(), true)).unwrap();
+        let verdict = judge(&a, &facts(ConntrackStats::default(), true)).unwrap();
         assert_eq!(
             hop_reason(&verdict),
             (Hop::NodeFirewall, "netfilter-drop", true)
@@ -666,9 +779,9 @@ mod tests {
             invalid: 2,
             ..Default::default()
         };
-        let verdict = of_attempt(&a, &facts(invalid, false)).unwrap();
+        let verdict = judge(&a, &facts(invalid, false)).unwrap();
         assert_eq!(hop_reason(&verdict), (Hop::Conntrack, "invalid", false));
-        let verdict = of_attempt(&a, &facts(ConntrackStats::default(), false)).unwrap();
+        let verdict = judge(&a, &facts(ConntrackStats::default(), false)).unwrap();
         assert_eq!(
             hop_reason(&verdict),
             (Hop::NodeFirewall, "netfilter-drop", false)
@@ -682,7 +795,7 @@ mod tests {
             "NETFILTER_DROP",
             PacketConntrack::Entry { status: 0 },
         );
-        let verdict = of_attempt(&a, &NodeFacts::default()).unwrap();
+        let verdict = judge(&a, &NodeFacts::default()).unwrap();
         assert_eq!(
             hop_reason(&verdict),
             (Hop::NodeFirewall, "netfilter-drop", false)
@@ -696,7 +809,7 @@ mod tests {
                 status: CONFIRMED | SRC_NAT_DONE,
             },
         );
-        let verdict = of_attempt(&a, &NodeFacts::default()).unwrap();
+        let verdict = judge(&a, &NodeFacts::default()).unwrap();
         assert_eq!(
             hop_reason(&verdict),
             (Hop::NodeFirewall, "netfilter-drop", true)
@@ -710,7 +823,7 @@ mod tests {
             "NEIGH_FAILED",
             PacketConntrack::Unknown,
         );
-        let verdict = of_attempt(&a, &NodeFacts::default()).unwrap();
+        let verdict = judge(&a, &NodeFacts::default()).unwrap();
         assert_eq!(
             hop_reason(&verdict),
             (Hop::Routing, "neighbour-failed", false)
@@ -720,7 +833,7 @@ mod tests {
             "IP_OUTNOROUTES",
             PacketConntrack::Unknown,
         );
-        let verdict = of_attempt(&a, &NodeFacts::default()).unwrap();
+        let verdict = judge(&a, &NodeFacts::default()).unwrap();
         assert_eq!(hop_reason(&verdict), (Hop::Routing, "no-route", false));
     }
 
@@ -731,12 +844,12 @@ mod tests {
             src: Some("10.224.0.4:1024".parse().unwrap()),
             dst: None,
         });
-        let verdict = of_attempt(&a, &NodeFacts::default()).unwrap();
+        let verdict = judge(&a, &NodeFacts::default()).unwrap();
         assert_eq!(hop_reason(&verdict), (Hop::Upstream, "silent-drop", false));
         assert!(verdict.evidence[0].contains("translated to 10.224.0.4:1024"));
         // The same, without the NAT seen: only likely.
         a.nat = None;
-        let verdict = of_attempt(&a, &NodeFacts::default()).unwrap();
+        let verdict = judge(&a, &NodeFacts::default()).unwrap();
         assert_eq!(hop_reason(&verdict), (Hop::Upstream, "silent-drop", true));
 
         let mut usage = SnatTable::new((32768, 60999), Some(1024)).usage(
@@ -746,7 +859,7 @@ mod tests {
         );
         usage.in_use = 1000;
         a.snat = Some(usage);
-        let verdict = of_attempt(&a, &NodeFacts::default()).unwrap();
+        let verdict = judge(&a, &NodeFacts::default()).unwrap();
         assert_eq!(
             hop_reason(&verdict),
             (Hop::Upstream, "snat-exhaustion-suspected", true)
@@ -754,7 +867,7 @@ mod tests {
         // Far below the budget, a timeout is a plain silent drop.
         usage.in_use = 10;
         a.snat = Some(usage);
-        let verdict = of_attempt(&a, &NodeFacts::default()).unwrap();
+        let verdict = judge(&a, &NodeFacts::default()).unwrap();
         assert_eq!(verdict.reason, "silent-drop");
     }
 
@@ -768,7 +881,7 @@ mod tests {
             sender: "10.224.0.1".parse().unwrap(),
             mtu: None,
         });
-        let verdict = of_attempt(&a, &NodeFacts::default()).unwrap();
+        let verdict = judge(&a, &NodeFacts::default()).unwrap();
         assert_eq!(
             hop_reason(&verdict),
             (Hop::Upstream, "icmp-admin-prohibited", false)
@@ -781,7 +894,7 @@ mod tests {
             sender: a.dst.ip(),
             mtu: None,
         });
-        let verdict = of_attempt(&a, &NodeFacts::default()).unwrap();
+        let verdict = judge(&a, &NodeFacts::default()).unwrap();
         assert_eq!(hop_reason(&verdict), (Hop::Endpoint, "refused", false));
         a.icmp = Some(IcmpError {
             v6: false,
@@ -790,7 +903,7 @@ mod tests {
             sender: "198.51.100.1".parse().unwrap(),
             mtu: None,
         });
-        let verdict = of_attempt(&a, &NodeFacts::default()).unwrap();
+        let verdict = judge(&a, &NodeFacts::default()).unwrap();
         assert_eq!(
             hop_reason(&verdict),
             (Hop::Upstream, "icmp-unreachable", false)
@@ -799,16 +912,16 @@ mod tests {
 
     #[test]
     fn successes_refusals_and_silent_endings() {
-        let verdict = of_attempt(&attempt(Outcome::Established), &NodeFacts::default()).unwrap();
+        let verdict = judge(&attempt(Outcome::Established), &NodeFacts::default()).unwrap();
         assert_eq!(hop_reason(&verdict), (Hop::None, "ok", false));
-        let verdict = of_attempt(&attempt(Outcome::Refused), &NodeFacts::default()).unwrap();
+        let verdict = judge(&attempt(Outcome::Refused), &NodeFacts::default()).unwrap();
         assert_eq!(hop_reason(&verdict), (Hop::Endpoint, "refused", true));
         assert_eq!(
-            of_attempt(&attempt(Outcome::Aborted), &NodeFacts::default()),
+            judge(&attempt(Outcome::Aborted), &NodeFacts::default()),
             None
         );
         assert_eq!(
-            of_attempt(&attempt(Outcome::InProgress), &NodeFacts::default()),
+            judge(&attempt(Outcome::InProgress), &NodeFacts::default()),
             None
         );
     }

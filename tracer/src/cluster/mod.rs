@@ -114,6 +114,8 @@ fn suggestion_text(suggestions: &[String]) -> String {
 pub struct ClusterState {
     pods: Vec<PodInfo>,
     by_uid: HashMap<String, usize>,
+    /// Pod IPs (not hostNetwork pods') to pods.
+    by_ip: HashMap<IpAddr, usize>,
     services: Vec<ServiceInfo>,
     /// Labels of the namespaces known from manifests.
     namespaces: HashMap<String, BTreeMap<String, String>>,
@@ -208,9 +210,7 @@ impl ClusterState {
 
     /// The pod with this IP (not hostNetwork pods, which share the node's).
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&PodInfo> {
-        self.pods
-            .iter()
-            .find(|p| !p.host_network && p.ips.contains(&ip))
+        self.by_ip.get(&ip).map(|&i| &self.pods[i])
     }
 
     pub fn from_pods(pods: impl IntoIterator<Item = Pod>) -> Self {
@@ -236,6 +236,13 @@ impl ClusterState {
                 state.by_uid.insert(state.pods[index].uid.clone(), index);
             }
         }
+        state.by_ip = state
+            .pods
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !p.host_network)
+            .flat_map(|(i, p)| p.ips.iter().map(move |ip| (*ip, i)))
+            .collect();
         state
     }
 

@@ -186,7 +186,11 @@ fn write_records(
     for record in &records {
         match record {
             Record::Attempt(attempt) => writer.write(attempt),
-            Record::Lookup(lookup, origin) => writer.write_lookup(lookup, origin),
+            Record::Lookup {
+                lookup,
+                origin,
+                verdict,
+            } => writer.write_lookup(lookup, origin, verdict),
         }
         .context("cannot write to stdout")?;
     }
