@@ -961,4 +961,90 @@ mod tests {
             ]
         );
     }
+
+    fn denial() -> Decision {
+        use crate::policy::SideDecision;
+        Decision {
+            allowed: false,
+            policies: vec!["shop/deny-egress".into()],
+            denied_by: vec!["shop/deny-egress".into()],
+            allowed_by: None,
+            explanation: "shop/deny-egress selects shop/web (app=web) for egress; no egress rule allows TCP 443 to 203.0.113.10".into(),
+            egress: SideDecision {
+                allowed: false,
+                policies: vec!["shop/deny-egress".into()],
+                allowed_by: None,
+            },
+            ingress: None,
+        }
+    }
+
+    #[test]
+    fn a_denying_policy_explains_a_rule_drop_or_a_loss_before_nat() {
+        let a = dropped(
+            "nft_do_chain+0x3f5",
+            "NETFILTER_DROP",
+            PacketConntrack::Entry { status: 0 },
+        );
+        let verdict = of_attempt(&a, &NodeFacts::default(), Some(&denial())).unwrap();
+        assert_eq!(hop_reason(&verdict), (Hop::NetworkPolicy, "denied", false));
+        assert_eq!(verdict.policy.as_deref(), Some("shop/deny-egress"));
+        assert!(verdict.evidence[0].starts_with("NetworkPolicy: shop/deny-egress selects"));
+        assert!(verdict.evidence[1].contains("nft_do_chain+0x3f5"));
+        assert_eq!(
+            verdict.next_steps[0],
+            "kubectl describe networkpolicy -n shop deny-egress"
+        );
+        // A timeout with no drop seen and no NAT: an eBPF CNI's drop, likely.
+        let verdict = of_attempt(
+            &attempt(Outcome::Timeout),
+            &NodeFacts::default(),
+            Some(&denial()),
+        )
+        .unwrap();
+        assert_eq!(hop_reason(&verdict), (Hop::NetworkPolicy, "denied", true));
+        // A conntrack drop stays conntrack's, with the policy noted.
+        let a = dropped(
+            "nf_hook_slow+0x9e",
+            "NETFILTER_DROP",
+            PacketConntrack::Entry {
+                status: SRC_NAT_DONE,
+            },
+        );
+        let verdict = of_attempt(&a, &NodeFacts::default(), Some(&denial())).unwrap();
+        assert_eq!(verdict.hop, Hop::Conntrack);
+        assert!(
+            verdict
+                .evidence
+                .last()
+                .unwrap()
+                .contains("a NetworkPolicy denies this flow")
+        );
+    }
+
+    #[test]
+    fn an_allowing_policy_clears_the_policies_of_a_rule_drop() {
+        let mut allowed = denial();
+        allowed.allowed = true;
+        allowed.denied_by.clear();
+        allowed.explanation =
+            "allowed: shop/web-out egress[0] allows TCP 443 to 203.0.113.10".into();
+        let a = dropped(
+            "nft_do_chain+0x3f5",
+            "NETFILTER_DROP",
+            PacketConntrack::Entry { status: 0 },
+        );
+        let verdict = of_attempt(&a, &NodeFacts::default(), Some(&allowed)).unwrap();
+        assert_eq!(
+            hop_reason(&verdict),
+            (Hop::NodeFirewall, "netfilter-drop", false)
+        );
+        assert!(
+            verdict
+                .evidence
+                .last()
+                .unwrap()
+                .contains("the rule is not a policy's")
+        );
+    }
 }

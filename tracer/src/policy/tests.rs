@@ -1069,3 +1069,196 @@ fn invalid_policies_are_rejected_with_the_reason() {
         );
     }
 }
+
+mod generated {
+    //! Properties over generated policies and flows.
+
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn labels() -> impl Strategy<Value = Value> {
+        prop::collection::btree_map(
+            prop::sample::select(vec!["app", "tier", "team", "env", "k8s-app"]),
+            prop::sample::select(vec![
+                "web", "api", "frontend", "backend", "db", "prod", "kube-dns",
+            ]),
+            0..3,
+        )
+        .prop_map(|m| json!(m))
+    }
+
+    fn selector() -> impl Strategy<Value = Value> {
+        let expression = (
+            prop::sample::select(vec!["app", "tier", "env"]),
+            prop::sample::select(vec!["In", "NotIn", "Exists", "DoesNotExist", "Bogus"]),
+            prop::collection::vec(prop::sample::select(vec!["web", "api", "backend", "prod"]), 0..3),
+        )
+            .prop_map(|(key, operator, values)| json!({"key": key, "operator": operator, "values": values}));
+        (labels(), prop::collection::vec(expression, 0..2)).prop_map(
+            |(labels, expressions)| json!({"matchLabels": labels, "matchExpressions": expressions}),
+        )
+    }
+
+    fn peer() -> impl Strategy<Value = Value> {
+        let cidrs = vec![
+            "0.0.0.0/0",
+            "10.244.0.0/16",
+            "10.244.0.10/32",
+            "203.0.113.0/24",
+            "203.0.113.0/28",
+            "2001:db8::/32",
+            "10.0.0.0/33",
+            "garbage",
+        ];
+        prop_oneof![
+            selector().prop_map(|s| json!({"podSelector": s})),
+            selector().prop_map(|s| json!({"namespaceSelector": s})),
+            (selector(), selector())
+                .prop_map(|(p, n)| json!({"podSelector": p, "namespaceSelector": n})),
+            (
+                prop::sample::select(cidrs.clone()),
+                prop::collection::vec(prop::sample::select(cidrs), 0..2)
+            )
+                .prop_map(|(cidr, except)| json!({"ipBlock": {"cidr": cidr, "except": except}})),
+            Just(json!({})),
+        ]
+    }
+
+    fn port() -> impl Strategy<Value = Value> {
+        let number = prop_oneof![
+            Just(Value::Null),
+            (0i64..70_000).prop_map(|n| json!(n)),
+            prop::sample::select(vec!["http", "grpc", "dns", "pg", "53", "nope"])
+                .prop_map(|s| json!(s)),
+        ];
+        (
+            number,
+            prop::option::of(0i64..70_000),
+            prop::option::of(prop::sample::select(vec!["TCP", "UDP", "SCTP", "ICMP"])),
+        )
+            .prop_map(|(port, end_port, protocol)| json!({"port": port, "endPort": end_port, "protocol": protocol}))
+    }
+
+    fn rule(peer_field: &'static str) -> impl Strategy<Value = Value> {
+        (
+            prop::option::of(prop::collection::vec(peer(), 0..3)),
+            prop::option::of(prop::collection::vec(port(), 0..3)),
+        )
+            .prop_map(move |(peers, ports)| json!({peer_field: peers, "ports": ports}))
+    }
+
+    fn policy() -> impl Strategy<Value = Value> {
+        (
+            prop::sample::select(vec!["shop", "db", "dev", "kube-system"]),
+            selector(),
+            prop::option::of(prop::sample::subsequence(vec!["Ingress", "Egress"], 0..=2)),
+            prop::option::of(prop::collection::vec(rule("from"), 0..3)),
+            prop::option::of(prop::collection::vec(rule("to"), 0..3)),
+        )
+            .prop_map(|(namespace, pod_selector, types, ingress, egress)| {
+                json!({
+                    "apiVersion": "networking.k8s.io/v1",
+                    "kind": "NetworkPolicy",
+                    "metadata": {"name": "generated", "namespace": namespace},
+                    "spec": {"podSelector": pod_selector, "policyTypes": types, "ingress": ingress, "egress": egress},
+                })
+            })
+    }
+
+    fn flow() -> impl Strategy<Value = (&'static str, IpAddr, u16, Protocol)> {
+        (
+            prop::sample::select(vec![
+                "shop/web",
+                "shop/api",
+                "db/postgres",
+                "dev/tool",
+                "kube-system/coredns",
+                "shop/agent",
+            ]),
+            prop::sample::select(vec![
+                "10.244.0.10",
+                "10.244.0.11",
+                "10.244.1.10",
+                "10.244.3.10",
+                "203.0.113.10",
+                "10.0.0.10",
+                "2001:db8::10",
+            ])
+            .prop_map(|ip| ip.parse().unwrap()),
+            prop::sample::select(vec![53u16, 80, 443, 5432, 8080, 9090]),
+            prop::sample::select(vec![Protocol::Tcp, Protocol::Udp, Protocol::Sctp]),
+        )
+    }
+
+    /// The fixture cluster with `policies` (invalid ones are skipped, as when loading).
+    fn cluster_with(policies: &[Value]) -> ClusterState {
+        let mut manifests = Manifests::default();
+        load_text(Path::new("cluster.yaml"), CLUSTER, &mut manifests);
+        for policy in policies {
+            load_text(
+                Path::new("generated.json"),
+                &policy.to_string(),
+                &mut manifests,
+            );
+        }
+        ClusterState::from_manifests(manifests)
+    }
+
+    fn decide_for(
+        state: &ClusterState,
+        (src, dst, port, protocol): (&str, IpAddr, u16, Protocol),
+    ) -> Decision {
+        let src = state.find_pod(src).unwrap();
+        decide(
+            state,
+            &Flow {
+                src,
+                dst,
+                port,
+                protocol,
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any policies, any flow: a decision, never a panic, and a consistent one.
+        #[test]
+        fn never_panics_and_is_consistent(policies in prop::collection::vec(policy(), 0..4), flow in flow()) {
+            let state = cluster_with(&policies);
+            let decision = decide_for(&state, flow);
+            prop_assert_eq!(decision.allowed, decision.denied_by.is_empty());
+            prop_assert!(!decision.explanation.is_empty());
+            if !decision.allowed {
+                prop_assert!(decision.allowed_by.is_none());
+            }
+        }
+
+        /// Policies only add allowed traffic: a policy allowing all egress of every pod
+        /// in every namespace never turns an allowed flow into a denied one.
+        #[test]
+        fn allow_all_egress_never_denies_what_was_allowed(
+            policies in prop::collection::vec(policy(), 0..4),
+            flow in flow(),
+        ) {
+            let before = decide_for(&cluster_with(&policies), flow);
+            let mut with_allow_all = policies.clone();
+            for namespace in ["shop", "db", "dev", "kube-system"] {
+                with_allow_all.push(json!({
+                    "apiVersion": "networking.k8s.io/v1",
+                    "kind": "NetworkPolicy",
+                    "metadata": {"name": "allow-all-egress", "namespace": namespace},
+                    "spec": {"podSelector": {}, "policyTypes": ["Egress"], "egress": [{}]},
+                }));
+            }
+            let after = decide_for(&cluster_with(&with_allow_all), flow);
+            if before.allowed {
+                prop_assert!(after.allowed, "{:?} -> {:?}", before, after);
+            }
+            prop_assert!(after.egress.allowed);
+        }
+    }
+}
