@@ -171,6 +171,12 @@ impl Lab {
         };
         cleanup::create_state_dir(&lab.state_dir).map_err(step("creating the state directory"))?;
         fs::create_dir_all(lab.cluster_state()).map_err(step("creating cluster-state/"))?;
+        fs::write(
+            lab.cluster_state()
+                .join("kube-system_kube-dns_service.json"),
+            manifest::cluster_dns_service(addr::CLUSTER_DNS),
+        )
+        .map_err(step("writing the kube-dns Service"))?;
         fs::create_dir_all(lab.cgroup_parent.join("infra"))
             .map_err(step("creating the lab cgroup"))?;
         lab.build_network().map_err(step("building the network"))?;

@@ -51,6 +51,25 @@ pub fn service_manifests(
     serde_json::to_string_pretty(&list).expect("a JSON value serialises")
 }
 
+/// The cluster DNS Service, as a cluster has it (`kube-system/kube-dns`).
+pub fn cluster_dns_service(cluster_ip: Ipv4Addr) -> String {
+    let service = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": cluster_ip.to_string(),
+            "clusterIPs": [cluster_ip.to_string()],
+            "ports": [
+                {"name": "dns", "port": 53, "protocol": "UDP"},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+            ],
+        },
+    });
+    serde_json::to_string_pretty(&service).expect("a JSON value serialises")
+}
+
 pub struct PodManifest<'a> {
     pub namespace: &'a str,
     pub name: &'a str,

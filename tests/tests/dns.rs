@@ -85,6 +85,14 @@ fn nxdomain_after_every_expansion_is_one_lookup() {
         (&"dns".into(), &"nxdomain".into()),
         "{lookup}"
     );
+    // The server is recognised as the cluster DNS Service.
+    assert!(
+        lookup["verdict"]["evidence"][0]
+            .as_str()
+            .unwrap()
+            .contains("10.0.0.10:53 (the cluster DNS Service kube-system/kube-dns)"),
+        "{lookup}"
+    );
     assert_eq!(lookup["dst"], format!("{}:53", addr::CLUSTER_DNS));
     let dns = &lookup["dns"];
     assert_eq!(dns["name"], addr::MISSING_NAME);

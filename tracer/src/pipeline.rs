@@ -92,6 +92,11 @@ impl Pipeline {
         }
     }
 
+    /// Replaces the cluster model (the API's latest state).
+    pub fn set_cluster(&mut self, cluster: ClusterState) {
+        self.cluster = cluster;
+    }
+
     /// The node's latest SNAT port usage, for the verdicts of translated attempts.
     pub fn set_snat(&mut self, table: Option<SnatTable>) {
         self.snat = table;
@@ -234,9 +239,7 @@ impl Pipeline {
                 ServiceTarget {
                     name: service.to_string(),
                     backend,
-                    backend_pod: backend
-                        .and_then(|b| self.cluster.pod_by_ip(b.ip()))
-                        .map(PodInfo::to_string),
+                    backend_pod: backend.and_then(|b| self.cluster.backend_pod(b.ip())),
                 }
             });
             if let (Some(table), Some(nat)) = (&self.snat, attempt.nat)
@@ -265,7 +268,16 @@ impl Pipeline {
                 policy::Protocol::Udp
             };
             let decision = policy_decision(&self.cluster, &origin, lookup.server, protocol);
-            let verdict = Box::new(verdict::of_lookup(&lookup, decision.as_ref()));
+            let cluster_dns = self
+                .cluster
+                .cluster_dns()
+                .filter(|service| service.cluster_ips.contains(&lookup.server.ip()))
+                .map(ToString::to_string);
+            let verdict = Box::new(verdict::of_lookup(
+                &lookup,
+                decision.as_ref(),
+                cluster_dns.as_deref(),
+            ));
             records.push(Record::Lookup {
                 lookup: Box::new(lookup),
                 origin,

@@ -546,9 +546,10 @@ fn of_socket_error(attempt: &Attempt, target: &str) -> Verdict {
 }
 
 /// The verdict of a DNS lookup; a timeout that a NetworkPolicy explains (UDP/53 to the
-/// server denied) is the policy's, with the symptom `dns-timeout`.
-pub fn of_lookup(lookup: &Lookup, policy: Option<&Decision>) -> Verdict {
-    let verdict = of_dns(lookup);
+/// server denied) is the policy's, with the symptom `dns-timeout`. `cluster_dns` names
+/// the cluster DNS Service when the server is its address.
+pub fn of_lookup(lookup: &Lookup, policy: Option<&Decision>, cluster_dns: Option<&str>) -> Verdict {
+    let verdict = of_dns(lookup, cluster_dns);
     match policy {
         Some(decision) if !decision.allowed && lookup.result == LookupResult::Timeout => {
             let mut denied = Verdict::new(
@@ -577,15 +578,26 @@ pub fn of_lookup(lookup: &Lookup, policy: Option<&Decision>) -> Verdict {
     }
 }
 
-fn of_dns(lookup: &Lookup) -> Verdict {
+fn of_dns(lookup: &Lookup, cluster_dns: Option<&str>) -> Verdict {
     let name = &lookup.name;
-    let servers = lookup.server;
+    let servers = match cluster_dns {
+        Some(service) => format!("{} (the cluster DNS Service {service})", lookup.server),
+        None => lookup.server.to_string(),
+    };
     let dns = |reason: &str, summary: String| {
-        Verdict::new(Hop::Dns, reason, summary)
-            .next("CoreDNS: `kubectl -n kube-system logs -l k8s-app=kube-dns`")
-            .next(format!(
-                "ask the upstream server directly: `nslookup {name} <upstream>` from the node"
-            ))
+        let verdict = Verdict::new(Hop::Dns, reason, summary);
+        match cluster_dns {
+            Some(_) => verdict
+                .next("CoreDNS: `kubectl -n kube-system logs -l k8s-app=kube-dns`")
+                .next(format!(
+                    "ask the upstream server directly: `nslookup {name} <upstream>` from the node"
+                )),
+            None => verdict.next(format!(
+                "the pod asks {} directly, not the cluster DNS: check that server (`nslookup {name} {}` from the node)",
+                lookup.server,
+                lookup.server.ip()
+            )),
+        }
     };
     let seen = |what: &str| format!("{what} from {servers} (DNS messages at the pod's sockets)");
     match lookup.result {

@@ -21,8 +21,15 @@ fn state_dir(test: &str) -> PathBuf {
     dir
 }
 
+/// Runs the tracer where no Kubernetes configuration can be found.
 fn tracer(args: &[&str]) -> Output {
-    Command::new(TRACER).args(args).output().unwrap()
+    Command::new(TRACER)
+        .args(args)
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("EGRESS_TRACER_CLUSTER_STATE")
+        .output()
+        .unwrap()
 }
 
 fn stderr(output: &Output) -> String {
@@ -88,7 +95,7 @@ fn usage_errors_exit_2() {
     let cases: [(&[&str], &str); 6] = [
         (
             &["trace", "--pod", "default/client"],
-            "needs the pods' metadata: pass --cluster-state PATH",
+            "needs the cluster state: pass --cluster-state PATH",
         ),
         (
             &[
@@ -322,7 +329,43 @@ fn policy_usage_errors_exit_2() {
     let output = tracer(&["policy", "--pod", "shop/web", "--to", "10.0.0.10:53"]);
     assert_eq!(output.status.code(), Some(2));
     assert!(
-        stderr(&output).contains("policy needs --cluster-state PATH"),
+        stderr(&output).contains("policy needs the cluster state: pass --cluster-state PATH"),
+        "{}",
+        stderr(&output)
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn an_unreachable_api_server_is_an_error_naming_the_address() {
+    let dir = std::env::temp_dir().join(format!("egress-tracer-kubeconfig-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    // A port nobody listens on.
+    let address = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let kubeconfig = dir.join("config");
+    fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: 'http://{address}'}}}}]\n\
+             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n"
+        ),
+    )
+    .unwrap();
+    let output = Command::new(TRACER)
+        .args(["policy", "--pod", "shop/web", "--to", "10.0.0.10:53/UDP"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("EGRESS_TRACER_CLUSTER_STATE")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains(&format!(
+            "cannot reach the Kubernetes API at http://{address}/"
+        )),
         "{}",
         stderr(&output)
     );

@@ -13,6 +13,7 @@ use std::{
 use k8s_openapi::{
     api::{
         core::v1::{Namespace, Pod, Service},
+        discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -28,6 +29,7 @@ pub struct Manifests {
     pub pods: Vec<Pod>,
     pub services: Vec<Service>,
     pub namespaces: Vec<Namespace>,
+    pub endpoint_slices: Vec<EndpointSlice>,
     /// NetworkPolicies, validated.
     pub policies: Vec<Policy>,
     /// Problems with individual files, documents or objects; the rest was loaded.
@@ -158,6 +160,7 @@ fn add_object(file: &Path, document: usize, value: Value, manifests: &mut Manife
         "Pod" => parse_named(value, &mut manifests.pods),
         "Service" => parse_named(value, &mut manifests.services),
         "Namespace" => parse_named(value, &mut manifests.namespaces),
+        "EndpointSlice" => parse_named(value, &mut manifests.endpoint_slices),
         "NetworkPolicy" => parse_policy(value, &mut manifests.policies),
         "" => Err("has no kind".into()),
         _ => Ok(()),

@@ -4,6 +4,7 @@
 //! by its cgroup id, which [`cgroups::CgroupIndex`] maps to a pod UID through kubelet's
 //! cgroup layout ([`cgroup_path`]).
 
+pub mod api;
 pub mod cgroup_path;
 pub mod cgroups;
 pub mod manifests;
@@ -117,6 +118,9 @@ pub struct ClusterState {
     /// Pod IPs (not hostNetwork pods') to pods.
     by_ip: HashMap<IpAddr, usize>,
     services: Vec<ServiceInfo>,
+    /// Service backend addresses to their pods (`ns/name`), from EndpointSlices: pods
+    /// of other nodes are known this way.
+    backends: HashMap<IpAddr, String>,
     /// Labels of the namespaces known from manifests.
     namespaces: HashMap<String, BTreeMap<String, String>>,
     policies: Vec<Policy>,
@@ -187,7 +191,46 @@ impl ClusterState {
             .filter_map(|ns| Some((ns.metadata.name?, ns.metadata.labels.unwrap_or_default())))
             .collect();
         state.policies = manifests.policies;
+        state.backends = manifests
+            .endpoint_slices
+            .iter()
+            .flat_map(|slice| slice.endpoints.iter())
+            .filter_map(|endpoint| {
+                let target = endpoint
+                    .target_ref
+                    .as_ref()
+                    .filter(|t| t.kind.as_deref() == Some("Pod"))?;
+                let pod = format!(
+                    "{}/{}",
+                    target.namespace.as_deref().unwrap_or("default"),
+                    target.name.as_deref()?
+                );
+                Some(
+                    endpoint
+                        .addresses
+                        .iter()
+                        .filter_map(move |a| Some((a.parse().ok()?, pod.clone()))),
+                )
+            })
+            .flatten()
+            .collect();
         state
+    }
+
+    /// The pod (`ns/name`) behind a Service backend address: a known pod, else the
+    /// EndpointSlices' target.
+    pub fn backend_pod(&self, ip: IpAddr) -> Option<String> {
+        self.pod_by_ip(ip)
+            .map(PodInfo::to_string)
+            .or_else(|| self.backends.get(&ip).cloned())
+    }
+
+    /// The cluster DNS Service (`kube-system/kube-dns`, as CoreDNS is installed on AKS
+    /// and by kubeadm), when known.
+    pub fn cluster_dns(&self) -> Option<&ServiceInfo> {
+        self.services
+            .iter()
+            .find(|s| s.namespace == "kube-system" && s.name == "kube-dns")
     }
 
     /// The NetworkPolicies, in the order they were loaded.

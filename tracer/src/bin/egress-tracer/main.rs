@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 a failure while running, 2 a usage or environment error
 //! (bad arguments, unknown pod, missing privileges, unsupported kernel).
 
+mod cluster_source;
 mod policy;
 mod trace;
 
@@ -11,7 +12,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand};
 use egress_tracer::{
     capture::CaptureError,
-    cluster::{LoadError, PodLookupError},
+    cluster::{LoadError, PodLookupError, api::ApiError},
     output::Format,
 };
 
@@ -58,7 +59,8 @@ struct PolicyArgs {
     #[arg(long, value_name = "IP:PORT[/PROTO]")]
     to: String,
     /// Pods, Namespaces and NetworkPolicies from kubectl YAML/JSON (files, Lists,
-    /// multi-document files or a directory).
+    /// multi-document files or a directory). Without it, they come from the Kubernetes
+    /// API (KUBECONFIG, ~/.kube/config, or the in-cluster service account).
     #[arg(long, value_name = "PATH", env = "EGRESS_TRACER_CLUSTER_STATE")]
     cluster_state: Option<PathBuf>,
     /// Output format.
@@ -71,10 +73,16 @@ struct TraceArgs {
     /// Only this pod's attempts, as NAMESPACE/NAME. Without it, every process on the node.
     #[arg(long, value_name = "NS/NAME")]
     pod: Option<String>,
-    /// Pods from kubectl YAML/JSON (single objects, Lists, multi-document files or a
-    /// directory of them).
+    /// Pods, Services, EndpointSlices, Namespaces and NetworkPolicies from kubectl
+    /// YAML/JSON (single objects, Lists, multi-document files or a directory of them).
+    /// Without it, they come from the Kubernetes API (KUBECONFIG, ~/.kube/config, or the
+    /// in-cluster service account), kept up to date while tracing.
     #[arg(long, value_name = "PATH", env = "EGRESS_TRACER_CLUSTER_STATE")]
     cluster_state: Option<PathBuf>,
+    /// This node's name, to watch only its pods through the Kubernetes API (default: the
+    /// NODE_NAME environment variable, else the host name).
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    node_name: Option<String>,
     /// Stop after this long (e.g. 30s, 5m); without it, run until Ctrl-C or SIGTERM.
     #[arg(long, value_name = "D", value_parser = parse_duration)]
     duration: Option<Duration>,
@@ -146,7 +154,7 @@ fn main() -> ExitCode {
         Command::Trace(args) => runtime
             .block_on(trace::run(args))
             .map(|()| ExitCode::SUCCESS),
-        Command::Policy(args) => policy::run(args).map(|allowed| {
+        Command::Policy(args) => runtime.block_on(policy::run(args)).map(|allowed| {
             if allowed {
                 ExitCode::SUCCESS
             } else {
@@ -172,6 +180,7 @@ fn is_usage_or_environment(error: &anyhow::Error) -> bool {
         cause.is::<UsageError>()
             || cause.is::<PodLookupError>()
             || cause.is::<LoadError>()
+            || cause.is::<ApiError>()
             || cause
                 .downcast_ref::<CaptureError>()
                 .is_some_and(CaptureError::is_environment)

@@ -7,29 +7,18 @@ use std::{
 
 use anyhow::Context;
 use egress_tracer::{
-    cluster::ClusterState,
     output::Format,
     policy::{self, Decision, Flow, Protocol},
 };
 
-use crate::{PolicyArgs, UsageError};
+use crate::{PolicyArgs, UsageError, cluster_source};
 
 /// Prints the decision; `Ok(true)` when the flow is allowed.
-pub fn run(args: PolicyArgs) -> anyhow::Result<bool> {
+pub async fn run(args: PolicyArgs) -> anyhow::Result<bool> {
     let (address, protocol) = parse_target(&args.to)?;
-    let Some(path) = &args.cluster_state else {
-        return Err(UsageError(
-            "policy needs --cluster-state PATH (for example \
-             `kubectl get pods,namespaces,networkpolicies -A -o yaml > state.yaml`): \
-             reading the Kubernetes API directly is not supported yet"
-                .to_owned(),
-        )
-        .into());
-    };
-    let (cluster, warnings) = ClusterState::load(path)?;
-    for warning in warnings {
-        eprintln!("warning: skipped {warning}");
-    }
+    // Every node's pods: the source and the destination may be anywhere.
+    let (cluster, _source) =
+        cluster_source::open(args.cluster_state.as_deref(), None, Some("policy")).await?;
     let src = cluster.find_pod(&args.pod)?;
     let decision = policy::decide(
         &cluster,

@@ -5,7 +5,7 @@ use std::{io, time::Duration};
 use anyhow::Context;
 use egress_tracer::{
     capture::{Capture, CaptureOptions},
-    cluster::{ClusterState, cgroups::CgroupIndex},
+    cluster::cgroups::CgroupIndex,
     conntrack::{self, ConntrackStats},
     node::{self, MonotonicClock},
     output::Writer,
@@ -17,7 +17,7 @@ use tokio::{
     time::{Instant, interval, sleep_until},
 };
 
-use crate::{TraceArgs, UsageError};
+use crate::{TraceArgs, cluster_source};
 
 /// How often held attempts are checked for expiry.
 const EXPIRY_TICK: Duration = Duration::from_millis(200);
@@ -27,24 +27,15 @@ const CGROUP_REFRESH: Duration = Duration::from_secs(2);
 const CONNTRACK_REFRESH: Duration = Duration::from_secs(2);
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
-    let cluster = match &args.cluster_state {
-        Some(path) => {
-            let (state, warnings) = ClusterState::load(path)?;
-            for warning in warnings {
-                eprintln!("warning: skipped {warning}");
-            }
-            state
-        }
-        None => ClusterState::default(),
-    };
+    let node_name = cluster_source::node_name(args.node_name.as_deref());
+    let required = args.pod.as_ref().map(|pod| format!("--pod {pod}"));
+    let (cluster, mut source) = cluster_source::open(
+        args.cluster_state.as_deref(),
+        node_name.as_deref(),
+        required.as_deref(),
+    )
+    .await?;
     let target = match &args.pod {
-        Some(pod) if args.cluster_state.is_none() => {
-            return Err(UsageError(format!(
-                "--pod {pod} needs the pods' metadata: pass --cluster-state PATH \
-                 (for example the output of `kubectl get pods -A -o yaml`)"
-            ))
-            .into());
-        }
         Some(pod) => Some(cluster.find_pod(pod)?.clone()),
         None => None,
     };
@@ -97,7 +88,12 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         tokio::select! {
             read = capture.read_batch(&mut events) => read?,
             _ = tick.tick() => pipeline.tick(node::monotonic_now().as_nanos() as u64),
-            _ = refresh.tick() => filter_in_kernel(&mut pipeline, &mut capture)?,
+            _ = refresh.tick() => {
+                if let Some(state) = source.refresh() {
+                    pipeline.set_cluster(state);
+                }
+                filter_in_kernel(&mut pipeline, &mut capture)?;
+            }
             Ok(()) = node_conntrack.changed() => {
                 let latest = node_conntrack.borrow_and_update().clone();
                 pipeline.set_node_facts(NodeFacts {
