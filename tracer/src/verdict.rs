@@ -187,10 +187,16 @@ fn with_policy(verdict: Verdict, attempt: &Attempt, decision: &Decision) -> Verd
     )
     .evidence(format!("NetworkPolicy: {}", decision.explanation));
     denied.evidence.extend(verdict.evidence);
-    denied.likely = !dropped_by_rule;
-    if denied.likely {
+    denied.likely = !dropped_by_rule || !decision.certain;
+    if !dropped_by_rule {
         denied = denied
             .evidence("no kernel drop was seen: the CNI may drop without a drop reason (eBPF)");
+    }
+    if !decision.certain {
+        denied = denied.evidence(format!(
+            "{} is no pod this node knows, and a selector rule of the policy might match it",
+            attempt.dst.ip()
+        ));
     }
     denied.policy = Some(decision.denied_by.join(","));
     denied
@@ -981,6 +987,7 @@ mod tests {
             policies: vec!["shop/deny-egress".into()],
             denied_by: vec!["shop/deny-egress".into()],
             allowed_by: None,
+            certain: true,
             explanation: "shop/deny-egress selects shop/web (app=web) for egress; no egress rule allows TCP 443 to 203.0.113.10".into(),
             egress: SideDecision {
                 allowed: false,

@@ -338,6 +338,10 @@ pub struct Decision {
     pub denied_by: Vec<String>,
     pub allowed_by: Option<AllowedBy>,
     pub explanation: String,
+    /// False when a denial may be wrong: the destination is no pod the cluster state
+    /// knows (the tracer watches only its node's pods), yet a selecting policy has
+    /// pod or namespace selector peers that could have matched it.
+    pub certain: bool,
     pub egress: SideDecision,
     /// `null` when the destination is not a pod subject to NetworkPolicy.
     pub ingress: Option<SideDecision>,
@@ -357,6 +361,7 @@ pub fn decide(cluster: &ClusterState, flow: &Flow<'_>) -> Decision {
                 "{} uses the host network, which NetworkPolicies do not apply to",
                 flow.src
             ),
+            certain: true,
             egress: SideDecision {
                 allowed: true,
                 policies: Vec::new(),
@@ -447,6 +452,16 @@ pub fn decide(cluster: &ClusterState, flow: &Flow<'_>) -> Decision {
         }
         (true, Vec::new(), format!("allowed: {}", parts.join("; ")))
     };
+    let certain = allowed
+        || dst_pod.is_some()
+        || !cluster.policies().iter().any(|p| {
+            p.selects(flow.src)
+                && p.egress.iter().flatten().any(|rule| {
+                    rule.peers
+                        .iter()
+                        .any(|peer| matches!(peer, Peer::Pods { .. }))
+                })
+        });
     let allowed_by = egress
         .allowed_by
         .clone()
@@ -458,6 +473,7 @@ pub fn decide(cluster: &ClusterState, flow: &Flow<'_>) -> Decision {
         denied_by,
         allowed_by,
         explanation,
+        certain,
         egress,
         ingress,
     }

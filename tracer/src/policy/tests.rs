@@ -1021,6 +1021,33 @@ fn explanations_name_the_policy_the_selector_and_what_is_missing() {
 }
 
 #[test]
+fn a_denial_to_an_unknown_address_is_uncertain_only_with_selector_peers() {
+    let decide_to = |spec: &'static str, dst: &str| {
+        let state = cluster(&[("shop", "p", spec)]);
+        let src = state.find_pod("shop/web").unwrap();
+        decide(
+            &state,
+            &Flow {
+                src,
+                dst: dst.parse().unwrap(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+        )
+    };
+    let selectors = "{podSelector: {}, policyTypes: [Egress], egress: [{to: [{podSelector: {}}]}]}";
+    // 10.244.9.9 may be a pod of another node, which this state does not know.
+    let decision = decide_to(selectors, "10.244.9.9");
+    assert!(!decision.allowed && !decision.certain);
+    // A known pod's denial is certain; so is one by ipBlock rules only.
+    let decision = decide_to(selectors, "10.244.2.10");
+    assert!(!decision.allowed && decision.certain);
+    let blocks = "{podSelector: {}, policyTypes: [Egress], egress: [{to: [{ipBlock: {cidr: 192.0.2.0/24}}]}]}";
+    let decision = decide_to(blocks, "10.244.9.9");
+    assert!(!decision.allowed && decision.certain);
+}
+
+#[test]
 fn invalid_policies_are_rejected_with_the_reason() {
     let bad = [
         (
