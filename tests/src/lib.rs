@@ -130,6 +130,8 @@ pub struct LabPod {
     /// The pod's long-lived process (its "container").
     pub pid: u32,
     pub labels: Vec<(String, String)>,
+    /// The runtime id of its one container (named like the pod).
+    pub container_id: String,
 }
 
 impl LabPod {
@@ -769,6 +771,7 @@ impl Lab {
             resolv_conf,
             pid: 0,
             labels: spec.labels.clone(),
+            container_id: container_id.clone(),
         };
         let mut sleeper = Command::new("sleep");
         sleeper

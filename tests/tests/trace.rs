@@ -124,6 +124,11 @@ fn traces_one_pods_connects_with_exact_fields_and_detaches_on_sigint() {
     let record = tcp_record(&records, v4);
     assert_eq!(record["pod"], "default/client");
     assert_eq!(record["pod_uid"], client.uid.as_str());
+    // The container from the cgroup path, named from the pod's status.
+    assert_eq!(
+        record["container"],
+        serde_json::json!({"name": "client", "id": client.container_id})
+    );
     assert_eq!(record["process"]["comm"], "curl");
     assert_eq!(
         record["dst"],

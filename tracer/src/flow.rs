@@ -120,6 +120,17 @@ pub struct Origin {
     pub pod: Option<String>,
     /// The pod UID from the cgroup path, even when the pod itself is unknown.
     pub pod_uid: Option<String>,
+    /// The container, from the cgroup path (and its name from the pod's status).
+    pub container: Option<ContainerRef>,
+}
+
+/// A container of a pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ContainerRef {
+    /// The container's name in the pod, when the pod's status lists it.
+    pub name: Option<String>,
+    /// The runtime's container id.
+    pub id: String,
 }
 
 /// One egress attempt.
@@ -707,6 +718,7 @@ mod tests {
         Origin {
             pod: Some("shop/web".into()),
             pod_uid: None,
+            container: None,
         }
     }
 

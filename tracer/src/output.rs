@@ -14,7 +14,7 @@ use crate::{
     capture::PacketConntrack,
     conntrack::snat::SnatUsage,
     dns::{Answer, Lookup, LookupResult},
-    flow::{Attempt, IcmpError, Origin, Outcome, Protocol, TcpHandshake, errno_name},
+    flow::{Attempt, ContainerRef, IcmpError, Origin, Outcome, Protocol, TcpHandshake, errno_name},
     node::MonotonicClock,
     verdict::Verdict,
 };
@@ -33,6 +33,8 @@ pub struct AttemptRecord<'a> {
     pub time: String,
     pub pod: Option<&'a str>,
     pub pod_uid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<&'a ContainerRef>,
     pub process: Process<'a>,
     pub protocol: Protocol,
     pub src: Option<SocketAddr>,
@@ -224,6 +226,7 @@ impl<'a> AttemptRecord<'a> {
             time: rfc3339(clock.to_wall(attempt.monotonic_ns)),
             pod: attempt.origin.pod.as_deref(),
             pod_uid: attempt.origin.pod_uid.as_deref(),
+            container: attempt.origin.container.as_ref(),
             process: Process {
                 pid: attempt.pid,
                 comm: &attempt.comm,
@@ -273,6 +276,8 @@ pub struct LookupRecord<'a> {
     pub time: String,
     pub pod: Option<&'a str>,
     pub pod_uid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<&'a ContainerRef>,
     pub process: Option<Process<'a>>,
     pub protocol: &'static str,
     pub src: SocketAddr,
@@ -315,6 +320,7 @@ impl<'a> LookupRecord<'a> {
             time: rfc3339(clock.to_wall(lookup.first_ns)),
             pod: origin.pod.as_deref(),
             pod_uid: origin.pod_uid.as_deref(),
+            container: origin.container.as_ref(),
             process: lookup
                 .process
                 .as_ref()
@@ -539,6 +545,7 @@ mod tests {
             origin: Origin {
                 pod: pod.map(str::to_owned),
                 pod_uid: pod.map(|_| "6f1c2a3b-4d5e-4f60-8a9b-0c1d2e3f4a5b".to_owned()),
+                container: None,
             },
             pid: 4242,
             comm: "curl".into(),

@@ -18,7 +18,7 @@ use crate::{
     cluster::{ClusterState, PodInfo, cgroups::CgroupIndex},
     conntrack::snat::SnatTable,
     dns::{self, DnsTracker, Lookup, Resolver, SeenMessage},
-    flow::{Attempt, FlowAssembler, Origin, Protocol, ServiceTarget},
+    flow::{Attempt, ContainerRef, FlowAssembler, Origin, Protocol, ServiceTarget},
     policy::{self, Decision, Flow},
     verdict::{self, NodeFacts, Verdict},
 };
@@ -346,12 +346,23 @@ fn default_resolver(origin: &Origin) -> Resolver {
 }
 
 fn origin_of(cgroup_id: u64, cgroups: &mut CgroupIndex, cluster: &ClusterState) -> Origin {
-    let pod_uid = cgroups.lookup(cgroup_id).map(|c| c.pod_uid.clone());
-    let pod = pod_uid
-        .as_deref()
-        .and_then(|uid| cluster.pod_by_uid(uid))
-        .map(PodInfo::to_string);
-    Origin { pod, pod_uid }
+    let Some(cgroup) = cgroups.lookup(cgroup_id) else {
+        return Origin {
+            pod: None,
+            pod_uid: None,
+            container: None,
+        };
+    };
+    let pod = cluster.pod_by_uid(&cgroup.pod_uid);
+    let container = cgroup.container.as_ref().map(|c| ContainerRef {
+        name: pod.and_then(|p| p.container_name(&c.id)).map(str::to_owned),
+        id: c.id.clone(),
+    });
+    Origin {
+        pod: pod.map(PodInfo::to_string),
+        pod_uid: Some(cgroup.pod_uid.clone()),
+        container,
+    }
 }
 
 /// What the NetworkPolicies decide for a pod's flow, when the pod is known.

@@ -660,6 +660,7 @@ mod tests {
             origin: Origin {
                 pod: Some("shop/web".into()),
                 pod_uid: None,
+                container: None,
             },
             pid: 10,
             comm: "curl".into(),

@@ -36,6 +36,8 @@ pub struct PodInfo {
     pub node_name: Option<String>,
     /// Named container ports (what NetworkPolicies' named ports resolve to).
     pub container_ports: Vec<ContainerPort>,
+    /// (runtime container id, container name) from the pod's status.
+    pub containers: Vec<(String, String)>,
 }
 
 impl PodInfo {
@@ -66,7 +68,19 @@ impl PodInfo {
                 })
             })
             .collect();
+        // `containerd://<id>`, `cri-o://<id>`, `docker://<id>`: the id is the cgroup's.
+        let containers = status
+            .container_statuses
+            .iter()
+            .flatten()
+            .chain(status.init_container_statuses.iter().flatten())
+            .filter_map(|c| {
+                let (_, id) = c.container_id.as_deref()?.split_once("://")?;
+                Some((id.to_owned(), c.name.clone()))
+            })
+            .collect();
         Some(Self {
+            containers,
             container_ports,
             namespace: metadata.namespace.unwrap_or_else(|| "default".to_owned()),
             name: metadata.name?,
@@ -76,6 +90,16 @@ impl PodInfo {
             host_network: spec.host_network.unwrap_or(false),
             node_name: spec.node_name,
         })
+    }
+}
+
+impl PodInfo {
+    /// The name of the container with this runtime id.
+    pub fn container_name(&self, id: &str) -> Option<&str> {
+        self.containers
+            .iter()
+            .find(|(known, _)| known == id)
+            .map(|(_, name)| name.as_str())
     }
 }
 
