@@ -405,6 +405,17 @@ impl Lab {
         Ok(())
     }
 
+    /// Runs `program args` to completion in a pod's network namespace (its own iptables
+    /// rules, as a sidecar's init container would add).
+    pub fn run_in_pod_netns(
+        &self,
+        pod: &LabPod,
+        program: &str,
+        args: &[&str],
+    ) -> io::Result<String> {
+        run_in(&pod.netns, program, args)
+    }
+
     /// Runs `program args` to completion in the node's network namespace (for `conntrack`,
     /// `iptables`, … in tests) and returns its standard output.
     pub fn run_on_node(&self, program: &str, args: &[&str]) -> io::Result<String> {

@@ -293,8 +293,49 @@ fn node_firewall_drop_is_reported_with_its_reason_and_tuple() {
             .any(|f| location.starts_with(f)),
         "{record}"
     );
+    // Seen in the node's namespace (the tracer's own).
+    assert_eq!(drop["netns"], "node", "{record}");
     assert_eq!(record["verdict"]["hop"], "node-firewall", "{record}");
     assert_eq!(record["verdict"]["reason"], "netfilter-drop", "{record}");
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn a_drop_in_the_pods_own_namespace_is_matched_by_its_socket() {
+    let lab = lab();
+    let client = lab.pod("client");
+    let (dst, port) = (addr::ENDPOINT.to_string(), addr::HTTP_PORT.to_string());
+    // The pod's own OUTPUT rule drops the SYN before any cgroup hook sees a packet.
+    lab.run_in_pod_netns(
+        client,
+        "iptables",
+        &[
+            "-A", "OUTPUT", "-p", "tcp", "-d", &dst, "--dport", &port, "-j", "DROP",
+        ],
+    )
+    .unwrap();
+    let tracer = trace_client(&lab);
+    let (pid, code) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 2);
+    assert_eq!(code, Some(28), "curl must time out");
+    let records = tracer.stop(libc::SIGINT).unwrap().records();
+    let record = tcp_record(&records, pid);
+    assert_eq!(record["outcome"], "timeout", "{record}");
+    let drop = &record["drop"];
+    assert_eq!(drop["reason"], "NETFILTER_DROP", "{record}");
+    assert_eq!(drop["netns"], "pod:default/client", "{record}");
+    assert_eq!(
+        drop["src"].as_str().unwrap().split(':').next(),
+        Some(client.ip.to_string().as_str()),
+        "{record}"
+    );
+    assert_verdict(record, "node-firewall", "netfilter-drop", false);
+    assert!(
+        record["verdict"]["evidence"][0]
+            .as_str()
+            .unwrap()
+            .ends_with("in the network namespace of pod default/client"),
+        "{record}"
+    );
 }
 
 #[test]

@@ -17,14 +17,14 @@ use core::ptr::addr_of_mut;
 use aya_ebpf::{Global, macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::{
     Counter, DROP_CT_ENTRY, DROP_CT_NONE, DROP_CT_UNKNOWN, DROP_CT_UNTRACKED,
-    DROP_DIRECTION_ORIGINAL, DROP_DIRECTION_REPLY, DropEvent, DropReasons, Endpoint, EventKind,
-    FlowTuple,
+    DROP_DIRECTION_ORIGINAL, DROP_DIRECTION_REPLY, DropEvent, DropOffsets, DropReasons, Endpoint,
+    EventKind, FlowTuple,
 };
 
 use crate::{
     conntrack::{Attached, attached, flow_key, original, status},
-    maps::{EVENTS, TRACKED_TUPLES, count, header},
-    skb::{headers, reversed, tuple_at},
+    maps::{EVENTS, TRACKED_SOCKS, TRACKED_TUPLES, count, header},
+    skb::{headers, read, reversed, tuple_at},
 };
 
 /// Set by userspace at load time from the kernel's BTF.
@@ -76,6 +76,10 @@ fn report(skb: *const u8, location: u64, reason: u32) -> Result<(), i32> {
         }
     };
     if cookie == NOT_TRACED {
+        direction = DROP_DIRECTION_ORIGINAL;
+        cookie = traced_by_socket(skb);
+    }
+    if cookie == NOT_TRACED {
         return Ok(());
     }
     count(Counter::DropSeen);
@@ -106,10 +110,72 @@ fn report(skb: *const u8, location: u64, reason: u32) -> Result<(), i32> {
             addr: packet.dst,
         });
         addr_of_mut!((*event).ct_status).write(ct_status);
-        addr_of_mut!((*event)._pad2).write(0);
+        addr_of_mut!((*event).netns).write(netns_of(skb));
     }
     entry.submit(0);
     Ok(())
+}
+
+/// Set by userspace at load time from the kernel's BTF.
+#[unsafe(no_mangle)]
+static DROP_OFFSETS: Global<DropOffsets> = Global::new(DropOffsets {
+    skb_dev: 0,
+    dev_net: 0,
+    net_inum: 0,
+    skb_sk: 0,
+    sk_cookie: 0,
+    sk_net: 0,
+});
+
+/// The packet's socket, when it is a traced one: packets dropped on their way out before
+/// the cgroup hooks saw them (a pod's own OUTPUT rules) have no tracked tuple yet.
+#[inline(never)]
+fn traced_by_socket(skb: *const u8) -> u64 {
+    let off = DROP_OFFSETS.load();
+    if off.skb_sk == 0 {
+        return NOT_TRACED;
+    }
+    let Ok(sk) = read::<u64>(skb, off.skb_sk as usize) else {
+        return NOT_TRACED;
+    };
+    if sk == 0 {
+        return NOT_TRACED;
+    }
+    let Ok(cookie) = read::<u64>(sk as *const u8, off.sk_cookie as usize) else {
+        return NOT_TRACED;
+    };
+    // SAFETY: only the presence of the key is used.
+    if cookie != NOT_TRACED && unsafe { TRACKED_SOCKS.get(&cookie) }.is_some() {
+        cookie
+    } else {
+        NOT_TRACED
+    }
+}
+
+/// The inode of the network namespace the packet was in when dropped: its device's, or,
+/// before it has one (a local packet at OUTPUT), its socket's; 0 if unknown.
+#[inline(never)]
+fn netns_of(skb: *const u8) -> u32 {
+    let off = DROP_OFFSETS.load();
+    if off.skb_dev == 0 {
+        return 0;
+    }
+    let dev = read::<u64>(skb, off.skb_dev as usize).unwrap_or(0);
+    let net = if dev != 0 {
+        read::<u64>(dev as *const u8, off.dev_net as usize)
+    } else {
+        match read::<u64>(skb, off.skb_sk as usize) {
+            Ok(sk) if sk != 0 => read::<u64>(sk as *const u8, off.sk_net as usize),
+            _ => return 0,
+        }
+    };
+    let Ok(net) = net else {
+        return 0;
+    };
+    if net == 0 {
+        return 0;
+    }
+    read::<u32>(net as *const u8, off.net_inum as usize).unwrap_or(0)
 }
 
 /// Socket cookies start at 1.

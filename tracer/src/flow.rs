@@ -406,6 +406,11 @@ impl FlowAssembler {
             self.stats.late_drops += 1;
             return;
         };
+        // A packet dropped before any cgroup hook saw it still carries the source the
+        // kernel chose (NAT has not rewritten the attempt's own outgoing packets yet).
+        if attempt.src.is_none() && !drop.reply && drop.dst == Some(attempt.dst) {
+            attempt.src = drop.src;
+        }
         match &mut attempt.drops {
             Some(drops) => drops.count = drops.count.saturating_add(1),
             None => {
@@ -875,6 +880,8 @@ mod tests {
             src: Some("10.244.0.5:50000".parse().unwrap()),
             dst: Some("203.0.113.10:80".parse().unwrap()),
             conntrack: crate::capture::PacketConntrack::Entry { status: 0 },
+            netns: None,
+            netns_owner: None,
         };
         flows.on_drop(1, drop.clone());
         flows.on_drop(1, drop.clone());

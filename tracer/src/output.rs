@@ -11,7 +11,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    capture::PacketConntrack,
+    capture::{NetnsOwner, PacketConntrack},
     conntrack::snat::SnatUsage,
     dns::{Answer, Lookup, LookupResult},
     flow::{Attempt, ContainerRef, IcmpError, Origin, Outcome, Protocol, TcpHandshake, errno_name},
@@ -149,6 +149,9 @@ pub struct DropRecord<'a> {
     pub dst: Option<SocketAddr>,
     /// Its conntrack state when it was dropped.
     pub conntrack: ConntrackRecord,
+    /// Where: `node` (the node's network namespace), `pod:<ns/name>`, or `null` when
+    /// the namespace is not known.
+    pub netns: Option<String>,
 }
 
 /// The ICMP error that answered an attempt.
@@ -249,6 +252,10 @@ impl<'a> AttemptRecord<'a> {
                 src: d.first.src,
                 dst: d.first.dst,
                 conntrack: d.first.conntrack.into(),
+                netns: d.first.netns_owner.as_ref().map(|owner| match owner {
+                    NetnsOwner::Node => "node".to_owned(),
+                    NetnsOwner::Pod(pod) => format!("pod:{pod}"),
+                }),
             }),
             nat: attempt.nat.map(|t| NatRecord {
                 src: t.src,

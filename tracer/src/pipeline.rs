@@ -8,13 +8,14 @@
 use std::{
     collections::{HashMap, HashSet},
     fs,
+    os::unix::fs::MetadataExt,
     time::Duration,
 };
 
 use tracer_common::{DnsEvent, IPPROTO_TCP};
 
 use crate::{
-    capture::{DecodeError, KernelEvent, KernelNames, socket_addr},
+    capture::{DecodeError, KernelEvent, KernelNames, NetnsOwner, socket_addr},
     cluster::{ClusterState, PodInfo, cgroups::CgroupIndex},
     conntrack::snat::SnatTable,
     dns::{self, DnsTracker, Lookup, Resolver, SeenMessage},
@@ -65,6 +66,8 @@ pub struct Pipeline {
     /// The latest SNAT port usage of the node.
     snat: Option<SnatTable>,
     node: NodeFacts,
+    /// Inode of the tracer's own network namespace (the node's).
+    own_netns: Option<u64>,
 }
 
 impl Pipeline {
@@ -89,6 +92,7 @@ impl Pipeline {
             stats: PipelineStats::default(),
             snat: None,
             node: NodeFacts::default(),
+            own_netns: fs::metadata("/proc/self/ns/net").ok().map(|m| m.ino()),
         }
     }
 
@@ -136,8 +140,10 @@ impl Pipeline {
                     self.flows.on_sock_state(&state, &mut self.attempts)
                 }
                 Ok(KernelEvent::Drop(drop)) => {
-                    self.flows
-                        .on_drop(drop.sock_cookie, names.describe_drop(&drop));
+                    let mut described = names.describe_drop(&drop);
+                    described.netns_owner =
+                        described.netns.and_then(|inode| self.netns_owner(inode));
+                    self.flows.on_drop(drop.sock_cookie, described);
                 }
                 Ok(KernelEvent::Dns(event)) => self.on_dns(&event),
                 Ok(KernelEvent::Nat(nat)) => self
@@ -297,6 +303,19 @@ impl Pipeline {
 
     pub fn dns_stats(&self) -> dns::DnsStats {
         self.dns.stats()
+    }
+
+    /// Whose network namespace this is: the tracer's own (the node's) or a pod's.
+    fn netns_owner(&mut self, inode: u64) -> Option<NetnsOwner> {
+        if Some(inode) == self.own_netns {
+            return Some(NetnsOwner::Node);
+        }
+        let uid = self.cgroups.pod_of_netns(inode)?.to_owned();
+        let pod = self
+            .cluster
+            .pod_by_uid(&uid)
+            .map_or(uid, |pod| pod.to_string());
+        Some(NetnsOwner::Pod(pod))
     }
 
     fn wanted(&self, origin: &Origin) -> bool {

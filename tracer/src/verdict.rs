@@ -27,7 +27,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use crate::{
-    capture::PacketConntrack,
+    capture::{NetnsOwner, PacketConntrack},
     conntrack::ConntrackStats,
     dns::{Lookup, LookupResult},
     flow::{Attempt, Drops, IcmpError, Outcome, errno_name},
@@ -284,7 +284,7 @@ fn of_drop(drops: &Drops, target: &str, node: &NodeFacts) -> Verdict {
     let drop = &drops.first;
     let function = drop.location.split('+').next().unwrap_or_default();
     let seen = format!(
-        "the kernel dropped {} at {} with reason {} (kfree_skb, {} packet(s) in all){}",
+        "the kernel dropped {} at {} with reason {} (kfree_skb, {} packet(s) in all){}{}",
         packet_kind(drop.reply),
         drop.location,
         drop.reason,
@@ -292,6 +292,11 @@ fn of_drop(drops: &Drops, target: &str, node: &NodeFacts) -> Verdict {
         match (drop.src, drop.dst) {
             (Some(src), Some(dst)) => format!(", packet {src} -> {dst}"),
             _ => String::new(),
+        },
+        match &drop.netns_owner {
+            Some(NetnsOwner::Node) => ", in the node's network namespace".to_owned(),
+            Some(NetnsOwner::Pod(pod)) => format!(", in the network namespace of pod {pod}"),
+            None => String::new(),
         }
     );
     let growth = node.conntrack_growth.unwrap_or_default();
@@ -382,6 +387,12 @@ fn of_drop(drops: &Drops, target: &str, node: &NodeFacts) -> Verdict {
         } else {
             verdict
         };
+        if let Some(NetnsOwner::Pod(pod)) = &drop.netns_owner {
+            return verdict
+                .next(format!(
+                    "the rule is inside pod {pod}'s own network namespace (a sidecar or init container's rules): `nsenter -t <pid> -n iptables-save -c`"
+                ));
+        }
         return verdict
             .next("`iptables-save -c` / `nft list ruleset` on the node: find the rule whose counters rise")
             .next("no NetworkPolicy of this pod was matched to it: check rules added outside Kubernetes");
@@ -696,6 +707,8 @@ mod tests {
                 src: Some("10.224.0.4:40000".parse().unwrap()),
                 dst: a.dst.into(),
                 conntrack,
+                netns: None,
+                netns_owner: None,
             },
             count: 3,
         });

@@ -263,7 +263,8 @@ pub struct DropEvent {
     pub dst: Endpoint,
     /// The low 32 bits of the conntrack entry's `status` (`IPS_*`), when it had one.
     pub ct_status: u32,
-    pub _pad2: u32,
+    /// Inode of the network namespace of the device the packet was on (0: unknown).
+    pub netns: u32,
 }
 
 /// How many bytes of a DNS message the kernel copies (a classic UDP DNS message's limit;
@@ -364,6 +365,27 @@ pub struct DropReasons {
     /// drops worth reporting.
     pub not_specified: u32,
     pub _pad: u32,
+}
+
+/// What the drop program reads beyond the packet, resolved from BTF at load time: the
+/// network namespace (`skb->dev->nd_net.net->ns.inum`) and the socket's cookie
+/// (`skb->sk->__sk_common.skc_cookie`, for packets dropped before they reached the
+/// cgroup hooks). All zero when not resolvable: neither is reported.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropOffsets {
+    /// `sk_buff.dev`.
+    pub skb_dev: u32,
+    /// `net_device.nd_net.net`.
+    pub dev_net: u32,
+    /// `net.ns.inum`.
+    pub net_inum: u32,
+    /// `sk_buff.sk`.
+    pub skb_sk: u32,
+    /// `sock.__sk_common.skc_cookie`.
+    pub sk_cookie: u32,
+    /// `sock.__sk_common.skc_net.net`: the namespace of packets without a device yet.
+    pub sk_net: u32,
 }
 
 /// Field offsets inside the kernel's `struct sk_buff`, resolved from BTF at load time.
@@ -513,6 +535,7 @@ mod user {
     unsafe impl aya::Pod for super::FlowTuple {}
     unsafe impl aya::Pod for super::SocketDestination {}
     unsafe impl aya::Pod for super::SkbOffsets {}
+    unsafe impl aya::Pod for super::DropOffsets {}
     unsafe impl aya::Pod for super::IcmpReceivers {}
     unsafe impl aya::Pod for super::SockOffsets {}
 }
@@ -600,6 +623,7 @@ mod tests {
         assert_eq!(offset_of!(DropEvent, conntrack), 38);
         assert_eq!(offset_of!(DropEvent, dst), 60);
         assert_eq!(offset_of!(DropEvent, ct_status), 80);
+        assert_eq!(offset_of!(DropEvent, netns), 84);
     }
 
     #[test]
@@ -648,6 +672,7 @@ mod tests {
     fn globals_layout() {
         assert_eq!(size_of::<DropReasons>(), 8);
         assert_eq!(size_of::<SkbOffsets>(), 16);
+        assert_eq!(size_of::<DropOffsets>(), 24);
         assert_eq!(size_of::<IcmpReceivers>(), 32);
         assert_eq!(offset_of!(IcmpReceivers, icmpv6_rcv_end), 24);
     }

@@ -8,7 +8,7 @@
 use std::{collections::HashMap, path::Path};
 
 use btf_rs::{Btf, Member, Struct, Type};
-use tracer_common::{NatOffsets, SkbOffsets, SockOffsets, nf_tuple};
+use tracer_common::{DropOffsets, NatOffsets, SkbOffsets, SockOffsets, nf_tuple};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
@@ -110,6 +110,18 @@ impl KernelBtf {
             network_header: self.offset_of("sk_buff", &["network_header"])?,
             transport_header: self.offset_of("sk_buff", &["transport_header"])?,
             _pad: 0,
+        })
+    }
+
+    /// Where a packet's network namespace inode is (`skb->dev->nd_net.net->ns.inum`).
+    pub fn drop_offsets(&self) -> Result<DropOffsets, BtfError> {
+        Ok(DropOffsets {
+            skb_dev: self.offset_of("sk_buff", &["dev"])?,
+            dev_net: self.offset_of("net_device", &["nd_net", "net"])?,
+            net_inum: self.offset_of("net", &["ns", "inum"])?,
+            skb_sk: self.offset_of("sk_buff", &["sk"])?,
+            sk_cookie: self.offset_of("sock", &["__sk_common", "skc_cookie"])?,
+            sk_net: self.offset_of("sock", &["__sk_common", "skc_net", "net"])?,
         })
     }
 
@@ -247,6 +259,16 @@ mod tests {
         // (u16 each), after `head` comes later in the struct.
         assert_eq!(off.network_header, off.transport_header + 2, "{off:?}");
         assert!(off.head > off.network_header, "{off:?}");
+    }
+
+    #[test]
+    fn drop_offsets_resolve() {
+        if !Path::new(KERNEL_BTF).exists() {
+            return;
+        }
+        let btf = KernelBtf::from_file(Path::new(KERNEL_BTF)).unwrap();
+        let off = btf.drop_offsets().unwrap();
+        assert!(off.skb_dev > 0 && off.net_inum > 0, "{off:?}");
     }
 
     #[test]

@@ -21,7 +21,8 @@ use aya::{
 };
 use tokio::io::unix::AsyncFd;
 use tracer_common::{
-    Counter, DropEvent, DropReasons, IcmpReceivers, NatEvent, NatOffsets, SETTING_CGROUP_FILTER,
+    Counter, DropEvent, DropOffsets, DropReasons, IcmpReceivers, NatEvent, NatOffsets,
+    SETTING_CGROUP_FILTER,
 };
 
 pub use btf::{BtfError, KernelBtf};
@@ -189,6 +190,8 @@ impl KernelNames {
                 },
                 _ => PacketConntrack::Unknown,
             },
+            netns: (event.netns != 0).then_some(u64::from(event.netns)),
+            netns_owner: None,
         }
     }
 }
@@ -241,6 +244,19 @@ pub struct PacketDrop {
     pub src: Option<std::net::SocketAddr>,
     pub dst: Option<std::net::SocketAddr>,
     pub conntrack: PacketConntrack,
+    /// Inode of the network namespace the packet was dropped in.
+    pub netns: Option<u64>,
+    /// Whose namespace that is (filled in by the pipeline).
+    pub netns_owner: Option<NetnsOwner>,
+}
+
+/// Whose network namespace a drop happened in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetnsOwner {
+    /// The namespace the tracer runs in: the node's.
+    Node,
+    /// A pod's (`namespace/name`, or its UID when the pod is unknown).
+    Pod(String),
 }
 
 /// How to start a capture.
@@ -304,6 +320,12 @@ impl Capture {
             warnings.push(format!("NAT translations will be missing: {e}"));
             NatOffsets::default()
         });
+        let drop_offsets = kernel_btf.drop_offsets().unwrap_or_else(|e| {
+            warnings.push(format!(
+                "drops will not say which network namespace they happened in: {e}"
+            ));
+            DropOffsets::default()
+        });
         let drop_reasons = kernel_btf
             .enum_members("skb_drop_reason")
             .unwrap_or_else(|e| {
@@ -324,6 +346,7 @@ impl Capture {
             .override_global("SKB_OFFSETS", &skb_offsets, true)
             .override_global("ICMP_RECEIVERS", &icmp_receivers, true)
             .override_global("NAT_OFFSETS", &nat_offsets, true)
+            .override_global("DROP_OFFSETS", &drop_offsets, true)
             .override_global(
                 "DROP_REASONS",
                 &DropReasons {

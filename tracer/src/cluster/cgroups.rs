@@ -23,6 +23,11 @@ const MAX_DEPTH: usize = 24;
 pub struct CgroupIndex {
     root: PathBuf,
     pods: HashMap<u64, PodCgroup>,
+    /// Directories of the pod cgroups, relative to `root`.
+    paths: HashMap<u64, String>,
+    /// Network namespace inodes of pods (by UID), found from their processes; refreshed
+    /// with the index.
+    netns: HashMap<u64, String>,
     known: HashSet<u64>,
     last_scan: Option<Instant>,
 }
@@ -33,6 +38,8 @@ impl CgroupIndex {
         let mut index = Self {
             root,
             pods: HashMap::new(),
+            paths: HashMap::new(),
+            netns: HashMap::new(),
             known: HashSet::new(),
             last_scan: None,
         };
@@ -62,6 +69,42 @@ impl CgroupIndex {
             .collect()
     }
 
+    /// The UID of the pod whose network namespace has this inode, looking at one process
+    /// of each pod container (rescanning if the namespace is new to the index).
+    pub fn pod_of_netns(&mut self, inode: u64) -> Option<&str> {
+        if !self.netns.contains_key(&inode) && self.may_rescan() {
+            let _ = self.rescan();
+        }
+        if !self.netns.contains_key(&inode) {
+            self.learn_netns();
+        }
+        self.netns.get(&inode).map(String::as_str)
+    }
+
+    fn learn_netns(&mut self) {
+        for (id, pod) in &self.pods {
+            if pod.container.is_none() || self.netns.values().any(|uid| *uid == pod.pod_uid) {
+                continue;
+            }
+            let Some(relative) = self.paths.get(id) else {
+                continue;
+            };
+            let procs = self
+                .root
+                .join(relative.trim_start_matches('/'))
+                .join("cgroup.procs");
+            let first_pid = fs::read_to_string(procs)
+                .ok()
+                .and_then(|text| text.lines().next().map(str::to_owned));
+            if let Some(inode) = first_pid
+                .and_then(|pid| fs::metadata(format!("/proc/{pid}/ns/net")).ok())
+                .map(|meta| meta.ino())
+            {
+                self.netns.insert(inode, pod.pod_uid.clone());
+            }
+        }
+    }
+
     fn may_rescan(&self) -> bool {
         self.last_scan
             .is_none_or(|t| t.elapsed() >= RESCAN_INTERVAL)
@@ -70,15 +113,19 @@ impl CgroupIndex {
     fn rescan(&mut self) -> io::Result<()> {
         self.last_scan = Some(Instant::now());
         let mut pods = HashMap::new();
+        let mut paths = HashMap::new();
         let mut known = HashSet::new();
         walk(&self.root, &self.root, 0, &mut |id, relative| {
             known.insert(id);
             if let Some(pod) = cgroup_path::parse(relative) {
                 pods.insert(id, pod);
+                paths.insert(id, relative.to_owned());
             }
         })?;
         self.pods = pods;
+        self.paths = paths;
         self.known = known;
+        self.netns.clear();
         Ok(())
     }
 }
