@@ -16,7 +16,7 @@ use crate::{
     dns::{Answer, Lookup, LookupResult},
     flow::{Attempt, ContainerRef, IcmpError, Origin, Outcome, Protocol, TcpHandshake, errno_name},
     node::MonotonicClock,
-    verdict::Verdict,
+    verdict::{Hop, Verdict},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -364,7 +364,11 @@ pub struct Writer<W: Write> {
     format: Format,
     clock: MonotonicClock,
     header_written: bool,
+    color: bool,
+    failures_only: bool,
 }
+
+const VERDICT_WIDTH: usize = 30;
 
 const TABLE_COLUMNS: [(&str, usize); 10] = [
     ("TIME", 15),
@@ -375,7 +379,7 @@ const TABLE_COLUMNS: [(&str, usize); 10] = [
     ("SRC", 22),
     ("DST", 22),
     ("NAME", 20),
-    ("VERDICT", 30),
+    ("VERDICT", VERDICT_WIDTH),
     ("OUTCOME", 0),
 ];
 
@@ -386,10 +390,31 @@ impl<W: Write> Writer<W> {
             format,
             clock,
             header_written: false,
+            color: false,
+            failures_only: false,
         }
     }
 
+    /// Colours the table's verdicts (for a terminal).
+    pub fn with_color(mut self, color: bool) -> Self {
+        self.color = color;
+        self
+    }
+
+    /// Writes only failed attempts and lookups.
+    pub fn failures_only(mut self, failures_only: bool) -> Self {
+        self.failures_only = failures_only;
+        self
+    }
+
     pub fn write(&mut self, attempt: &Attempt) -> io::Result<()> {
+        let failed = match &attempt.verdict {
+            Some(verdict) => verdict.hop != Hop::None,
+            None => attempt.outcome.is_failure(),
+        };
+        if self.failures_only && !failed {
+            return Ok(());
+        }
         let record = AttemptRecord::new(attempt, self.clock);
         match self.format {
             Format::Json => self.json_line(&record),
@@ -405,7 +430,9 @@ impl<W: Write> Writer<W> {
                 let src = record.src.map_or_else(|| "-".to_owned(), |s| s.to_string());
                 let dst = record.dst.to_string();
                 let outcome = outcome_text(&record);
-                let verdict = record.verdict.map_or_else(|| "-".to_owned(), verdict_text);
+                let verdict = record
+                    .verdict
+                    .map_or_else(|| "-".to_owned(), |v| self.verdict_cell(v));
                 self.row(&[
                     &time,
                     pod,
@@ -429,6 +456,9 @@ impl<W: Write> Writer<W> {
         origin: &Origin,
         verdict: &Verdict,
     ) -> io::Result<()> {
+        if self.failures_only && verdict.hop == Hop::None {
+            return Ok(());
+        }
         let record = LookupRecord::new(lookup, origin, verdict, self.clock);
         match self.format {
             Format::Json => self.json_line(&record),
@@ -449,7 +479,7 @@ impl<W: Write> Writer<W> {
                 let src = record.src.to_string();
                 let dst = record.dst.to_string();
                 let pod = record.pod.unwrap_or("(host)");
-                let verdict = verdict_text(record.verdict);
+                let verdict = self.verdict_cell(record.verdict);
                 self.row(&[
                     &time,
                     pod,
@@ -484,17 +514,51 @@ impl<W: Write> Writer<W> {
         Ok(())
     }
 
+    /// `hop/reason`, padded to its column and coloured on a terminal: green for
+    /// success, red for a failure, yellow for a likely one.
+    fn verdict_cell(&self, verdict: &Verdict) -> String {
+        let text = verdict_text(verdict);
+        if !self.color {
+            return text;
+        }
+        let color = match (verdict.hop, verdict.likely) {
+            (Hop::None, _) => "32",
+            (_, true) => "33",
+            (_, false) => "31",
+        };
+        let width = VERDICT_WIDTH;
+        format!("\x1b[{color}m{text:<width$}\x1b[0m")
+    }
+
     fn row(&mut self, cells: &[&str]) -> io::Result<()> {
         let mut line = String::new();
         for ((_, width), cell) in TABLE_COLUMNS.iter().zip(cells) {
             if *width == 0 {
                 line.push_str(cell);
             } else {
-                line.push_str(&format!("{cell:<width$} "));
+                // Escape codes take no room on screen: pad by visible width.
+                let visible = visible_width(cell);
+                line.push_str(cell);
+                line.push_str(&" ".repeat(width.saturating_sub(visible) + 1));
             }
         }
         writeln!(self.out, "{}", line.trim_end())
     }
+}
+
+/// Characters on screen, without ANSI colour sequences.
+fn visible_width(text: &str) -> usize {
+    let mut width = 0;
+    let mut in_escape = false;
+    for c in text.chars() {
+        match (in_escape, c) {
+            (false, '\x1b') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+            (false, _) => width += 1,
+        }
+    }
+    width
 }
 
 /// `hop/reason`, marked when only likely.
@@ -734,5 +798,66 @@ mod tests {
             lines[1].contains("shop/web") && lines[1].contains("4242") && lines[1].contains("curl")
         );
         assert!(lines[2].contains("(host)"));
+    }
+
+    fn with_verdict(mut a: Attempt, hop: Hop, reason: &str, likely: bool) -> Attempt {
+        a.verdict = Some(Verdict {
+            hop,
+            reason: reason.to_owned(),
+            symptom: None,
+            likely,
+            summary: String::new(),
+            evidence: Vec::new(),
+            policy: None,
+            next_steps: Vec::new(),
+        });
+        a
+    }
+
+    #[test]
+    fn failures_only_skips_successes() {
+        let ok = with_verdict(attempt(Some("shop/web")), Hop::None, "ok", false);
+        let mut failed = with_verdict(
+            attempt(Some("shop/web")),
+            Hop::Upstream,
+            "silent-drop",
+            false,
+        );
+        failed.outcome = Outcome::Timeout;
+        let mut writer =
+            Writer::new(Vec::new(), Format::Json, MonotonicClock::new()).failures_only(true);
+        writer.write(&ok).unwrap();
+        writer.write(&failed).unwrap();
+        let text = String::from_utf8(writer.out).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("\"silent-drop\""), "{text}");
+    }
+
+    #[test]
+    fn colours_keep_the_columns_aligned() {
+        let ok = with_verdict(attempt(Some("shop/web")), Hop::None, "ok", false);
+        let likely = with_verdict(attempt(Some("shop/web")), Hop::Endpoint, "refused", true);
+        let mut writer =
+            Writer::new(Vec::new(), Format::Table, MonotonicClock::new()).with_color(true);
+        writer.write(&ok).unwrap();
+        writer.write(&likely).unwrap();
+        let text = String::from_utf8(writer.out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].contains("\x1b[32mnone/ok"), "{text}");
+        assert!(
+            lines[2].contains("\x1b[33mendpoint/refused (likely)"),
+            "{text}"
+        );
+        // The OUTCOME column starts at the same screen position on every line.
+        let outcome_at = |line: &str| {
+            visible_width(
+                &line[..line
+                    .find("established")
+                    .or_else(|| line.find("OUTCOME"))
+                    .unwrap()],
+            )
+        };
+        assert_eq!(outcome_at(lines[0]), outcome_at(lines[1]));
+        assert_eq!(outcome_at(lines[1]), outcome_at(lines[2]));
     }
 }

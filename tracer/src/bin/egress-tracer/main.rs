@@ -86,9 +86,12 @@ struct TraceArgs {
     /// Stop after this long (e.g. 30s, 5m); without it, run until Ctrl-C or SIGTERM.
     #[arg(long, value_name = "D", value_parser = parse_duration)]
     duration: Option<Duration>,
-    /// Output format.
+    /// Output format. The table is coloured on a terminal (NO_COLOR turns that off).
     #[arg(short, long, value_enum, default_value_t = Format::Table)]
     output: Format,
+    /// Only attempts and lookups that failed (any verdict other than `none`).
+    #[arg(long)]
+    failures_only: bool,
     /// How long a DNS query may wait for its response before it counts as timed out, when
     /// the resolver's own `options timeout:` in the pod's resolv.conf cannot be read.
     #[arg(long, value_name = "D", value_parser = parse_duration, default_value = "5s")]

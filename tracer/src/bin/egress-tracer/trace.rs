@@ -1,6 +1,9 @@
 //! `egress-tracer trace`: live records of egress attempts.
 
-use std::{io, time::Duration};
+use std::{
+    io::{self, IsTerminal},
+    time::Duration,
+};
 
 use anyhow::Context;
 use egress_tracer::{
@@ -74,7 +77,11 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     eprintln!("egress-tracer: tracing {scope}; Ctrl-C to stop");
 
     let clock = MonotonicClock::new();
-    let mut writer = Writer::new(io::stdout().lock(), args.output, clock);
+    let color = io::stdout().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
+    let mut writer = Writer::new(io::stdout().lock(), args.output, clock)
+        .with_color(color)
+        .failures_only(args.failures_only);
     let mut events = Vec::new();
     let mut tick = interval(EXPIRY_TICK);
     let mut refresh = interval(CGROUP_REFRESH);
