@@ -226,6 +226,48 @@ fn refused_by_the_endpoint() {
 
 #[test]
 #[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn a_firewall_reset_is_told_apart_from_the_endpoints_own_by_its_ttl() {
+    let lab = lab();
+    const FIREWALLED_PORT: u16 = 8443;
+    lab.inject(Fault::Reset {
+        dst: addr::ENDPOINT.into(),
+        port: FIREWALLED_PORT,
+    })
+    .unwrap();
+    let tracer = trace_client(&lab);
+    // A connection that succeeds tells how far the endpoint is.
+    let (ok, code) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 5);
+    assert_eq!(code, Some(0));
+    let (closed, code) = curl(&lab, "client", &url(addr::ENDPOINT, addr::CLOSED_PORT), 5);
+    assert_eq!(code, Some(7));
+    let (firewalled, code) = curl(&lab, "client", &url(addr::ENDPOINT, FIREWALLED_PORT), 5);
+    assert_eq!(code, Some(7));
+    let records = tracer.stop(libc::SIGINT).unwrap().records();
+    // The endpoint is two hops from the pod (node, upstream router); the router one.
+    let record = tcp_record(&records, ok);
+    assert_eq!(
+        record["tcp"]["reply"],
+        serde_json::json!({"kind": "syn-ack", "ttl": 62, "hops": 2}),
+        "{record}"
+    );
+    let record = tcp_record(&records, closed);
+    assert_eq!(
+        record["tcp"]["reply"],
+        serde_json::json!({"kind": "reset", "ttl": 62, "hops": 2}),
+        "{record}"
+    );
+    assert_verdict(record, "endpoint", "refused", false);
+    let record = tcp_record(&records, firewalled);
+    assert_eq!(
+        record["tcp"]["reply"],
+        serde_json::json!({"kind": "reset", "ttl": 63, "hops": 1}),
+        "{record}"
+    );
+    assert_verdict(record, "upstream", "reset", false);
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
 fn timeout_when_the_upstream_drops_silently() {
     let lab = lab();
     let dst = std::net::IpAddr::V4(addr::ENDPOINT);

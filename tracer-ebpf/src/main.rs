@@ -3,7 +3,8 @@
 //! - [`connect`]: cgroup `connect4`/`connect6`, every `connect()` of every process.
 //! - [`packets`]: cgroup_skb egress and ingress, every packet parsed once for
 //!   [`first_packet`] (the first TCP SYN or UDP datagram of the sockets that `connect` saw,
-//!   with the tuple the kernel chose) and [`dns`] (DNS messages, both directions).
+//!   with the tuple the kernel chose), [`reply`] (the first answer to their SYN, with its
+//!   TTL) and [`dns`] (DNS messages, both directions).
 //! - [`sock_state`]: tp_btf `inet_sock_set_state`, the handshake result of those sockets.
 //! - [`icmp`]: tp_btf `consume_skb` filtered to the ICMP receive functions, the ICMP
 //!   errors that explain failed attempts.
@@ -36,6 +37,8 @@ mod maps;
 mod nat;
 #[cfg(target_arch = "bpf")]
 mod packets;
+#[cfg(target_arch = "bpf")]
+mod reply;
 #[cfg(target_arch = "bpf")]
 mod skb;
 #[cfg(target_arch = "bpf")]

@@ -57,6 +57,7 @@ pub fn is_traced(cgroup_id: u64) -> bool {
 pub const FIRST_PACKET_PENDING: u8 = 0;
 pub const FIRST_PACKET_REPORTED: u8 = 1;
 pub const NAT_REPORTED: u8 = 2;
+pub const REPLY_REPORTED: u8 = 4;
 
 #[inline(always)]
 pub fn count(counter: Counter) {

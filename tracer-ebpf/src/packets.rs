@@ -1,6 +1,6 @@
 //! cgroup_skb egress and ingress at the cgroup v2 root: every packet of every process,
-//! parsed once and handed to [`first_packet`](crate::first_packet) (egress) and
-//! [`dns`](crate::dns) (both directions).
+//! parsed once and handed to [`first_packet`](crate::first_packet) (egress),
+//! [`reply`](crate::reply) (ingress) and [`dns`](crate::dns) (both directions).
 //!
 //! The programs never change a packet's fate. cgroup_skb data starts at the network
 //! header; IPv6 extension headers before the transport header are not followed
@@ -11,7 +11,7 @@ use tracer_common::{
     AF_INET, AF_INET6, DNS_EGRESS, DNS_INGRESS, Endpoint, IPPROTO_TCP, IPPROTO_UDP,
 };
 
-use crate::{dns, first_packet, skb::IPV6_HEADER_LEN};
+use crate::{dns, first_packet, reply, skb::IPV6_HEADER_LEN};
 
 /// Return value of cgroup_skb programs that lets the packet through.
 const PASS: i32 = 1;
@@ -67,6 +67,7 @@ pub fn skb_egress(ctx: SkBuffContext) -> i32 {
 #[cgroup_skb(ingress)]
 pub fn skb_ingress(ctx: SkBuffContext) -> i32 {
     if let Ok(Some(packet)) = parse(&ctx) {
+        let _ = reply::on_ingress(&ctx, &packet);
         let _ = dns::on_packet(&ctx, &packet, DNS_INGRESS);
     }
     PASS

@@ -24,7 +24,7 @@ use std::{
 use serde::Serialize;
 use tracer_common::{
     AF_INET6, CALL_SENDMSG, ConnectEvent, FirstPacketEvent, IPPROTO_TCP, IPPROTO_UDP,
-    IcmpErrorEvent, SockStateEvent, TCP_ESTABLISHED,
+    IcmpErrorEvent, ReplyEvent, SockStateEvent, TCP_ESTABLISHED, TCP_FLAG_RST,
 };
 
 use crate::{
@@ -161,11 +161,36 @@ pub struct Attempt {
     pub nat: Option<Translation>,
     /// The Service `dst` is, with the backend the node's DNAT chose.
     pub service: Option<ServiceTarget>,
+    /// The first answer to its SYN.
+    pub reply: Option<HandshakeReply>,
     /// The node's SNAT port usage towards the attempt's destination, for translated
     /// attempts.
     pub snat: Option<SnatUsage>,
     /// Which hop stopped it (or that none did).
     pub verdict: Option<Verdict>,
+}
+
+/// The first answer to a TCP attempt's SYN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HandshakeReply {
+    /// The TTL (hop limit) it arrived with.
+    pub ttl: u8,
+    /// A reset rather than a SYN-ACK.
+    pub reset: bool,
+    /// Hops to the destination as its earlier SYN-ACKs showed (filled in by the pipeline
+    /// when an earlier connection to the same address succeeded).
+    pub endpoint_hops: Option<u8>,
+}
+
+impl HandshakeReply {
+    /// Hops the answer travelled: senders start from 64, 128 or 255.
+    pub fn hops(&self) -> u8 {
+        let initial = [64u8, 128, 255]
+            .into_iter()
+            .find(|initial| *initial >= self.ttl)
+            .unwrap_or(255);
+        initial - self.ttl
+    }
 }
 
 /// A connection to a Service's cluster IP.
@@ -312,6 +337,7 @@ impl FlowAssembler {
             drops: None,
             nat: None,
             service: None,
+            reply: None,
             snat: None,
             verdict: None,
         };
@@ -393,6 +419,17 @@ impl FlowAssembler {
     }
 
     /// Records the NAT translation of the attempt of socket `cookie`.
+    /// Records the first answer to the SYN of socket `cookie`.
+    pub fn on_reply(&mut self, event: &ReplyEvent) {
+        if let Some(attempt) = self.pending.get_mut(&event.sock_cookie) {
+            attempt.reply = Some(HandshakeReply {
+                ttl: event.ttl,
+                reset: event.tcp_flags & TCP_FLAG_RST != 0,
+                endpoint_hops: None,
+            });
+        }
+    }
+
     pub fn on_nat(&mut self, cookie: u64, translation: Translation) {
         if let Some(attempt) = self.pending.get_mut(&cookie) {
             attempt.nat = Some(translation);
@@ -1012,5 +1049,20 @@ mod tests {
         assert_eq!(errno_name(111), "ECONNREFUSED");
         assert_eq!(errno_name(113), "EHOSTUNREACH");
         assert_eq!(errno_name(4242), "errno 4242");
+    }
+
+    #[test]
+    fn reply_hops_count_down_from_the_usual_initial_ttls() {
+        let hops = |ttl| {
+            HandshakeReply {
+                ttl,
+                reset: true,
+                endpoint_hops: None,
+            }
+            .hops()
+        };
+        assert_eq!((hops(64), hops(62), hops(1)), (0, 2, 63));
+        assert_eq!((hops(120), hops(128)), (8, 0));
+        assert_eq!((hops(250), hops(255)), (5, 0));
     }
 }

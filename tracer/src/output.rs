@@ -14,7 +14,10 @@ use crate::{
     capture::{NetnsOwner, PacketConntrack},
     conntrack::snat::SnatUsage,
     dns::{Answer, Lookup, LookupResult},
-    flow::{Attempt, ContainerRef, IcmpError, Origin, Outcome, Protocol, TcpHandshake, errno_name},
+    flow::{
+        Attempt, ContainerRef, HandshakeReply, IcmpError, Origin, Outcome, Protocol, TcpHandshake,
+        errno_name,
+    },
     node::MonotonicClock,
     verdict::{Hop, Verdict},
 };
@@ -201,11 +204,29 @@ pub struct TcpRecord {
     /// For failed handshakes: `kernel` (it gave up or was told to) or `application`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub closed_by: Option<&'static str>,
+    /// The first answer to the SYN.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply: Option<ReplyRecord>,
+}
+
+/// The first answer to a SYN.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct ReplyRecord {
+    /// `syn-ack` or `reset`.
+    pub kind: &'static str,
+    pub ttl: u8,
+    /// Hops it travelled (from the TTL).
+    pub hops: u8,
 }
 
 impl TcpRecord {
-    fn new(outcome: Outcome, handshake: &TcpHandshake) -> Self {
+    fn new(outcome: Outcome, handshake: &TcpHandshake, reply: Option<&HandshakeReply>) -> Self {
         Self {
+            reply: reply.map(|reply| ReplyRecord {
+                kind: if reply.reset { "reset" } else { "syn-ack" },
+                ttl: reply.ttl,
+                hops: reply.hops(),
+            }),
             syn_retransmits: handshake.syn_retransmits,
             handshake_ms: (outcome != Outcome::InProgress)
                 .then_some(handshake.duration)
@@ -242,7 +263,7 @@ impl<'a> AttemptRecord<'a> {
             tcp: attempt
                 .tcp
                 .as_ref()
-                .map(|h| TcpRecord::new(attempt.outcome, h)),
+                .map(|h| TcpRecord::new(attempt.outcome, h, attempt.reply.as_ref())),
             icmp: attempt.icmp.as_ref().map(IcmpRecord::from),
             drop: attempt.drops.as_ref().map(|d| DropRecord {
                 reason: &d.first.reason,
@@ -637,6 +658,7 @@ mod tests {
             drops: None,
             nat: None,
             service: None,
+            reply: None,
             snat: None,
             verdict: None,
         }

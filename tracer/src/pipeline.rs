@@ -68,6 +68,8 @@ pub struct Pipeline {
     node: NodeFacts,
     /// Inode of the tracer's own network namespace (the node's).
     own_netns: Option<u64>,
+    /// Hops to destinations, from the SYN-ACKs of connections to them.
+    endpoint_hops: HashMap<std::net::IpAddr, u8>,
 }
 
 impl Pipeline {
@@ -93,6 +95,7 @@ impl Pipeline {
             snat: None,
             node: NodeFacts::default(),
             own_netns: fs::metadata("/proc/self/ns/net").ok().map(|m| m.ino()),
+            endpoint_hops: HashMap::new(),
         }
     }
 
@@ -146,6 +149,7 @@ impl Pipeline {
                     self.flows.on_drop(drop.sock_cookie, described);
                 }
                 Ok(KernelEvent::Dns(event)) => self.on_dns(&event),
+                Ok(KernelEvent::Reply(reply)) => self.flows.on_reply(&reply),
                 Ok(KernelEvent::Nat(nat)) => self
                     .flows
                     .on_nat(nat.sock_cookie, KernelNames::describe_nat(&nat)),
@@ -235,6 +239,16 @@ impl Pipeline {
                 && self.dns_sockets.remove(&attempt.sock_cookie);
             if carried_dns {
                 continue;
+            }
+            if let Some(reply) = attempt.reply.as_mut() {
+                if reply.reset {
+                    reply.endpoint_hops = self.endpoint_hops.get(&attempt.dst.ip()).copied();
+                } else {
+                    if self.endpoint_hops.len() >= MAX_REMEMBERED {
+                        self.endpoint_hops.clear();
+                    }
+                    self.endpoint_hops.insert(attempt.dst.ip(), reply.hops());
+                }
             }
             attempt.dst_name = self
                 .dns

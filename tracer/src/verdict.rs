@@ -236,28 +236,7 @@ fn of_path(attempt: &Attempt, node: &NodeFacts) -> Option<Verdict> {
     match attempt.outcome {
         Outcome::Established => Some(Verdict::ok(format!("connected to {target}"))),
         Outcome::Sent => Some(Verdict::ok(format!("sent to {target}"))),
-        Outcome::Refused => Some(
-            Verdict::new(
-                Hop::Endpoint,
-                "refused",
-                format!("{target} refused the connection"),
-            )
-            .likely()
-            .evidence(format!(
-                "the SYN was answered with a TCP reset (seen by the pod's socket: {})",
-                attempt
-                    .tcp
-                    .and_then(|tcp| tcp.errno)
-                    .map_or_else(|| "ECONNREFUSED".to_owned(), errno_name)
-            ))
-            .evidence(
-                "a firewall on the path can also answer with a reset; nothing on the node did",
-            )
-            .next(format!(
-                "check that a server listens on {} (from the node: `curl -Ivm5` to it)",
-                attempt.dst
-            )),
-        ),
+        Outcome::Refused => Some(of_reset(attempt, &target)),
         Outcome::Timeout => Some(of_timeout(attempt, &target)),
         Outcome::Unreachable | Outcome::Failed => Some(of_socket_error(attempt, &target)),
         Outcome::Aborted | Outcome::InProgress => None,
@@ -486,6 +465,69 @@ fn is_node_address(sender: IpAddr, attempt: &Attempt) -> bool {
         .is_some_and(|src| src.ip() == sender)
 }
 
+/// A reset: the endpoint's, unless it came from closer than the endpoint is.
+fn of_reset(attempt: &Attempt, target: &str) -> Verdict {
+    let error = attempt
+        .tcp
+        .and_then(|tcp| tcp.errno)
+        .map_or_else(|| "ECONNREFUSED".to_owned(), errno_name);
+    let seen = format!("the SYN was answered with a TCP reset (the pod's socket: {error})");
+    let endpoint = |verdict: Verdict| {
+        verdict.next(format!(
+            "check that a server listens on {} (from the node: `curl -Ivm5` to it)",
+            attempt.dst
+        ))
+    };
+    let Some(reply) = attempt.reply.filter(|reply| reply.reset) else {
+        return endpoint(
+            Verdict::new(
+                Hop::Endpoint,
+                "refused",
+                format!("{target} refused the connection"),
+            )
+            .likely()
+            .evidence(seen)
+            .evidence(
+                "the reset's TTL was not seen, so a firewall on the path cannot be ruled out",
+            ),
+        );
+    };
+    let hops = reply.hops();
+    let arrived = format!(
+        "the reset arrived with TTL {} ({hops} hop(s) away; cgroup ingress of the pod's socket)",
+        reply.ttl
+    );
+    match reply.endpoint_hops {
+        Some(endpoint_hops) if hops < endpoint_hops => Verdict::new(
+            Hop::Upstream,
+            "reset",
+            format!("a device {hops} hop(s) away reset the connection to {target}, before the endpoint"),
+        )
+        .evidence(seen)
+        .evidence(arrived)
+        .evidence(format!(
+            "the endpoint's own SYN-ACKs come from {endpoint_hops} hop(s) away: the reset was forged on the path"
+        ))
+        .next("a firewall or proxy on the path rejects this port: Azure Firewall / NVA rules, NSG flow logs")
+        .next("Azure Virtual Network Verifier from the node to the destination"),
+        Some(endpoint_hops) => endpoint(
+            Verdict::new(Hop::Endpoint, "refused", format!("{target} refused the connection"))
+                .evidence(seen)
+                .evidence(arrived)
+                .evidence(format!(
+                    "as far away as the endpoint's own SYN-ACKs ({endpoint_hops} hop(s)): the endpoint sent it"
+                )),
+        ),
+        None => endpoint(
+            Verdict::new(Hop::Endpoint, "refused", format!("{target} refused the connection"))
+                .likely()
+                .evidence(seen)
+                .evidence(arrived)
+                .evidence("no earlier connection to this address to compare the path length with"),
+        ),
+    }
+}
+
 fn of_timeout(attempt: &Attempt, target: &str) -> Verdict {
     let retransmits = attempt.tcp.map_or(0, |tcp| tcp.syn_retransmits);
     let translated = attempt.nat.and_then(|nat| nat.src);
@@ -692,6 +734,7 @@ mod tests {
             drops: None,
             nat: None,
             service: None,
+            reply: None,
             snat: None,
             verdict: None,
         }

@@ -48,6 +48,8 @@ pub enum EventKind {
     Dns = 6,
     /// A [`NatEvent`]: a traced flow left a device translated by the node's NAT.
     Nat = 7,
+    /// A [`ReplyEvent`]: the first answer to a traced socket's SYN.
+    Reply = 8,
 }
 
 impl EventKind {
@@ -61,6 +63,7 @@ impl EventKind {
             5 => Some(Self::Drop),
             6 => Some(Self::Dns),
             7 => Some(Self::Nat),
+            8 => Some(Self::Reply),
             _ => None,
         }
     }
@@ -213,6 +216,22 @@ pub struct FlowTuple {
     pub dst_port: u16,
     pub src: [u8; 16],
     pub dst: [u8; 16],
+}
+
+/// [`ReplyEvent::tcp_flags`]: the answer was a reset.
+pub const TCP_FLAG_RST: u8 = 0x04;
+
+/// The first answer to a traced TCP socket's SYN (a SYN-ACK or a reset), seen at the
+/// socket's cgroup ingress, with the TTL (IPv6: hop limit) it arrived with: the path
+/// length of whoever sent it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplyEvent {
+    pub header: EventHeader,
+    pub sock_cookie: u64,
+    pub ttl: u8,
+    pub tcp_flags: u8,
+    pub _pad: [u8; 6],
 }
 
 /// Direction of a dropped packet relative to its flow.
@@ -468,11 +487,15 @@ pub enum Counter {
     NatSeen = 12,
     /// [`NatEvent`]s lost to a full ring buffer.
     NatLost = 13,
+    /// First answers (SYN-ACK or reset) to traced SYNs seen at cgroup ingress.
+    ReplySeen = 14,
+    /// [`ReplyEvent`]s lost to a full ring buffer.
+    ReplyLost = 15,
 }
 
 impl Counter {
     /// Number of counters, i.e. the size of the `COUNTERS` array.
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 16;
     /// All counters, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Self::ConnectSeen,
@@ -489,6 +512,8 @@ impl Counter {
         Self::DnsLost,
         Self::NatSeen,
         Self::NatLost,
+        Self::ReplySeen,
+        Self::ReplyLost,
     ];
 }
 
@@ -530,6 +555,7 @@ mod user {
     unsafe impl aya::Pod for super::DropEvent {}
     unsafe impl aya::Pod for super::DnsEvent {}
     unsafe impl aya::Pod for super::NatEvent {}
+    unsafe impl aya::Pod for super::ReplyEvent {}
     unsafe impl aya::Pod for super::NatOffsets {}
     unsafe impl aya::Pod for super::DropReasons {}
     unsafe impl aya::Pod for super::FlowTuple {}
@@ -609,6 +635,14 @@ mod tests {
         assert_eq!(offset_of!(IcmpErrorEvent, sender), 24);
         assert_eq!(offset_of!(IcmpErrorEvent, src), 44);
         assert_eq!(offset_of!(IcmpErrorEvent, dst), 64);
+    }
+
+    #[test]
+    fn reply_event_layout() {
+        assert_eq!(size_of::<ReplyEvent>(), 32);
+        assert_eq!(offset_of!(ReplyEvent, sock_cookie), 16);
+        assert_eq!(offset_of!(ReplyEvent, ttl), 24);
+        assert_eq!(offset_of!(ReplyEvent, tcp_flags), 25);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::{
 
 use tracer_common::{
     AF_INET, AF_INET6, ConnectEvent, DNS_CAPTURE_BYTES, DnsEvent, DropEvent, Endpoint, EventHeader,
-    EventKind, FirstPacketEvent, IcmpErrorEvent, NatEvent, SockStateEvent,
+    EventKind, FirstPacketEvent, IcmpErrorEvent, NatEvent, ReplyEvent, SockStateEvent,
 };
 
 /// A decoded kernel event.
@@ -22,6 +22,7 @@ pub enum KernelEvent {
     /// Boxed: the message bytes make it far larger than the other events.
     Dns(Box<DnsEvent>),
     Nat(NatEvent),
+    Reply(ReplyEvent),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -76,6 +77,9 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
         EventKind::Nat => exact::<NatEvent>(record)
             .map(KernelEvent::Nat)
             .ok_or_else(|| wrong_length(size_of::<NatEvent>())),
+        EventKind::Reply => exact::<ReplyEvent>(record)
+            .map(KernelEvent::Reply)
+            .ok_or_else(|| wrong_length(size_of::<ReplyEvent>())),
     }
 }
 

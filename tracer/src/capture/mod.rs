@@ -117,6 +117,8 @@ pub struct KernelCounters {
     pub drops_lost: u64,
     pub nats: u64,
     pub nats_lost: u64,
+    pub replies: u64,
+    pub replies_lost: u64,
 }
 
 impl KernelCounters {
@@ -127,6 +129,7 @@ impl KernelCounters {
             + self.icmp_errors_lost
             + self.drops_lost
             + self.nats_lost
+            + self.replies_lost
     }
 }
 
@@ -506,6 +509,8 @@ impl Capture {
             drops_lost: total(Counter::DropLost)?,
             nats: total(Counter::NatSeen)?,
             nats_lost: total(Counter::NatLost)?,
+            replies: total(Counter::ReplySeen)?,
+            replies_lost: total(Counter::ReplyLost)?,
         })
     }
 }

@@ -1,0 +1,58 @@
+//! The first answer to each traced socket's SYN (on the ingress path of
+//! [`packets`](crate::packets)): a SYN-ACK or a reset, with the TTL it arrived with.
+//!
+//! The TTL tells how far away the sender is. A reset that arrives after fewer hops than
+//! the endpoint's own SYN-ACKs was forged by something on the path (a firewall), not sent
+//! by the endpoint.
+
+use aya_ebpf::{EbpfContext, helpers::bpf_get_socket_cookie, programs::SkBuffContext};
+use tracer_common::{AF_INET, Counter, EventKind, IPPROTO_TCP, ReplyEvent, TCP_FLAG_RST};
+
+use crate::{
+    maps::{EVENTS, FIRST_PACKET_REPORTED, REPLY_REPORTED, TRACKED_SOCKS, count, header},
+    packets::Packet,
+};
+
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+/// Offset of the TTL in an IPv4 header, of the hop limit in an IPv6 header.
+const IPV4_TTL: usize = 8;
+const IPV6_HOP_LIMIT: usize = 7;
+
+#[inline(always)]
+pub fn on_ingress(ctx: &SkBuffContext, packet: &Packet) -> Result<(), i64> {
+    let syn_ack = packet.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN | TCP_FLAG_ACK;
+    if packet.protocol != IPPROTO_TCP || !(syn_ack || packet.tcp_flags & TCP_FLAG_RST != 0) {
+        return Ok(());
+    }
+    // SAFETY: the helper takes the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(state) = TRACKED_SOCKS.get_ptr_mut(cookie) else {
+        return Ok(());
+    };
+    // SAFETY: a valid map value pointer; a racing packet at worst reports twice.
+    unsafe {
+        // Only answers to a SYN this socket sent, once.
+        if *state & FIRST_PACKET_REPORTED == 0 || *state & REPLY_REPORTED != 0 {
+            return Ok(());
+        }
+        *state |= REPLY_REPORTED;
+    }
+    count(Counter::ReplySeen);
+    let ttl: u8 = ctx.load(if packet.family == AF_INET {
+        IPV4_TTL
+    } else {
+        IPV6_HOP_LIMIT
+    })?;
+    let event = ReplyEvent {
+        header: header(EventKind::Reply),
+        sock_cookie: cookie,
+        ttl,
+        tcp_flags: packet.tcp_flags,
+        _pad: [0; 6],
+    };
+    if EVENTS.output::<ReplyEvent>(&event, 0).is_err() {
+        count(Counter::ReplyLost);
+    }
+    Ok(())
+}
