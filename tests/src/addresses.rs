@@ -33,6 +33,10 @@ pub const ENDPOINT_NAME: &str = "api.example.test";
 pub const HTTP_PORT: u16 = 80;
 /// A port nothing listens on at the endpoint.
 pub const CLOSED_PORT: u16 = 81;
+/// A port where the endpoint answers HTTP 503.
+pub const ERROR_PORT: u16 = 8503;
+/// A forward proxy on the endpoint host that answers 403 to everything.
+pub const PROXY_PORT: u16 = 3128;
 
 /// A name under the endpoint's zone that does not exist (NXDOMAIN).
 pub const MISSING_NAME: &str = "missing.example.test";

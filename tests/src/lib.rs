@@ -70,6 +70,8 @@ pub enum Fault {
     Reset { dst: std::net::IpAddr, port: u16 },
     /// The upstream DNS server cannot be reached (UDP and TCP port 53 dropped).
     UpstreamDnsUnreachable,
+    /// The node has no route to `dst` (an `unreachable` route in its table).
+    NoRoute { dst: std::net::IpAddr },
     /// The node translates TCP to `dst:port` to a single source port, so a second
     /// concurrent flow clashes with the first and conntrack fails to insert it.
     SnatSinglePort { dst: std::net::IpAddr, port: u16 },
@@ -86,6 +88,8 @@ pub struct PodSpec {
     pub resolver_options: String,
     /// A port the pod serves HTTP on (a Service backend).
     pub http_port: Option<u16>,
+    /// Environment of the pod's container process (e.g. `HTTPS_PROXY`).
+    pub env: Vec<(String, String)>,
 }
 
 impl PodSpec {
@@ -97,7 +101,14 @@ impl PodSpec {
             driver,
             resolver_options: "ndots:5".to_owned(),
             http_port: None,
+            env: Vec::new(),
         }
+    }
+
+    /// Sets an environment variable of the pod's container process.
+    pub fn with_env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
     }
 
     /// Makes the pod serve HTTP on `port` of its address.
@@ -252,6 +263,15 @@ impl Lab {
                 &["-j", "REJECT", "--reject-with", "tcp-reset"],
             ),
             Fault::SnatSinglePort { dst, port } => return self.snat_to_single_port(dst, port),
+            Fault::NoRoute { dst } => {
+                let prefix = if dst.is_ipv4() { 32 } else { 128 };
+                return run_in(
+                    &self.node_netns(),
+                    "ip",
+                    &["route", "add", "unreachable", &format!("{dst}/{prefix}")],
+                )
+                .map(drop);
+            }
             Fault::UpstreamDnsUnreachable => (
                 IpAddr::V4(addr::UPSTREAM_DNS),
                 53,
@@ -690,6 +710,22 @@ impl Lab {
             &format!("[{}]:{}", addr::ENDPOINT6, addr::HTTP_PORT),
         ]);
         self.spawn_service("endpoint", endpoint, "inet")?;
+        // On the same host: a port answering 503, and a proxy that answers 403 to
+        // everything, CONNECT included.
+        for (name, port, status) in [
+            ("endpoint-503", addr::ERROR_PORT, "503"),
+            ("proxy", addr::PROXY_PORT, "403"),
+        ] {
+            let mut server = Command::new(lab_helper()?);
+            server.args([
+                "serve-http",
+                "--listen",
+                &format!("{}:{port}", addr::ENDPOINT),
+                "--status",
+                status,
+            ]);
+            self.spawn_service(name, server, "inet")?;
+        }
         // The broken authoritative server of the SERVFAIL zone.
         let mut broken = Command::new(lab_helper()?);
         broken.args([
@@ -787,6 +823,7 @@ impl Lab {
         let mut sleeper = Command::new("sleep");
         sleeper
             .arg("infinity")
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());

@@ -30,6 +30,15 @@ pub struct TracerOutput {
     pub stderr: String,
 }
 
+/// What `diagnose` printed.
+pub struct Diagnosis {
+    pub status: ExitStatus,
+    /// The JSON report (`null` if there was none).
+    pub report: serde_json::Value,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
 impl TracerOutput {
     /// The stdout lines parsed as JSON (NDJSON output).
     pub fn records(&self) -> Vec<serde_json::Value> {
@@ -54,6 +63,43 @@ impl Tracer {
         let mut command = Command::new(tracer_binary()?);
         command.args(args);
         Self::attach(lab.spawn_on_node(piped(command))?)
+    }
+
+    /// Runs `egress-tracer diagnose -o json` in the node's namespace for `pod` and
+    /// `target`, to completion.
+    pub fn diagnose(lab: &Lab, pod: &str, target: &str, extra: &[&str]) -> io::Result<Diagnosis> {
+        let state = lab.cluster_state();
+        let node = lab.node_netns();
+        let upstream = crate::addresses::UPSTREAM_DNS.to_string();
+        let started = Instant::now();
+        let output = Command::new("ip")
+            .args(["netns", "exec", &node])
+            .arg(tracer_binary()?)
+            .args(["diagnose", "--cluster-state"])
+            .arg(&state)
+            .args([
+                "--node-name",
+                &node,
+                "--pod",
+                pod,
+                target,
+                "--upstream-dns",
+                &upstream,
+                "-o",
+                "json",
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()?;
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        let report = serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null);
+        Ok(Diagnosis {
+            status: output.status,
+            report,
+            stderr,
+            elapsed: started.elapsed(),
+        })
     }
 
     /// Starts it the way an operator would on a node: `ip netns exec NODE egress-tracer

@@ -183,6 +183,10 @@ pub struct Resolver {
     pub search: Vec<String>,
     /// `options timeout:N`: how long the resolver waits for a response.
     pub timeout: Option<Duration>,
+    /// `nameserver` lines, in order.
+    pub nameservers: Vec<IpAddr>,
+    /// `options ndots:N`: names with fewer dots are tried in the search domains first.
+    pub ndots: Option<u8>,
 }
 
 /// Reads the parts of a resolv.conf that matter for grouping queries and timing them out.
@@ -192,12 +196,21 @@ pub fn resolver_config(resolv_conf: &str) -> Resolver {
         let mut words = line.split_whitespace();
         match words.next() {
             Some("search") => resolver.search = words.map(normalize).collect(),
+            Some("nameserver") => {
+                if let Some(server) = words.next().and_then(|s| s.parse().ok()) {
+                    resolver.nameservers.push(server);
+                }
+            }
             Some("options") => {
                 for option in words {
                     if let Some(seconds) =
                         option.strip_prefix("timeout:").and_then(|s| s.parse().ok())
                     {
                         resolver.timeout = Some(Duration::from_secs(seconds));
+                    }
+                    if let Some(ndots) = option.strip_prefix("ndots:").and_then(|s| s.parse().ok())
+                    {
+                        resolver.ndots = Some(ndots);
                     }
                 }
             }
@@ -787,7 +800,18 @@ mod tests {
             "nameserver 10.0.0.10\nsearch shop.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5 timeout:2 attempts:1\nsearchx no\n",
         );
         assert_eq!(resolver.timeout, Some(Duration::from_secs(2)));
-        assert_eq!(resolver_config("nameserver 1.1.1.1\n"), Resolver::default());
+        assert_eq!(resolver.ndots, Some(5));
+        assert_eq!(
+            resolver.nameservers,
+            ["10.0.0.10".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            resolver_config("nameserver 1.1.1.1\nnameserver bogus\n"),
+            Resolver {
+                nameservers: vec!["1.1.1.1".parse().unwrap()],
+                ..Resolver::default()
+            }
+        );
         let search = resolver.search;
         assert_eq!(
             search,

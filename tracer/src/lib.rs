@@ -12,12 +12,14 @@
 //! - [`verdict`]: which hop stopped an attempt, with the evidence.
 //! - [`output`]: renders records as a table or NDJSON.
 //!
+//! [`diagnose`] runs the troubleshooting checklist for one target from inside a pod.
 //! [`node`] holds facts about the host (cgroup mount, capabilities, clocks), and
 //! [`conntrack`] the node's conntrack table: its counters and SNAT port usage.
 
 pub mod capture;
 pub mod cluster;
 pub mod conntrack;
+pub mod diagnose;
 pub mod dns;
 pub mod flow;
 pub mod node;

@@ -3,6 +3,7 @@
 
 use std::{
     fs, io,
+    net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -202,6 +203,41 @@ impl Default for MonotonicClock {
 }
 
 /// Current `CLOCK_MONOTONIC` reading.
+/// The addresses of this network namespace's interfaces.
+pub fn local_addresses() -> Vec<IpAddr> {
+    let mut addresses = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, freed below with freeifaddrs; every node is read
+    // only while the list is alive, and null pointers are checked.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return addresses;
+        }
+        let mut node = list;
+        while !node.is_null() {
+            let address = (*node).ifa_addr;
+            if !address.is_null() {
+                match i32::from((*address).sa_family) {
+                    libc::AF_INET => {
+                        let v4 = &*(address as *const libc::sockaddr_in);
+                        addresses.push(IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(
+                            v4.sin_addr.s_addr,
+                        ))));
+                    }
+                    libc::AF_INET6 => {
+                        let v6 = &*(address as *const libc::sockaddr_in6);
+                        addresses.push(IpAddr::V6(std::net::Ipv6Addr::from(v6.sin6_addr.s6_addr)));
+                    }
+                    _ => {}
+                }
+            }
+            node = (*node).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    addresses
+}
+
 pub fn monotonic_now() -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -93,10 +93,24 @@ impl Pipeline {
             lookups: Vec::new(),
             stats: PipelineStats::default(),
             snat: None,
-            node: NodeFacts::default(),
+            node: NodeFacts::of_this_node(),
             own_netns: fs::metadata("/proc/self/ns/net").ok().map(|m| m.ino()),
             endpoint_hops: HashMap::new(),
         }
+    }
+
+    /// Uses `resolver` for DNS messages of these cgroups instead of reading it from the
+    /// sending process's resolv.conf (diagnose's probe sees the node's files, not the
+    /// pod's, but speaks for the pod).
+    pub fn preset_resolver(&mut self, cgroups: &[u64], resolver: &Resolver) {
+        for cgroup in cgroups {
+            self.resolvers.insert(*cgroup, resolver.clone());
+        }
+    }
+
+    /// The cluster model in use.
+    pub fn cluster(&self) -> &ClusterState {
+        &self.cluster
     }
 
     /// Replaces the cluster model (the API's latest state).
@@ -109,9 +123,9 @@ impl Pipeline {
         self.snat = table;
     }
 
-    /// What the verdicts need to know about the node.
-    pub fn set_node_facts(&mut self, facts: NodeFacts) {
-        self.node = facts;
+    /// How much the node's conntrack counters grew while tracing.
+    pub fn set_conntrack_growth(&mut self, growth: Option<crate::conntrack::ConntrackStats>) {
+        self.node.conntrack_growth = growth;
     }
 
     /// The cgroups of the traced pod (rescanned for new containers), if tracing one pod.
@@ -374,7 +388,7 @@ fn default_resolver(origin: &Origin) -> Resolver {
     };
     Resolver {
         search,
-        timeout: None,
+        ..Resolver::default()
     }
 }
 

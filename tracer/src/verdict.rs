@@ -99,6 +99,11 @@ impl Verdict {
         }
     }
 
+    /// A verdict from `diagnose`'s own checks rather than kernel events.
+    pub fn for_check(hop: Hop, reason: &str, summary: String) -> Self {
+        Self::new(hop, reason, summary)
+    }
+
     fn ok(summary: String) -> Self {
         Self::new(Hop::None, "ok", summary)
     }
@@ -127,11 +132,22 @@ pub struct NodeFacts {
     pub legacy_iptables: bool,
     /// Growth of the node's conntrack counters while tracing.
     pub conntrack_growth: Option<ConntrackStats>,
+    /// The node's own addresses (of the tracer's network namespace).
+    pub addresses: Vec<IpAddr>,
 }
 
 impl NodeFacts {
+    /// The facts of the node the tracer runs on (its network namespace).
+    pub fn of_this_node() -> Self {
+        Self {
+            legacy_iptables: Self::legacy_iptables_present(),
+            conntrack_growth: None,
+            addresses: crate::node::local_addresses(),
+        }
+    }
+
     /// Whether the legacy iptables tables exist in the caller's network namespace.
-    pub fn legacy_iptables_present() -> bool {
+    fn legacy_iptables_present() -> bool {
         ["/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"]
             .iter()
             .any(|path| std::fs::read_to_string(path).is_ok_and(|names| !names.trim().is_empty()))
@@ -169,6 +185,12 @@ fn with_policy(verdict: Verdict, attempt: &Attempt, decision: &Decision) -> Verd
         } else {
             verdict
         };
+    }
+    if verdict.hop == Hop::None {
+        return verdict.evidence(format!(
+            "a NetworkPolicy denies this flow, yet it went through: is the CNI enforcing NetworkPolicies here? {}",
+            decision.explanation
+        ));
     }
     if !(dropped_by_rule || lost_before_nat) {
         return verdict.evidence(format!(
@@ -231,7 +253,7 @@ fn of_path(attempt: &Attempt, node: &NodeFacts) -> Option<Verdict> {
     if let Some(icmp) = &attempt.icmp
         && attempt.outcome.is_failure()
     {
-        return Some(of_icmp(icmp, attempt, &target));
+        return Some(of_icmp(icmp, attempt, &target, node));
     }
     match attempt.outcome {
         Outcome::Established => Some(Verdict::ok(format!("connected to {target}"))),
@@ -412,7 +434,7 @@ fn of_drop(drops: &Drops, target: &str, node: &NodeFacts) -> Verdict {
     }
 }
 
-fn of_icmp(icmp: &IcmpError, attempt: &Attempt, target: &str) -> Verdict {
+fn of_icmp(icmp: &IcmpError, attempt: &Attempt, target: &str, node: &NodeFacts) -> Verdict {
     let seen = format!(
         "{} {} (type {} code {}) from {} answered it (seen in the pod's namespace)",
         if icmp.v6 { "ICMPv6" } else { "ICMP" },
@@ -440,12 +462,25 @@ fn of_icmp(icmp: &IcmpError, attempt: &Attempt, target: &str) -> Verdict {
         )
         .evidence(seen)
         .next(format!("check the service on {}", attempt.dst)),
-        _ if is_node_address(icmp.sender, attempt) => Verdict::new(
+        "net-unreachable" | "host-unreachable" | "no-route" | "address-unreachable"
+            if is_node_address(icmp.sender, attempt, node) =>
+        {
+            Verdict::new(
+                Hop::Routing,
+                "no-route",
+                format!("the node has no route to {target}"),
+            )
+            .evidence(seen)
+            .evidence(format!("{} is an address of the node itself", icmp.sender))
+            .next(format!("`ip route get {}` on the node; check its route table (and the subnet's UDR)", attempt.dst.ip()))
+        }
+        _ if is_node_address(icmp.sender, attempt, node) => Verdict::new(
             Hop::Routing,
             "unreachable",
             format!("the node could not forward the traffic to {target}"),
         )
         .evidence(seen)
+        .evidence(format!("{} is an address of the node itself", icmp.sender))
         .next("`ip route get` on the node for the destination"),
         _ => Verdict::new(
             Hop::Upstream,
@@ -457,12 +492,14 @@ fn of_icmp(icmp: &IcmpError, attempt: &Attempt, target: &str) -> Verdict {
     }
 }
 
-/// Whether an ICMP error came from the node: its SNAT address, or the pod's gateway.
-fn is_node_address(sender: IpAddr, attempt: &Attempt) -> bool {
-    attempt
-        .nat
-        .and_then(|nat| nat.src)
-        .is_some_and(|src| src.ip() == sender)
+/// Whether an ICMP error came from the node: one of its addresses (the pods' gateway,
+/// the uplink), or the attempt's SNAT address.
+fn is_node_address(sender: IpAddr, attempt: &Attempt, node: &NodeFacts) -> bool {
+    node.addresses.contains(&sender)
+        || attempt
+            .nat
+            .and_then(|nat| nat.src)
+            .is_some_and(|src| src.ip() == sender)
 }
 
 /// A reset: the endpoint's, unless it came from closer than the endpoint is.
@@ -762,6 +799,7 @@ mod tests {
         NodeFacts {
             legacy_iptables,
             conntrack_growth: Some(growth),
+            addresses: Vec::new(),
         }
     }
 

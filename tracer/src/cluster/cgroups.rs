@@ -81,6 +81,32 @@ impl CgroupIndex {
         self.netns.get(&inode).map(String::as_str)
     }
 
+    /// A running process of one of the pod's containers, with that container's cgroup
+    /// directory (absolute): where a probe joins the pod, as `kubectl exec` would.
+    pub fn container_process(&mut self, pod_uid: &str) -> Option<(PathBuf, u32)> {
+        if self.may_rescan() {
+            let _ = self.rescan();
+        }
+        let mut containers: Vec<(&u64, &PodCgroup)> = self
+            .pods
+            .iter()
+            .filter(|(_, pod)| {
+                pod.pod_uid == pod_uid && pod.container.as_ref().is_some_and(|c| !c.is_monitor)
+            })
+            .collect();
+        containers.sort_by_key(|(id, _)| **id);
+        containers.into_iter().find_map(|(id, _)| {
+            let dir = self.root.join(self.paths.get(id)?.trim_start_matches('/'));
+            let pid = fs::read_to_string(dir.join("cgroup.procs"))
+                .ok()?
+                .lines()
+                .next()?
+                .parse()
+                .ok()?;
+            Some((dir, pid))
+        })
+    }
+
     fn learn_netns(&mut self) {
         for (id, pod) in &self.pods {
             if pod.container.is_none() || self.netns.values().any(|uid| *uid == pod.pod_uid) {

@@ -4,6 +4,7 @@
 //! (bad arguments, unknown pod, missing privileges, unsupported kernel).
 
 mod cluster_source;
+mod diagnose;
 mod policy;
 mod trace;
 
@@ -48,6 +49,66 @@ enum Command {
         Save the state with `kubectl get pods,namespaces,networkpolicies -A -o yaml > state.yaml`. \
         In-cluster destinations are judged by the source's egress and the destination pod's ingress.")]
     Policy(PolicyArgs),
+    /// Check whether a pod can reach a target, hop by hop, while the kernel watches.
+    #[command(
+        after_help = "Runs the troubleshooting checklist from inside the pod: DNS through \
+        the pod's resolv.conf (and from the node, and straight to --upstream-dns), the pod's \
+        proxy (HTTP(S)_PROXY, NO_PROXY) with its answer to CONNECT, a TCP connect to each \
+        address, HTTP HEAD for http URLs, and the NetworkPolicy decision; then one verdict.\n\n\
+        Exit codes: 0 reachable, 1 a hop fails, 2 usage or environment error.\n\n\
+        Examples:\n  \
+        egress-tracer diagnose --pod shop/web https://api.example.test/\n  \
+        egress-tracer diagnose --pod shop/web 203.0.113.10:443 --timeout 3s -o json"
+    )]
+    Diagnose(DiagnoseArgs),
+    /// (internal) The checks diagnose runs inside the pod.
+    #[command(hide = true)]
+    Probe(ProbeArgs),
+}
+
+#[derive(clap::Args)]
+struct DiagnoseArgs {
+    /// The pod, as NAMESPACE/NAME (it must run on this node).
+    #[arg(long, value_name = "NS/NAME")]
+    pod: String,
+    /// A URL (http://, https://), HOST:PORT or IP:PORT.
+    target: String,
+    /// How long a TCP connect may take.
+    #[arg(long, value_name = "D", value_parser = parse_duration, default_value = "5s")]
+    timeout: Duration,
+    /// How long a DNS query may wait, when the pod's resolv.conf sets no `timeout:`.
+    #[arg(long, value_name = "D", value_parser = parse_duration, default_value = "5s")]
+    dns_timeout: Duration,
+    /// A DNS server to ask directly, bypassing the cluster DNS (e.g. 168.63.129.16,
+    /// Azure DNS, or the custom DNS server of the VNet).
+    #[arg(long, value_name = "IP")]
+    upstream_dns: Option<std::net::IpAddr>,
+    /// Pods, Services, Namespaces and NetworkPolicies from kubectl YAML/JSON; without it,
+    /// the Kubernetes API.
+    #[arg(long, value_name = "PATH", env = "EGRESS_TRACER_CLUSTER_STATE")]
+    cluster_state: Option<PathBuf>,
+    /// This node's name (default: NODE_NAME, else the host name).
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    /// BTF of the running kernel (see `trace --help`).
+    #[arg(long, value_name = "PATH", default_value = egress_tracer::node::KERNEL_BTF)]
+    btf: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// The container cgroup to join.
+    #[arg(long)]
+    cgroup: PathBuf,
+    /// A process whose network namespace to enter.
+    #[arg(long)]
+    netns_of: u32,
+    /// The checks, as JSON.
+    #[arg(long)]
+    plan: String,
 }
 
 #[derive(clap::Args)]
@@ -157,6 +218,14 @@ fn main() -> ExitCode {
         Command::Trace(args) => runtime
             .block_on(trace::run(args))
             .map(|()| ExitCode::SUCCESS),
+        Command::Diagnose(args) => runtime.block_on(diagnose::run(args)).map(|reachable| {
+            if reachable {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }),
+        Command::Probe(args) => diagnose::run_probe(args).map(|()| ExitCode::SUCCESS),
         Command::Policy(args) => runtime.block_on(policy::run(args)).map(|allowed| {
             if allowed {
                 ExitCode::SUCCESS

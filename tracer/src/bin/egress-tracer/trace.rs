@@ -13,7 +13,6 @@ use egress_tracer::{
     node::{self, MonotonicClock},
     output::Writer,
     pipeline::{Pipeline, Record},
-    verdict::NodeFacts,
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -69,7 +68,6 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let conntrack_at_start = ConntrackStats::read().ok().flatten();
-    let legacy_iptables = NodeFacts::legacy_iptables_present();
     let mut node_conntrack = conntrack::watch(args.snat_port_budget, CONNTRACK_REFRESH, |e| {
         eprintln!("warning: {e}")
     })
@@ -103,12 +101,11 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             }
             Ok(()) = node_conntrack.changed() => {
                 let latest = node_conntrack.borrow_and_update().clone();
-                pipeline.set_node_facts(NodeFacts {
-                    legacy_iptables,
-                    conntrack_growth: conntrack_at_start
+                pipeline.set_conntrack_growth(
+                    conntrack_at_start
                         .zip(latest.stats)
                         .map(|(start, now)| now.since(&start)),
-                });
+                );
                 pipeline.set_snat(latest.snat);
             }
             _ = sigint.recv() => break,
@@ -122,10 +119,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     capture.read_available(&mut events);
     pipeline.handle(&mut events, capture.names());
     if let (Some(start), Ok(Some(now))) = (conntrack_at_start, ConntrackStats::read()) {
-        pipeline.set_node_facts(NodeFacts {
-            legacy_iptables,
-            conntrack_growth: Some(now.since(&start)),
-        });
+        pipeline.set_conntrack_growth(Some(now.since(&start)));
     }
     pipeline.finish();
     write_records(&mut writer, &mut pipeline)?;

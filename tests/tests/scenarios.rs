@@ -1,0 +1,322 @@
+//! The scenario library: one fault each, with the verdict `trace` gives for an ordinary
+//! client in the pod and the verdict `diagnose` gives for the same target. Needs root.
+//!
+//! `trace` sees the kernel's side of things only: where the HTTP layer decides (a proxy's
+//! 403, an endpoint's 503) the connection itself succeeded, and its verdict is `none`.
+
+use std::time::Duration;
+
+use egress_lab::{
+    CgroupDriver, Fault, Lab, PodSpec, addresses as addr,
+    tracer::{Diagnosis, Tracer},
+};
+use serde_json::{Value, json};
+
+/// The resolver options of every scenario's pod: a 1 s DNS timeout keeps DNS failures
+/// quick.
+const RESOLVER: &str = "ndots:5 timeout:1 attempts:1";
+/// diagnose's connect timeout.
+const CONNECT_TIMEOUT_S: u64 = 2;
+
+struct Scenario {
+    name: &'static str,
+    /// Environment of the pod's container.
+    env: &'static [(&'static str, &'static str)],
+    setup: fn(&Lab),
+    /// What an ordinary client in the pod runs (curl's arguments).
+    client: &'static [&'static str],
+    /// The target diagnose is given.
+    target: &'static str,
+    /// (hop, reason) of trace's record of the client's failing step.
+    trace: (&'static str, &'static str),
+    /// (hop, reason) of diagnose's verdict.
+    diagnose: (&'static str, &'static str),
+    /// A fact diagnose's evidence must state.
+    evidence: &'static str,
+}
+
+fn no_setup(_: &Lab) {}
+
+fn policy(lab: &Lab, name: &str, spec: Value) {
+    lab.apply_network_policies(&[json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": spec,
+    })])
+    .unwrap();
+}
+
+fn scenarios() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            name: "success",
+            env: &[],
+            setup: no_setup,
+            client: &["http://api.example.test/"],
+            target: "http://api.example.test/",
+            trace: ("none", "ok"),
+            diagnose: ("none", "ok"),
+            evidence: "HEAD / answered 200",
+        },
+        Scenario {
+            name: "DNS NXDOMAIN",
+            env: &[],
+            setup: no_setup,
+            client: &["http://missing.example.test/"],
+            target: "http://missing.example.test/",
+            trace: ("dns", "nxdomain"),
+            diagnose: ("dns", "nxdomain"),
+            evidence: "every query answered NXDOMAIN",
+        },
+        Scenario {
+            name: "DNS SERVFAIL",
+            env: &[],
+            setup: no_setup,
+            client: &["http://www.servfail.test/"],
+            target: "http://www.servfail.test/",
+            trace: ("dns", "servfail"),
+            diagnose: ("dns", "servfail"),
+            evidence: "SERVFAIL (RCODE 2)",
+        },
+        Scenario {
+            name: "upstream DNS unreachable",
+            env: &[],
+            setup: |lab| lab.inject(Fault::UpstreamDnsUnreachable).unwrap(),
+            client: &["http://api.example.test/"],
+            target: "http://api.example.test/",
+            trace: ("dns", "timeout"),
+            diagnose: ("dns", "timeout"),
+            evidence: "got no response within the resolver timeout",
+        },
+        Scenario {
+            name: "NetworkPolicy denies DNS",
+            env: &[],
+            setup: |lab| {
+                policy(
+                    lab,
+                    "https-only",
+                    json!({"podSelector": {}, "policyTypes": ["Egress"],
+                           "egress": [{"ports": [{"port": 443, "protocol": "TCP"}]}]}),
+                )
+            },
+            client: &["http://api.example.test/"],
+            target: "http://api.example.test/",
+            trace: ("network-policy", "denied"),
+            diagnose: ("network-policy", "denied"),
+            evidence: "no egress rule allows UDP 53 to 10.0.0.10",
+        },
+        Scenario {
+            name: "NetworkPolicy denies the endpoint (ipBlock except)",
+            env: &[],
+            setup: |lab| {
+                policy(
+                    lab,
+                    "no-endpoint",
+                    json!({"podSelector": {}, "policyTypes": ["Egress"],
+                           "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["203.0.113.0/24"]}}]}]}),
+                )
+            },
+            client: &["http://api.example.test/"],
+            target: "http://api.example.test/",
+            trace: ("network-policy", "denied"),
+            diagnose: ("network-policy", "denied"),
+            evidence: "no egress rule allows TCP 80 to 203.0.113.10",
+        },
+        Scenario {
+            name: "node iptables drop that is no policy",
+            env: &[],
+            setup: |lab| {
+                lab.inject(Fault::NodeFirewallDrop {
+                    dst: addr::ENDPOINT.into(),
+                    port: addr::HTTP_PORT,
+                })
+                .unwrap()
+            },
+            client: &["http://api.example.test/"],
+            target: "http://api.example.test/",
+            trace: ("node-firewall", "netfilter-drop"),
+            diagnose: ("node-firewall", "netfilter-drop"),
+            evidence: "with reason NETFILTER_DROP",
+        },
+        Scenario {
+            name: "no route on the node",
+            env: &[],
+            setup: |lab| {
+                lab.inject(Fault::NoRoute {
+                    dst: addr::ENDPOINT.into(),
+                })
+                .unwrap()
+            },
+            client: &["http://api.example.test/"],
+            target: "http://api.example.test/",
+            trace: ("routing", "no-route"),
+            diagnose: ("routing", "no-route"),
+            evidence: "is an address of the node itself",
+        },
+        Scenario {
+            name: "upstream silent drop (NSG)",
+            env: &[],
+            setup: |lab| {
+                lab.inject(Fault::SilentDrop {
+                    dst: addr::ENDPOINT.into(),
+                    port: addr::HTTP_PORT,
+                })
+                .unwrap()
+            },
+            client: &["http://api.example.test/"],
+            target: "http://api.example.test/",
+            trace: ("upstream", "silent-drop"),
+            diagnose: ("upstream", "silent-drop"),
+            evidence: "the SYN left the node translated to 10.224.0.4",
+        },
+        Scenario {
+            name: "upstream ICMP admin-prohibited",
+            env: &[],
+            setup: |lab| {
+                lab.inject(Fault::AdminProhibited {
+                    dst: addr::ENDPOINT.into(),
+                    port: addr::HTTP_PORT,
+                })
+                .unwrap()
+            },
+            client: &["http://api.example.test/"],
+            target: "http://api.example.test/",
+            trace: ("upstream", "icmp-admin-prohibited"),
+            diagnose: ("upstream", "icmp-admin-prohibited"),
+            evidence: "(type 3 code 13) from 10.224.0.1",
+        },
+        Scenario {
+            name: "a proxy that answers 403 to CONNECT",
+            env: &[("HTTPS_PROXY", "http://203.0.113.10:3128")],
+            setup: no_setup,
+            client: &[
+                "-x",
+                "http://203.0.113.10:3128",
+                "https://api.example.test/",
+            ],
+            target: "https://api.example.test/",
+            trace: ("none", "ok"),
+            diagnose: ("proxy", "http-403"),
+            evidence: "answered 403 to CONNECT api.example.test:443",
+        },
+        Scenario {
+            name: "the endpoint's port is closed",
+            env: &[],
+            setup: no_setup,
+            client: &["http://api.example.test:81/"],
+            target: "http://api.example.test:81/",
+            trace: ("endpoint", "refused"),
+            diagnose: ("endpoint", "refused"),
+            evidence: "the SYN was answered with a TCP reset",
+        },
+        Scenario {
+            name: "the endpoint answers HTTP 503",
+            env: &[],
+            setup: no_setup,
+            client: &["http://api.example.test:8503/"],
+            target: "http://api.example.test:8503/",
+            trace: ("none", "ok"),
+            diagnose: ("endpoint", "http-503"),
+            evidence: "HEAD / answered 503",
+        },
+    ]
+}
+
+/// The verdict of the record that tells what happened to the client: a failed lookup of
+/// its name, else its TCP connection.
+fn trace_verdict(records: &[Value], pid: u32) -> &Value {
+    let mine: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["process"]["pid"] == pid)
+        .collect();
+    let failed_lookup = mine
+        .iter()
+        .find(|r| r.get("dns").is_some() && r["verdict"]["hop"] != "none");
+    let connection = mine.iter().find(|r| r["protocol"] == "tcp");
+    failed_lookup
+        .or(connection)
+        .map(|r| &r["verdict"])
+        .unwrap_or_else(|| panic!("no record of pid {pid}: {mine:#?}"))
+}
+
+fn check_diagnosis(scenario: &Scenario, diagnosis: &Diagnosis) {
+    let report = &diagnosis.report;
+    let context = format!("{}: {report:#}\n{}", scenario.name, diagnosis.stderr);
+    let verdict = &report["verdict"];
+    assert_eq!(
+        (verdict["hop"].as_str(), verdict["reason"].as_str()),
+        (Some(scenario.diagnose.0), Some(scenario.diagnose.1)),
+        "{context}"
+    );
+    assert_eq!(report["pod"], "default/client", "{context}");
+    assert_eq!(report["target"]["input"], scenario.target, "{context}");
+    assert!(
+        verdict["evidence"].to_string().contains(scenario.evidence),
+        "{context}"
+    );
+    let expected_exit = if scenario.diagnose.0 == "none" { 0 } else { 1 };
+    assert_eq!(diagnosis.status.code(), Some(expected_exit), "{context}");
+    // Within the DNS timeout + the connect timeout + 2 s (process start included).
+    let budget = Duration::from_secs(1 + CONNECT_TIMEOUT_S + 2);
+    assert!(
+        diagnosis.elapsed <= budget,
+        "{}: took {:?}, more than {budget:?}",
+        scenario.name,
+        diagnosis.elapsed
+    );
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn every_scenario_gets_its_verdict_from_trace_and_from_diagnose() {
+    for scenario in scenarios() {
+        let mut pod = PodSpec::new("default", "client", CgroupDriver::Systemd)
+            .with_resolver_options(RESOLVER);
+        for (key, value) in scenario.env {
+            pod = pod.with_env(key, value);
+        }
+        let lab = Lab::start(&[pod]).unwrap();
+        (scenario.setup)(&lab);
+
+        let state = lab.cluster_state();
+        let tracer = Tracer::start(
+            &lab,
+            &[
+                "trace",
+                "--cluster-state",
+                state.to_str().unwrap(),
+                "--pod",
+                "default/client",
+                "-o",
+                "json",
+            ],
+        )
+        .unwrap();
+        // IPv4: the lab enforces NetworkPolicies for IPv4 only.
+        let mut args = vec!["-4", "-s", "-m", "3", "-o", "/dev/null"];
+        args.extend_from_slice(scenario.client);
+        let (pid, _) = lab.exec_in_pod(lab.pod("client"), "curl", &args).unwrap();
+        // The tracer's own DNS timeout (1 s, from the pod's resolv.conf) must pass.
+        std::thread::sleep(Duration::from_millis(1200));
+        let output = tracer.stop(libc::SIGINT).unwrap();
+        let records = output.records();
+        let verdict = trace_verdict(&records, pid);
+        assert_eq!(
+            (verdict["hop"].as_str(), verdict["reason"].as_str()),
+            (Some(scenario.trace.0), Some(scenario.trace.1)),
+            "{}: {verdict:#}\n{records:#?}",
+            scenario.name
+        );
+
+        let timeout = format!("{CONNECT_TIMEOUT_S}s");
+        let diagnosis = Tracer::diagnose(
+            &lab,
+            "default/client",
+            scenario.target,
+            &["--timeout", &timeout],
+        )
+        .unwrap();
+        check_diagnosis(&scenario, &diagnosis);
+    }
+}

@@ -1,0 +1,354 @@
+//! `egress-tracer diagnose`: the troubleshooting checklist for one target, from inside
+//! the pod, while the kernel programs watch; then the verdict.
+//!
+//! The checks run in a probe: this binary again (`probe`, hidden), moved into one of the
+//! pod's container cgroups and its network namespace, so its traffic is the pod's to the
+//! kernel programs, NetworkPolicies and the node's NAT.
+
+use std::{
+    fs,
+    io::{self, IsTerminal, Write},
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
+    path::Path,
+    process::Stdio,
+    time::Duration,
+};
+
+use anyhow::Context;
+use egress_tracer::{
+    capture::{Capture, CaptureOptions},
+    cluster::{PodInfo, cgroups::CgroupIndex},
+    diagnose::{
+        self, Check, Observed, Plan, ProbeLine, Status,
+        probe::{self, Resolution},
+        target::Target,
+    },
+    dns::resolver_config,
+    node,
+    output::Format,
+    pipeline::{Pipeline, Record},
+    policy::{self, Flow, Protocol},
+    verdict::{Hop, Verdict},
+};
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::{DiagnoseArgs, ProbeArgs, UsageError, cluster_source};
+
+/// The `diagnose -o json` object (shared/design/hops.md).
+#[derive(Serialize)]
+struct Report<'a> {
+    pod: String,
+    target: &'a Target,
+    checks: Vec<Check>,
+    verdict: &'a Verdict,
+}
+
+/// Runs the checklist; `Ok(true)` when the target is reachable.
+pub async fn run(args: DiagnoseArgs) -> anyhow::Result<bool> {
+    let target = Target::parse(&args.target).map_err(|e| UsageError(e.to_string()))?;
+    let node_name = cluster_source::node_name(args.node_name.as_deref());
+    // Every node's pods: a pod on another node is then named as such.
+    let (cluster, _source) =
+        cluster_source::open(args.cluster_state.as_deref(), None, Some("diagnose")).await?;
+    let pod = cluster.find_pod(&args.pod)?.clone();
+    if let (Some(theirs), Some(ours)) = (&pod.node_name, &node_name)
+        && theirs != ours
+    {
+        return Err(UsageError(format!(
+            "pod {pod} runs on node {theirs}, not on this node ({ours}): run diagnose there \
+             (--node-name tells this node's name if it differs from the host name)"
+        ))
+        .into());
+    }
+    let cgroup_root = node::cgroup2_mount().context("cannot find the cgroup v2 hierarchy")?;
+    let mut cgroups = CgroupIndex::new(cgroup_root.clone())
+        .with_context(|| format!("cannot read cgroups under {}", cgroup_root.display()))?;
+    let Some((container_cgroup, pid)) = cgroups.container_process(&pod.uid) else {
+        return Err(UsageError(format!(
+            "pod {pod} has no running container on this node (no process in its cgroups): \
+             check `kubectl get pod` that it is Running here"
+        ))
+        .into());
+    };
+    let resolver = fs::read_to_string(format!("/proc/{pid}/root/etc/resolv.conf"))
+        .map(|text| resolver_config(&text))
+        .unwrap_or_default();
+    let dns_timeout = resolver.timeout.unwrap_or(args.dns_timeout);
+    let mut plan = Plan::new(&target, &resolver, dns_timeout, args.timeout);
+    plan.upstream_dns = args.upstream_dns;
+    plan.environment =
+        probe::parse_environ(&fs::read(format!("/proc/{pid}/environ")).unwrap_or_default());
+
+    let pod_cgroups = cgroups.cgroups_of_pod(&pod.uid);
+    let mut capture = Capture::start(&CaptureOptions {
+        kernel_btf: args.btf.clone(),
+        only_cgroups: Some(pod_cgroups.clone()),
+        ring_buffer_bytes: None,
+    })?;
+    for warning in capture.warnings() {
+        eprintln!("warning: {warning}");
+    }
+    let mut pipeline = Pipeline::new(cgroups, cluster, Some(&pod), dns_timeout);
+    pipeline.preset_resolver(&pod_cgroups, &resolver);
+    let progress = args.output == Format::Table;
+    let tty = io::stdout().is_terminal();
+    if progress {
+        println!(
+            "diagnosing {} from pod {pod} (kernel programs attached)",
+            target.input
+        );
+    }
+
+    let mut child = tokio::process::Command::new(
+        std::env::current_exe().context("cannot find this program to run the probe")?,
+    )
+    .arg("probe")
+    .arg("--cgroup")
+    .arg(&container_cgroup)
+    .arg("--netns-of")
+    .arg(pid.to_string())
+    .arg("--plan")
+    .arg(serde_json::to_string(&plan)?)
+    .env_clear()
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .kill_on_drop(true)
+    .spawn()
+    .context("cannot start the probe")?;
+    let probe_pid = child.id();
+    let stdout = child.stdout.take().context("the probe has no output")?;
+    let mut lines = BufReader::new(stdout).lines();
+    // From the node: the pod's nameserver, asked the same question (the guide's
+    // "compare with the node").
+    let node_dns = resolver
+        .nameservers
+        .first()
+        .copied()
+        .filter(|_| target.ip().is_none())
+        .map(|server| {
+            let names = probe::expansions(&target.host, &resolver);
+            tokio::task::spawn_blocking(move || {
+                probe::resolve(SocketAddr::new(server, 53), &names, dns_timeout)
+            })
+        });
+
+    let mut probe_lines: Vec<ProbeLine> = Vec::new();
+    let mut events = Vec::new();
+    let mut records = Vec::new();
+    loop {
+        tokio::select! {
+            read = capture.read_batch(&mut events) => read?,
+            line = lines.next_line() => match line? {
+                Some(line) => {
+                    let parsed: ProbeLine = serde_json::from_str(&line)
+                        .with_context(|| format!("the probe said something unexpected: {line}"))?;
+                    if progress {
+                        print_check(&parsed.check, tty);
+                    }
+                    probe_lines.push(parsed);
+                }
+                None => break,
+            },
+        }
+        pipeline.handle(&mut events, capture.names());
+        records.extend(pipeline.take_records());
+    }
+    let status = child.wait().await.context("the probe did not finish")?;
+    if !status.success() {
+        anyhow::bail!("the probe failed ({status}); the checks so far: {probe_lines:?}");
+    }
+    // The probe's last packets, then everything still open.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    capture.read_available(&mut events);
+    pipeline.handle(&mut events, capture.names());
+    // The probe waited out its DNS timeouts: those queries are timed out now.
+    pipeline.tick(node::monotonic_now().as_nanos() as u64);
+    pipeline.finish();
+    records.extend(pipeline.take_records());
+
+    let mut node_checks = Vec::new();
+    if let Some(task) = node_dns {
+        let check = match task.await? {
+            Ok(resolution) => node_check(&resolution),
+            Err(e) => Check::new(
+                "dns-node",
+                Status::Warn,
+                format!("could not ask from the node: {e}"),
+            ),
+        };
+        if progress {
+            print_check(&check, tty);
+        }
+        node_checks.push(check);
+    }
+    let addresses = resolved_addresses(&target, &probe_lines);
+    if let Some(check) = policy_check(&pipeline, &pod, &addresses, target.port) {
+        if progress {
+            print_check(&check, tty);
+        }
+        node_checks.push(check);
+    }
+
+    // The lookup through the pod's own resolver (not the direct question upstream).
+    let lookup_verdict = records.iter().find_map(|record| match record {
+        Record::Lookup {
+            lookup, verdict, ..
+        } if lookup.name.trim_end_matches('.') == target.host.trim_end_matches('.')
+            && resolver.nameservers.first() == Some(&lookup.server.ip()) =>
+        {
+            Some(verdict.as_ref())
+        }
+        _ => None,
+    });
+    let connect_verdict = records.iter().find_map(|record| match record {
+        Record::Attempt(attempt)
+            if Some(attempt.pid) == probe_pid && attempt.dst.port() == target.port =>
+        {
+            attempt.verdict.as_ref()
+        }
+        _ => None,
+    });
+    let verdict = diagnose::conclude(
+        &target,
+        &Observed {
+            probe: &probe_lines,
+            lookup_verdict,
+            connect_verdict,
+            node_checks: &node_checks,
+        },
+    );
+    let mut out = io::stdout().lock();
+    match args.output {
+        Format::Json => {
+            let checks = probe_lines
+                .iter()
+                .map(|line| line.check.clone())
+                .chain(node_checks)
+                .collect();
+            let report = Report {
+                pod: pod.to_string(),
+                target: &target,
+                checks,
+                verdict: &verdict,
+            };
+            serde_json::to_writer(&mut out, &report)?;
+            writeln!(out)?;
+        }
+        Format::Table => print_verdict(&mut out, &verdict)?,
+    }
+    Ok(verdict.hop == Hop::None)
+}
+
+fn node_check(resolution: &Resolution) -> Check {
+    let status = if resolution.result == "resolved" {
+        Status::Pass
+    } else {
+        Status::Fail
+    };
+    Check::new(
+        "dns-node",
+        status,
+        format!(
+            "from the node, {} answers: {}",
+            resolution.server, resolution.result
+        ),
+    )
+}
+
+/// The target's addresses: its own, or what the pod's DNS gave.
+fn resolved_addresses(target: &Target, lines: &[ProbeLine]) -> Vec<IpAddr> {
+    if let Some(ip) = target.ip() {
+        return vec![ip];
+    }
+    lines
+        .iter()
+        .find(|line| line.check.id == "dns-cluster")
+        .and_then(|line| line.facts.resolution.as_ref())
+        .map(|resolution| resolution.addresses.clone())
+        .unwrap_or_default()
+}
+
+fn policy_check(
+    pipeline: &Pipeline,
+    pod: &PodInfo,
+    addresses: &[IpAddr],
+    port: u16,
+) -> Option<Check> {
+    let dst = *addresses.first()?;
+    let decision = policy::decide(
+        pipeline.cluster(),
+        &Flow {
+            src: pod,
+            dst,
+            port,
+            protocol: Protocol::Tcp,
+        },
+    );
+    let status = if decision.allowed {
+        Status::Pass
+    } else {
+        Status::Fail
+    };
+    Some(Check::new("network-policy", status, decision.explanation))
+}
+
+fn print_check(check: &Check, tty: bool) {
+    let (mark, color) = match check.status {
+        Status::Pass => ("ok  ", "32"),
+        Status::Fail => ("FAIL", "31"),
+        Status::Warn => ("warn", "33"),
+        Status::Skip => ("skip", "2"),
+    };
+    let mark = if tty && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) {
+        format!("\x1b[{color}m{mark}\x1b[0m")
+    } else {
+        mark.to_owned()
+    };
+    println!("  {mark} {:<15} {}", check.id, check.detail);
+}
+
+fn print_verdict(out: &mut impl Write, verdict: &Verdict) -> io::Result<()> {
+    let likely = if verdict.likely { " (likely)" } else { "" };
+    writeln!(
+        out,
+        "verdict: {}/{}{likely}: {}",
+        verdict.hop.as_str(),
+        verdict.reason,
+        verdict.summary
+    )?;
+    if let Some(symptom) = &verdict.symptom {
+        writeln!(out, "  symptom: {symptom}")?;
+    }
+    if let Some(policy) = &verdict.policy {
+        writeln!(out, "  policy: {policy}")?;
+    }
+    for fact in &verdict.evidence {
+        writeln!(out, "  evidence: {fact}")?;
+    }
+    for step in &verdict.next_steps {
+        writeln!(out, "  next: {step}")?;
+    }
+    Ok(())
+}
+
+/// The probe: joins the pod's container cgroup and network namespace, then runs the plan.
+pub fn run_probe(args: ProbeArgs) -> anyhow::Result<()> {
+    // Writing 0 moves the writing process, as the container runtime does for `exec`.
+    fs::write(args.cgroup.join("cgroup.procs"), "0")
+        .with_context(|| format!("cannot join the pod's cgroup {}", args.cgroup.display()))?;
+    join_netns(Path::new(&format!("/proc/{}/ns/net", args.netns_of)))?;
+    let plan: Plan = serde_json::from_str(&args.plan).context("bad probe plan")?;
+    diagnose::run_probe(&plan, &mut io::stdout().lock()).context("probe check failed")
+}
+
+fn join_netns(path: &Path) -> anyhow::Result<()> {
+    let netns = fs::File::open(path)
+        .with_context(|| format!("cannot open the pod's network namespace {}", path.display()))?;
+    // SAFETY: setns on a valid descriptor; the probe is single-threaded here.
+    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error()).context("cannot enter the pod's network namespace");
+    }
+    Ok(())
+}

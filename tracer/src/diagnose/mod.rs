@@ -1,0 +1,504 @@
+//! `diagnose`: the troubleshooting guide's checklist for one target, run from inside the
+//! pod while the kernel programs watch, ending in one verdict.
+//!
+//! The checks that need the pod's view run in a probe process placed in the pod's cgroup
+//! and network namespace ([`run_probe`], like `kubectl exec` places a process): DNS
+//! through the pod's resolver configuration, DNS straight to an upstream server, TCP
+//! connects to each address, the pod's proxy (from its environment) with the answer to
+//! CONNECT, and an HTTP HEAD. The caller adds what it sees from the node (DNS from the
+//! node, the NetworkPolicy decision) and the kernel's records of the probe's traffic;
+//! [`conclude`] turns them into the verdict, preferring the kernel's evidence.
+
+pub mod probe;
+pub mod target;
+
+use std::{
+    io::{self, Write},
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use self::{
+    probe::{Connect, Resolution},
+    target::{Scheme, Target},
+};
+use crate::{
+    dns::Resolver,
+    verdict::{Hop, Verdict},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pass,
+    Fail,
+    Warn,
+    Skip,
+}
+
+/// One line of the checklist.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    /// `dns-cluster`, `dns-upstream`, `dns-node`, `proxy`, `tcp-connect`, `http`,
+    /// `tls`, `network-policy`.
+    pub id: String,
+    pub status: Status,
+    pub detail: String,
+}
+
+impl Check {
+    pub fn new(id: &str, status: Status, detail: impl Into<String>) -> Self {
+        Self {
+            id: id.to_owned(),
+            status,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// What the probe is asked to do.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Plan {
+    pub host: String,
+    pub port: u16,
+    pub scheme: Option<Scheme>,
+    pub path: String,
+    /// The pod's resolver configuration (its own resolv.conf).
+    pub search: Vec<String>,
+    pub ndots: Option<u8>,
+    pub nameservers: Vec<IpAddr>,
+    /// A server to ask directly, bypassing the cluster DNS.
+    pub upstream_dns: Option<IpAddr>,
+    pub dns_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// The pod's environment (for HTTP(S)_PROXY and NO_PROXY).
+    pub environment: Vec<(String, String)>,
+}
+
+impl Plan {
+    pub fn new(
+        target: &Target,
+        resolver: &Resolver,
+        dns_timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Self {
+        Self {
+            host: target.host.clone(),
+            port: target.port,
+            scheme: target.scheme,
+            path: target.path.clone(),
+            search: resolver.search.clone(),
+            ndots: resolver.ndots,
+            nameservers: resolver.nameservers.clone(),
+            upstream_dns: None,
+            dns_timeout_ms: dns_timeout.as_millis() as u64,
+            connect_timeout_ms: connect_timeout.as_millis() as u64,
+            environment: Vec::new(),
+        }
+    }
+
+    fn resolver(&self) -> Resolver {
+        Resolver {
+            search: self.search.clone(),
+            ndots: self.ndots,
+            nameservers: self.nameservers.clone(),
+            timeout: Some(Duration::from_millis(self.dns_timeout_ms)),
+        }
+    }
+}
+
+/// What a check found, beyond its line.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Facts {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<Resolution>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub connects: Vec<Connect>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+}
+
+/// One check as the probe reports it (a JSON line on its standard output).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeLine {
+    pub check: Check,
+    #[serde(default)]
+    pub facts: Facts,
+}
+
+/// Runs the plan's checks, writing each as a JSON line as soon as it is done. Runs in
+/// the pod's namespaces.
+pub fn run_probe(plan: &Plan, out: &mut impl Write) -> io::Result<()> {
+    let mut emit = |check: Check, facts: Facts| -> io::Result<()> {
+        serde_json::to_writer(&mut *out, &ProbeLine { check, facts })?;
+        writeln!(out)?;
+        out.flush()
+    };
+    let dns_timeout = Duration::from_millis(plan.dns_timeout_ms);
+    let connect_timeout = Duration::from_millis(plan.connect_timeout_ms);
+    let resolver = plan.resolver();
+    let addresses = match plan.host.parse::<IpAddr>() {
+        Ok(ip) => {
+            emit(
+                Check::new("dns-cluster", Status::Skip, format!("{ip} is an address")),
+                Facts::default(),
+            )?;
+            vec![ip]
+        }
+        Err(_) => {
+            let Some(server) = plan.nameservers.first() else {
+                emit(
+                    Check::new(
+                        "dns-cluster",
+                        Status::Fail,
+                        "the pod's resolv.conf has no nameserver",
+                    ),
+                    Facts::default(),
+                )?;
+                return Ok(());
+            };
+            // The direct question to the upstream server runs alongside, to stay within one
+            // DNS timeout in all.
+            let upstream = plan.upstream_dns.map(|upstream| {
+                let name = plan.host.trim_end_matches('.').to_owned();
+                std::thread::spawn(move || {
+                    probe::resolve(SocketAddr::new(upstream, 53), &[name], dns_timeout)
+                })
+            });
+            let names = probe::expansions(&plan.host, &resolver);
+            let resolution = probe::resolve(SocketAddr::new(*server, 53), &names, dns_timeout)?;
+            let status = if resolution.result == "resolved" {
+                Status::Pass
+            } else {
+                Status::Fail
+            };
+            let detail = describe_resolution(&resolution, "the pod's resolver");
+            let addresses = resolution.addresses.clone();
+            emit(
+                Check::new("dns-cluster", status, detail),
+                Facts {
+                    resolution: Some(resolution),
+                    ..Facts::default()
+                },
+            )?;
+            if let Some(upstream) = upstream {
+                let direct = upstream
+                    .join()
+                    .map_err(|_| io::Error::other("the upstream DNS check failed"))??;
+                let status = if direct.result == "resolved" {
+                    Status::Pass
+                } else {
+                    Status::Fail
+                };
+                emit(
+                    Check::new(
+                        "dns-upstream",
+                        status,
+                        describe_resolution(&direct, "the upstream server, asked directly"),
+                    ),
+                    Facts {
+                        resolution: Some(direct),
+                        ..Facts::default()
+                    },
+                )?;
+            }
+            if addresses.is_empty() {
+                return Ok(());
+            }
+            addresses
+        }
+    };
+    let https = plan.scheme == Some(Scheme::Https);
+    let proxy = plan
+        .scheme
+        .and_then(|_| probe::proxy_for(&plan.environment, https, &plan.host));
+    if let Some(proxy) = proxy {
+        return check_through_proxy(plan, &proxy, connect_timeout, &mut emit);
+    }
+    emit(
+        Check::new(
+            "proxy",
+            Status::Skip,
+            "no HTTP(S)_PROXY applies to this target in the pod's environment",
+        ),
+        Facts::default(),
+    )?;
+    let mut connects = Vec::new();
+    let mut stream = None;
+    // Every address gets a try, within one connect timeout in all.
+    let deadline = std::time::Instant::now() + connect_timeout;
+    for ip in addresses.iter().take(4) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let (connect, established) = probe::connect(SocketAddr::new(*ip, plan.port), left);
+        connects.push(connect);
+        if established.is_some() {
+            stream = established;
+            break;
+        }
+    }
+    let detail = connects
+        .iter()
+        .map(|c| format!("{} {} in {} ms", c.address, c.result, c.millis))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let status = if stream.is_some() {
+        Status::Pass
+    } else {
+        Status::Fail
+    };
+    emit(
+        Check::new("tcp-connect", status, detail),
+        Facts {
+            connects,
+            ..Facts::default()
+        },
+    )?;
+    let Some(mut stream) = stream else {
+        return Ok(());
+    };
+    match plan.scheme {
+        Some(Scheme::Http) => {
+            let request = probe::head_request(&plan.host, &plan.path);
+            match probe::http_status(&mut stream, &request, connect_timeout) {
+                Ok(status) => emit(
+                    Check::new(
+                        "http",
+                        if status < 400 {
+                            Status::Pass
+                        } else {
+                            Status::Fail
+                        },
+                        format!("HEAD {} answered {status}", plan.path),
+                    ),
+                    Facts {
+                        http_status: Some(status),
+                        ..Facts::default()
+                    },
+                ),
+                Err(e) => emit(
+                    Check::new("http", Status::Fail, format!("no HTTP answer: {e}")),
+                    Facts::default(),
+                ),
+            }
+        }
+        Some(Scheme::Https) => emit(
+            Check::new(
+                "tls",
+                Status::Skip,
+                "the TLS handshake is not checked yet (the TCP connection was established)",
+            ),
+            Facts::default(),
+        ),
+        None => Ok(()),
+    }
+}
+
+fn check_through_proxy(
+    plan: &Plan,
+    proxy: &str,
+    timeout: Duration,
+    emit: &mut impl FnMut(Check, Facts) -> io::Result<()>,
+) -> io::Result<()> {
+    let Some((host, port)) = probe::proxy_address(proxy) else {
+        return emit(
+            Check::new(
+                "proxy",
+                Status::Fail,
+                format!("cannot read the proxy address {proxy:?}"),
+            ),
+            Facts::default(),
+        );
+    };
+    let address = match host.parse::<IpAddr>() {
+        Ok(ip) => Some(ip),
+        Err(_) => {
+            let names = probe::expansions(&host, &plan.resolver());
+            plan.nameservers
+                .first()
+                .and_then(|server| {
+                    probe::resolve(SocketAddr::new(*server, 53), &names, timeout).ok()
+                })
+                .and_then(|r| r.addresses.first().copied())
+        }
+    };
+    let Some(address) = address else {
+        return emit(
+            Check::new(
+                "proxy",
+                Status::Fail,
+                format!("the proxy {host} does not resolve"),
+            ),
+            Facts::default(),
+        );
+    };
+    let (connect, stream) = probe::connect(SocketAddr::new(address, port), timeout);
+    let facts = Facts {
+        proxy: Some(proxy.to_owned()),
+        connects: vec![connect.clone()],
+        ..Facts::default()
+    };
+    let Some(mut stream) = stream else {
+        return emit(
+            Check::new(
+                "proxy",
+                Status::Fail,
+                format!(
+                    "the proxy {proxy}: {} ({})",
+                    connect.result, connect.address
+                ),
+            ),
+            facts,
+        );
+    };
+    let request = probe::connect_request(&plan.host, plan.port);
+    match probe::http_status(&mut stream, &request, timeout) {
+        Ok(status) => emit(
+            Check::new(
+                "proxy",
+                if status == 200 {
+                    Status::Pass
+                } else {
+                    Status::Fail
+                },
+                format!(
+                    "the pod's proxy {proxy} answered {status} to CONNECT {}:{}",
+                    plan.host, plan.port
+                ),
+            ),
+            Facts {
+                http_status: Some(status),
+                ..facts
+            },
+        ),
+        Err(e) => emit(
+            Check::new(
+                "proxy",
+                Status::Fail,
+                format!("the proxy {proxy} did not answer CONNECT: {e}"),
+            ),
+            facts,
+        ),
+    }
+}
+
+fn describe_resolution(resolution: &Resolution, asked: &str) -> String {
+    let result = match resolution.result.as_str() {
+        "resolved" => format!(
+            "resolved to {}",
+            resolution
+                .addresses
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        other => other.to_owned(),
+    };
+    format!(
+        "{asked} ({}): {result} ({} name(s) tried)",
+        resolution.server,
+        resolution.names.len()
+    )
+}
+
+/// What the node and the kernel saw while the probe ran.
+pub struct Observed<'a> {
+    pub probe: &'a [ProbeLine],
+    /// The kernel's verdict on the probe's lookup of the target name, if there was one.
+    pub lookup_verdict: Option<&'a Verdict>,
+    /// The kernel's verdict on the probe's failed connection, if there was one.
+    pub connect_verdict: Option<&'a Verdict>,
+    /// Checks made from the node (DNS from the node, the NetworkPolicy decision).
+    pub node_checks: &'a [Check],
+}
+
+/// The verdict: the first stage that failed (DNS, proxy, connection, HTTP), with the
+/// kernel's evidence when it has some.
+pub fn conclude(target: &Target, observed: &Observed<'_>) -> Verdict {
+    let line = |id: &str| observed.probe.iter().find(|l| l.check.id == id);
+    let node_evidence: Vec<String> = observed
+        .node_checks
+        .iter()
+        .chain(observed.probe.iter().map(|l| &l.check))
+        .map(|c| format!("{} {}: {}", c.id, status_word(c.status), c.detail))
+        .collect();
+    let with_checks = |mut verdict: Verdict| {
+        verdict.evidence.extend(node_evidence.iter().cloned());
+        verdict
+    };
+    if let Some(dns) = line("dns-cluster").filter(|l| l.check.status == Status::Fail) {
+        if let Some(verdict) = observed.lookup_verdict.filter(|v| v.hop != Hop::None) {
+            return with_checks(verdict.clone());
+        }
+        let reason = dns
+            .facts
+            .resolution
+            .as_ref()
+            .map_or("no-nameserver", |r| r.result.as_str());
+        return with_checks(Verdict::for_check(
+            Hop::Dns,
+            reason,
+            format!("{} does not resolve in the pod", target.host),
+        ));
+    }
+    if let Some(proxy) = line("proxy").filter(|l| l.check.status == Status::Fail) {
+        let reason = proxy
+            .facts
+            .http_status
+            .map_or_else(|| "http-502".to_owned(), |status| format!("http-{status}"));
+        let mut verdict = Verdict::for_check(
+            Hop::Proxy,
+            &reason,
+            format!("the pod's proxy refused to reach {}", target.input),
+        );
+        verdict.next_steps.push(
+            "check the proxy's (or Azure Firewall application rules') allow list for this host"
+                .to_owned(),
+        );
+        return with_checks(verdict);
+    }
+    if line("tcp-connect").is_some_and(|l| l.check.status == Status::Fail) {
+        if let Some(verdict) = observed.connect_verdict.filter(|v| v.hop != Hop::None) {
+            return with_checks(verdict.clone());
+        }
+        let mut verdict = Verdict::for_check(
+            Hop::Upstream,
+            "silent-drop",
+            format!("no connection to {}", target.input),
+        );
+        verdict.likely = true;
+        return with_checks(verdict);
+    }
+    if let Some(http) = line("http").filter(|l| l.check.status == Status::Fail) {
+        let reason = http
+            .facts
+            .http_status
+            .map_or_else(|| "closed".to_owned(), |status| format!("http-{status}"));
+        return with_checks(Verdict::for_check(
+            Hop::Endpoint,
+            &reason,
+            format!("{} answered with an error", target.input),
+        ));
+    }
+    with_checks(Verdict::for_check(
+        Hop::None,
+        "ok",
+        format!("{} is reachable from the pod", target.input),
+    ))
+}
+
+fn status_word(status: Status) -> &'static str {
+    match status {
+        Status::Pass => "passed",
+        Status::Fail => "failed",
+        Status::Warn => "warned",
+        Status::Skip => "skipped",
+    }
+}
