@@ -1,9 +1,53 @@
 //! `cargo xtask demo`: a node lab, a traced pod making a few connections (some of them
-//! failing in different places), the records.
+//! failing in different places), the records; then `diagnose` on three contrasting
+//! failures: a name that does not exist, a NetworkPolicy denial, and packets silently
+//! dropped beyond the node.
 
 use anyhow::Context;
 
 use crate::{CgroupDriver, Fault, Lab, PodSpec, addresses as addr, tracer::Tracer};
+
+/// `diagnose` answers "why can't this pod reach X" for three different reasons.
+fn diagnose_three_failures(lab: &Lab) -> anyhow::Result<()> {
+    println!(
+        "\ndemo: now `egress-tracer diagnose`, the checklist from inside the pod, for three failures."
+    );
+    println!(
+        "demo: a NetworkPolicy lets default/client out on ports 53, 80, 443, 8080 and 9443 only"
+    );
+    lab.apply_network_policies(&[serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "no-8443", "namespace": "default"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "client"}},
+            "policyTypes": ["Egress"],
+            "egress": [{"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"},
+                                  {"port": 80}, {"port": 443}, {"port": 8080}, {"port": 9443}]}],
+        },
+    })])?;
+    println!("demo: and beyond the node, something silently drops port 9443 (an NSG would)");
+    lab.inject(Fault::SilentDrop {
+        dst: addr::ENDPOINT.into(),
+        port: 9443,
+    })?;
+    let targets = [
+        format!("http://{}/", addr::MISSING_NAME),
+        format!("{}:8443", addr::ENDPOINT),
+        format!("{}:9443", addr::ENDPOINT),
+    ];
+    for target in &targets {
+        println!(
+            "\ndemo: on the node: egress-tracer diagnose --pod default/client {target} --timeout 2s\n"
+        );
+        let diagnosis =
+            Tracer::diagnose_as(lab, "default/client", target, "table", &["--timeout", "2s"])?;
+        for line in diagnosis.stdout.lines() {
+            println!("  {line}");
+        }
+    }
+    Ok(())
+}
 
 pub fn run() -> anyhow::Result<()> {
     println!("demo: building a node lab (node, upstream router, internet, cluster DNS, two pods)…");
@@ -76,6 +120,7 @@ pub fn run() -> anyhow::Result<()> {
     {
         println!("  {line}");
     }
+    diagnose_three_failures(&lab)?;
     let id = lab.id().to_owned();
     lab.teardown().context("lab teardown")?;
     println!("\ndemo: lab {id} removed; nothing is left behind.");

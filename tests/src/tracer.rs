@@ -33,8 +33,9 @@ pub struct TracerOutput {
 /// What `diagnose` printed.
 pub struct Diagnosis {
     pub status: ExitStatus,
-    /// The JSON report (`null` if there was none).
+    /// The JSON report (`null` if there was none, or for `table`).
     pub report: serde_json::Value,
+    pub stdout: String,
     pub stderr: String,
     pub elapsed: Duration,
 }
@@ -68,6 +69,17 @@ impl Tracer {
     /// Runs `egress-tracer diagnose -o json` in the node's namespace for `pod` and
     /// `target`, to completion.
     pub fn diagnose(lab: &Lab, pod: &str, target: &str, extra: &[&str]) -> io::Result<Diagnosis> {
+        Self::diagnose_as(lab, pod, target, "json", extra)
+    }
+
+    /// The same, with the output format `format` (`json` or `table`).
+    pub fn diagnose_as(
+        lab: &Lab,
+        pod: &str,
+        target: &str,
+        format: &str,
+        extra: &[&str],
+    ) -> io::Result<Diagnosis> {
         let state = lab.cluster_state();
         let node = lab.node_netns();
         let upstream = crate::addresses::UPSTREAM_DNS.to_string();
@@ -86,7 +98,7 @@ impl Tracer {
                 "--upstream-dns",
                 &upstream,
                 "-o",
-                "json",
+                format,
             ])
             .args(extra)
             .stdin(Stdio::null())
@@ -97,6 +109,7 @@ impl Tracer {
         Ok(Diagnosis {
             status: output.status,
             report,
+            stdout,
             stderr,
             elapsed: started.elapsed(),
         })

@@ -371,3 +371,57 @@ fn an_unreachable_api_server_is_an_error_naming_the_address() {
     );
     fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn diagnose_bad_input_is_one_line_that_says_what_to_do() {
+    let dir = std::env::temp_dir().join(format!("egress-tracer-diagnose-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(
+        dir.join("state.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, uid: 0a1b2c3d-0000-4000-8000-000000000001}\n\
+         spec: {nodeName: node-b, containers: [{name: c}]}\nstatus: {podIP: 10.244.0.10}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: {name: idle, namespace: shop, uid: 0a1b2c3d-0000-4000-8000-000000000002}\n\
+         spec: {nodeName: node-a, containers: [{name: c}]}\nstatus: {podIP: 10.244.0.11}\n",
+    )
+    .unwrap();
+    let state = dir.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--pod", "shop/web", "example.test"],
+            "cannot read target \"example.test\": no port",
+        ),
+        (
+            &["--pod", "shop/nope", "10.0.0.1:80"],
+            "pod shop/nope not found",
+        ),
+        (
+            &["--pod", "shop/web", "10.0.0.1:80"],
+            "pod shop/web runs on node node-b, not on this node (node-a): run diagnose there",
+        ),
+        (
+            &["--pod", "shop/idle", "10.0.0.1:80"],
+            "pod shop/idle has no running container on this node",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut all = vec![
+            "diagnose",
+            "--cluster-state",
+            state,
+            "--node-name",
+            "node-a",
+        ];
+        all.extend_from_slice(args);
+        let output = tracer(&all);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{all:?}: {}",
+            stderr(&output)
+        );
+        let err = stderr(&output);
+        assert!(err.contains(expected), "{all:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{all:?}: {err}");
+    }
+    fs::remove_dir_all(dir).unwrap();
+}
