@@ -187,6 +187,28 @@ fn scenarios() -> Vec<Scenario> {
             evidence: "(type 3 code 13) from 10.224.0.1",
         },
         Scenario {
+            name: "upstream reset by a firewall",
+            env: &[],
+            setup: |lab| {
+                lab.inject(Fault::Reset {
+                    dst: addr::ENDPOINT.into(),
+                    port: 8443,
+                })
+                .unwrap()
+            },
+            // A connection that works first: its SYN-ACK tells how far the endpoint is.
+            client: &[
+                "http://api.example.test/",
+                "-o",
+                "/dev/null",
+                "http://api.example.test:8443/",
+            ],
+            target: "http://api.example.test:8443/",
+            trace: ("upstream", "reset"),
+            diagnose: ("upstream", "reset"),
+            evidence: "the reset was forged on the path",
+        },
+        Scenario {
             name: "a proxy that answers 403 to CONNECT",
             env: &[("HTTPS_PROXY", "http://203.0.113.10:3128")],
             setup: no_setup,
@@ -211,6 +233,16 @@ fn scenarios() -> Vec<Scenario> {
             evidence: "the SYN was answered with a TCP reset",
         },
         Scenario {
+            name: "the endpoint does not speak TLS",
+            env: &[],
+            setup: no_setup,
+            client: &["https://api.example.test:80/"],
+            target: "https://api.example.test:80/",
+            trace: ("none", "ok"),
+            diagnose: ("endpoint", "tls-failed"),
+            evidence: "TLS handshake with api.example.test failed",
+        },
+        Scenario {
             name: "the endpoint answers HTTP 503",
             env: &[],
             setup: no_setup,
@@ -233,7 +265,12 @@ fn trace_verdict(records: &[Value], pid: u32) -> &Value {
     let failed_lookup = mine
         .iter()
         .find(|r| r.get("dns").is_some() && r["verdict"]["hop"] != "none");
-    let connection = mine.iter().find(|r| r["protocol"] == "tcp");
+    let connections: Vec<&&Value> = mine.iter().filter(|r| r["protocol"] == "tcp").collect();
+    let connection = connections
+        .iter()
+        .find(|r| r["verdict"]["hop"] != "none")
+        .or(connections.first())
+        .copied();
     failed_lookup
         .or(connection)
         .map(|r| &r["verdict"])

@@ -253,6 +253,10 @@ pub fn run_probe(plan: &Plan, out: &mut impl Write) -> io::Result<()> {
     } else {
         Status::Fail
     };
+    let reset = connects
+        .iter()
+        .find(|c| c.result == "refused")
+        .map(|c| c.address);
     emit(
         Check::new("tcp-connect", status, detail),
         Facts {
@@ -261,6 +265,33 @@ pub fn run_probe(plan: &Plan, out: &mut impl Write) -> io::Result<()> {
         },
     )?;
     let Some(mut stream) = stream else {
+        // A reset: a connection to another port of the same address shows how far away
+        // the endpoint itself is (the kernel records the TTL of its answer), so a reset
+        // forged on the path can be told from the endpoint's own.
+        if let Some(reset) = reset {
+            let reference = [443, 80]
+                .into_iter()
+                .find(|port| *port != plan.port)
+                .map(|port| SocketAddr::new(reset.ip(), port));
+            if let Some(address) = reference {
+                let (connect, _) =
+                    probe::connect(address, connect_timeout.min(Duration::from_secs(1)));
+                emit(
+                    Check::new(
+                        "path-length",
+                        Status::Skip,
+                        format!(
+                            "reference connection to {address}: {} (its answer's TTL gives the endpoint's distance)",
+                            connect.result
+                        ),
+                    ),
+                    Facts {
+                        connects: vec![connect],
+                        ..Facts::default()
+                    },
+                )?;
+            }
+        }
         return Ok(());
     };
     match plan.scheme {
@@ -288,14 +319,25 @@ pub fn run_probe(plan: &Plan, out: &mut impl Write) -> io::Result<()> {
                 ),
             }
         }
-        Some(Scheme::Https) => emit(
-            Check::new(
-                "tls",
-                Status::Skip,
-                "the TLS handshake is not checked yet (the TCP connection was established)",
+        Some(Scheme::Https) => match probe::tls_handshake(&mut stream, &plan.host, connect_timeout)
+        {
+            Ok(version) => emit(
+                Check::new(
+                    "tls",
+                    Status::Pass,
+                    format!("TLS handshake with {} completed ({version})", plan.host),
+                ),
+                Facts::default(),
             ),
-            Facts::default(),
-        ),
+            Err(why) => emit(
+                Check::new(
+                    "tls",
+                    Status::Fail,
+                    format!("TLS handshake with {} failed: {why}", plan.host),
+                ),
+                Facts::default(),
+            ),
+        },
         None => Ok(()),
     }
 }
@@ -474,6 +516,18 @@ pub fn conclude(target: &Target, observed: &Observed<'_>) -> Verdict {
             format!("no connection to {}", target.input),
         );
         verdict.likely = true;
+        return with_checks(verdict);
+    }
+    if line("tls").is_some_and(|l| l.check.status == Status::Fail) {
+        let mut verdict = Verdict::for_check(
+            Hop::Endpoint,
+            "tls-failed",
+            format!("{} did not complete a TLS handshake", target.input),
+        );
+        verdict.next_steps.push(format!(
+            "`openssl s_client -connect {}:{} -servername {}` from the node: is it TLS on that port, with a certificate the client trusts?",
+            target.host, target.port, target.host
+        ));
         return with_checks(verdict);
     }
     if let Some(http) = line("http").filter(|l| l.check.status == Status::Fail) {

@@ -204,6 +204,50 @@ pub fn http_status(stream: &mut TcpStream, request: &str, timeout: Duration) -> 
         })
 }
 
+/// Completes a TLS handshake with `host` over `stream`, verifying its certificate
+/// against the node's CA certificates; the negotiated version, or why it failed.
+pub fn tls_handshake(
+    stream: &mut TcpStream,
+    host: &str,
+    timeout: Duration,
+) -> Result<String, String> {
+    use std::sync::Arc;
+
+    use rustls::{ClientConfig, ClientConnection, RootCertStore, pki_types::ServerName};
+
+    let mut roots = RootCertStore::empty();
+    for certificate in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(certificate);
+    }
+    let config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let name = ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("bad server name {host}: {e}"))?;
+    let mut connection =
+        ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    while connection.is_handshaking() {
+        connection.complete_io(stream).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                format!("no TLS answer within {timeout:?}")
+            }
+            _ => e.to_string(),
+        })?;
+    }
+    Ok(connection
+        .protocol_version()
+        .map_or_else(|| "TLS".to_owned(), |v| format!("{v:?}")))
+}
+
 pub fn head_request(host: &str, path: &str) -> String {
     format!(
         "HEAD {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: egress-tracer-diagnose\r\nConnection: close\r\n\r\n"

@@ -25,11 +25,12 @@ use egress_tracer::{
         target::Target,
     },
     dns::resolver_config,
+    flow::Attempt,
     node,
     output::Format,
     pipeline::{Pipeline, Record},
     policy::{self, Flow, Protocol},
-    verdict::{Hop, Verdict},
+    verdict::{self, Hop, NodeFacts, Verdict},
 };
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -202,20 +203,25 @@ pub async fn run(args: DiagnoseArgs) -> anyhow::Result<bool> {
         }
         _ => None,
     });
-    let connect_verdict = records.iter().find_map(|record| match record {
-        Record::Attempt(attempt)
-            if Some(attempt.pid) == probe_pid && attempt.dst.port() == target.port =>
-        {
-            attempt.verdict.as_ref()
-        }
-        _ => None,
+    let probe_attempts: Vec<&Attempt> = records
+        .iter()
+        .filter_map(|record| match record {
+            Record::Attempt(attempt) if Some(attempt.pid) == probe_pid => Some(attempt.as_ref()),
+            _ => None,
+        })
+        .collect();
+    let connect_verdict = judge_reset_by_reference(&probe_attempts, target.port).or_else(|| {
+        probe_attempts
+            .iter()
+            .find(|attempt| attempt.dst.port() == target.port)
+            .and_then(|attempt| attempt.verdict.clone())
     });
     let verdict = diagnose::conclude(
         &target,
         &Observed {
             probe: &probe_lines,
             lookup_verdict,
-            connect_verdict,
+            connect_verdict: connect_verdict.as_ref(),
             node_checks: &node_checks,
         },
     );
@@ -239,6 +245,23 @@ pub async fn run(args: DiagnoseArgs) -> anyhow::Result<bool> {
         Format::Table => print_verdict(&mut out, &verdict)?,
     }
     Ok(verdict.hop == Hop::None)
+}
+
+/// The verdict on a reset connection, judged again with the path length the reference
+/// connection to the same address showed (the pipeline judged it before that connection).
+fn judge_reset_by_reference(attempts: &[&Attempt], port: u16) -> Option<Verdict> {
+    let reset = attempts
+        .iter()
+        .find(|a| a.dst.port() == port && a.reply.is_some_and(|r| r.reset))?;
+    let reference_hops = attempts
+        .iter()
+        .filter(|a| a.dst.ip() == reset.dst.ip() && a.dst.port() != port)
+        .find_map(|a| a.reply.map(|r| r.hops()))?;
+    let mut judged = (*reset).clone();
+    if let Some(reply) = judged.reply.as_mut() {
+        reply.endpoint_hops = Some(reference_hops);
+    }
+    verdict::of_attempt(&judged, &NodeFacts::of_this_node(), None)
 }
 
 fn node_check(resolution: &Resolution) -> Check {
