@@ -556,3 +556,111 @@ fn status_word(status: Status) -> &'static str {
         Status::Skip => "skipped",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(id: &str, status: Status, facts: Facts) -> ProbeLine {
+        ProbeLine {
+            check: Check::new(id, status, format!("{id} detail")),
+            facts,
+        }
+    }
+
+    fn conclude_for(target: &str, lines: &[ProbeLine], connect: Option<&Verdict>) -> Verdict {
+        let target = Target::parse(target).unwrap();
+        conclude(
+            &target,
+            &Observed {
+                probe: lines,
+                lookup_verdict: None,
+                connect_verdict: connect,
+                node_checks: &[],
+            },
+        )
+    }
+
+    fn status_facts(status: u16) -> Facts {
+        Facts {
+            http_status: Some(status),
+            ..Facts::default()
+        }
+    }
+
+    #[test]
+    fn the_first_failed_stage_decides() {
+        let resolution = Resolution {
+            result: "servfail".into(),
+            addresses: vec![],
+            names: vec!["a.test".into()],
+            server: "10.0.0.10:53".parse().unwrap(),
+        };
+        let dns = line(
+            "dns-cluster",
+            Status::Fail,
+            Facts {
+                resolution: Some(resolution),
+                ..Facts::default()
+            },
+        );
+        let verdict = conclude_for("http://a.test/", &[dns], None);
+        assert_eq!(
+            (verdict.hop, verdict.reason.as_str()),
+            (Hop::Dns, "servfail")
+        );
+        // Every check is part of the evidence.
+        assert_eq!(verdict.evidence, ["dns-cluster failed: dns-cluster detail"]);
+
+        let proxy = line("proxy", Status::Fail, status_facts(407));
+        let verdict = conclude_for("https://a.test/", &[proxy], None);
+        assert_eq!(
+            (verdict.hop, verdict.reason.as_str()),
+            (Hop::Proxy, "http-407")
+        );
+
+        let tls = [
+            line("tcp-connect", Status::Pass, Facts::default()),
+            line("tls", Status::Fail, Facts::default()),
+        ];
+        let verdict = conclude_for("https://a.test/", &tls, None);
+        assert_eq!(
+            (verdict.hop, verdict.reason.as_str()),
+            (Hop::Endpoint, "tls-failed")
+        );
+
+        let http = [
+            line("tcp-connect", Status::Pass, Facts::default()),
+            line("http", Status::Fail, status_facts(503)),
+        ];
+        let verdict = conclude_for("http://a.test/", &http, None);
+        assert_eq!(
+            (verdict.hop, verdict.reason.as_str()),
+            (Hop::Endpoint, "http-503")
+        );
+
+        let ok = [
+            line("tcp-connect", Status::Pass, Facts::default()),
+            line("http", Status::Pass, status_facts(200)),
+        ];
+        let verdict = conclude_for("http://a.test/", &ok, None);
+        assert_eq!((verdict.hop, verdict.reason.as_str()), (Hop::None, "ok"));
+    }
+
+    #[test]
+    fn a_failed_connection_takes_the_kernels_verdict() {
+        let failed = [line("tcp-connect", Status::Fail, Facts::default())];
+        let kernel = Verdict::for_check(Hop::NodeFirewall, "netfilter-drop", "dropped".into());
+        let verdict = conclude_for("203.0.113.10:443", &failed, Some(&kernel));
+        assert_eq!(
+            (verdict.hop, verdict.reason.as_str(), verdict.likely),
+            (Hop::NodeFirewall, "netfilter-drop", false)
+        );
+        // Without the kernel's record, only likely.
+        let verdict = conclude_for("203.0.113.10:443", &failed, None);
+        assert_eq!(
+            (verdict.hop, verdict.reason.as_str(), verdict.likely),
+            (Hop::Upstream, "silent-drop", true)
+        );
+    }
+}

@@ -54,7 +54,8 @@ enum Command {
         after_help = "Runs the troubleshooting checklist from inside the pod: DNS through \
         the pod's resolv.conf (and from the node, and straight to --upstream-dns), the pod's \
         proxy (HTTP(S)_PROXY, NO_PROXY) with its answer to CONNECT, a TCP connect to each \
-        address, HTTP HEAD for http URLs, and the NetworkPolicy decision; then one verdict.\n\n\
+        address, HTTP HEAD for http URLs or a TLS handshake for https, and the NetworkPolicy \
+        decision; then one verdict.\n\n\
         Exit codes: 0 reachable, 1 a hop fails, 2 usage or environment error.\n\n\
         Examples:\n  \
         egress-tracer diagnose --pod shop/web https://api.example.test/\n  \
