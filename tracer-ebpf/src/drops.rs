@@ -145,7 +145,7 @@ fn traced_by_socket(skb: *const u8) -> u64 {
         return NOT_TRACED;
     };
     // SAFETY: only the presence of the key is used.
-    if cookie != NOT_TRACED && unsafe { TRACKED_SOCKS.get(&cookie) }.is_some() {
+    if cookie != NOT_TRACED && unsafe { TRACKED_SOCKS.get(cookie) }.is_some() {
         cookie
     } else {
         NOT_TRACED
