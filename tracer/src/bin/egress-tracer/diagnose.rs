@@ -78,7 +78,9 @@ pub async fn run(args: DiagnoseArgs) -> anyhow::Result<bool> {
         .unwrap_or_default();
     let dns_timeout = resolver.timeout.unwrap_or(args.dns_timeout);
     let mut plan = Plan::new(&target, &resolver, dns_timeout, args.timeout);
-    plan.upstream_dns = args.upstream_dns;
+    plan.upstream_dns = args
+        .upstream_dns
+        .or_else(|| node_upstream_dns(&resolver.nameservers));
     plan.environment =
         probe::parse_environ(&fs::read(format!("/proc/{pid}/environ")).unwrap_or_default());
 
@@ -262,6 +264,16 @@ fn judge_reset_by_reference(attempts: &[&Attempt], port: u16) -> Option<Verdict>
         reply.endpoint_hops = Some(reference_hops);
     }
     verdict::of_attempt(&judged, &NodeFacts::of_this_node(), None)
+}
+
+/// The DNS server the node itself uses (systemd-resolved's upstreams first, as its
+/// /etc/resolv.conf points at a local stub), when it is not the pod's own server.
+fn node_upstream_dns(pod_servers: &[IpAddr]) -> Option<IpAddr> {
+    ["/run/systemd/resolve/resolv.conf", "/etc/resolv.conf"]
+        .iter()
+        .filter_map(|path| fs::read_to_string(path).ok())
+        .flat_map(|text| resolver_config(&text).nameservers)
+        .find(|server| !server.is_loopback() && !pod_servers.contains(server))
 }
 
 fn node_check(resolution: &Resolution) -> Check {

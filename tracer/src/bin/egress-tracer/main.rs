@@ -81,7 +81,8 @@ struct DiagnoseArgs {
     #[arg(long, value_name = "D", value_parser = parse_duration, default_value = "5s")]
     dns_timeout: Duration,
     /// A DNS server to ask directly, bypassing the cluster DNS (e.g. 168.63.129.16,
-    /// Azure DNS, or the custom DNS server of the VNet).
+    /// Azure DNS, or the custom DNS server of the VNet). Default: the node's own DNS
+    /// server (systemd-resolved's upstream, else /etc/resolv.conf).
     #[arg(long, value_name = "IP")]
     upstream_dns: Option<std::net::IpAddr>,
     /// Pods, Services, Namespaces and NetworkPolicies from kubectl YAML/JSON; without it,
