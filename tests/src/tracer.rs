@@ -66,6 +66,25 @@ impl Tracer {
         Self::attach(lab.spawn_on_node(piped(command))?)
     }
 
+    /// Starts `egress-tracer trace --pod POD -o json EXTRA…` on the lab's cluster state.
+    pub fn trace_pod(lab: &Lab, pod: &str, extra: &[&str]) -> io::Result<Self> {
+        let state = lab.cluster_state();
+        let state = state
+            .to_str()
+            .ok_or_else(|| io::Error::other("non-UTF-8 state path"))?;
+        let mut args = vec![
+            "trace",
+            "--cluster-state",
+            state,
+            "--pod",
+            pod,
+            "-o",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        Self::start(lab, &args)
+    }
+
     /// Runs `egress-tracer diagnose -o json` in the node's namespace for `pod` and
     /// `target`, to completion.
     pub fn diagnose(lab: &Lab, pod: &str, target: &str, extra: &[&str]) -> io::Result<Diagnosis> {

@@ -18,19 +18,7 @@ fn resolve(lab: &Lab, pod: &str, name: &str) -> u32 {
 }
 
 fn trace(lab: &Lab, pod: &str, extra: &[&str]) -> Tracer {
-    let state = lab.cluster_state();
-    let pod = format!("default/{pod}");
-    let mut args = vec![
-        "trace",
-        "--cluster-state",
-        state.to_str().unwrap(),
-        "--pod",
-        &pod,
-        "-o",
-        "json",
-    ];
-    args.extend_from_slice(extra);
-    Tracer::start(lab, &args).unwrap()
+    Tracer::trace_pod(lab, &format!("default/{pod}"), extra).unwrap()
 }
 
 /// The single DNS lookup record of `pid`; also checks that the resolver's own UDP

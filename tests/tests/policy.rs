@@ -7,20 +7,7 @@ use egress_lab::{CgroupDriver, Lab, PodSpec, addresses as addr, tracer::Tracer};
 use serde_json::{Value, json};
 
 fn trace(lab: &Lab) -> Tracer {
-    let state = lab.cluster_state();
-    Tracer::start(
-        lab,
-        &[
-            "trace",
-            "--cluster-state",
-            state.to_str().unwrap(),
-            "--pod",
-            "default/client",
-            "-o",
-            "json",
-        ],
-    )
-    .unwrap()
+    Tracer::trace_pod(lab, "default/client", &[]).unwrap()
 }
 
 fn policy(name: &str, spec: Value) -> Value {

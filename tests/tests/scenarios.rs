@@ -316,20 +316,7 @@ fn every_scenario_gets_its_verdict_from_trace_and_from_diagnose() {
         let lab = Lab::start(&[pod]).unwrap();
         (scenario.setup)(&lab);
 
-        let state = lab.cluster_state();
-        let tracer = Tracer::start(
-            &lab,
-            &[
-                "trace",
-                "--cluster-state",
-                state.to_str().unwrap(),
-                "--pod",
-                "default/client",
-                "-o",
-                "json",
-            ],
-        )
-        .unwrap();
+        let tracer = Tracer::trace_pod(&lab, "default/client", &[]).unwrap();
         // IPv4: the lab enforces NetworkPolicies for IPv4 only.
         let mut args = vec!["-4", "-s", "-m", "3", "-o", "/dev/null"];
         args.extend_from_slice(scenario.client);

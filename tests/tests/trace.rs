@@ -34,20 +34,7 @@ fn url(host: impl std::fmt::Display, port: u16) -> String {
 }
 
 fn trace_client(lab: &Lab) -> Tracer {
-    let state = lab.cluster_state();
-    Tracer::start(
-        lab,
-        &[
-            "trace",
-            "--cluster-state",
-            state.to_str().unwrap(),
-            "--pod",
-            "default/client",
-            "-o",
-            "json",
-        ],
-    )
-    .unwrap()
+    Tracer::trace_pod(lab, "default/client", &[]).unwrap()
 }
 
 fn records_of_pid(records: &[Value], pid: u32) -> Vec<&Value> {
@@ -552,22 +539,8 @@ fn udp_to_a_closed_port_is_refused_by_icmp_port_unreachable() {
 #[ignore = "needs root and the node lab: run `cargo xtask test`"]
 fn counts_stay_exact_when_a_tiny_ring_buffer_overflows() {
     let lab = lab();
-    let state = lab.cluster_state();
-    let tracer = Tracer::start(
-        &lab,
-        &[
-            "trace",
-            "--cluster-state",
-            state.to_str().unwrap(),
-            "--pod",
-            "default/client",
-            "-o",
-            "json",
-            "--ring-buffer-size",
-            "4096",
-        ],
-    )
-    .unwrap();
+    let tracer =
+        Tracer::trace_pod(&lab, "default/client", &["--ring-buffer-size", "4096"]).unwrap();
     let helper = egress_lab::lab_helper().unwrap();
     let sends = 3000;
     let (_, status) = lab
@@ -829,22 +802,7 @@ fn conntrack_insert_failure_is_attributed_to_its_flow() {
 #[ignore = "needs root and the node lab: run `cargo xtask test`"]
 fn snat_exhaustion_is_suspected_when_syns_time_out_near_the_budget() {
     let lab = lab();
-    let state = lab.cluster_state();
-    let tracer = Tracer::start(
-        &lab,
-        &[
-            "trace",
-            "--cluster-state",
-            state.to_str().unwrap(),
-            "--pod",
-            "default/client",
-            "--snat-port-budget",
-            "2",
-            "-o",
-            "json",
-        ],
-    )
-    .unwrap();
+    let tracer = Tracer::trace_pod(&lab, "default/client", &["--snat-port-budget", "2"]).unwrap();
     // Two flows hold the node's two budgeted ports; then new SYNs vanish beyond the node,
     // as when a load balancer has no SNAT port left for them.
     let holder = hold_connections(&lab, "client", 2);

@@ -175,36 +175,24 @@ impl Policy {
             }
         };
         let has = |t: &str| types.iter().any(|x| x == t);
-        let ingress = if has("Ingress") {
+        // (peers, ports) of each rule, for the directions the policy is of.
+        let ingress = has("Ingress").then(|| {
             let rules = spec.ingress.unwrap_or_default();
-            Some(
+            parse_rules(
+                "ingress",
                 rules
                     .iter()
-                    .enumerate()
-                    .map(|(i, r)| {
-                        Rule::parse(r.from.as_deref(), r.ports.as_deref())
-                            .map_err(|e| format!("ingress[{i}]: {e}"))
-                    })
-                    .collect::<Result<_, _>>()?,
+                    .map(|r| (r.from.as_deref(), r.ports.as_deref())),
             )
-        } else {
-            None
-        };
-        let egress = if has("Egress") {
+        });
+        let egress = has("Egress").then(|| {
             let rules = spec.egress.unwrap_or_default();
-            Some(
-                rules
-                    .iter()
-                    .enumerate()
-                    .map(|(i, r)| {
-                        Rule::parse(r.to.as_deref(), r.ports.as_deref())
-                            .map_err(|e| format!("egress[{i}]: {e}"))
-                    })
-                    .collect::<Result<_, _>>()?,
+            parse_rules(
+                "egress",
+                rules.iter().map(|r| (r.to.as_deref(), r.ports.as_deref())),
             )
-        } else {
-            None
-        };
+        });
+        let (ingress, egress) = (ingress.transpose()?, egress.transpose()?);
         Ok(Self {
             namespace,
             name,
@@ -224,6 +212,24 @@ impl Policy {
     fn selects(&self, pod: &PodInfo) -> bool {
         self.namespace == pod.namespace && self.pod_selector.matches(&pod.labels)
     }
+}
+
+/// Parses a direction's rules; an error names the rule (`egress[1]: …`).
+fn parse_rules<'a>(
+    direction: &str,
+    rules: impl Iterator<
+        Item = (
+            Option<&'a [NetworkPolicyPeer]>,
+            Option<&'a [NetworkPolicyPort]>,
+        ),
+    >,
+) -> Result<Vec<Rule>, String> {
+    rules
+        .enumerate()
+        .map(|(i, (peers, ports))| {
+            Rule::parse(peers, ports).map_err(|e| format!("{direction}[{i}]: {e}"))
+        })
+        .collect()
 }
 
 impl Rule {
