@@ -162,6 +162,13 @@ fn help_teaches_the_commands() {
     ] {
         assert!(help.contains(needle), "missing {needle:?} in:\n{help}");
     }
+    let output = tracer(&["--help"]);
+    let help = String::from_utf8_lossy(&output.stdout);
+    for needle in ["trace ", "policy ", "diagnose ", "which hop stops them"] {
+        assert!(help.contains(needle), "missing {needle:?} in:\n{help}");
+    }
+    // The internal probe is not advertised.
+    assert!(!help.contains("probe "), "{help}");
 }
 
 /// Without privileges the tracer names the capabilities it lacks. As root the test drops

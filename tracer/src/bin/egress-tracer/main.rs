@@ -22,10 +22,13 @@ use egress_tracer::{
     name = "egress-tracer",
     version,
     about = "eBPF egress flow tracer for Kubernetes nodes",
-    long_about = "Shows, from the kernel, every egress attempt of the pods on this node: \
-                  which process connected where, from which source address.\n\n\
-                  Needs root (or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN) and a kernel with \
-                  BTF and BPF ring buffers (Linux 5.8 or newer)."
+    long_about = "Shows, from the kernel, what happens to the egress attempts of the pods on \
+                  this node, and which hop stops them: DNS, a NetworkPolicy, the node's \
+                  firewall, conntrack/NAT, routing, something beyond the node, a proxy or the \
+                  endpoint itself, with the evidence and what to check next.\n\n\
+                  trace and diagnose need root (or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN; \
+                  diagnose also CAP_SYS_ADMIN) and a kernel with BTF and BPF ring buffers \
+                  (Linux 5.8 or newer); policy needs nothing."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -34,12 +37,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Trace egress attempts live, one record per connect() attempt.
+    /// Trace egress attempts live, one record per attempt or DNS lookup, with its verdict.
     #[command(after_help = "Examples:\n  \
-        egress-tracer trace --cluster-state pods.yaml --pod shop/web\n  \
-        egress-tracer trace --cluster-state state/ --duration 30s -o json | jq .dst\n\n\
-        Save the cluster state with `kubectl get pods -A -o yaml > pods.yaml` \
-        (a file or a directory of YAML/JSON files).")]
+        egress-tracer trace --pod shop/web --failures-only\n  \
+        egress-tracer trace --cluster-state state/ --duration 30s -o json | jq .verdict\n\n\
+        Without --cluster-state the pods, Services and NetworkPolicies come from the \
+        Kubernetes API (kubeconfig or in-cluster). To work from files, save them with \
+        `kubectl get pods -A -o yaml > pods.yaml` (add services,endpointslices,namespaces,\
+        networkpolicies for names and policy verdicts; a file or a directory).")]
     Trace(TraceArgs),
     /// Explain what the NetworkPolicies decide for one flow of a pod, and why.
     #[command(after_help = "Exit codes: 0 allowed, 1 denied, 2 usage error.\n\n\
