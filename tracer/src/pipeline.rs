@@ -290,7 +290,12 @@ impl Pipeline {
                 Protocol::Tcp => policy::Protocol::Tcp,
                 Protocol::Udp => policy::Protocol::Udp,
             };
-            let decision = policy_decision(&self.cluster, &attempt.origin, attempt.dst, protocol);
+            // Policies only explain failures; successes skip the evaluation.
+            let decision = attempt
+                .outcome
+                .is_failure()
+                .then(|| policy_decision(&self.cluster, &attempt.origin, attempt.dst, protocol))
+                .flatten();
             attempt.verdict = verdict::of_attempt(&attempt, &self.node, decision.as_ref());
             records.push(Record::Attempt(Box::new(attempt)));
         }
@@ -301,7 +306,10 @@ impl Pipeline {
             } else {
                 policy::Protocol::Udp
             };
-            let decision = policy_decision(&self.cluster, &origin, lookup.server, protocol);
+            // Only a timeout can be a policy's doing.
+            let decision = (lookup.result == dns::LookupResult::Timeout)
+                .then(|| policy_decision(&self.cluster, &origin, lookup.server, protocol))
+                .flatten();
             let cluster_dns = self
                 .cluster
                 .cluster_dns()

@@ -186,12 +186,6 @@ fn with_policy(verdict: Verdict, attempt: &Attempt, decision: &Decision) -> Verd
             verdict
         };
     }
-    if verdict.hop == Hop::None {
-        return verdict.evidence(format!(
-            "a NetworkPolicy denies this flow, yet it went through: is the CNI enforcing NetworkPolicies here? {}",
-            decision.explanation
-        ));
-    }
     if !(dropped_by_rule || lost_before_nat) {
         return verdict.evidence(format!(
             "a NetworkPolicy denies this flow, but the evidence points elsewhere: {}",

@@ -39,9 +39,7 @@ struct Destination {
 pub struct SnatTable {
     usage: HashMap<Destination, u32>,
     /// Translated flows to destinations beyond [`MAX_DESTINATIONS`].
-    pub uncounted: u64,
-    /// Translated flows in all.
-    pub translated: u64,
+    uncounted: u64,
     /// The node's local port range, as (first, last).
     pub port_range: (u16, u16),
     /// The cloud load balancer's allocation per node, from `--snat-port-budget`.
@@ -57,6 +55,8 @@ pub struct SnatUsage {
     pub in_use: u32,
     pub port_range: (u16, u16),
     pub budget: Option<u32>,
+    /// The dump had more destinations than are counted, so `in_use` may be low.
+    pub lower_bound: bool,
 }
 
 impl SnatUsage {
@@ -92,7 +92,11 @@ impl SnatUsage {
             self.port_range.0,
             self.port_range.1,
             self.range_size()
-        )
+        ) + if self.lower_bound {
+            "; a lower bound: the node had more SNAT destinations than are counted"
+        } else {
+            ""
+        }
     }
 }
 
@@ -119,7 +123,6 @@ impl SnatTable {
         if entry.reply.dst == entry.original.src {
             return;
         }
-        self.translated += 1;
         let key = Destination {
             translated: entry.reply.dst.ip(),
             // Where the flow really goes: after any DNAT, the reply's source.
@@ -149,13 +152,8 @@ impl SnatTable {
             in_use: self.usage.get(&key).copied().unwrap_or(0),
             port_range: self.port_range,
             budget: self.budget,
+            lower_bound: self.uncounted > 0,
         }
-    }
-
-    /// The most used destination, if any flow is translated.
-    pub fn busiest(&self) -> Option<SnatUsage> {
-        let (key, _) = self.usage.iter().max_by_key(|(_, count)| **count)?;
-        Some(self.usage(key.translated, key.dst, key.protocol))
     }
 }
 
@@ -239,16 +237,33 @@ mod tests {
         let usage = table.usage(node, "203.0.113.10:443".parse().unwrap(), 6);
         assert_eq!(usage.in_use, 4);
         assert!(usage.near_budget());
-        assert_eq!(table.translated, 5);
-        assert_eq!(
-            table.busiest().unwrap().dst,
-            "203.0.113.10:443".parse().unwrap()
-        );
         assert_eq!(
             table
                 .usage(node, "203.0.113.10:80".parse().unwrap(), 17)
                 .in_use,
             0
+        );
+    }
+
+    #[test]
+    fn destinations_beyond_the_bound_are_counted_as_missing() {
+        let mut table = SnatTable::new((32768, 60999), None);
+        for n in 0..=MAX_DESTINATIONS as u32 {
+            let dst = format!("{}:443", std::net::Ipv4Addr::from(0xcb00_0000 + n));
+            table.add(&entry("10.244.0.10:40000", &dst, "10.224.0.4:1024"));
+        }
+        let node: IpAddr = "10.224.0.4".parse().unwrap();
+        let usage = table.usage(node, "203.0.0.0:443".parse().unwrap(), 6);
+        assert_eq!((usage.in_use, usage.lower_bound), (1, true));
+        assert!(
+            usage
+                .describe()
+                .ends_with("a lower bound: the node had more SNAT destinations than are counted")
+        );
+        assert!(
+            !SnatTable::new((1, 2), None)
+                .usage(node, "203.0.0.0:443".parse().unwrap(), 6)
+                .lower_bound
         );
     }
 
