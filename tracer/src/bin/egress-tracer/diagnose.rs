@@ -24,7 +24,7 @@ use egress_tracer::{
         probe::{self, Resolution},
         target::Target,
     },
-    dns::resolver_config,
+    dns::{Lookup, resolver_config},
     flow::Attempt,
     node,
     output::Format,
@@ -192,19 +192,25 @@ pub async fn run(args: DiagnoseArgs) -> anyhow::Result<bool> {
             print_check(&check, tty);
         }
         node_checks.push(check);
-    }
-
-    // The lookup through the pod's own resolver (not the direct question upstream).
-    let lookup_verdict = records.iter().find_map(|record| match record {
-        Record::Lookup {
-            lookup, verdict, ..
-        } if lookup.name.trim_end_matches('.') == target.host.trim_end_matches('.')
-            && resolver.nameservers.first() == Some(&lookup.server.ip()) =>
-        {
-            Some(verdict.as_ref())
-        }
-        _ => None,
-    });
+    } // The lookup of the target's name. The direct question upstream runs at the same
+    // time for the same name, so the tracker may group it into the same lookup; the one
+    // through the pod's own nameserver is preferred when they are apart.
+    let lookups: Vec<(&Lookup, &Verdict)> = records
+        .iter()
+        .filter_map(|record| match record {
+            Record::Lookup {
+                lookup, verdict, ..
+            } if lookup.name.trim_end_matches('.') == target.host.trim_end_matches('.') => {
+                Some((lookup.as_ref(), verdict.as_ref()))
+            }
+            _ => None,
+        })
+        .collect();
+    let lookup_verdict = lookups
+        .iter()
+        .find(|(lookup, _)| resolver.nameservers.first() == Some(&lookup.server.ip()))
+        .or(lookups.first())
+        .map(|(_, verdict)| *verdict);
     let probe_attempts: Vec<&Attempt> = records
         .iter()
         .filter_map(|record| match record {
