@@ -26,6 +26,7 @@ use self::{
 };
 use crate::{
     dns::Resolver,
+    policy::Decision,
     verdict::{Hop, Verdict},
 };
 
@@ -459,6 +460,8 @@ pub struct Observed<'a> {
     pub connect_verdict: Option<&'a Verdict>,
     /// Checks made from the node (DNS from the node, the NetworkPolicy decision).
     pub node_checks: &'a [Check],
+    /// What the NetworkPolicies decide for DNS from the pod to its nameserver.
+    pub dns_policy: Option<&'a Decision>,
 }
 
 /// The verdict: the first stage that failed (DNS, proxy, connection, HTTP), with the
@@ -476,6 +479,31 @@ pub fn conclude(target: &Target, observed: &Observed<'_>) -> Verdict {
         verdict
     };
     if let Some(dns) = line("dns-cluster").filter(|l| l.check.status == Status::Fail) {
+        let timed_out = dns
+            .facts
+            .resolution
+            .as_ref()
+            .is_some_and(|r| r.result == "timeout");
+        if let Some(decision) = observed.dns_policy.filter(|d| timed_out && !d.allowed) {
+            let mut verdict = Verdict::for_check(
+                Hop::NetworkPolicy,
+                "denied",
+                format!(
+                    "NetworkPolicy {} denies the pod's DNS: {} does not resolve",
+                    decision.denied_by.join(", "),
+                    target.host
+                ),
+            );
+            verdict.symptom = Some("dns-timeout".to_owned());
+            verdict.policy = Some(decision.denied_by.join(","));
+            verdict
+                .evidence
+                .push(format!("NetworkPolicy: {}", decision.explanation));
+            verdict.next_steps.push(
+                "allow egress to the cluster DNS Service's pods on UDP and TCP 53".to_owned(),
+            );
+            return with_checks(verdict);
+        }
         if let Some(verdict) = observed.lookup_verdict.filter(|v| v.hop != Hop::None) {
             return with_checks(verdict.clone());
         }
@@ -577,6 +605,7 @@ mod tests {
                 lookup_verdict: None,
                 connect_verdict: connect,
                 node_checks: &[],
+                dns_policy: None,
             },
         )
     }

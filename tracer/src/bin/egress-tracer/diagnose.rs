@@ -224,12 +224,25 @@ pub async fn run(args: DiagnoseArgs) -> anyhow::Result<bool> {
             .find(|attempt| attempt.dst.port() == target.port)
             .and_then(|attempt| attempt.verdict.clone())
     });
+    // DNS from the pod to its nameserver, as the NetworkPolicies see it.
+    let dns_policy = resolver.nameservers.first().map(|server| {
+        policy::decide(
+            pipeline.cluster(),
+            &Flow {
+                src: &pod,
+                dst: *server,
+                port: 53,
+                protocol: Protocol::Udp,
+            },
+        )
+    });
     let verdict = diagnose::conclude(
         &target,
         &Observed {
             probe: &probe_lines,
             lookup_verdict,
             connect_verdict: connect_verdict.as_ref(),
+            dns_policy: dns_policy.as_ref(),
             node_checks: &node_checks,
         },
     );
