@@ -18,7 +18,8 @@ use tracer_common::{
 };
 
 use crate::maps::{
-    EVENTS, FIRST_PACKET_PENDING, TRACKED_SOCKS, UDP_DESTINATIONS_SEEN, count, header, is_traced,
+    EVENTS, FIRST_PACKET_PENDING, HANDSHAKE_CGROUPS, TRACKED_SOCKS, UDP_DESTINATIONS_SEEN, count,
+    header, is_traced,
 };
 
 /// Return value of cgroup sock_addr programs that lets the syscall proceed.
@@ -105,6 +106,10 @@ fn report(ctx: &SockAddrContext, family: u16, call: u8) {
     if call == CALL_CONNECT || !known {
         // Ignore a full map: LRU evicts, and a missing entry only costs the first packet.
         let _ = TRACKED_SOCKS.insert(sock_cookie, FIRST_PACKET_PENDING, 0);
+    }
+    if protocol == IPPROTO_TCP {
+        // LRU like TRACKED_SOCKS: a missing entry only leaves the handshake uncounted.
+        let _ = HANDSHAKE_CGROUPS.insert(sock_cookie, cgroup_id, 0);
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let event = ConnectEvent {

@@ -3,11 +3,12 @@
 use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tracer_common::{
-    Counter, EventHeader, EventKind, FlowTuple, RING_BUFFER_BYTES, SETTING_CGROUP_FILTER,
-    SETTINGS_COUNT, SocketDestination, TRACED_CGROUPS_MAX, TRACKED_SOCKETS, UDP_DESTINATIONS,
+    Counter, EventHeader, EventKind, FlowTuple, HANDSHAKE_KEYS, HandshakeKey, HandshakeTotals,
+    RING_BUFFER_BYTES, SETTING_CGROUP_FILTER, SETTINGS_COUNT, SocketDestination,
+    TRACED_CGROUPS_MAX, TRACKED_SOCKETS, UDP_DESTINATIONS,
 };
 
 /// Every event goes here; userspace reads it with one consumer.
@@ -36,6 +37,19 @@ pub static TRACKED_TUPLES: LruHashMap<FlowTuple, u64> =
 #[map]
 pub static UDP_DESTINATIONS_SEEN: LruHashMap<SocketDestination, u8> =
     LruHashMap::with_max_entries(UDP_DESTINATIONS, 0);
+
+/// cgroup of each traced TCP socket in `SYN_SENT`: the state hook runs in softirq context,
+/// where the current cgroup is not the socket's.
+#[map]
+pub static HANDSHAKE_CGROUPS: LruHashMap<u64, u64> =
+    LruHashMap::with_max_entries(TRACKED_SOCKETS, 0);
+
+/// Handshakes counted per cgroup, destination and outcome (see [`HandshakeKey`]). Not LRU:
+/// an eviction would lose counts silently, while a full map is counted
+/// ([`Counter::HandshakeUncounted`]) and userspace removes idle keys.
+#[map]
+pub static HANDSHAKES: PerCpuHashMap<HandshakeKey, HandshakeTotals> =
+    PerCpuHashMap::with_max_entries(HANDSHAKE_KEYS, 0);
 
 /// Runtime settings written by userspace, indexed by `SETTING_*`.
 #[map]

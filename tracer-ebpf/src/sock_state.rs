@@ -16,11 +16,11 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use tracer_common::{
-    AF_INET, AF_INET6, Counter, Endpoint, EventKind, SockOffsets, SockStateEvent, TCP_CLOSE,
-    TCP_SYN_SENT,
+    AF_INET, AF_INET6, Counter, Endpoint, EventKind, HandshakeKey, HandshakeTotals, SockOffsets,
+    SockStateEvent, TCP_CLOSE, TCP_SYN_SENT, handshake_outcome,
 };
 
-use crate::maps::{EVENTS, TRACKED_SOCKS, count, header};
+use crate::maps::{EVENTS, HANDSHAKE_CGROUPS, HANDSHAKES, TRACKED_SOCKS, count, header};
 
 /// Set by userspace at load time (`EbpfLoader::set_global`).
 #[unsafe(no_mangle)]
@@ -77,11 +77,60 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         src,
         dst,
     };
+    count_handshake(cookie, &event);
     if EVENTS.output::<SockStateEvent>(&event, 0).is_err() {
         count(Counter::SockStateLost);
     }
     0
 }
+
+/// Adds the handshake to `HANDSHAKES`, which counts what the ring buffer may lose.
+#[inline(always)]
+fn count_handshake(cookie: u64, event: &SockStateEvent) {
+    // SAFETY: the value is copied out at once.
+    let Some(cgroup_id) = (unsafe { HANDSHAKE_CGROUPS.get(cookie) }).copied() else {
+        return;
+    };
+    let _ = HANDSHAKE_CGROUPS.remove(cookie);
+    let key = HandshakeKey {
+        cgroup_id,
+        addr: event.dst.addr,
+        family: event.dst.family,
+        outcome: handshake_outcome(
+            event.new_state,
+            event.error,
+            event.soft_error,
+            event.syn_retransmits,
+        ),
+        _pad: [0; 5],
+    };
+    let retransmits = u64::from(event.syn_retransmits);
+    for _ in 0..2 {
+        if let Some(totals) = HANDSHAKES.get_ptr_mut(key) {
+            // SAFETY: a per-CPU value: only this CPU writes it, and it stays valid while
+            // this program runs (RCU).
+            unsafe {
+                (*totals).handshakes += 1;
+                (*totals).syn_retransmits += retransmits;
+            }
+            return;
+        }
+        let first = HandshakeTotals {
+            handshakes: 1,
+            syn_retransmits: retransmits,
+        };
+        // BPF_NOEXIST: if another CPU created the key meanwhile, add to it instead.
+        match HANDSHAKES.insert(key, first, BPF_NOEXIST) {
+            Ok(()) => return,
+            Err(EEXIST) => continue,
+            Err(_) => break,
+        }
+    }
+    count(Counter::HandshakeUncounted);
+}
+
+const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = -17;
 
 #[inline(always)]
 fn read_tuple(sk: *const u8) -> Result<(Endpoint, Endpoint), i32> {

@@ -314,9 +314,22 @@ pub struct Lookup {
 }
 
 struct PendingQuery {
+    sent_ns: u64,
     /// When the query counts as timed out.
     deadline_ns: u64,
+    qtype: String,
     lookup: LookupKey,
+}
+
+/// One query's end: its response, or its timeout (`rcode` `None`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueryOutcome {
+    pub cgroup_id: u64,
+    pub server: IpAddr,
+    pub qtype: String,
+    pub rcode: Option<String>,
+    /// From the query to its response or timeout.
+    pub duration: Duration,
 }
 
 /// (protocol is TCP, client, server, DNS id).
@@ -354,6 +367,8 @@ pub struct DnsTracker {
     names: HashMap<(u64, IpAddr), String>,
     names_order: VecDeque<(u64, IpAddr)>,
     stats: DnsStats,
+    /// Each query's end, when asked for (see [`DnsTracker::with_query_outcomes`]).
+    query_outcomes: Option<Vec<QueryOutcome>>,
 }
 
 impl DnsTracker {
@@ -363,6 +378,39 @@ impl DnsTracker {
         Self {
             timeout,
             ..Self::default()
+        }
+    }
+
+    /// Also reports the end of every single query, for
+    /// [`take_query_outcomes`](Self::take_query_outcomes) (the metrics count queries).
+    pub fn with_query_outcomes(mut self) -> Self {
+        self.query_outcomes = Some(Vec::new());
+        self
+    }
+
+    /// The query ends since the last call (empty unless enabled).
+    pub fn take_query_outcomes(&mut self) -> Vec<QueryOutcome> {
+        self.query_outcomes
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    fn query_ended(
+        &mut self,
+        query: &PendingQuery,
+        server: IpAddr,
+        rcode: Option<&str>,
+        at_ns: u64,
+    ) {
+        if let Some(outcomes) = self.query_outcomes.as_mut() {
+            outcomes.push(QueryOutcome {
+                cgroup_id: query.lookup.0,
+                server,
+                qtype: query.qtype.clone(),
+                rcode: rcode.map(str::to_owned),
+                duration: Duration::from_nanos(at_ns.saturating_sub(query.sent_ns)),
+            });
         }
     }
 
@@ -438,7 +486,7 @@ impl DnsTracker {
         if !open.lookup.queried.contains(&question.name) {
             open.lookup.queried.push(question.name.clone());
         }
-        open.lookup.qtypes.insert(question.qtype);
+        open.lookup.qtypes.insert(question.qtype.clone());
         open.lookup.over_tcp |= seen.tcp;
         open.outstanding += 1;
         if self.pending.len() >= MAX_PENDING_QUERIES {
@@ -448,8 +496,10 @@ impl DnsTracker {
         let previous = self.pending.insert(
             key,
             PendingQuery {
+                sent_ns: seen.monotonic_ns,
                 deadline_ns: seen.monotonic_ns
                     + resolver.timeout.unwrap_or(self.timeout).as_nanos() as u64,
+                qtype: question.qtype,
                 lookup: lookup_key,
             },
         );
@@ -466,6 +516,12 @@ impl DnsTracker {
             self.stats.unmatched_responses += 1;
             return;
         };
+        self.query_ended(
+            &query,
+            seen.src.ip(),
+            Some(&message.rcode),
+            seen.monotonic_ns,
+        );
         let Some(open) = self.lookups.get_mut(&query.lookup) else {
             return;
         };
@@ -513,6 +569,7 @@ impl DnsTracker {
             .copied();
         if let Some(key) = key {
             let query = self.pending.remove(&key).expect("found above");
+            self.query_ended(&query, seen.src.ip(), Some("MALFORMED"), seen.monotonic_ns);
             if let Some(open) = self.lookups.get_mut(&query.lookup) {
                 open.malformed = true;
             }
@@ -545,6 +602,7 @@ impl DnsTracker {
             }
             self.pending_order.pop_front();
             let query = self.pending.remove(&key).expect("present");
+            self.query_ended(&query, key.2.ip(), None, query.deadline_ns);
             if let Some(open) = self.lookups.get_mut(&query.lookup) {
                 open.lookup.timeouts += 1;
             }

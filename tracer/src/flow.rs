@@ -24,7 +24,7 @@ use std::{
 use serde::Serialize;
 use tracer_common::{
     AF_INET6, CALL_SENDMSG, ConnectEvent, FirstPacketEvent, IPPROTO_TCP, IPPROTO_UDP,
-    IcmpErrorEvent, ReplyEvent, SockStateEvent, TCP_ESTABLISHED, TCP_FLAG_RST,
+    IcmpErrorEvent, ReplyEvent, SockStateEvent, TCP_ESTABLISHED, TCP_FLAG_RST, handshake_outcome,
 };
 
 use crate::{
@@ -41,9 +41,6 @@ pub const UDP_SETTLE: Duration = Duration::from_secs(1);
 pub const MAX_TCP_WAIT: Duration = Duration::from_secs(300);
 /// Most attempts held at once.
 pub const MAX_PENDING: usize = 65_536;
-
-const ECONNREFUSED: i32 = 111;
-const ETIMEDOUT: i32 = 110;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -92,6 +89,18 @@ impl Outcome {
         }
     }
 
+    /// The outcome for a `tracer_common::HANDSHAKE_*` code.
+    pub fn of_handshake(code: u8) -> Self {
+        match code {
+            tracer_common::HANDSHAKE_ESTABLISHED => Outcome::Established,
+            tracer_common::HANDSHAKE_REFUSED => Outcome::Refused,
+            tracer_common::HANDSHAKE_TIMEOUT => Outcome::Timeout,
+            tracer_common::HANDSHAKE_UNREACHABLE => Outcome::Unreachable,
+            tracer_common::HANDSHAKE_ABORTED => Outcome::Aborted,
+            _ => Outcome::Failed,
+        }
+    }
+
     pub fn is_failure(self) -> bool {
         !matches!(
             self,
@@ -114,7 +123,7 @@ pub struct TcpHandshake {
 }
 
 /// Who made the attempt.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Origin {
     /// `namespace/name` of the pod, `None` for host processes and unknown pods.
     pub pod: Option<String>,
@@ -626,33 +635,17 @@ fn judge_handshake(
         .find(|&e| e != 0);
     handshake.errno = errno;
     handshake.closed_by_application = event.error == 0;
-    let outcome = match errno {
-        _ if icmp.is_some_and(|i| i.is_fatal()) => Outcome::Unreachable,
-        Some(ECONNREFUSED) => Outcome::Refused,
-        Some(ETIMEDOUT) => Outcome::Timeout,
-        Some(e) if is_unreachable(e) => Outcome::Unreachable,
-        Some(_) => Outcome::Failed,
-        None if event.syn_retransmits > 0 => Outcome::Timeout,
-        None => Outcome::Aborted,
+    let outcome = if icmp.is_some_and(|i| i.is_fatal()) {
+        Outcome::Unreachable
+    } else {
+        Outcome::of_handshake(handshake_outcome(
+            event.new_state,
+            event.error,
+            event.soft_error,
+            event.syn_retransmits,
+        ))
     };
     (outcome, handshake)
-}
-
-/// Errors the kernel derives from ICMP destination-unreachable messages
-/// (`icmp_err_convert`, `icmpv6_err_convert`).
-fn is_unreachable(errno: i32) -> bool {
-    const EACCES: i32 = 13;
-    const ENONET: i32 = 64;
-    const EPROTO: i32 = 71;
-    const EMSGSIZE: i32 = 90;
-    const EOPNOTSUPP: i32 = 95;
-    const ENETUNREACH: i32 = 101;
-    const EHOSTUNREACH: i32 = 113;
-    const EHOSTDOWN: i32 = 112;
-    matches!(
-        errno,
-        EACCES | ENONET | EPROTO | EMSGSIZE | EOPNOTSUPP | ENETUNREACH | EHOSTUNREACH | EHOSTDOWN
-    )
 }
 
 /// The symbolic name of an errno the handshake can end with.

@@ -11,6 +11,8 @@
 //! - [`policy`]: the NetworkPolicy evaluator (which policy allows or denies a flow).
 //! - [`verdict`]: which hop stopped an attempt, with the evidence.
 //! - [`output`]: renders records as a table or NDJSON.
+//! - [`metrics`]: the agent's Prometheus metrics; [`store`]: its bounded store of recent
+//!   records for the flows API.
 //!
 //! [`diagnose`] runs the troubleshooting checklist for one target from inside a pod.
 //! [`node`] holds facts about the host (cgroup mount, capabilities, clocks), and
@@ -22,8 +24,10 @@ pub mod conntrack;
 pub mod diagnose;
 pub mod dns;
 pub mod flow;
+pub mod metrics;
 pub mod node;
 pub mod output;
 pub mod pipeline;
 pub mod policy;
+pub mod store;
 pub mod verdict;

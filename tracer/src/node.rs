@@ -248,6 +248,30 @@ pub fn monotonic_now() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// The DNS servers the node itself uses: systemd-resolved's upstreams first (its
+/// /etc/resolv.conf points at a local stub), then /etc/resolv.conf's, without loopback.
+pub fn dns_servers() -> Vec<std::net::IpAddr> {
+    let mut servers = Vec::new();
+    for text in ["/run/systemd/resolve/resolv.conf", "/etc/resolv.conf"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+    {
+        for server in crate::dns::resolver_config(&text).nameservers {
+            if !server.is_loopback() && !servers.contains(&server) {
+                servers.push(server);
+            }
+        }
+    }
+    servers
+}
+
+/// The running kernel's release (`uname -r`).
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|release| release.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

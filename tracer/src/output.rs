@@ -19,6 +19,7 @@ use crate::{
         errno_name,
     },
     node::MonotonicClock,
+    pipeline::Record,
     verdict::{Hop, Verdict},
 };
 
@@ -292,6 +293,34 @@ impl<'a> AttemptRecord<'a> {
             cgroup_id: attempt.cgroup_id,
         }
     }
+}
+
+/// A finished record as the flows API keeps it: its time, pod, failing hop (`none` for a
+/// success) and NDJSON line.
+pub fn json_record(
+    record: &Record,
+    clock: MonotonicClock,
+) -> (SystemTime, Option<String>, Hop, String) {
+    let (monotonic_ns, origin, hop, line) = match record {
+        Record::Attempt(attempt) => (
+            attempt.monotonic_ns,
+            &attempt.origin,
+            attempt.verdict.as_ref().map_or(Hop::None, |v| v.hop),
+            serde_json::to_string(&AttemptRecord::new(attempt, clock)),
+        ),
+        Record::Lookup {
+            lookup,
+            origin,
+            verdict,
+        } => (
+            lookup.first_ns,
+            origin,
+            verdict.hop,
+            serde_json::to_string(&LookupRecord::new(lookup, origin, verdict, clock)),
+        ),
+    };
+    let line = line.expect("records serialize: every map key is a string");
+    (clock.to_wall(monotonic_ns), origin.pod.clone(), hop, line)
 }
 
 fn rfc3339(time: SystemTime) -> String {

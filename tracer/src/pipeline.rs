@@ -18,7 +18,7 @@ use crate::{
     capture::{DecodeError, KernelEvent, KernelNames, NetnsOwner, socket_addr},
     cluster::{ClusterState, PodInfo, cgroups::CgroupIndex},
     conntrack::snat::SnatTable,
-    dns::{self, DnsTracker, Lookup, Resolver, SeenMessage},
+    dns::{self, DnsTracker, Lookup, QueryOutcome, Resolver, SeenMessage},
     flow::{Attempt, ContainerRef, FlowAssembler, Origin, Protocol, ServiceTarget},
     policy::{self, Decision, Flow},
     verdict::{self, NodeFacts, Verdict},
@@ -106,6 +106,26 @@ impl Pipeline {
         for cgroup in cgroups {
             self.resolvers.insert(*cgroup, resolver.clone());
         }
+    }
+
+    /// Also reports every DNS query's end ([`take_query_outcomes`](Self::take_query_outcomes)),
+    /// for the metrics.
+    pub fn with_query_outcomes(mut self) -> Self {
+        self.dns = std::mem::take(&mut self.dns).with_query_outcomes();
+        self
+    }
+
+    /// The DNS queries that ended since the last call, with their origin (empty unless
+    /// enabled).
+    pub fn take_query_outcomes(&mut self) -> Vec<(QueryOutcome, Origin)> {
+        self.dns
+            .take_query_outcomes()
+            .into_iter()
+            .map(|query| {
+                let origin = self.origin_of(query.cgroup_id);
+                (query, origin)
+            })
+            .collect()
     }
 
     /// The cluster model in use.
@@ -360,7 +380,8 @@ impl Pipeline {
             .is_none_or(|uid| origin.pod_uid.as_ref() == Some(uid))
     }
 
-    fn origin_of(&mut self, cgroup_id: u64) -> Origin {
+    /// The pod and container a cgroup belongs to.
+    pub fn origin_of(&mut self, cgroup_id: u64) -> Origin {
         origin_of(cgroup_id, &mut self.cgroups, &self.cluster)
     }
 

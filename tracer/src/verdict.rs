@@ -50,6 +50,19 @@ pub enum Hop {
 }
 
 impl Hop {
+    /// Every hop, in path order.
+    pub const ALL: [Hop; 9] = [
+        Hop::Dns,
+        Hop::NetworkPolicy,
+        Hop::NodeFirewall,
+        Hop::Conntrack,
+        Hop::Routing,
+        Hop::Upstream,
+        Hop::Proxy,
+        Hop::Endpoint,
+        Hop::None,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Hop::Dns => "dns",

@@ -491,11 +491,13 @@ pub enum Counter {
     ReplySeen = 14,
     /// [`ReplyEvent`]s lost to a full ring buffer.
     ReplyLost = 15,
+    /// Handshakes that could not be counted in the `HANDSHAKES` map because it was full.
+    HandshakeUncounted = 16,
 }
 
 impl Counter {
     /// Number of counters, i.e. the size of the `COUNTERS` array.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
     /// All counters, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Self::ConnectSeen,
@@ -514,6 +516,7 @@ impl Counter {
         Self::NatLost,
         Self::ReplySeen,
         Self::ReplyLost,
+        Self::HandshakeUncounted,
     ];
 }
 
@@ -542,6 +545,84 @@ pub struct SocketDestination {
 /// Capacity of the LRU map of sockets whose state changes are reported.
 pub const TRACKED_SOCKETS: u32 = 65_536;
 
+/// Key of the `HANDSHAKES` map: the TCP handshakes of traced processes counted in the
+/// kernel per cgroup, destination address and outcome, so connection metrics stay exact
+/// when the ring buffer overflows and events are lost.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HandshakeKey {
+    pub cgroup_id: u64,
+    /// IPv4 addresses use the first 4 bytes.
+    pub addr: [u8; 16],
+    pub family: u16,
+    /// One of the `HANDSHAKE_*` outcomes.
+    pub outcome: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Value of the `HANDSHAKES` map (per CPU; userspace sums the CPUs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HandshakeTotals {
+    pub handshakes: u64,
+    pub syn_retransmits: u64,
+}
+
+/// Capacity of the `HANDSHAKES` map; userspace removes keys that stay idle.
+pub const HANDSHAKE_KEYS: u32 = 65_536;
+
+/// The handshake completed.
+pub const HANDSHAKE_ESTABLISHED: u8 = 0;
+/// Answered with a reset (`ECONNREFUSED`).
+pub const HANDSHAKE_REFUSED: u8 = 1;
+/// No answer: `ETIMEDOUT`, or closed by the application after SYN retransmissions.
+pub const HANDSHAKE_TIMEOUT: u8 = 2;
+/// An ICMP-reported error (see [`is_unreachable_errno`]).
+pub const HANDSHAKE_UNREACHABLE: u8 = 3;
+/// Closed by the application before any retransmission.
+pub const HANDSHAKE_ABORTED: u8 = 4;
+/// Another socket error.
+pub const HANDSHAKE_FAILED: u8 = 5;
+
+/// The outcome of a handshake from the state the socket left `SYN_SENT` for, its error
+/// (`sk_err`), soft error (`sk_err_soft`, e.g. an ICMP unreachable while retrying) and
+/// SYN retransmissions. Shared by the kernel's counts and userspace's records.
+#[inline(always)]
+pub fn handshake_outcome(new_state: u8, error: i32, soft_error: i32, syn_retransmits: u32) -> u8 {
+    const ECONNREFUSED: i32 = 111;
+    const ETIMEDOUT: i32 = 110;
+    if new_state == TCP_ESTABLISHED {
+        return HANDSHAKE_ESTABLISHED;
+    }
+    let errno = if error != 0 { error } else { soft_error };
+    match errno {
+        ECONNREFUSED => HANDSHAKE_REFUSED,
+        ETIMEDOUT => HANDSHAKE_TIMEOUT,
+        0 if syn_retransmits > 0 => HANDSHAKE_TIMEOUT,
+        0 => HANDSHAKE_ABORTED,
+        e if is_unreachable_errno(e) => HANDSHAKE_UNREACHABLE,
+        _ => HANDSHAKE_FAILED,
+    }
+}
+
+/// Errors the kernel derives from ICMP destination-unreachable messages
+/// (`icmp_err_convert`, `icmpv6_err_convert`).
+#[inline(always)]
+pub fn is_unreachable_errno(errno: i32) -> bool {
+    const EACCES: i32 = 13;
+    const ENONET: i32 = 64;
+    const EPROTO: i32 = 71;
+    const EMSGSIZE: i32 = 90;
+    const EOPNOTSUPP: i32 = 95;
+    const ENETUNREACH: i32 = 101;
+    const EHOSTDOWN: i32 = 112;
+    const EHOSTUNREACH: i32 = 113;
+    matches!(
+        errno,
+        EACCES | ENONET | EPROTO | EMSGSIZE | EOPNOTSUPP | ENETUNREACH | EHOSTUNREACH | EHOSTDOWN
+    )
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all these types are `#[repr(C)]`, `Copy`, contain only integers and byte
@@ -556,6 +637,8 @@ mod user {
     unsafe impl aya::Pod for super::DnsEvent {}
     unsafe impl aya::Pod for super::NatEvent {}
     unsafe impl aya::Pod for super::ReplyEvent {}
+    unsafe impl aya::Pod for super::HandshakeKey {}
+    unsafe impl aya::Pod for super::HandshakeTotals {}
     unsafe impl aya::Pod for super::NatOffsets {}
     unsafe impl aya::Pod for super::DropReasons {}
     unsafe impl aya::Pod for super::FlowTuple {}
@@ -579,6 +662,39 @@ mod tests {
         assert_eq!(offset_of!(EventHeader, kind), 0);
         assert_eq!(offset_of!(EventHeader, cpu), 4);
         assert_eq!(offset_of!(EventHeader, ts_ns), 8);
+    }
+
+    #[test]
+    fn handshake_map_layout() {
+        assert_eq!(size_of::<HandshakeKey>(), 32);
+        assert_eq!(offset_of!(HandshakeKey, cgroup_id), 0);
+        assert_eq!(offset_of!(HandshakeKey, addr), 8);
+        assert_eq!(offset_of!(HandshakeKey, family), 24);
+        assert_eq!(offset_of!(HandshakeKey, outcome), 26);
+        assert_eq!(size_of::<HandshakeTotals>(), 16);
+        assert_eq!(offset_of!(HandshakeTotals, syn_retransmits), 8);
+    }
+
+    #[test]
+    fn handshake_outcomes() {
+        assert_eq!(
+            handshake_outcome(TCP_ESTABLISHED, 0, 0, 2),
+            HANDSHAKE_ESTABLISHED
+        );
+        assert_eq!(handshake_outcome(TCP_CLOSE, 111, 0, 0), HANDSHAKE_REFUSED);
+        assert_eq!(handshake_outcome(TCP_CLOSE, 110, 0, 6), HANDSHAKE_TIMEOUT);
+        assert_eq!(handshake_outcome(TCP_CLOSE, 0, 0, 1), HANDSHAKE_TIMEOUT);
+        assert_eq!(handshake_outcome(TCP_CLOSE, 0, 0, 0), HANDSHAKE_ABORTED);
+        // The soft error explains a close the application made while the kernel retried.
+        assert_eq!(
+            handshake_outcome(TCP_CLOSE, 0, 113, 3),
+            HANDSHAKE_UNREACHABLE
+        );
+        assert_eq!(
+            handshake_outcome(TCP_CLOSE, 113, 0, 0),
+            HANDSHAKE_UNREACHABLE
+        );
+        assert_eq!(handshake_outcome(TCP_CLOSE, 1, 0, 0), HANDSHAKE_FAILED);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::{collections::HashMap, fs::File, io, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, MapType, PerCpuArray, RingBuf},
+    maps::{MapData, MapType, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr,
         ProgramError,
@@ -21,8 +21,8 @@ use aya::{
 };
 use tokio::io::unix::AsyncFd;
 use tracer_common::{
-    Counter, DropEvent, DropOffsets, DropReasons, IcmpReceivers, NatEvent, NatOffsets,
-    SETTING_CGROUP_FILTER,
+    Counter, DropEvent, DropOffsets, DropReasons, HandshakeKey, HandshakeTotals, IcmpReceivers,
+    NatEvent, NatOffsets, SETTING_CGROUP_FILTER,
 };
 
 pub use btf::{BtfError, KernelBtf};
@@ -119,6 +119,10 @@ pub struct KernelCounters {
     pub nats_lost: u64,
     pub replies: u64,
     pub replies_lost: u64,
+    pub dns_messages: u64,
+    pub dns_messages_lost: u64,
+    /// Handshakes the kernel could not count because its `HANDSHAKES` map was full.
+    pub handshakes_uncounted: u64,
 }
 
 impl KernelCounters {
@@ -130,6 +134,21 @@ impl KernelCounters {
             + self.drops_lost
             + self.nats_lost
             + self.replies_lost
+            + self.dns_messages_lost
+    }
+
+    /// (kernel program, events it produced, events it lost to a full ring buffer).
+    pub fn by_program(&self) -> [(&'static str, u64, u64); 8] {
+        [
+            ("connect", self.connects, self.connects_lost),
+            ("sock_state", self.sock_states, self.sock_states_lost),
+            ("first_packet", self.first_packets, self.first_packets_lost),
+            ("icmp", self.icmp_errors, self.icmp_errors_lost),
+            ("drops", self.drops, self.drops_lost),
+            ("dns", self.dns_messages, self.dns_messages_lost),
+            ("nat", self.nats, self.nats_lost),
+            ("reply", self.replies, self.replies_lost),
+        ]
     }
 }
 
@@ -511,7 +530,48 @@ impl Capture {
             nats_lost: total(Counter::NatLost)?,
             replies: total(Counter::ReplySeen)?,
             replies_lost: total(Counter::ReplyLost)?,
+            dns_messages: total(Counter::DnsSeen)?,
+            dns_messages_lost: total(Counter::DnsLost)?,
+            handshakes_uncounted: total(Counter::HandshakeUncounted)?,
         })
+    }
+
+    /// The kernel's handshake counts (summed over CPUs), exact even when events were lost.
+    pub fn handshakes(&self) -> Result<Vec<(HandshakeKey, HandshakeTotals)>, CaptureError> {
+        let map = self
+            .ebpf
+            .map("HANDSHAKES")
+            .ok_or(CaptureError::MissingPart("map HANDSHAKES"))?;
+        let map = PerCpuHashMap::<_, HandshakeKey, HandshakeTotals>::try_from(map)?;
+        map.iter()
+            .map(|entry| {
+                let (key, per_cpu) = entry?;
+                let totals =
+                    per_cpu
+                        .iter()
+                        .fold(HandshakeTotals::default(), |sum, cpu| HandshakeTotals {
+                            handshakes: sum.handshakes + cpu.handshakes,
+                            syn_retransmits: sum.syn_retransmits + cpu.syn_retransmits,
+                        });
+                Ok((key, totals))
+            })
+            .collect()
+    }
+
+    /// Removes handshake keys that stay idle, so the map keeps room for new ones.
+    pub fn forget_handshakes(&mut self, keys: &[HandshakeKey]) -> Result<(), CaptureError> {
+        let map = self
+            .ebpf
+            .map_mut("HANDSHAKES")
+            .ok_or(CaptureError::MissingPart("map HANDSHAKES"))?;
+        let mut map = PerCpuHashMap::<_, HandshakeKey, HandshakeTotals>::try_from(map)?;
+        for key in keys {
+            match map.remove(key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -249,6 +249,14 @@ impl ClusterState {
             .or_else(|| self.backends.get(&ip).cloned())
     }
 
+    /// Whether `ip` belongs to the cluster: a known pod, a Service's cluster IP or an
+    /// EndpointSlice backend.
+    pub fn is_cluster_address(&self, ip: IpAddr) -> bool {
+        self.by_ip.contains_key(&ip)
+            || self.backends.contains_key(&ip)
+            || self.services.iter().any(|s| s.cluster_ips.contains(&ip))
+    }
+
     /// The cluster DNS Service (`kube-system/kube-dns`, as CoreDNS is installed on AKS
     /// and by kubeadm), when known.
     pub fn cluster_dns(&self) -> Option<&ServiceInfo> {

@@ -138,6 +138,11 @@ impl SnatTable {
         }
     }
 
+    /// Every counted destination (after DNAT) with its translated flows.
+    pub fn destinations(&self) -> impl Iterator<Item = (SocketAddr, u32)> + '_ {
+        self.usage.iter().map(|(key, in_use)| (key.dst, *in_use))
+    }
+
     /// The usage towards `dst` of flows translated to `translated`.
     pub fn usage(&self, translated: IpAddr, dst: SocketAddr, protocol: u8) -> SnatUsage {
         let key = Destination {

@@ -57,21 +57,26 @@ pub async fn open(
     api.wait_synced(SYNC_TIMEOUT)
         .await
         .context("pass --cluster-state PATH to work from files instead")?;
-    let (state, warnings) = api.state();
-    let mut warned = HashSet::new();
-    for warning in warnings {
-        eprintln!("warning: skipped {warning}");
-        warned.insert(warning);
-    }
-    let source = ClusterSource::Api {
-        api,
-        was_stale: false,
-        warned,
-    };
+    let mut source = ClusterSource::from_api(api);
+    let state = source.refresh().unwrap_or_default();
     Ok((state, source))
 }
 
 impl ClusterSource {
+    /// A source of the API's state (synced).
+    pub fn from_api(api: ClusterApi) -> Self {
+        ClusterSource::Api {
+            api,
+            was_stale: false,
+            warned: HashSet::new(),
+        }
+    }
+
+    /// Whether the API's state may be out of date.
+    pub fn is_stale(&self) -> bool {
+        matches!(self, ClusterSource::Api { api, .. } if api.is_stale())
+    }
+
     /// The API's latest state (warning once about invalid objects, and when the API
     /// becomes unreachable or comes back); `None` for the other sources.
     pub fn refresh(&mut self) -> Option<ClusterState> {

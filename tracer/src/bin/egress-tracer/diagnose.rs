@@ -285,14 +285,11 @@ fn judge_reset_by_reference(attempts: &[&Attempt], port: u16) -> Option<Verdict>
     verdict::of_attempt(&judged, &NodeFacts::of_this_node(), None)
 }
 
-/// The DNS server the node itself uses (systemd-resolved's upstreams first, as its
-/// /etc/resolv.conf points at a local stub), when it is not the pod's own server.
+/// The DNS server the node itself uses, when it is not the pod's own server.
 fn node_upstream_dns(pod_servers: &[IpAddr]) -> Option<IpAddr> {
-    ["/run/systemd/resolve/resolv.conf", "/etc/resolv.conf"]
-        .iter()
-        .filter_map(|path| fs::read_to_string(path).ok())
-        .flat_map(|text| resolver_config(&text).nameservers)
-        .find(|server| !server.is_loopback() && !pod_servers.contains(server))
+    node::dns_servers()
+        .into_iter()
+        .find(|server| !pod_servers.contains(server))
 }
 
 fn node_check(resolution: &Resolution) -> Check {

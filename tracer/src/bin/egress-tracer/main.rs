@@ -3,8 +3,10 @@
 //! Exit codes: 0 success, 1 a failure while running, 2 a usage or environment error
 //! (bad arguments, unknown pod, missing privileges, unsupported kernel).
 
+mod agent;
 mod cluster_source;
 mod diagnose;
+mod http;
 mod policy;
 mod trace;
 
@@ -67,6 +69,22 @@ enum Command {
         egress-tracer diagnose --pod shop/web 203.0.113.10:443 --timeout 3s -o json"
     )]
     Diagnose(DiagnoseArgs),
+    /// Trace every pod on this node continuously; serve metrics and recent flows over HTTP.
+    #[command(after_help = "Serves, on --listen:\n  \
+        /metrics        Prometheus metrics (OpenMetrics text)\n  \
+        /healthz        200 while the process runs\n  \
+        /readyz         200 once the kernel programs are attached and the cluster state \
+        has synced, else 503 with the reason\n  \
+        /api/v1/flows   recent records as NDJSON (the `trace -o json` records); filters: \
+        namespace, pod (NAME or NS/NAME), hop, since (5m or an RFC 3339 time), \
+        follow=true to stream new records\n\n\
+        SIGTERM (or Ctrl-C) stops it: the last records are published, the kernel programs \
+        detached, open streams ended, and it exits 0.\n\n\
+        Examples:\n  \
+        egress-tracer agent --listen 127.0.0.1:9090\n  \
+        curl 'http://127.0.0.1:9090/api/v1/flows?namespace=shop&hop=dns&follow=true'\n\n\
+        Needs what trace needs; in a cluster, deploy/ runs it as a DaemonSet.")]
+    Agent(agent::AgentArgs),
     /// (internal) The checks diagnose runs inside the pod.
     #[command(hide = true)]
     Probe(ProbeArgs),
@@ -211,10 +229,17 @@ pub struct UsageError(String);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // The agent serves HTTP while its event loop runs: give it a second thread.
+    let runtime = match &cli.command {
+        Command::Agent(_) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -232,6 +257,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }),
+        Command::Agent(args) => runtime
+            .block_on(agent::run(args))
+            .map(|()| ExitCode::SUCCESS),
         Command::Probe(args) => diagnose::run_probe(args).map(|()| ExitCode::SUCCESS),
         Command::Policy(args) => runtime.block_on(policy::run(args)).map(|allowed| {
             if allowed {

@@ -1,0 +1,373 @@
+//! `egress-tracer agent`: continuous tracing on one node, served over HTTP.
+//!
+//! One event loop owns the capture and the pipeline; it feeds finished records to the
+//! metrics and the flow store, which the HTTP server ([`crate::http`]) reads. SIGTERM
+//! marks the agent not ready, drains what the kernel already produced, detaches the
+//! programs and ends open follow streams.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context;
+use egress_tracer::{
+    capture::{Capture, CaptureOptions},
+    cluster::{ClusterState, api::ClusterApi, cgroups::CgroupIndex},
+    conntrack,
+    flow::Origin,
+    metrics::{Metrics, MetricsOptions},
+    node::{self, MonotonicClock},
+    output,
+    pipeline::Pipeline,
+    store::{FlowStore, StoreLimits},
+};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{oneshot, watch},
+    time::interval,
+};
+
+use crate::{cluster_source::ClusterSource, http, parse_duration, parse_ring_buffer_size};
+
+/// How often held attempts and stored records are checked for expiry.
+const EXPIRY_TICK: Duration = Duration::from_millis(200);
+/// How often the cluster model, the kernel's counts and the metrics are refreshed.
+const REFRESH: Duration = Duration::from_secs(1);
+/// How often the node's conntrack counters and SNAT usage are read.
+const CONNTRACK_REFRESH: Duration = Duration::from_secs(2);
+/// How long open HTTP requests may take to finish at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Between attempts to reach the Kubernetes API before the first sync.
+const API_RETRY: Duration = Duration::from_secs(5);
+
+#[derive(clap::Args)]
+pub struct AgentArgs {
+    /// Address to serve /metrics, /healthz, /readyz and /api/v1/flows on.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:9090")]
+    listen: SocketAddr,
+    /// Pods, Services, EndpointSlices, Namespaces and NetworkPolicies from files (see
+    /// `trace --help`); without it, the Kubernetes API, watched continuously.
+    #[arg(long, value_name = "PATH", env = "EGRESS_TRACER_CLUSTER_STATE")]
+    cluster_state: Option<PathBuf>,
+    /// This node's name (default: NODE_NAME, else the host name).
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Most records kept for /api/v1/flows (the oldest go first).
+    #[arg(long, value_name = "N", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    flows_max_records: u32,
+    /// How long records are kept for /api/v1/flows.
+    #[arg(long, value_name = "D", value_parser = parse_duration, default_value = "15m")]
+    flows_max_age: Duration,
+    /// Label metrics by namespace only, not by pod (for nodes with many short-lived pods).
+    #[arg(long)]
+    no_pod_label: bool,
+    /// DNS servers that count as `server="upstream"` in egress_dns_queries_total
+    /// (repeatable; default: the node's own DNS servers).
+    #[arg(long, value_name = "IP")]
+    upstream_dns: Vec<std::net::IpAddr>,
+    /// How long a DNS query may wait when the pod's resolv.conf sets no `timeout:`.
+    #[arg(long, value_name = "D", value_parser = parse_duration, default_value = "5s")]
+    dns_timeout: Duration,
+    /// Size of the kernel's event ring buffer in bytes (see `trace --help`).
+    #[arg(long, value_name = "BYTES", value_parser = parse_ring_buffer_size)]
+    ring_buffer_size: Option<u32>,
+    /// SNAT ports the cloud gives this node (see `trace --help`).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    snat_port_budget: Option<u32>,
+    /// BTF of the running kernel (see `trace --help`).
+    #[arg(long, value_name = "PATH", default_value = egress_tracer::node::KERNEL_BTF)]
+    btf: PathBuf,
+}
+
+/// What the event loop shares with the HTTP server.
+pub struct Shared {
+    pub metrics: Mutex<Metrics>,
+    pub store: Mutex<FlowStore>,
+    /// Why the agent is not ready (`None`: ready).
+    pub not_ready: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn set_not_ready(&self, reason: Option<String>) {
+        *self.not_ready.lock().expect("not poisoned") = reason;
+    }
+}
+
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let node_name = crate::cluster_source::node_name(args.node_name.as_deref());
+    let upstream_dns = if args.upstream_dns.is_empty() {
+        node::dns_servers()
+    } else {
+        args.upstream_dns.clone()
+    };
+    let shared = Arc::new(Shared {
+        metrics: Mutex::new(Metrics::new(MetricsOptions {
+            pod_label: !args.no_pod_label,
+            upstream_dns,
+            kernel: node::kernel_release(),
+        })),
+        store: Mutex::new(FlowStore::new(StoreLimits {
+            max_records: args.flows_max_records as usize,
+            max_age: args.flows_max_age,
+        })),
+        not_ready: Mutex::new(Some("the kernel programs are not attached yet".into())),
+    });
+    // Signal handlers first: whoever waits for readiness may signal at once.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (choose another with --listen)",
+                args.listen
+            )
+        })?;
+    let (stop_server, server_stopped) = watch::channel(false);
+    let server = tokio::spawn(http::serve(listener, Arc::clone(&shared), server_stopped));
+
+    let (cluster, mut source) = open_cluster(&args, node_name.as_deref()).await?;
+    let cgroup_root = node::cgroup2_mount().context("cannot find the cgroup v2 hierarchy")?;
+    let cgroups = CgroupIndex::new(cgroup_root.clone())
+        .with_context(|| format!("cannot read cgroups under {}", cgroup_root.display()))?;
+    let mut pipeline =
+        Pipeline::new(cgroups, cluster, None, args.dns_timeout).with_query_outcomes();
+    let mut capture = Capture::start(&CaptureOptions {
+        kernel_btf: args.btf.clone(),
+        only_cgroups: None,
+        ring_buffer_bytes: args.ring_buffer_size,
+    })?;
+    for warning in capture.warnings() {
+        eprintln!("warning: {warning}");
+    }
+    let mut node_conntrack = conntrack::watch(args.snat_port_budget, CONNTRACK_REFRESH, |e| {
+        eprintln!("warning: {e}")
+    })
+    .context("cannot start the conntrack reader thread")?;
+    shared.set_not_ready((!source.is_synced()).then(|| source.waiting_reason()));
+    eprintln!(
+        "egress-tracer agent: tracing every process on this node; serving on http://{}",
+        args.listen
+    );
+
+    let clock = MonotonicClock::new();
+    let mut events = Vec::new();
+    let mut tick = interval(EXPIRY_TICK);
+    let mut refresh = interval(REFRESH);
+    loop {
+        tokio::select! {
+            read = capture.read_batch(&mut events) => read?,
+            _ = tick.tick() => {
+                pipeline.tick(node::monotonic_now().as_nanos() as u64);
+                shared.store.lock().expect("not poisoned").expire(SystemTime::now());
+            }
+            _ = refresh.tick() => {
+                source.poll_connected();
+                shared.set_not_ready((!source.is_synced()).then(|| source.waiting_reason()));
+                if let Some(state) = source.refresh() {
+                    pipeline.set_cluster(state);
+                }
+                let stale = source.is_stale();
+                let mut metrics = shared.metrics.lock().expect("not poisoned");
+                metrics.cluster_stale(stale);
+                metrics.prune(pipeline.cluster(), Instant::now());
+                drop(metrics);
+                count_in_kernel(&shared, &mut capture, &mut pipeline)?;
+            }
+            Ok(()) = node_conntrack.changed() => {
+                let latest = node_conntrack.borrow_and_update().clone();
+                pipeline.set_snat(latest.snat.clone());
+                shared.metrics.lock().expect("not poisoned").conntrack(&latest, pipeline.cluster());
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+        pipeline.handle(&mut events, capture.names());
+        publish(&shared, &mut pipeline, clock);
+    }
+
+    eprintln!("egress-tracer agent: stopping");
+    shared.set_not_ready(Some("shutting down".into()));
+    capture.read_available(&mut events);
+    pipeline.handle(&mut events, capture.names());
+    pipeline.finish();
+    publish(&shared, &mut pipeline, clock);
+    count_in_kernel(&shared, &mut capture, &mut pipeline)?;
+    // Detaches every program.
+    drop(capture);
+    let _ = stop_server.send(true);
+    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(Ok(result)) => result.context("the HTTP server failed")?,
+        Ok(Err(e)) => return Err(e).context("the HTTP server task failed"),
+        Err(_) => {
+            eprintln!("warning: HTTP requests still open after {SHUTDOWN_GRACE:?}; closing them")
+        }
+    }
+    eprintln!("egress-tracer agent: stopped; kernel programs detached");
+    Ok(())
+}
+
+/// Hands finished records to the metrics and the flow store.
+fn publish(shared: &Shared, pipeline: &mut Pipeline, clock: MonotonicClock) {
+    let records = pipeline.take_records();
+    let queries = pipeline.take_query_outcomes();
+    if records.is_empty() && queries.is_empty() {
+        return;
+    }
+    let mut metrics = shared.metrics.lock().expect("not poisoned");
+    for (query, origin) in &queries {
+        metrics.query(query, origin, pipeline.cluster());
+    }
+    for record in &records {
+        metrics.record(record, pipeline.cluster());
+    }
+    drop(metrics);
+    let mut store = shared.store.lock().expect("not poisoned");
+    for record in &records {
+        let (time, pod, hop, line) = output::json_record(record, clock);
+        store.push(time, pod, hop, line);
+    }
+}
+
+/// Reads what the kernel counted (events, losses, handshakes) into the metrics.
+fn count_in_kernel(
+    shared: &Shared,
+    capture: &mut Capture,
+    pipeline: &mut Pipeline,
+) -> anyhow::Result<()> {
+    let counters = capture
+        .counters()
+        .context("cannot read the kernel counters")?;
+    let handshakes = capture
+        .handshakes()
+        .context("cannot read the kernel's handshake counts")?;
+    let mut origins: HashMap<u64, Origin> = HashMap::new();
+    for (key, _) in &handshakes {
+        origins
+            .entry(key.cgroup_id)
+            .or_insert_with(|| pipeline.origin_of(key.cgroup_id));
+    }
+    let mut metrics = shared.metrics.lock().expect("not poisoned");
+    metrics.kernel(&counters);
+    let idle = metrics.handshakes(
+        &handshakes,
+        |cgroup| origins.get(&cgroup).cloned().unwrap_or_default(),
+        pipeline.cluster(),
+    );
+    if !idle.is_empty() {
+        capture
+            .forget_handshakes(&idle)
+            .context("cannot remove idle handshake counts")?;
+        metrics.forgotten(&idle);
+    }
+    Ok(())
+}
+
+/// The cluster model at start: from files (complete at once), or from the API, which
+/// the agent keeps trying to reach in the background (not ready until it syncs).
+async fn open_cluster(
+    args: &AgentArgs,
+    node_name: Option<&str>,
+) -> anyhow::Result<(ClusterState, AgentCluster)> {
+    if let Some(path) = &args.cluster_state {
+        let (state, warnings) = ClusterState::load(path)?;
+        for warning in warnings {
+            eprintln!("warning: skipped {warning}");
+        }
+        return Ok((state, AgentCluster::Files));
+    }
+    let config = ClusterApi::infer_config().await.map_err(|e| {
+        crate::UsageError(format!(
+            "the agent needs the cluster state: run it in the cluster (the DaemonSet in \
+             deploy/), make a kubeconfig available, or pass --cluster-state PATH ({e})"
+        ))
+    })?;
+    let server = config.cluster_url.to_string();
+    let node = node_name.map(str::to_owned);
+    let (connected, receive) = oneshot::channel();
+    let reason = Arc::new(Mutex::new(format!(
+        "waiting for the Kubernetes API at {server}"
+    )));
+    let task_reason = Arc::clone(&reason);
+    tokio::spawn(async move {
+        loop {
+            let attempt = async {
+                let api = ClusterApi::connect(config.clone(), node.as_deref()).await?;
+                api.wait_synced(Duration::from_secs(30)).await?;
+                Ok::<_, egress_tracer::cluster::api::ApiError>(api)
+            };
+            match attempt.await {
+                Ok(api) => {
+                    let _ = connected.send(api);
+                    return;
+                }
+                Err(e) => {
+                    eprintln!("warning: {e}; retrying in {API_RETRY:?}");
+                    *task_reason.lock().expect("not poisoned") =
+                        format!("waiting for the Kubernetes API: {e}");
+                }
+            }
+            tokio::time::sleep(API_RETRY).await;
+        }
+    });
+    Ok((
+        ClusterState::default(),
+        AgentCluster::Connecting { receive, reason },
+    ))
+}
+
+/// The agent's cluster source through its life.
+enum AgentCluster {
+    Files,
+    Connecting {
+        receive: oneshot::Receiver<ClusterApi>,
+        reason: Arc<Mutex<String>>,
+    },
+    Api(ClusterSource),
+}
+
+impl AgentCluster {
+    fn is_synced(&self) -> bool {
+        !matches!(self, Self::Connecting { .. })
+    }
+
+    fn waiting_reason(&self) -> String {
+        match self {
+            Self::Connecting { reason, .. } => reason.lock().expect("not poisoned").clone(),
+            _ => String::new(),
+        }
+    }
+
+    /// Takes the API once it has synced.
+    fn poll_connected(&mut self) {
+        if let Self::Connecting { receive, .. } = self
+            && let Ok(api) = receive.try_recv()
+        {
+            eprintln!(
+                "egress-tracer agent: cluster state from the Kubernetes API at {}",
+                api.server()
+            );
+            *self = Self::Api(ClusterSource::from_api(api));
+        }
+    }
+
+    fn refresh(&mut self) -> Option<ClusterState> {
+        match self {
+            Self::Api(source) => source.refresh(),
+            _ => None,
+        }
+    }
+
+    fn is_stale(&self) -> bool {
+        match self {
+            Self::Files => false,
+            Self::Connecting { .. } => true,
+            Self::Api(source) => source.is_stale(),
+        }
+    }
+}

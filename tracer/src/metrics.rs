@@ -1,0 +1,595 @@
+//! The agent's Prometheus metrics (prometheus-client, OpenMetrics text).
+//!
+//! Every label is bounded: `namespace` and `pod` by the pods on the node (series of a
+//! deleted pod are removed [`PRUNE_AFTER`] after it disappears, so a last scrape sees
+//! their final values; `--no-pod-label` keeps the namespace only), and every other label
+//! by a fixed set of values (`dst_class`, `outcome`, `hop`, `reason`, `rcode`, `qtype`,
+//! `server`, `kind`, `program`). Processes outside any known pod count under empty
+//! `namespace` and `pod`.
+//!
+//! Connection counts and SYN retransmissions come from the kernel's `HANDSHAKES` map,
+//! and event totals and losses from its counters: they stay exact when the ring buffer
+//! overflows. The rest is derived from the events received.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use prometheus_client::{
+    encoding::text,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+        info::Info,
+    },
+    registry::Registry,
+};
+use tracer_common::{AF_INET, HandshakeKey, HandshakeTotals};
+
+use crate::{
+    capture::KernelCounters,
+    cluster::ClusterState,
+    conntrack::{ConntrackStats, NodeConntrack},
+    dns::{LookupResult, QueryOutcome},
+    flow::{Origin, Outcome, Protocol},
+    pipeline::Record,
+    verdict::{Hop, Verdict},
+};
+
+/// How long the series of a pod that left the node are kept.
+pub const PRUNE_AFTER: Duration = Duration::from_secs(300);
+/// Handshake keys unchanged for this many reads are removed from the kernel map.
+const IDLE_READS_BEFORE_FORGET: u32 = 30;
+
+/// A label set: `namespace` (and `pod`) first, then the metric's own labels.
+type Labels = Vec<(&'static str, String)>;
+
+/// Where a destination is, for `dst_class`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DstClass {
+    /// A pod, a Service or an EndpointSlice backend known to the cluster model.
+    Cluster,
+    /// A private, shared, link-local or loopback address (the VNet and its peers).
+    Vnet,
+    /// Anything else.
+    Internet,
+}
+
+impl DstClass {
+    pub fn of(ip: IpAddr, cluster: &ClusterState) -> Self {
+        if cluster.is_cluster_address(ip) {
+            return Self::Cluster;
+        }
+        let private = match ip {
+            IpAddr::V4(v4) => {
+                let [a, b, ..] = v4.octets();
+                v4.is_private()
+                    || v4.is_loopback()
+                    || v4.is_link_local()
+                    // 100.64.0.0/10, shared address space (carrier-grade NAT, some overlays).
+                    || (a == 100 && (64..128).contains(&b))
+            }
+            IpAddr::V6(v6) => {
+                let first = v6.segments()[0];
+                v6.is_loopback()
+                    || (first & 0xfe00) == 0xfc00
+                    || (first & 0xffc0) == 0xfe80
+                    || v6
+                        .to_ipv4_mapped()
+                        .is_some_and(|v4| Self::of(v4.into(), cluster) != Self::Internet)
+            }
+        };
+        if private { Self::Vnet } else { Self::Internet }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cluster => "cluster",
+            Self::Vnet => "vnet",
+            Self::Internet => "internet",
+        }
+    }
+}
+
+/// What the metrics need to know besides the records.
+#[derive(Clone, Debug, Default)]
+pub struct MetricsOptions {
+    /// Label per pod (`false`: per namespace only, for large clusters).
+    pub pod_label: bool,
+    /// The DNS servers the node itself uses (what the cluster DNS forwards to), for
+    /// `server="upstream"`.
+    pub upstream_dns: Vec<IpAddr>,
+    /// The running kernel's release, for `egress_tracer_build_info`.
+    pub kernel: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum PerPod {
+    Connections,
+    ConnectDuration,
+    DnsQueries,
+    DnsDuration,
+    DnsTimeouts,
+    Drops,
+    SynRetransmits,
+    Verdicts,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    options: MetricsOptions,
+    connections: Family<Labels, Counter>,
+    connect_duration: Family<Labels, Histogram>,
+    dns_queries: Family<Labels, Counter>,
+    dns_duration: Family<Labels, Histogram>,
+    dns_timeouts: Family<Labels, Counter>,
+    drops: Family<Labels, Counter>,
+    syn_retransmits: Family<Labels, Counter>,
+    verdicts: Family<Labels, Counter>,
+    conntrack_entries: Gauge,
+    conntrack_limit: Gauge,
+    conntrack_failures: Family<Labels, Counter>,
+    snat_ports_in_use: Family<Labels, Gauge>,
+    events: Family<Labels, Counter>,
+    events_lost: Family<Labels, Counter>,
+    cluster_cache_stale: Gauge,
+    /// The series of each `namespace/pod` (or namespace), for pruning.
+    series: HashMap<String, HashSet<(PerPod, Labels)>>,
+    /// When each pod with series was first missing from the cluster model.
+    missing_since: HashMap<String, Instant>,
+    kernel_seen: KernelCounters,
+    conntrack_seen: Option<ConntrackStats>,
+    handshakes_seen: HashMap<HandshakeKey, (HandshakeTotals, u32)>,
+}
+
+impl Metrics {
+    pub fn new(options: MetricsOptions) -> Self {
+        let mut registry = Registry::default();
+        let connections = Family::default();
+        registry.register(
+            "egress_connections",
+            "TCP connection attempts by outcome and destination class (counted in the kernel)",
+            connections.clone(),
+        );
+        let connect_duration =
+            Family::<Labels, Histogram>::new_with_constructor(connect_buckets as fn() -> _);
+        registry.register(
+            "egress_connect_duration_seconds",
+            "Time from connect() to an established connection",
+            connect_duration.clone(),
+        );
+        let dns_queries = Family::default();
+        registry.register(
+            "egress_dns_queries",
+            "DNS queries by response code (TIMEOUT: none in time), type and server class",
+            dns_queries.clone(),
+        );
+        let dns_duration =
+            Family::<Labels, Histogram>::new_with_constructor(dns_buckets as fn() -> _);
+        registry.register(
+            "egress_dns_duration_seconds",
+            "Time from a DNS query to its response",
+            dns_duration.clone(),
+        );
+        let dns_timeouts = Family::default();
+        registry.register(
+            "egress_dns_timeouts",
+            "DNS queries without a response within the resolver's timeout",
+            dns_timeouts.clone(),
+        );
+        let drops = Family::default();
+        registry.register(
+            "egress_drops",
+            "Packets of egress attempts dropped in the kernel, by the attempt's failing hop",
+            drops.clone(),
+        );
+        let syn_retransmits = Family::default();
+        registry.register(
+            "egress_tcp_syn_retransmits",
+            "SYN retransmissions of connection attempts (counted in the kernel)",
+            syn_retransmits.clone(),
+        );
+        let verdicts = Family::default();
+        registry.register(
+            "egress_verdicts",
+            "Failed attempts and lookups by the hop that failed them",
+            verdicts.clone(),
+        );
+        let conntrack_entries = Gauge::default();
+        registry.register(
+            "egress_conntrack_entries",
+            "Entries in the node's conntrack table",
+            conntrack_entries.clone(),
+        );
+        let conntrack_limit = Gauge::default();
+        registry.register(
+            "egress_conntrack_limit",
+            "Size limit of the node's conntrack table (nf_conntrack_max)",
+            conntrack_limit.clone(),
+        );
+        let conntrack_failures = Family::default();
+        registry.register(
+            "egress_conntrack_failures",
+            "The node's conntrack failures since boot (/proc/net/stat/nf_conntrack)",
+            conntrack_failures.clone(),
+        );
+        let snat_ports_in_use = Family::default();
+        registry.register(
+            "egress_snat_ports_in_use",
+            "Source-NATed flows on the node by destination class",
+            snat_ports_in_use.clone(),
+        );
+        let events = Family::default();
+        registry.register(
+            "egress_events",
+            "Events produced by the kernel programs, by kind",
+            events.clone(),
+        );
+        let events_lost = Family::default();
+        registry.register(
+            "egress_events_lost",
+            "Events lost to a full ring buffer, or handshakes not counted for a full map",
+            events_lost.clone(),
+        );
+        let cluster_cache_stale = Gauge::default();
+        registry.register(
+            "egress_cluster_cache_stale",
+            "1 while the cluster model cannot be refreshed from the Kubernetes API",
+            cluster_cache_stale.clone(),
+        );
+        registry.register(
+            "egress_tracer_build",
+            "The tracer's version and the node's kernel",
+            Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION").to_owned()),
+                ("kernel", options.kernel.clone()),
+            ]),
+        );
+        Self {
+            registry,
+            options,
+            connections,
+            connect_duration,
+            dns_queries,
+            dns_duration,
+            dns_timeouts,
+            drops,
+            syn_retransmits,
+            verdicts,
+            conntrack_entries,
+            conntrack_limit,
+            conntrack_failures,
+            snat_ports_in_use,
+            events,
+            events_lost,
+            cluster_cache_stale,
+            series: HashMap::new(),
+            missing_since: HashMap::new(),
+            kernel_seen: KernelCounters::default(),
+            conntrack_seen: None,
+            handshakes_seen: HashMap::new(),
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Counts a finished record.
+    pub fn record(&mut self, record: &Record, cluster: &ClusterState) {
+        match record {
+            Record::Attempt(attempt) => {
+                let class = DstClass::of(attempt.dst.ip(), cluster);
+                if let (Protocol::Tcp, Outcome::Established, Some(duration)) = (
+                    attempt.protocol,
+                    attempt.outcome,
+                    attempt.tcp.as_ref().and_then(|t| t.duration),
+                ) {
+                    let labels = self.labels(&attempt.origin, [("dst_class", class.as_str())]);
+                    self.touch(PerPod::ConnectDuration, &labels);
+                    self.connect_duration
+                        .get_or_create(&labels)
+                        .observe(duration.as_secs_f64());
+                }
+                if let (Some(drops), Some(verdict)) = (&attempt.drops, &attempt.verdict) {
+                    let labels = self.hop_labels(&attempt.origin, verdict);
+                    self.touch(PerPod::Drops, &labels);
+                    self.drops
+                        .get_or_create(&labels)
+                        .inc_by(u64::from(drops.count));
+                }
+                if let Some(verdict) = &attempt.verdict {
+                    self.verdict(&attempt.origin, verdict);
+                }
+            }
+            Record::Lookup {
+                lookup,
+                origin,
+                verdict,
+            } => {
+                // A lookup fails as a whole; its single queries are counted in `query`.
+                if lookup.result != LookupResult::Resolved {
+                    self.verdict(origin, verdict);
+                }
+            }
+        }
+    }
+
+    fn verdict(&mut self, origin: &Origin, verdict: &Verdict) {
+        if verdict.hop == Hop::None {
+            return;
+        }
+        let labels = self.hop_labels(origin, verdict);
+        self.touch(PerPod::Verdicts, &labels);
+        self.verdicts.get_or_create(&labels).inc();
+    }
+
+    /// Counts one DNS query's end.
+    pub fn query(&mut self, query: &QueryOutcome, origin: &Origin, cluster: &ClusterState) {
+        let server = self.server_class(query.server, cluster);
+        let rcode = query.rcode.as_deref().map_or("TIMEOUT", bounded_rcode);
+        let labels = self.labels(
+            origin,
+            [
+                ("rcode", rcode),
+                ("qtype", bounded_qtype(&query.qtype)),
+                ("server", server),
+            ],
+        );
+        self.touch(PerPod::DnsQueries, &labels);
+        self.dns_queries.get_or_create(&labels).inc();
+        let pod = self.labels(origin, []);
+        if query.rcode.is_none() {
+            self.touch(PerPod::DnsTimeouts, &pod);
+            self.dns_timeouts.get_or_create(&pod).inc();
+        } else {
+            let labels = self.labels(origin, [("server", server)]);
+            self.touch(PerPod::DnsDuration, &labels);
+            self.dns_duration
+                .get_or_create(&labels)
+                .observe(query.duration.as_secs_f64());
+        }
+    }
+
+    fn server_class(&self, server: IpAddr, cluster: &ClusterState) -> &'static str {
+        // NodeLocal DNSCache listens on this link-local address on every node.
+        const NODE_LOCAL_DNS: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 20, 10));
+        let cluster_dns = cluster
+            .cluster_dns()
+            .is_some_and(|dns| dns.cluster_ips.contains(&server));
+        if cluster_dns || server == NODE_LOCAL_DNS {
+            "cluster"
+        } else if self.options.upstream_dns.contains(&server) {
+            "upstream"
+        } else {
+            "other"
+        }
+    }
+
+    /// Adds what the kernel counted since the last call to the connection counters, and
+    /// returns the keys idle long enough to be removed from the kernel map (call
+    /// [`forgotten`](Self::forgotten) once they are).
+    pub fn handshakes(
+        &mut self,
+        totals: &[(HandshakeKey, HandshakeTotals)],
+        mut origin_of: impl FnMut(u64) -> Origin,
+        cluster: &ClusterState,
+    ) -> Vec<HandshakeKey> {
+        let mut idle = Vec::new();
+        for (key, now) in totals {
+            let (before, idle_reads) = self
+                .handshakes_seen
+                .entry(*key)
+                .or_insert((HandshakeTotals::default(), 0));
+            let handshakes = now.handshakes.saturating_sub(before.handshakes);
+            let retransmits = now.syn_retransmits.saturating_sub(before.syn_retransmits);
+            *before = *now;
+            if handshakes == 0 {
+                *idle_reads += 1;
+                if *idle_reads >= IDLE_READS_BEFORE_FORGET {
+                    idle.push(*key);
+                }
+                continue;
+            }
+            *idle_reads = 0;
+            let origin = origin_of(key.cgroup_id);
+            let class = DstClass::of(handshake_address(key), cluster);
+            let outcome = Outcome::of_handshake(key.outcome).as_str();
+            let labels = self.labels(
+                &origin,
+                [("outcome", outcome), ("dst_class", class.as_str())],
+            );
+            self.touch(PerPod::Connections, &labels);
+            self.connections.get_or_create(&labels).inc_by(handshakes);
+            if retransmits > 0 {
+                let labels = self.labels(&origin, []);
+                self.touch(PerPod::SynRetransmits, &labels);
+                self.syn_retransmits
+                    .get_or_create(&labels)
+                    .inc_by(retransmits);
+            }
+        }
+        idle
+    }
+
+    /// The keys [`handshakes`](Self::handshakes) returned are gone from the kernel map.
+    pub fn forgotten(&mut self, keys: &[HandshakeKey]) {
+        for key in keys {
+            self.handshakes_seen.remove(key);
+        }
+    }
+
+    /// The kernel's event counters (totals since the programs were loaded).
+    pub fn kernel(&mut self, counters: &KernelCounters) {
+        for ((program, seen, lost), (_, seen_before, lost_before)) in counters
+            .by_program()
+            .into_iter()
+            .zip(self.kernel_seen.by_program())
+        {
+            let labels = vec![("kind", program.to_owned())];
+            self.events
+                .get_or_create(&labels)
+                .inc_by(seen.saturating_sub(seen_before));
+            let labels = vec![("program", program.to_owned())];
+            self.events_lost
+                .get_or_create(&labels)
+                .inc_by(lost.saturating_sub(lost_before));
+        }
+        let labels = vec![("program", "handshake_counts".to_owned())];
+        self.events_lost.get_or_create(&labels).inc_by(
+            counters
+                .handshakes_uncounted
+                .saturating_sub(self.kernel_seen.handshakes_uncounted),
+        );
+        self.kernel_seen = *counters;
+    }
+
+    /// The node's conntrack table and SNAT usage.
+    pub fn conntrack(&mut self, node: &NodeConntrack, cluster: &ClusterState) {
+        if let Some(stats) = node.stats {
+            self.conntrack_entries.set(stats.entries as i64);
+            self.conntrack_limit.set(stats.limit as i64);
+            let before = self.conntrack_seen.unwrap_or_default();
+            for (kind, now, then) in [
+                ("insert_failed", stats.insert_failed, before.insert_failed),
+                ("drop", stats.drop, before.drop),
+                ("early_drop", stats.early_drop, before.early_drop),
+                ("invalid", stats.invalid, before.invalid),
+            ] {
+                self.conntrack_failures
+                    .get_or_create(&vec![("kind", kind.to_owned())])
+                    .inc_by(now.saturating_sub(then));
+            }
+            self.conntrack_seen = Some(stats);
+        }
+        if let Some(snat) = &node.snat {
+            let mut by_class = [0i64; 3];
+            for (dst, in_use) in snat.destinations() {
+                by_class[DstClass::of(dst.ip(), cluster) as usize] += i64::from(in_use);
+            }
+            for class in [DstClass::Cluster, DstClass::Vnet, DstClass::Internet] {
+                self.snat_ports_in_use
+                    .get_or_create(&vec![("dst_class", class.as_str().to_owned())])
+                    .set(by_class[class as usize]);
+            }
+        }
+    }
+
+    pub fn cluster_stale(&self, stale: bool) {
+        self.cluster_cache_stale.set(i64::from(stale));
+    }
+
+    /// Removes the series of pods gone from the cluster model for [`PRUNE_AFTER`].
+    pub fn prune(&mut self, cluster: &ClusterState, now: Instant) {
+        if !self.options.pod_label {
+            return;
+        }
+        let present: HashSet<String> = cluster.pods().iter().map(ToString::to_string).collect();
+        self.missing_since.retain(|pod, _| !present.contains(pod));
+        let mut gone = Vec::new();
+        for pod in self.series.keys().filter(|pod| !present.contains(*pod)) {
+            let since = *self.missing_since.entry(pod.clone()).or_insert(now);
+            if now.duration_since(since) >= PRUNE_AFTER {
+                gone.push(pod.clone());
+            }
+        }
+        for pod in gone {
+            self.missing_since.remove(&pod);
+            for (family, labels) in self.series.remove(&pod).unwrap_or_default() {
+                match family {
+                    PerPod::Connections => self.connections.remove(&labels),
+                    PerPod::ConnectDuration => self.connect_duration.remove(&labels),
+                    PerPod::DnsQueries => self.dns_queries.remove(&labels),
+                    PerPod::DnsDuration => self.dns_duration.remove(&labels),
+                    PerPod::DnsTimeouts => self.dns_timeouts.remove(&labels),
+                    PerPod::Drops => self.drops.remove(&labels),
+                    PerPod::SynRetransmits => self.syn_retransmits.remove(&labels),
+                    PerPod::Verdicts => self.verdicts.remove(&labels),
+                };
+            }
+        }
+    }
+
+    /// Remembers a per-pod series so it can be pruned with its pod.
+    fn touch(&mut self, family: PerPod, labels: &Labels) {
+        // A pod's series are keyed by the `namespace/pod` the labels start with; pods
+        // without a name (host processes, unknown pods) are never pruned.
+        let [(_, namespace), (_, pod), ..] = labels.as_slice() else {
+            return;
+        };
+        if pod.is_empty() || !self.options.pod_label {
+            return;
+        }
+        self.series
+            .entry(format!("{namespace}/{pod}"))
+            .or_default()
+            .insert((family, labels.clone()));
+    }
+
+    fn labels<const N: usize>(&self, origin: &Origin, extra: [(&'static str, &str); N]) -> Labels {
+        let (namespace, pod) = origin
+            .pod
+            .as_deref()
+            .and_then(|pod| pod.split_once('/'))
+            .unwrap_or(("", ""));
+        let mut labels = vec![("namespace", namespace.to_owned())];
+        if self.options.pod_label {
+            labels.push(("pod", pod.to_owned()));
+        }
+        labels.extend(extra.into_iter().map(|(k, v)| (k, v.to_owned())));
+        labels
+    }
+
+    fn hop_labels(&self, origin: &Origin, verdict: &Verdict) -> Labels {
+        self.labels(
+            origin,
+            [("hop", verdict.hop.as_str()), ("reason", &verdict.reason)],
+        )
+    }
+}
+
+fn handshake_address(key: &HandshakeKey) -> IpAddr {
+    if key.family == AF_INET {
+        let [a, b, c, d, ..] = key.addr;
+        IpAddr::from([a, b, c, d])
+    } else {
+        IpAddr::from(key.addr)
+    }
+}
+
+fn connect_buckets() -> Histogram {
+    // 1 ms to about 131 s (the kernel's default SYN give-up time).
+    Histogram::new(exponential_buckets(0.001, 2.0, 18))
+}
+
+fn dns_buckets() -> Histogram {
+    // 0.5 ms to about 16 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+fn bounded_rcode(rcode: &str) -> &'static str {
+    const KNOWN: [&str; 7] = [
+        "NOERROR",
+        "NXDOMAIN",
+        "SERVFAIL",
+        "REFUSED",
+        "FORMERR",
+        "NOTIMP",
+        "MALFORMED",
+    ];
+    KNOWN.into_iter().find(|k| *k == rcode).unwrap_or("OTHER")
+}
+
+fn bounded_qtype(qtype: &str) -> &'static str {
+    const KNOWN: [&str; 12] = [
+        "A", "AAAA", "CNAME", "SRV", "PTR", "MX", "TXT", "NS", "SOA", "HTTPS", "SVCB", "ANY",
+    ];
+    KNOWN.into_iter().find(|k| *k == qtype).unwrap_or("OTHER")
+}
