@@ -18,6 +18,7 @@
 //! cgroup parent, so teardown can end exactly the processes the lab started.
 
 pub mod addresses;
+pub mod agent;
 mod cleanup;
 pub mod demo;
 pub mod dns_server;

@@ -16,10 +16,11 @@ fn main() -> ExitCode {
         Some("serve-dns") => serve_dns(&args[1..]),
         Some("udp-send") => udp_send(&args[1..]),
         Some("hold-tcp") => hold_tcp(&args[1..]),
+        Some("connect-burst") => connect_burst(&args[1..]),
         Some("clean") => clean(),
         Some("up") => up(),
         _ => {
-            Err("usage: lab serve-http --listen ADDR [--status N] | lab serve-dns --listen ADDR --rcode N | lab udp-send ADDR [--connect | --count N] | lab hold-tcp ADDR --count N --seconds S | lab up | lab clean".to_owned())
+            Err("usage: lab serve-http --listen ADDR [--status N] | lab serve-dns --listen ADDR --rcode N | lab udp-send ADDR [--connect | --count N] | lab hold-tcp ADDR --count N --seconds S | lab connect-burst ADDR --count N | lab up | lab clean".to_owned())
         }
     };
     match result {
@@ -132,6 +133,36 @@ fn hold_tcp(args: &[String]) -> Result<(), String> {
         .map_err(|e| format!("connect {address}: {e}"))?;
     std::thread::sleep(std::time::Duration::from_secs(seconds));
     drop(held);
+    Ok(())
+}
+
+/// Opens `--count` TCP connections to ADDR back to back, as fast as the kernel allows,
+/// keeps them until the last is open, and fails unless all were established (a burst
+/// that overflows a small ring buffer).
+fn connect_burst(args: &[String]) -> Result<(), String> {
+    let usage = || "usage: lab connect-burst ADDR --count N".to_owned();
+    let [address, count_flag, count] = args else {
+        return Err(usage());
+    };
+    if count_flag != "--count" {
+        return Err(usage());
+    }
+    let address: SocketAddr = address.parse().map_err(|e| format!("{address}: {e}"))?;
+    let count: u16 = count.parse().map_err(|_| usage())?;
+    let mut held = Vec::with_capacity(usize::from(count));
+    let mut failed = 0;
+    for _ in 0..count {
+        match std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_secs(5)) {
+            Ok(stream) => held.push(stream),
+            Err(_) => failed += 1,
+        }
+    }
+    println!("established {} failed {failed}", held.len());
+    if failed > 0 {
+        return Err(format!(
+            "{failed} of {count} connections to {address} failed"
+        ));
+    }
     Ok(())
 }
 

@@ -151,7 +151,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     .context("cannot start the conntrack reader thread")?;
     shared.set_not_ready((!source.is_synced()).then(|| source.waiting_reason()));
     eprintln!(
-        "egress-tracer agent: tracing every process on this node; serving on http://{}",
+        "egress-tracer: tracing every process on this node (agent); serving on http://{}",
         args.listen
     );
 
