@@ -22,6 +22,7 @@ pub mod agent;
 mod cleanup;
 pub mod demo;
 pub mod dns_server;
+pub mod fake_api;
 pub mod http;
 mod manifest;
 pub mod network_policy;

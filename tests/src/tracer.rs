@@ -61,8 +61,13 @@ pub fn tracer_binary() -> io::Result<PathBuf> {
 impl Tracer {
     /// Starts `egress-tracer ARGS` in the node namespace and waits until it is attached.
     pub fn start(lab: &Lab, args: &[&str]) -> io::Result<Self> {
+        Self::start_with_env(lab, args, &[])
+    }
+
+    /// The same, with these environment variables set (e.g. `KUBECONFIG`).
+    pub fn start_with_env(lab: &Lab, args: &[&str], env: &[(&str, &str)]) -> io::Result<Self> {
         let mut command = Command::new(tracer_binary()?);
-        command.args(args);
+        command.args(args).envs(env.iter().copied());
         Self::attach(lab.spawn_on_node(piped(command))?)
     }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use egress_lab::{
     CgroupDriver, Lab, PodSpec, addresses as addr,
     agent::{self, Follow},
+    fake_api::FakeApiServer,
     tracer::{BpfObjects, Tracer},
 };
 use serde_json::{Value, json};
@@ -270,4 +271,75 @@ fn a_tiny_ring_buffer_loses_events_but_connection_counts_stay_exact() {
     assert!(metrics[&series("egress_events_total", &[("kind", "connect")])] >= 500.0);
     let output = agent.stop(libc::SIGTERM).unwrap();
     assert!(output.status.success());
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn readiness_waits_for_the_kubernetes_api_and_staleness_is_a_metric() {
+    let lab = Lab::start(&[PodSpec::new("default", "client", CgroupDriver::Systemd)]).unwrap();
+    // An API server address in the node's namespace where nothing listens yet.
+    let api_address: std::net::SocketAddr = "127.0.0.1:16443".parse().unwrap();
+    let kubeconfig = lab.cluster_state().with_file_name("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: lab\n\
+             clusters: [{{name: lab, cluster: {{server: 'http://{api_address}'}}}}]\n\
+             users: [{{name: lab, user: {{}}}}]\n\
+             contexts: [{{name: lab, context: {{cluster: lab, user: lab}}}}]\n"
+        ),
+    )
+    .unwrap();
+    let node = lab.node_netns();
+    let listen = agent::listen_address();
+    let agent = Tracer::start_with_env(
+        &lab,
+        &["agent", "--node-name", &node, "--listen", &listen],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    )
+    .unwrap();
+    let (status, body) = agent::get(&lab, "/readyz").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("waiting for the Kubernetes API"), "{body}");
+    assert_eq!(agent::get(&lab, "/healthz").unwrap(), (200, "ok".into()));
+    assert_eq!(
+        agent::metrics(&lab)
+            .unwrap()
+            .get("egress_cluster_cache_stale"),
+        Some(&1.0)
+    );
+
+    let mut api = FakeApiServer::start_in_netns(&node, api_address).unwrap();
+    let ready = wait_until(Duration::from_secs(20), || {
+        agent::get(&lab, "/readyz").is_ok_and(|(status, _)| status == 200)
+    });
+    assert!(ready, "{:?}", agent::get(&lab, "/readyz"));
+    assert_eq!(
+        agent::wait_for_metric(&lab, "egress_cluster_cache_stale", 0.0, METRICS_WAIT),
+        0.0
+    );
+    // The API goes away: still ready (the programs keep tracing), but stale.
+    api.outage();
+    assert_eq!(
+        agent::wait_for_metric(
+            &lab,
+            "egress_cluster_cache_stale",
+            1.0,
+            Duration::from_secs(60)
+        ),
+        1.0
+    );
+    assert_eq!(agent::get(&lab, "/readyz").unwrap().0, 200);
+    assert!(agent.stop(libc::SIGTERM).unwrap().status.success());
+}
+
+fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    check()
 }
