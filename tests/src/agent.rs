@@ -87,6 +87,25 @@ pub fn wait_for_metric(lab: &Lab, series: &str, expected: f64, timeout: Duration
     }
 }
 
+/// Runs `egress-tracer ARGS` in the node's namespace to completion: (status, stdout,
+/// stderr).
+pub fn run_cli_on_node(
+    lab: &Lab,
+    args: &[&str],
+) -> io::Result<(std::process::ExitStatus, String, String)> {
+    let output = Command::new("ip")
+        .args(["netns", "exec", &lab.node_netns()])
+        .arg(crate::tracer::tracer_binary()?)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    Ok((
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
 /// A `follow=true` stream being read.
 pub struct Follow {
     child: Child,

@@ -206,6 +206,63 @@ fn agent_counts_exactly_serves_flows_and_detaches_on_sigterm() {
         "{streamed:#?}"
     );
 
+    // trace and diagnose through the agent, as from a laptop.
+    let url = format!("http://{}", agent::listen_address());
+    let remote_trace = Tracer::start_with_ip_netns_exec(
+        &lab,
+        &[
+            "trace",
+            "--agent",
+            &url,
+            "--pod",
+            "default/client",
+            "-o",
+            "json",
+            "--duration",
+            "8s",
+        ],
+    )
+    .unwrap();
+    assert_eq!(curl(&lab, "client", &closed), Some(7));
+    let traced = remote_trace.finish().unwrap().records();
+    assert_eq!(traced.len(), 1, "{traced:#?}");
+    assert_eq!(traced[0]["pod"], "default/client");
+    assert_eq!(traced[0]["outcome"], "refused");
+    assert_eq!(traced[0]["verdict"]["hop"], "endpoint");
+    let diagnosis = agent::run_cli_on_node(
+        &lab,
+        &[
+            "diagnose",
+            "--agent",
+            &url,
+            "--pod",
+            "default/client",
+            &closed,
+            "-o",
+            "json",
+        ],
+    )
+    .unwrap();
+    assert_eq!(diagnosis.0.code(), Some(1), "{diagnosis:?}");
+    let report: Value = serde_json::from_str(&diagnosis.1).unwrap();
+    assert_eq!(report["pod"], "default/client");
+    assert_eq!(report["verdict"]["hop"], "endpoint", "{report:#}");
+    assert_eq!(report["verdict"]["reason"], "refused", "{report:#}");
+    let bad = agent::run_cli_on_node(
+        &lab,
+        &[
+            "diagnose",
+            "--agent",
+            &url,
+            "--pod",
+            "default/nobody",
+            &closed,
+        ],
+    )
+    .unwrap();
+    assert_eq!(bad.0.code(), Some(2), "{bad:?}");
+    assert!(bad.2.contains("nobody"), "{bad:?}");
+
     let output = agent.stop(libc::SIGTERM).unwrap();
     assert!(output.status.success());
     assert!(

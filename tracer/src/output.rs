@@ -546,6 +546,60 @@ impl<W: Write> Writer<W> {
         }
     }
 
+    /// Writes a record received as its NDJSON line (from an agent's flows API).
+    pub fn write_json_line(&mut self, line: &str) -> io::Result<()> {
+        let record: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e}: {line}")))?;
+        // A note from the stream itself (records skipped for a slow reader).
+        if record.get("time").is_none() {
+            eprintln!("egress-tracer: the agent says {line}");
+            return Ok(());
+        }
+        let verdict: Option<Verdict> = serde_json::from_value(record["verdict"].clone()).ok();
+        let text = |value: &serde_json::Value| value.as_str().unwrap_or("-").to_owned();
+        let outcome = text(&record["outcome"]);
+        let failed = match &verdict {
+            Some(verdict) => verdict.hop != Hop::None,
+            None => !matches!(outcome.as_str(), "established" | "sent" | "in-progress"),
+        };
+        if self.failures_only && !failed {
+            return Ok(());
+        }
+        match self.format {
+            Format::Json => writeln!(self.out, "{line}"),
+            Format::Table => {
+                self.header()?;
+                let dns = record.get("dns");
+                let protocol = if dns.is_some() {
+                    "dns".to_owned()
+                } else {
+                    text(&record["protocol"])
+                };
+                let name = match dns {
+                    Some(dns) => text(&dns["name"]),
+                    None => text(&record["dst_name"]),
+                };
+                let pid = record["process"]["pid"]
+                    .as_u64()
+                    .map_or_else(|| "-".to_owned(), |pid| pid.to_string());
+                let pod = record["pod"].as_str().unwrap_or("(host)");
+                let verdict = verdict.map_or_else(|| "-".to_owned(), |v| self.verdict_cell(&v));
+                self.row(&[
+                    &table_time(&text(&record["time"])),
+                    pod,
+                    &pid,
+                    &text(&record["process"]["comm"]),
+                    &protocol,
+                    &text(&record["src"]),
+                    &text(&record["dst"]),
+                    &name,
+                    &verdict,
+                    &outcome,
+                ])
+            }
+        }
+    }
+
     pub fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
     }

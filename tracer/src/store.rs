@@ -121,7 +121,7 @@ pub struct FlowQuery {
     /// A pod name (with `namespace`) or `namespace/name`.
     pub pod: Option<String>,
     pub hop: Option<Hop>,
-    /// Only records at or after this time.
+    /// Only stored records at or after this time (`0s`: none, only new ones).
     pub since: Option<SystemTime>,
     pub follow: bool,
 }
@@ -168,7 +168,13 @@ impl FlowQuery {
         Ok(query)
     }
 
+    /// Whether a stored record is selected (`since` included).
     pub fn matches(&self, record: &StoredRecord) -> bool {
+        self.since.is_none_or(|since| record.time >= since) && self.matches_live(record)
+    }
+
+    /// Whether a new record goes to a follower: `since` only limits the history.
+    pub fn matches_live(&self, record: &StoredRecord) -> bool {
         let pod = record.pod.as_deref();
         let namespace = pod.and_then(|p| p.split_once('/')).map(|(ns, _)| ns);
         self.namespace
@@ -184,7 +190,6 @@ impl FlowQuery {
                     }
                 })
             && self.hop.is_none_or(|wanted| record.hop == wanted)
-            && self.since.is_none_or(|since| record.time >= since)
     }
 }
 

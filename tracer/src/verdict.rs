@@ -24,7 +24,7 @@
 
 use std::net::IpAddr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     capture::{NetnsOwner, PacketConntrack},
@@ -35,7 +35,7 @@ use crate::{
 };
 
 /// The hops of the egress path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Hop {
     Dns,
@@ -79,7 +79,7 @@ impl Hop {
 }
 
 /// Why an attempt failed (or that it did not).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Verdict {
     pub hop: Hop,
     /// One of the hop's reasons in `hops.md` (`nxdomain`, `insert-failed`, `ok`…).

@@ -135,7 +135,7 @@ fn suggestion_text(suggestions: &[String]) -> String {
 }
 
 /// All pods known to the tracer.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ClusterState {
     pods: Vec<PodInfo>,
     by_uid: HashMap<String, usize>,

@@ -12,7 +12,7 @@ pub enum Scheme {
 }
 
 /// A parsed target.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Target {
     /// As the user wrote it.
     pub input: String,

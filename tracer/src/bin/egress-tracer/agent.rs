@@ -27,7 +27,7 @@ use egress_tracer::{
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::{oneshot, watch},
+    sync::{mpsc, oneshot, watch},
     time::interval,
 };
 
@@ -82,6 +82,10 @@ pub struct AgentArgs {
     /// BTF of the running kernel (see `trace --help`).
     #[arg(long, value_name = "PATH", default_value = egress_tracer::node::KERNEL_BTF)]
     btf: PathBuf,
+    /// Refuse /api/v1/diagnose (then the agent needs no CAP_SYS_ADMIN: diagnose's probe
+    /// enters pods' network namespaces).
+    #[arg(long)]
+    no_diagnose: bool,
 }
 
 /// What the event loop shares with the HTTP server.
@@ -90,6 +94,18 @@ pub struct Shared {
     pub store: Mutex<FlowStore>,
     /// Why the agent is not ready (`None`: ready).
     pub not_ready: Mutex<Option<String>>,
+    /// How diagnoses run here (`None`: refused, `--no-diagnose`).
+    pub diagnose: Option<DiagnoseSetup>,
+}
+
+/// What a diagnosis on this agent needs besides its request.
+pub struct DiagnoseSetup {
+    pub node_name: Option<String>,
+    pub btf: PathBuf,
+    /// Asks the event loop for a copy of its cluster model.
+    pub cluster: mpsc::Sender<oneshot::Sender<ClusterState>>,
+    /// One diagnosis at a time: each loads its own programs and runs a probe.
+    pub running: tokio::sync::Semaphore,
 }
 
 impl Shared {
@@ -105,6 +121,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     } else {
         args.upstream_dns.clone()
     };
+    let (cluster_requests, mut cluster_wanted) = mpsc::channel::<oneshot::Sender<ClusterState>>(4);
     let shared = Arc::new(Shared {
         metrics: Mutex::new(Metrics::new(MetricsOptions {
             pod_label: !args.no_pod_label,
@@ -116,6 +133,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             max_age: args.flows_max_age,
         })),
         not_ready: Mutex::new(Some("the kernel programs are not attached yet".into())),
+        diagnose: (!args.no_diagnose).then(|| DiagnoseSetup {
+            node_name: node_name.clone(),
+            btf: args.btf.clone(),
+            cluster: cluster_requests,
+            running: tokio::sync::Semaphore::new(1),
+        }),
     });
     // Signal handlers first: whoever waits for readiness may signal at once.
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -183,6 +206,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 let latest = node_conntrack.borrow_and_update().clone();
                 pipeline.set_snat(latest.snat.clone());
                 shared.metrics.lock().expect("not poisoned").conntrack(&latest, pipeline.cluster());
+            }
+            Some(reply) = cluster_wanted.recv() => {
+                let _ = reply.send(pipeline.cluster().clone());
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,

@@ -10,7 +10,7 @@ use std::{
     io::{self, IsTerminal, Write},
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
-    path::Path,
+    path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
 };
@@ -18,7 +18,7 @@ use std::{
 use anyhow::Context;
 use egress_tracer::{
     capture::{Capture, CaptureOptions},
-    cluster::{PodInfo, cgroups::CgroupIndex},
+    cluster::{ClusterState, PodInfo, cgroups::CgroupIndex},
     diagnose::{
         self, Check, Observed, Plan, ProbeLine, Status,
         probe::{self, Resolution},
@@ -32,28 +32,102 @@ use egress_tracer::{
     policy::{self, Flow, Protocol},
     verdict::{self, Hop, NodeFacts, Verdict},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::{DiagnoseArgs, ProbeArgs, UsageError, cluster_source};
+use crate::{DiagnoseArgs, ProbeArgs, UsageError, cluster_source, remote};
 
 /// The `diagnose -o json` object (shared/design/hops.md).
-#[derive(Serialize)]
-struct Report<'a> {
-    pod: String,
-    target: &'a Target,
-    checks: Vec<Check>,
-    verdict: &'a Verdict,
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub pod: String,
+    pub target: Target,
+    pub checks: Vec<Check>,
+    pub verdict: Verdict,
+}
+
+/// What to diagnose: from the command line, or from a request to the agent.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub pod: String,
+    pub target: String,
+    pub timeout: Duration,
+    pub dns_timeout: Duration,
+    pub upstream_dns: Option<IpAddr>,
+    /// This node's name (to refuse pods of other nodes).
+    pub node_name: Option<String>,
+    pub btf: PathBuf,
 }
 
 /// Runs the checklist; `Ok(true)` when the target is reachable.
 pub async fn run(args: DiagnoseArgs) -> anyhow::Result<bool> {
-    let target = Target::parse(&args.target).map_err(|e| UsageError(e.to_string()))?;
-    let node_name = cluster_source::node_name(args.node_name.as_deref());
-    // Every node's pods: a pod on another node is then named as such.
-    let (cluster, _source) =
-        cluster_source::open(args.cluster_state.as_deref(), None, Some("diagnose")).await?;
-    let pod = cluster.find_pod(&args.pod)?.clone();
+    let request = Request {
+        pod: args.pod.clone(),
+        target: args.target.clone(),
+        timeout: args.timeout,
+        dns_timeout: args.dns_timeout,
+        upstream_dns: args.upstream_dns,
+        node_name: cluster_source::node_name(args.node_name.as_deref()),
+        btf: args.btf.clone(),
+    };
+    let report = match &args.remote.agent {
+        Some(agent) => {
+            let agent =
+                remote::AgentClient::new(agent, Some(&args.pod), &args.remote.agent_namespace)
+                    .await?;
+            agent.diagnose(&request).await?
+        }
+        None => {
+            // Every node's pods: a pod on another node is then named as such.
+            let (cluster, _source) =
+                cluster_source::open(args.cluster_state.as_deref(), None, Some("diagnose")).await?;
+            let tty = io::stdout().is_terminal();
+            let progress = args.output == Format::Table;
+            if progress {
+                println!("diagnosing {} from pod {}", request.target, request.pod);
+            }
+            examine(&request, cluster, &mut |check| {
+                if progress {
+                    print_check(check, tty);
+                }
+            })
+            .await?
+        }
+    };
+    let mut out = io::stdout().lock();
+    match args.output {
+        Format::Json => {
+            serde_json::to_writer(&mut out, &report)?;
+            writeln!(out)?;
+        }
+        Format::Table => {
+            if args.remote.agent.is_some() {
+                let tty = io::stdout().is_terminal();
+                writeln!(
+                    out,
+                    "diagnosing {} from pod {} (through the agent)",
+                    request.target, report.pod
+                )?;
+                for check in &report.checks {
+                    print_check(check, tty);
+                }
+            }
+            print_verdict(&mut out, &report.verdict)?
+        }
+    }
+    Ok(report.verdict.hop == Hop::None)
+}
+
+/// Runs the checklist for `request` with the cluster model `cluster`, telling `progress`
+/// each check as it completes.
+pub async fn examine(
+    request: &Request,
+    cluster: ClusterState,
+    progress: &mut (dyn FnMut(&Check) + Send),
+) -> anyhow::Result<Report> {
+    let target = Target::parse(&request.target).map_err(|e| UsageError(e.to_string()))?;
+    let node_name = request.node_name.clone();
+    let pod = cluster.find_pod(&request.pod)?.clone();
     if let (Some(theirs), Some(ours)) = (&pod.node_name, &node_name)
         && theirs != ours
     {
@@ -76,9 +150,9 @@ pub async fn run(args: DiagnoseArgs) -> anyhow::Result<bool> {
     let resolver = fs::read_to_string(format!("/proc/{pid}/root/etc/resolv.conf"))
         .map(|text| resolver_config(&text))
         .unwrap_or_default();
-    let dns_timeout = resolver.timeout.unwrap_or(args.dns_timeout);
-    let mut plan = Plan::new(&target, &resolver, dns_timeout, args.timeout);
-    plan.upstream_dns = args
+    let dns_timeout = resolver.timeout.unwrap_or(request.dns_timeout);
+    let mut plan = Plan::new(&target, &resolver, dns_timeout, request.timeout);
+    plan.upstream_dns = request
         .upstream_dns
         .or_else(|| node_upstream_dns(&resolver.nameservers));
     plan.environment =
@@ -86,7 +160,7 @@ pub async fn run(args: DiagnoseArgs) -> anyhow::Result<bool> {
 
     let pod_cgroups = cgroups.cgroups_of_pod(&pod.uid);
     let mut capture = Capture::start(&CaptureOptions {
-        kernel_btf: args.btf.clone(),
+        kernel_btf: request.btf.clone(),
         only_cgroups: Some(pod_cgroups.clone()),
         ring_buffer_bytes: None,
     })?;
@@ -95,14 +169,6 @@ pub async fn run(args: DiagnoseArgs) -> anyhow::Result<bool> {
     }
     let mut pipeline = Pipeline::new(cgroups, cluster, Some(&pod), dns_timeout);
     pipeline.preset_resolver(&pod_cgroups, &resolver);
-    let progress = args.output == Format::Table;
-    let tty = io::stdout().is_terminal();
-    if progress {
-        println!(
-            "diagnosing {} from pod {pod} (kernel programs attached)",
-            target.input
-        );
-    }
 
     let mut child = tokio::process::Command::new(
         std::env::current_exe().context("cannot find this program to run the probe")?,
@@ -147,9 +213,7 @@ pub async fn run(args: DiagnoseArgs) -> anyhow::Result<bool> {
                 Some(line) => {
                     let parsed: ProbeLine = serde_json::from_str(&line)
                         .with_context(|| format!("the probe said something unexpected: {line}"))?;
-                    if progress {
-                        print_check(&parsed.check, tty);
-                    }
+                    progress(&parsed.check);
                     probe_lines.push(parsed);
                 }
                 None => break,
@@ -181,18 +245,15 @@ pub async fn run(args: DiagnoseArgs) -> anyhow::Result<bool> {
                 format!("could not ask from the node: {e}"),
             ),
         };
-        if progress {
-            print_check(&check, tty);
-        }
+        progress(&check);
         node_checks.push(check);
     }
     let addresses = resolved_addresses(&target, &probe_lines);
     if let Some(check) = policy_check(&pipeline, &pod, &addresses, target.port) {
-        if progress {
-            print_check(&check, tty);
-        }
+        progress(&check);
         node_checks.push(check);
-    } // The lookup of the target's name. The direct question upstream runs at the same
+    }
+    // The lookup of the target's name. The direct question upstream runs at the same
     // time for the same name, so the tracker may group it into the same lookup; the one
     // through the pod's own nameserver is preferred when they are apart.
     let lookups: Vec<(&Lookup, &Verdict)> = records
@@ -246,26 +307,17 @@ pub async fn run(args: DiagnoseArgs) -> anyhow::Result<bool> {
             node_checks: &node_checks,
         },
     );
-    let mut out = io::stdout().lock();
-    match args.output {
-        Format::Json => {
-            let checks = probe_lines
-                .iter()
-                .map(|line| line.check.clone())
-                .chain(node_checks)
-                .collect();
-            let report = Report {
-                pod: pod.to_string(),
-                target: &target,
-                checks,
-                verdict: &verdict,
-            };
-            serde_json::to_writer(&mut out, &report)?;
-            writeln!(out)?;
-        }
-        Format::Table => print_verdict(&mut out, &verdict)?,
-    }
-    Ok(verdict.hop == Hop::None)
+    let checks = probe_lines
+        .iter()
+        .map(|line| line.check.clone())
+        .chain(node_checks)
+        .collect();
+    Ok(Report {
+        pod: pod.to_string(),
+        target,
+        checks,
+        verdict,
+    })
 }
 
 /// The verdict on a reset connection, judged again with the path length the reference

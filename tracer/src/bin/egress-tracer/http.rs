@@ -30,6 +30,7 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/flows", get(flows))
+        .route("/api/v1/diagnose", get(diagnose))
         .fallback(not_found)
         .with_state((shared, stop.clone()));
     let mut stop = stop;
@@ -61,8 +62,9 @@ async fn readyz(State((shared, _)): State<AppState>) -> Response {
 async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
-        "not found; the agent serves /metrics, /healthz, /readyz and \
-         /api/v1/flows?namespace=&pod=&hop=&since=&follow=\n",
+        "not found; the agent serves /metrics, /healthz, /readyz, \
+         /api/v1/flows?namespace=&pod=&hop=&since=&follow= and \
+         /api/v1/diagnose?pod=&target=&timeout=&dns_timeout=&upstream_dns=\n",
     )
         .into_response()
 }
@@ -99,6 +101,118 @@ async fn flows(State((shared, stop)): State<AppState>, RawQuery(raw): RawQuery) 
     ([(header::CONTENT_TYPE, NDJSON)], body).into_response()
 }
 
+/// Runs `diagnose` on this node: `pod` (NAMESPACE/NAME) and `target` are required;
+/// `timeout`, `dns_timeout` and `upstream_dns` as the command's flags.
+async fn diagnose(State((shared, _)): State<AppState>, RawQuery(raw): RawQuery) -> Response {
+    let Some(setup) = &shared.diagnose else {
+        return (
+            StatusCode::FORBIDDEN,
+            "diagnose is disabled on this agent (--no-diagnose)\n",
+        )
+            .into_response();
+    };
+    let params: Vec<(String, String)> =
+        match serde_urlencoded::from_str(raw.as_deref().unwrap_or("")) {
+            Ok(params) => params,
+            Err(e) => return bad_request(format!("cannot parse the query string: {e}")),
+        };
+    let request = match diagnose_request(&params, setup) {
+        Ok(request) => request,
+        Err(reason) => return bad_request(reason),
+    };
+    let Ok(_permit) = setup.running.try_acquire() else {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            "another diagnosis is running on this node; try again when it ends\n",
+        )
+            .into_response();
+    };
+    let (reply, cluster) = tokio::sync::oneshot::channel();
+    if setup.cluster.send(reply).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping\n").into_response();
+    }
+    let Ok(cluster) = cluster.await else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping\n").into_response();
+    };
+    // The diagnosis holds kernel objects that are not Send: it runs on a thread of its own.
+    let outcome = tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(crate::diagnose::examine(&request, cluster, &mut |_| {}))
+    })
+    .await;
+    match outcome {
+        Ok(Ok(report)) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            format!("{}\n", serde_json::to_string(&report).unwrap_or_default()),
+        )
+            .into_response(),
+        Ok(Err(error)) if crate::is_usage_or_environment(&error) => {
+            bad_request(format!("{error:#}"))
+        }
+        Ok(Err(error)) => {
+            let body = serde_json::json!({ "error": format!("{error:#}") });
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("{body}\n")).into_response()
+        }
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the diagnosis failed: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+fn diagnose_request(
+    params: &[(String, String)],
+    setup: &crate::agent::DiagnoseSetup,
+) -> Result<crate::diagnose::Request, String> {
+    let mut pod = None;
+    let mut target = None;
+    let mut timeout = std::time::Duration::from_secs(5);
+    let mut dns_timeout = std::time::Duration::from_secs(5);
+    let mut upstream_dns = None;
+    for (key, value) in params {
+        match key.as_str() {
+            "pod" => pod = Some(value.clone()),
+            "target" => target = Some(value.clone()),
+            "timeout" => {
+                timeout = crate::parse_duration(value).map_err(|e| format!("timeout: {e}"))?
+            }
+            "dns_timeout" => {
+                dns_timeout =
+                    crate::parse_duration(value).map_err(|e| format!("dns_timeout: {e}"))?
+            }
+            "upstream_dns" => {
+                upstream_dns = Some(
+                    value
+                        .parse()
+                        .map_err(|_| format!("upstream_dns {value:?} is not an IP address"))?,
+                )
+            }
+            other => {
+                return Err(format!(
+                    "unknown parameter {other:?}; diagnose takes pod, target, timeout, \
+                     dns_timeout and upstream_dns"
+                ));
+            }
+        }
+    }
+    const LONGEST: std::time::Duration = std::time::Duration::from_secs(60);
+    if timeout > LONGEST || dns_timeout > LONGEST {
+        return Err(format!("timeouts are limited to {}s", LONGEST.as_secs()));
+    }
+    Ok(crate::diagnose::Request {
+        pod: pod.ok_or("pod (NAMESPACE/NAME) is required")?,
+        target: target.ok_or("target (a URL or HOST:PORT) is required")?,
+        timeout,
+        dns_timeout,
+        upstream_dns,
+        node_name: setup.node_name.clone(),
+        btf: setup.btf.clone(),
+    })
+}
+
 fn lines(records: &[Arc<StoredRecord>]) -> String {
     let mut text = String::with_capacity(records.iter().map(|r| r.line.len() + 1).sum());
     for record in records {
@@ -127,7 +241,7 @@ fn follow(
                 };
                 match received {
                     Ok(record) if after.is_some_and(|seq| record.seq <= seq) => continue,
-                    Ok(record) if query.matches(&record) => {
+                    Ok(record) if query.matches_live(&record) => {
                         return Some((Ok(format!("{}\n", record.line)), (feed, query, stop)));
                     }
                     Ok(_) => continue,

@@ -8,6 +8,7 @@ mod cluster_source;
 mod diagnose;
 mod http;
 mod policy;
+mod remote;
 mod trace;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
@@ -90,6 +91,19 @@ enum Command {
     Probe(ProbeArgs),
 }
 
+/// Where to find a running agent (trace and diagnose).
+#[derive(clap::Args)]
+struct AgentLocation {
+    /// Ask a running agent instead of tracing here: its URL (http://HOST:9090), or
+    /// `auto` to reach the agent on the pod's node through the Kubernetes API server
+    /// (pods/proxy; needs only a kubeconfig, no access to the node).
+    #[arg(long, value_name = "URL|auto")]
+    agent: Option<String>,
+    /// Namespace of the agent's DaemonSet, for `--agent auto`.
+    #[arg(long, value_name = "NS", default_value = "egress-tracer")]
+    agent_namespace: String,
+}
+
 #[derive(clap::Args)]
 struct DiagnoseArgs {
     /// The pod, as NAMESPACE/NAME (it must run on this node).
@@ -121,6 +135,8 @@ struct DiagnoseArgs {
     /// BTF of the running kernel (see `trace --help`).
     #[arg(long, value_name = "PATH", default_value = egress_tracer::node::KERNEL_BTF)]
     btf: PathBuf,
+    #[command(flatten)]
+    remote: AgentLocation,
 }
 
 #[derive(clap::Args)]
@@ -198,10 +214,12 @@ struct TraceArgs {
     /// for this exact kernel, e.g. from BTFHub).
     #[arg(long, value_name = "PATH", default_value = egress_tracer::node::KERNEL_BTF)]
     btf: PathBuf,
+    #[command(flatten)]
+    remote: AgentLocation,
 }
 
 /// A duration such as `30s`, `2m` or `1h30m`; a bare number is seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let duration = match text.parse::<u64>() {
         Ok(seconds) => Duration::from_secs(seconds),
         Err(_) => {
@@ -282,7 +300,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn is_usage_or_environment(error: &anyhow::Error) -> bool {
+pub fn is_usage_or_environment(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         cause.is::<UsageError>()
             || cause.is::<PodLookupError>()

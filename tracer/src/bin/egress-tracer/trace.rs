@@ -19,7 +19,8 @@ use tokio::{
     time::{Instant, interval, sleep_until},
 };
 
-use crate::{TraceArgs, cluster_source};
+use crate::{TraceArgs, cluster_source, remote};
+use futures::StreamExt;
 
 /// How often held attempts are checked for expiry.
 const EXPIRY_TICK: Duration = Duration::from_millis(200);
@@ -29,6 +30,9 @@ const CGROUP_REFRESH: Duration = Duration::from_secs(2);
 const CONNTRACK_REFRESH: Duration = Duration::from_secs(2);
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
+    if let Some(agent) = &args.remote.agent {
+        return run_through_agent(&args, agent).await;
+    }
     let node_name = cluster_source::node_name(args.node_name.as_deref());
     let required = args.pod.as_ref().map(|pod| format!("--pod {pod}"));
     let (cluster, mut source) = cluster_source::open(
@@ -157,6 +161,49 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             during.early_drop,
             during.invalid
         );
+    }
+    Ok(())
+}
+
+/// `trace --agent`: the agent's live records, printed as `trace` prints its own.
+async fn run_through_agent(args: &TraceArgs, agent: &str) -> anyhow::Result<()> {
+    let client =
+        remote::AgentClient::new(agent, args.pod.as_deref(), &args.remote.agent_namespace).await?;
+    // Live records only, as a local trace shows: no history.
+    let mut query = vec![("since", "0s")];
+    query.extend(args.pod.iter().map(|pod| ("pod", pod.as_str())));
+    let lines = client.follow_flows(&query).await?;
+    tokio::pin!(lines);
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let scope = args
+        .pod
+        .as_deref()
+        .map_or_else(|| "all pods".to_owned(), |p| format!("pod {p}"));
+    eprintln!("egress-tracer: tracing {scope} through the agent; Ctrl-C to stop");
+    let color = io::stdout().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
+    let mut writer = Writer::new(io::stdout().lock(), args.output, MonotonicClock::new())
+        .with_color(color)
+        .failures_only(args.failures_only);
+    let deadline = args.duration.map(|d| Instant::now() + d);
+    let stop_at = sleep_until(
+        deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(u32::MAX.into())),
+    );
+    tokio::pin!(stop_at);
+    loop {
+        tokio::select! {
+            line = lines.next() => match line {
+                Some(line) => {
+                    writer.write_json_line(&line?).context("cannot write to stdout")?;
+                    writer.flush().context("cannot write to stdout")?;
+                }
+                None => anyhow::bail!("the agent ended the stream (it is stopping or restarting)"),
+            },
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = &mut stop_at, if deadline.is_some() => break,
+        }
     }
     Ok(())
 }
