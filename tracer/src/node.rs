@@ -129,7 +129,9 @@ fn unescape_octal(field: &str) -> String {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Capability {
     NetAdmin = 12,
+    SysPtrace = 19,
     SysAdmin = 21,
+    Syslog = 34,
     Perfmon = 38,
     Bpf = 39,
 }
@@ -138,7 +140,9 @@ impl Capability {
     pub fn name(self) -> &'static str {
         match self {
             Capability::NetAdmin => "CAP_NET_ADMIN",
+            Capability::SysPtrace => "CAP_SYS_PTRACE",
             Capability::SysAdmin => "CAP_SYS_ADMIN",
+            Capability::Syslog => "CAP_SYSLOG",
             Capability::Perfmon => "CAP_PERFMON",
             Capability::Bpf => "CAP_BPF",
         }

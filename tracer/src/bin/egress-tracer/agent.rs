@@ -20,7 +20,7 @@ use egress_tracer::{
     conntrack,
     flow::Origin,
     metrics::{Metrics, MetricsOptions},
-    node::{self, MonotonicClock},
+    node::{self, Capability, MonotonicClock},
     output,
     pipeline::Pipeline,
     store::{FlowStore, StoreLimits},
@@ -168,6 +168,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     for warning in capture.warnings() {
         eprintln!("warning: {warning}");
     }
+    for warning in capability_warnings(args.no_diagnose) {
+        eprintln!("warning: {warning}");
+    }
     let mut node_conntrack = conntrack::watch(args.snat_port_budget, CONNTRACK_REFRESH, |e| {
         eprintln!("warning: {e}")
     })
@@ -236,6 +239,32 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     eprintln!("egress-tracer agent: stopped; kernel programs detached");
     Ok(())
+}
+
+/// What the agent cannot do with the capabilities it has, beyond the hooks (which
+/// `Capture::start` checks).
+fn capability_warnings(no_diagnose: bool) -> Vec<String> {
+    let Ok(effective) = node::effective_capabilities() else {
+        return Vec::new();
+    };
+    let lacks = |cap: Capability| !node::missing_capabilities(effective, &[cap]).is_empty();
+    let mut warnings = Vec::new();
+    if lacks(Capability::SysPtrace) {
+        warnings.push(
+            "no CAP_SYS_PTRACE: pods' resolv.conf and network namespaces cannot be read \
+             (DNS lookups are grouped with Kubernetes' default search list; drops are not \
+             mapped to pods' namespaces; diagnose fails)"
+                .to_owned(),
+        );
+    }
+    if lacks(Capability::SysAdmin) && !no_diagnose {
+        warnings.push(
+            "no CAP_SYS_ADMIN: /api/v1/diagnose will fail (its probe enters the pod's network \
+             namespace); pass --no-diagnose to refuse it instead"
+                .to_owned(),
+        );
+    }
+    warnings
 }
 
 /// Hands finished records to the metrics and the flow store.

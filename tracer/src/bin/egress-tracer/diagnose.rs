@@ -183,6 +183,7 @@ pub async fn examine(
     .env_clear()
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
     .kill_on_drop(true)
     .spawn()
     .context("cannot start the probe")?;
@@ -222,9 +223,18 @@ pub async fn examine(
         pipeline.handle(&mut events, capture.names());
         records.extend(pipeline.take_records());
     }
+    let mut complaint = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        use tokio::io::AsyncReadExt;
+        // The probe says at most one line of error; bounded anyway.
+        let _ = (&mut stderr).take(4096).read_to_string(&mut complaint).await;
+    }
     let status = child.wait().await.context("the probe did not finish")?;
     if !status.success() {
-        anyhow::bail!("the probe failed ({status}); the checks so far: {probe_lines:?}");
+        anyhow::bail!(
+            "the probe in the pod failed ({status}): {}",
+            complaint.trim().trim_start_matches("error: ")
+        );
     }
     // The probe's last packets, then everything still open.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -438,12 +448,33 @@ fn print_verdict(out: &mut impl Write, verdict: &Verdict) -> io::Result<()> {
 
 /// The probe: joins the pod's container cgroup and network namespace, then runs the plan.
 pub fn run_probe(args: ProbeArgs) -> anyhow::Result<()> {
+    join_host_cgroup_namespace()?;
     // Writing 0 moves the writing process, as the container runtime does for `exec`.
     fs::write(args.cgroup.join("cgroup.procs"), "0")
         .with_context(|| format!("cannot join the pod's cgroup {}", args.cgroup.display()))?;
     join_netns(Path::new(&format!("/proc/{}/ns/net", args.netns_of)))?;
     let plan: Plan = serde_json::from_str(&args.plan).context("bad probe plan")?;
     diagnose::run_probe(&plan, &mut io::stdout().lock()).context("probe check failed")
+}
+
+/// In a container (the agent's DaemonSet) the probe starts in the container's own cgroup
+/// namespace, from which the kernel refuses moves into a pod's cgroup; the node's
+/// namespace (of PID 1, with hostPID) allows them.
+fn join_host_cgroup_namespace() -> anyhow::Result<()> {
+    let inode = |path: &str| fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    let (Ok(ours), Ok(host)) = (inode("/proc/self/ns/cgroup"), inode("/proc/1/ns/cgroup")) else {
+        return Ok(());
+    };
+    if ours == host {
+        return Ok(());
+    }
+    let namespace = fs::File::open("/proc/1/ns/cgroup")
+        .context("cannot open the node's cgroup namespace (/proc/1/ns/cgroup; hostPID?)")?;
+    // SAFETY: setns on a valid descriptor; the probe is single-threaded here.
+    if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWCGROUP) } != 0 {
+        return Err(io::Error::last_os_error()).context("cannot enter the node's cgroup namespace");
+    }
+    Ok(())
 }
 
 fn join_netns(path: &Path) -> anyhow::Result<()> {
