@@ -227,7 +227,10 @@ pub async fn examine(
     if let Some(mut stderr) = child.stderr.take() {
         use tokio::io::AsyncReadExt;
         // The probe says at most one line of error; bounded anyway.
-        let _ = (&mut stderr).take(4096).read_to_string(&mut complaint).await;
+        let _ = (&mut stderr)
+            .take(4096)
+            .read_to_string(&mut complaint)
+            .await;
     }
     let status = child.wait().await.context("the probe did not finish")?;
     if !status.success() {
