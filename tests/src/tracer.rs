@@ -64,6 +64,17 @@ impl Tracer {
         Self::start_with_env(lab, args, &[])
     }
 
+    /// Starts `WRAPPER… egress-tracer ARGS` in the node namespace (a wrapper that ends by
+    /// exec'ing its arguments, such as `capsh` or `unshare`, so the pid stays the tracer's).
+    pub fn start_wrapped(lab: &Lab, wrapper: &[&str], args: &[&str]) -> io::Result<Self> {
+        let (program, wrapper_args) = wrapper
+            .split_first()
+            .ok_or_else(|| io::Error::other("empty wrapper"))?;
+        let mut command = Command::new(program);
+        command.args(wrapper_args).arg(tracer_binary()?).args(args);
+        Self::attach(lab.spawn_on_node(piped(command))?)
+    }
+
     /// The same, with these environment variables set (e.g. `KUBECONFIG`).
     pub fn start_with_env(lab: &Lab, args: &[&str], env: &[(&str, &str)]) -> io::Result<Self> {
         let mut command = Command::new(tracer_binary()?);

@@ -400,3 +400,228 @@ fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     }
     check()
 }
+
+/// The capabilities the DaemonSet grants (deploy/kubernetes/daemonset.yaml), as capsh
+/// names (`cap_bpf`).
+fn daemonset_capabilities() -> Vec<String> {
+    let manifest = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/kubernetes/daemonset.yaml"),
+    )
+    .unwrap();
+    let mut lines = manifest
+        .lines()
+        .skip_while(|line| line.trim() != "add:")
+        .skip(1);
+    let mut capabilities = Vec::new();
+    while let Some(item) = lines.next().and_then(|line| line.trim().strip_prefix("- ")) {
+        capabilities.push(format!("cap_{}", item.to_ascii_lowercase()));
+    }
+    assert!(
+        !capabilities.is_empty(),
+        "no capabilities in daemonset.yaml"
+    );
+    capabilities
+}
+
+/// `unshare --cgroup capsh --drop=… -- -c 'exec "$0" "$@"'`: the tracer then runs as a
+/// root process whose bounding set, hence its every set, is exactly `keep`, in a cgroup
+/// namespace of its own (as in a container).
+fn with_exactly(keep: &[String]) -> Vec<String> {
+    let current = std::fs::read_to_string("/proc/self/status").unwrap();
+    let bounding = current
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+        .unwrap();
+    let names = egress_lab::process::run("capsh", &[&format!("--decode={bounding:x}")]).unwrap();
+    let all = names.trim().rsplit_once('=').unwrap().1;
+    let drop: Vec<&str> = all
+        .split(',')
+        .filter(|cap| !keep.iter().any(|k| k == cap))
+        .collect();
+    [
+        "unshare",
+        "--cgroup",
+        "capsh",
+        &format!("--drop={}", drop.join(",")),
+        "--",
+        "-c",
+        "exec \"$0\" \"$@\"",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+fn effective_capabilities(pid: u32) -> Vec<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim();
+    let names = egress_lab::process::run("capsh", &[&format!("--decode={hex}")]).unwrap();
+    let mut caps: Vec<String> = names
+        .trim()
+        .rsplit_once('=')
+        .unwrap()
+        .1
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    caps.sort();
+    caps
+}
+
+fn agent_args(lab: &Lab) -> Vec<String> {
+    vec![
+        "agent".into(),
+        "--cluster-state".into(),
+        lab.cluster_state().to_str().unwrap().into(),
+        "--node-name".into(),
+        lab.node_netns(),
+        "--listen".into(),
+        agent::listen_address(),
+    ]
+}
+
+fn diagnose_through_agent(lab: &Lab, target: &str) -> (Option<i32>, String) {
+    let url = format!("http://{}", agent::listen_address());
+    let (status, stdout, stderr) = agent::run_cli_on_node(
+        lab,
+        &[
+            "diagnose",
+            "--agent",
+            &url,
+            "--pod",
+            "default/client",
+            target,
+        ],
+    )
+    .unwrap();
+    (status.code(), format!("{stdout}{stderr}"))
+}
+
+/// Starts the agent with exactly `keep` and `extra` arguments, or says why it did not.
+fn agent_with_exactly(lab: &Lab, keep: &[String], extra: &[&str]) -> Result<Tracer, String> {
+    let mut args = agent_args(lab);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let wrapper = with_exactly(keep);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    Tracer::start_wrapped(lab, &wrapper, &args).map_err(|e| e.to_string())
+}
+
+/// With exactly `granted`, the agent counts connections (and, unless `--no-diagnose` is
+/// in `extra`, diagnoses through the agent work) without a warning.
+fn works_with_exactly(lab: &Lab, granted: &[String], extra: &[&str]) {
+    let endpoint = format!("http://{}:{}/", addr::ENDPOINT, addr::HTTP_PORT);
+    let tracer = agent_with_exactly(lab, granted, extra).unwrap();
+    let mut expected = granted.to_vec();
+    expected.sort();
+    assert_eq!(effective_capabilities(tracer.pid()), expected);
+    let established = series(
+        "egress_connections_total",
+        &[
+            ("namespace", "default"),
+            ("pod", "client"),
+            ("outcome", "established"),
+            ("dst_class", "internet"),
+        ],
+    );
+    assert_eq!(curl(lab, "client", &endpoint), Some(0));
+    assert_eq!(
+        agent::wait_for_metric(lab, &established, 1.0, METRICS_WAIT),
+        1.0
+    );
+    if !extra.contains(&"--no-diagnose") {
+        let (code, output) = diagnose_through_agent(lab, &endpoint);
+        assert_eq!(code, Some(0), "{output}");
+    }
+    let stopped = tracer.stop(libc::SIGTERM).unwrap();
+    assert!(!stopped.stderr.contains("warning:"), "{}", stopped.stderr);
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn runs_with_exactly_the_daemonsets_capabilities_and_needs_each() {
+    let lab = Lab::start(&[PodSpec::new("default", "client", CgroupDriver::Systemd)]).unwrap();
+    let endpoint = format!("http://{}:{}/", addr::ENDPOINT, addr::HTTP_PORT);
+    let granted = daemonset_capabilities();
+    works_with_exactly(&lab, &granted, &[]);
+    // Where kallsyms shows addresses to anyone, CAP_SYSLOG changes nothing observable.
+    let kallsyms_needs_syslog = std::fs::read_to_string("/proc/sys/kernel/kptr_restrict")
+        .is_ok_and(|v| v.trim() != "0")
+        || std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+            .is_ok_and(|v| v.trim().parse::<i32>().is_ok_and(|p| p > 1));
+    for missing in &granted {
+        let keep: Vec<String> = granted.iter().filter(|c| *c != missing).cloned().collect();
+        match missing.as_str() {
+            "cap_sys_admin" | "cap_net_admin" => {
+                let error = agent_with_exactly(&lab, &keep, &[])
+                    .err()
+                    .unwrap_or_else(|| panic!("started without {missing}"));
+                assert!(
+                    error.contains("missing capabilities CAP_"),
+                    "{missing}: {error}"
+                );
+            }
+            "cap_syslog" => {
+                let tracer = agent_with_exactly(&lab, &keep, &[]).unwrap();
+                let stderr = tracer.stop(libc::SIGTERM).unwrap().stderr;
+                if kallsyms_needs_syslog {
+                    assert!(stderr.contains("not found in /proc/kallsyms"), "{stderr}");
+                }
+            }
+            "cap_sys_ptrace" => {
+                let tracer = agent_with_exactly(&lab, &keep, &[]).unwrap();
+                // The pod's processes are out of reach: which read fails first depends on
+                // the pod's processes' own capabilities.
+                let (code, output) = diagnose_through_agent(&lab, &endpoint);
+                assert_ne!(code, Some(0), "{output}");
+                assert!(
+                    output.contains("has no running container")
+                        || output.contains("network namespace /proc/")
+                            && output.contains("Permission denied"),
+                    "{output}"
+                );
+                let stderr = tracer.stop(libc::SIGTERM).unwrap().stderr;
+                assert!(stderr.contains("no CAP_SYS_PTRACE"), "{stderr}");
+            }
+            other => panic!("{other} is granted but this test does not know why"),
+        }
+    }
+
+    // Without diagnose, CAP_SYS_ADMIN gives way to CAP_BPF and CAP_PERFMON.
+    let without_diagnose: Vec<String> = [
+        "cap_bpf",
+        "cap_perfmon",
+        "cap_net_admin",
+        "cap_syslog",
+        "cap_sys_ptrace",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    works_with_exactly(&lab, &without_diagnose, &["--no-diagnose"]);
+    for missing in ["cap_bpf", "cap_perfmon"] {
+        let keep: Vec<String> = without_diagnose
+            .iter()
+            .filter(|c| *c != missing)
+            .cloned()
+            .collect();
+        let error = agent_with_exactly(&lab, &keep, &["--no-diagnose"])
+            .err()
+            .unwrap_or_else(|| panic!("started without {missing}"));
+        let wanted = format!("missing capabilities {}", missing.to_ascii_uppercase());
+        assert!(error.contains(&wanted), "{missing}: {error}");
+    }
+    // And then diagnose is refused, not failed.
+    let tracer = agent_with_exactly(&lab, &without_diagnose, &["--no-diagnose"]).unwrap();
+    let (code, output) = diagnose_through_agent(&lab, &endpoint);
+    assert_eq!(code, Some(1), "{output}");
+    assert!(
+        output.contains("diagnose is disabled on this agent"),
+        "{output}"
+    );
+    assert!(tracer.stop(libc::SIGTERM).unwrap().status.success());
+}

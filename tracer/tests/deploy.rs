@@ -230,14 +230,7 @@ fn the_daemonset_runs_the_agent_as_the_service_and_probes_expect() {
     assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_owned()][..]));
     assert_eq!(
         capabilities.add.clone().unwrap(),
-        [
-            "BPF",
-            "PERFMON",
-            "NET_ADMIN",
-            "SYSLOG",
-            "SYS_PTRACE",
-            "SYS_ADMIN"
-        ]
+        ["SYS_ADMIN", "NET_ADMIN", "SYSLOG", "SYS_PTRACE"]
     );
     let mounts = container.volume_mounts.as_ref().unwrap();
     assert_eq!(mounts[0].mount_path, "/sys/fs/cgroup");
