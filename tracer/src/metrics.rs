@@ -593,3 +593,230 @@ fn bounded_qtype(qtype: &str) -> &'static str {
     ];
     KNOWN.into_iter().find(|k| *k == qtype).unwrap_or("OTHER")
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{Pod, PodStatus};
+    use kube::api::ObjectMeta;
+    use tracer_common::{HANDSHAKE_ESTABLISHED, HANDSHAKE_REFUSED};
+
+    use super::*;
+
+    fn cluster_with(pods: &[(&str, &str, &str)]) -> ClusterState {
+        ClusterState::from_pods(pods.iter().map(|(namespace, name, ip)| Pod {
+            metadata: ObjectMeta {
+                name: Some((*name).into()),
+                namespace: Some((*namespace).into()),
+                uid: Some(format!("uid-{name}")),
+                ..ObjectMeta::default()
+            },
+            status: Some(PodStatus {
+                pod_ip: Some((*ip).into()),
+                ..PodStatus::default()
+            }),
+            ..Pod::default()
+        }))
+    }
+
+    fn origin(pod: &str) -> Origin {
+        Origin {
+            pod: Some(pod.into()),
+            ..Origin::default()
+        }
+    }
+
+    fn key(outcome: u8) -> HandshakeKey {
+        HandshakeKey {
+            cgroup_id: 42,
+            addr: [203, 0, 113, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            family: AF_INET,
+            outcome,
+            _pad: [0; 5],
+        }
+    }
+
+    fn totals(handshakes: u64, syn_retransmits: u64) -> HandshakeTotals {
+        HandshakeTotals {
+            handshakes,
+            syn_retransmits,
+        }
+    }
+
+    fn metrics(pod_label: bool) -> Metrics {
+        Metrics::new(MetricsOptions {
+            pod_label,
+            upstream_dns: vec!["192.0.2.53".parse().unwrap()],
+            kernel: "6.18.0".into(),
+        })
+    }
+
+    /// The value of one series in the exposition.
+    fn value(metrics: &Metrics, series: &str) -> Option<f64> {
+        metrics.encode().lines().find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().unwrap())
+        })
+    }
+
+    #[test]
+    fn destination_classes() {
+        let cluster = cluster_with(&[("shop", "db", "10.244.0.12")]);
+        let class = |ip: &str| DstClass::of(ip.parse().unwrap(), &cluster);
+        assert_eq!(class("10.244.0.12"), DstClass::Cluster);
+        for vnet in [
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "169.254.169.254",
+            "127.0.0.1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert_eq!(class(vnet), DstClass::Vnet, "{vnet}");
+        }
+        for internet in [
+            "203.0.113.10",
+            "100.128.0.1",
+            "2001:db8::1",
+            "::ffff:8.8.8.8",
+        ] {
+            assert_eq!(class(internet), DstClass::Internet, "{internet}");
+        }
+    }
+
+    #[test]
+    fn kernel_handshake_totals_become_exact_counters() {
+        let mut metrics = metrics(true);
+        let cluster = ClusterState::default();
+        let web = |_| origin("shop/web");
+        let established = "egress_connections_total{namespace=\"shop\",pod=\"web\",outcome=\"established\",dst_class=\"internet\"}";
+        let refused = "egress_connections_total{namespace=\"shop\",pod=\"web\",outcome=\"refused\",dst_class=\"internet\"}";
+        let retransmits = "egress_tcp_syn_retransmits_total{namespace=\"shop\",pod=\"web\"}";
+        metrics.handshakes(&[(key(HANDSHAKE_ESTABLISHED), totals(3, 1))], web, &cluster);
+        assert_eq!(value(&metrics, established), Some(3.0));
+        assert_eq!(value(&metrics, retransmits), Some(1.0));
+        metrics.handshakes(
+            &[
+                (key(HANDSHAKE_ESTABLISHED), totals(5, 1)),
+                (key(HANDSHAKE_REFUSED), totals(2, 0)),
+            ],
+            web,
+            &cluster,
+        );
+        assert_eq!(value(&metrics, established), Some(5.0));
+        assert_eq!(value(&metrics, refused), Some(2.0));
+        assert_eq!(value(&metrics, retransmits), Some(1.0));
+        // Idle keys are handed back for removal after enough unchanged reads, once.
+        let mut idle = Vec::new();
+        for _ in 0..IDLE_READS_BEFORE_FORGET {
+            idle = metrics.handshakes(&[(key(HANDSHAKE_REFUSED), totals(2, 0))], web, &cluster);
+        }
+        assert_eq!(idle, [key(HANDSHAKE_REFUSED)]);
+        metrics.forgotten(&idle);
+        // A key made again after removal counts from zero, on top of what was counted.
+        metrics.handshakes(&[(key(HANDSHAKE_REFUSED), totals(1, 0))], web, &cluster);
+        assert_eq!(value(&metrics, refused), Some(3.0));
+    }
+
+    #[test]
+    fn dns_queries_by_server_class_and_bounded_labels() {
+        let mut metrics = metrics(true);
+        let mut manifests = crate::cluster::manifests::Manifests::default();
+        let dns = "apiVersion: v1\nkind: Service\nmetadata: {name: kube-dns, namespace: kube-system}\n\
+                   spec: {clusterIP: 10.0.0.10, ports: [{port: 53}]}\n";
+        crate::cluster::manifests::load_text(std::path::Path::new("dns.yaml"), dns, &mut manifests);
+        assert!(manifests.warnings.is_empty(), "{:?}", manifests.warnings);
+        let cluster = ClusterState::from_manifests(manifests);
+        let query = |server: &str, qtype: &str, rcode: Option<&str>| QueryOutcome {
+            cgroup_id: 1,
+            server: server.parse().unwrap(),
+            qtype: qtype.into(),
+            rcode: rcode.map(str::to_owned),
+            duration: Duration::from_millis(2),
+        };
+        let web = origin("shop/web");
+        metrics.query(&query("10.0.0.10", "A", Some("NXDOMAIN")), &web, &cluster);
+        metrics.query(
+            &query("192.0.2.53", "TYPE65534", Some("RCODE11")),
+            &web,
+            &cluster,
+        );
+        metrics.query(&query("198.51.100.7", "AAAA", None), &web, &cluster);
+        let series = |rcode: &str, qtype: &str, server: &str| {
+            format!(
+                "egress_dns_queries_total{{namespace=\"shop\",pod=\"web\",rcode=\"{rcode}\",qtype=\"{qtype}\",server=\"{server}\"}}"
+            )
+        };
+        assert_eq!(
+            value(&metrics, &series("NXDOMAIN", "A", "cluster")),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&metrics, &series("OTHER", "OTHER", "upstream")),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&metrics, &series("TIMEOUT", "AAAA", "other")),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &metrics,
+                "egress_dns_timeouts_total{namespace=\"shop\",pod=\"web\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &metrics,
+                "egress_dns_duration_seconds_count{namespace=\"shop\",pod=\"web\",server=\"cluster\"}"
+            ),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn without_the_pod_label_series_are_per_namespace() {
+        let mut metrics = metrics(false);
+        let cluster = ClusterState::default();
+        for pod in ["shop/web", "shop/api"] {
+            metrics.handshakes(
+                &[(key(HANDSHAKE_ESTABLISHED), totals(1, 0))],
+                |_| origin(pod),
+                &cluster,
+            );
+            metrics.forgotten(&[key(HANDSHAKE_ESTABLISHED)]);
+        }
+        assert_eq!(
+            value(
+                &metrics,
+                "egress_connections_total{namespace=\"shop\",outcome=\"established\",dst_class=\"internet\"}"
+            ),
+            Some(2.0)
+        );
+        assert!(!metrics.encode().contains("pod=\""));
+    }
+
+    #[test]
+    fn series_of_deleted_pods_are_pruned_after_a_grace_period() {
+        let mut metrics = metrics(true);
+        let present = cluster_with(&[("shop", "web", "10.244.0.10")]);
+        let gone = ClusterState::default();
+        metrics.handshakes(
+            &[(key(HANDSHAKE_ESTABLISHED), totals(1, 0))],
+            |_| origin("shop/web"),
+            &present,
+        );
+        let series = "egress_connections_total{namespace=\"shop\",pod=\"web\",outcome=\"established\",dst_class=\"internet\"}";
+        let start = Instant::now();
+        metrics.prune(&present, start + PRUNE_AFTER * 2);
+        assert_eq!(value(&metrics, series), Some(1.0));
+        metrics.prune(&gone, start);
+        metrics.prune(&gone, start + PRUNE_AFTER / 2);
+        assert_eq!(value(&metrics, series), Some(1.0), "kept for a last scrape");
+        metrics.prune(&gone, start + PRUNE_AFTER);
+        assert_eq!(value(&metrics, series), None);
+    }
+}
