@@ -93,10 +93,20 @@ pub fn run_cli_on_node(
     lab: &Lab,
     args: &[&str],
 ) -> io::Result<(std::process::ExitStatus, String, String)> {
+    run_cli_on_node_with_env(lab, args, &[])
+}
+
+/// The same, with these environment variables set.
+pub fn run_cli_on_node_with_env(
+    lab: &Lab,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> io::Result<(std::process::ExitStatus, String, String)> {
     let output = Command::new("ip")
         .args(["netns", "exec", &lab.node_netns()])
         .arg(crate::tracer::tracer_binary()?)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()?;
     Ok((

@@ -25,6 +25,11 @@ use serde_json::{Value, json};
 pub struct Script {
     pub lists: HashMap<&'static str, Vec<(u64, Vec<Value>)>>,
     pub watches: HashMap<&'static str, Vec<Vec<Value>>>,
+    /// Other GETs: the object (or list) served at exactly this path, whatever the query.
+    pub objects: HashMap<String, Value>,
+    /// Requests whose path starts with the prefix are forwarded, without it, to the
+    /// address (as the API server's `pods/proxy` does).
+    pub proxies: Vec<(String, SocketAddr)>,
 }
 
 pub struct FakeApiServer {
@@ -61,33 +66,38 @@ impl FakeApiServer {
         server
     }
 
-    /// Starts serving an empty cluster on `address` in the network namespace `netns`
-    /// (a name under /run/netns).
-    pub fn start_in_netns(netns: &str, address: SocketAddr) -> std::io::Result<Self> {
+    /// Starts serving `script` on `address` in the network namespace `netns` (a name
+    /// under /run/netns); its connections, proxied ones too, are made from there.
+    pub fn start_in_netns(
+        netns: &str,
+        address: SocketAddr,
+        script: Script,
+    ) -> std::io::Result<Self> {
         let path = Path::new("/run/netns").join(netns);
-        let listener = thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let netns = File::open(&path)?;
-                    // SAFETY: setns(2) on a valid fd, affecting only this thread.
-                    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    TcpListener::bind(address)
-                })
-                .join()
-                .expect("the bind thread does not panic")
-        })?;
         let mut server = Self {
             address,
             requests: Arc::default(),
             running: Arc::new(AtomicBool::new(true)),
             connections: Arc::default(),
             accept: None,
-            script: Arc::default(),
+            script: Arc::new(Mutex::new(script)),
             served_lists: Arc::default(),
         };
-        server.serve_on(listener);
+        thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let netns = File::open(&path)?;
+                    // SAFETY: setns(2) on a valid fd, affecting only this thread and the
+                    // threads it starts (the server's).
+                    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    server.serve_on(TcpListener::bind(address)?);
+                    Ok(())
+                })
+                .join()
+                .expect("the serving thread does not panic")
+        })?;
         Ok(server)
     }
 
@@ -188,6 +198,26 @@ fn serve(
             respond(&mut out, 200, &version);
             continue;
         }
+        let proxy = {
+            let script = script.lock().unwrap();
+            script.proxies.iter().find_map(|(prefix, to)| {
+                Some((path.strip_prefix(prefix.as_str())?.to_owned(), *to))
+            })
+        };
+        if let Some((rest, upstream)) = proxy {
+            let rest = if query.is_empty() {
+                rest
+            } else {
+                format!("{rest}?{query}")
+            };
+            forward(&mut out, &rest, upstream);
+            return;
+        }
+        let object = script.lock().unwrap().objects.get(path).cloned();
+        if let Some(object) = object {
+            respond(&mut out, 200, &object);
+            continue;
+        }
         let Some(resource) = RESOURCES.iter().find(|r| **r == path) else {
             respond(&mut out, 404, &json!({"kind": "Status", "code": 404}));
             continue;
@@ -241,6 +271,29 @@ fn serve(
         }
         return;
     }
+}
+
+/// Sends `GET path` to `upstream` and copies its whole response back, then closes.
+fn forward(out: &mut TcpStream, path: &str, upstream: SocketAddr) {
+    let Ok(mut upstream) = TcpStream::connect(upstream) else {
+        respond(
+            out,
+            503,
+            &json!({"kind": "Status", "code": 503, "message": "no endpoint"}),
+        );
+        return;
+    };
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {upstream}\r\nConnection: close\r\n\r\n",
+        upstream = upstream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    );
+    if upstream.write_all(request.as_bytes()).is_ok() {
+        let _ = std::io::copy(&mut upstream, out);
+    }
+    let _ = out.shutdown(Shutdown::Both);
 }
 
 fn respond(out: &mut TcpStream, status: u16, body: &Value) {

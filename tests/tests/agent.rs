@@ -7,7 +7,7 @@ use std::time::Duration;
 use egress_lab::{
     CgroupDriver, Lab, PodSpec, addresses as addr,
     agent::{self, Follow},
-    fake_api::FakeApiServer,
+    fake_api::{FakeApiServer, Script},
     tracer::{BpfObjects, Tracer},
 };
 use serde_json::{Value, json};
@@ -248,6 +248,71 @@ fn agent_counts_exactly_serves_flows_and_detaches_on_sigterm() {
     assert_eq!(report["pod"], "default/client");
     assert_eq!(report["verdict"]["hop"], "endpoint", "{report:#}");
     assert_eq!(report["verdict"]["reason"], "refused", "{report:#}");
+    // --agent auto: the pod's node and that node's agent from the API, the agent reached
+    // through the API server's pods/proxy.
+    let node = lab.node_netns();
+    let agent_pod = "egress-tracer-x7k2p";
+    let mut script = Script::default();
+    script.objects.insert(
+        "/api/v1/namespaces/default/pods/client".into(),
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "client", "namespace": "default"},
+               "spec": {"nodeName": node, "containers": [{"name": "c"}]}}),
+    );
+    script.objects.insert(
+        "/api/v1/namespaces/egress-tracer/pods".into(),
+        json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"},
+               "items": [{"apiVersion": "v1", "kind": "Pod",
+                          "metadata": {"name": agent_pod, "namespace": "egress-tracer"},
+                          "spec": {"nodeName": node, "containers": [{"name": "agent"}]},
+                          "status": {"phase": "Running"}}]}),
+    );
+    script.proxies.push((
+        format!("/api/v1/namespaces/egress-tracer/pods/{agent_pod}:9090/proxy"),
+        agent::listen_address().parse().unwrap(),
+    ));
+    let api_address = "127.0.0.1:16444".parse().unwrap();
+    let api = FakeApiServer::start_in_netns(&node, api_address, script).unwrap();
+    let kubeconfig = write_kubeconfig(&lab, api_address);
+    let (status, stdout, stderr) = agent::run_cli_on_node_with_env(
+        &lab,
+        &[
+            "diagnose",
+            "--agent",
+            "auto",
+            "--pod",
+            "default/client",
+            &closed,
+            "-o",
+            "json",
+        ],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    )
+    .unwrap();
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["verdict"]["reason"], "refused", "{report:#}");
+    let requests = api.requests();
+    let listed = requests
+        .iter()
+        .find(|r| r.starts_with("/api/v1/namespaces/egress-tracer/pods?"))
+        .unwrap_or_else(|| panic!("{requests:#?}"));
+    assert!(
+        listed.contains(&format!("spec.nodeName%3D{node}")),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("app.kubernetes.io%2Fname%3Degress-tracer"),
+        "{listed}"
+    );
+    assert!(
+        requests.iter().any(|r| r.starts_with(&format!(
+            "/api/v1/namespaces/egress-tracer/pods/{agent_pod}:9090/proxy/api/v1/diagnose?"
+        ))),
+        "{requests:#?}"
+    );
+    drop(api);
+
     let bad = agent::run_cli_on_node(
         &lab,
         &[
@@ -336,17 +401,7 @@ fn readiness_waits_for_the_kubernetes_api_and_staleness_is_a_metric() {
     let lab = Lab::start(&[PodSpec::new("default", "client", CgroupDriver::Systemd)]).unwrap();
     // An API server address in the node's namespace where nothing listens yet.
     let api_address: std::net::SocketAddr = "127.0.0.1:16443".parse().unwrap();
-    let kubeconfig = lab.cluster_state().with_file_name("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: lab\n\
-             clusters: [{{name: lab, cluster: {{server: 'http://{api_address}'}}}}]\n\
-             users: [{{name: lab, user: {{}}}}]\n\
-             contexts: [{{name: lab, context: {{cluster: lab, user: lab}}}}]\n"
-        ),
-    )
-    .unwrap();
+    let kubeconfig = write_kubeconfig(&lab, api_address);
     let node = lab.node_netns();
     let listen = agent::listen_address();
     let agent = Tracer::start_with_env(
@@ -366,7 +421,7 @@ fn readiness_waits_for_the_kubernetes_api_and_staleness_is_a_metric() {
         Some(&1.0)
     );
 
-    let mut api = FakeApiServer::start_in_netns(&node, api_address).unwrap();
+    let mut api = FakeApiServer::start_in_netns(&node, api_address, Script::default()).unwrap();
     let ready = wait_until(Duration::from_secs(20), || {
         agent::get(&lab, "/readyz").is_ok_and(|(status, _)| status == 200)
     });
@@ -388,6 +443,24 @@ fn readiness_waits_for_the_kubernetes_api_and_staleness_is_a_metric() {
     );
     assert_eq!(agent::get(&lab, "/readyz").unwrap().0, 200);
     assert!(agent.stop(libc::SIGTERM).unwrap().status.success());
+}
+
+/// A kubeconfig for an API server at `address` (plain HTTP, no credentials).
+fn write_kubeconfig(lab: &Lab, address: std::net::SocketAddr) -> std::path::PathBuf {
+    let kubeconfig = lab
+        .cluster_state()
+        .with_file_name(format!("kubeconfig-{}", address.port()));
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: lab\n\
+             clusters: [{{name: lab, cluster: {{server: 'http://{address}'}}}}]\n\
+             users: [{{name: lab, user: {{}}}}]\n\
+             contexts: [{{name: lab, context: {{cluster: lab, user: lab}}}}]\n"
+        ),
+    )
+    .unwrap();
+    kubeconfig
 }
 
 fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
