@@ -698,3 +698,66 @@ fn runs_with_exactly_the_daemonsets_capabilities_and_needs_each() {
     );
     assert!(tracer.stop(libc::SIGTERM).unwrap().status.success());
 }
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn a_stalled_follower_holds_up_neither_the_agent_nor_other_clients() {
+    let lab = Lab::start(&[PodSpec::new("default", "client", CgroupDriver::Systemd)]).unwrap();
+    let agent = start_agent(&lab, &[]);
+    let query = "/api/v1/flows?pod=default/client&follow=true";
+    // A client that never reads: its socket buffers fill and stay full.
+    let url = format!("http://{}{query}", agent::listen_address());
+    let mut stalled = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.node_netns(), "curl", "-sgN", &url])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reader = Follow::open(&lab, query).unwrap();
+    let endpoint = format!("{}:{}", addr::ENDPOINT, addr::HTTP_PORT);
+    let helper = egress_lab::lab_helper().unwrap();
+    let bursts = 4;
+    for _ in 0..bursts {
+        let (_, status) = lab
+            .exec_in_pod(
+                lab.pod("client"),
+                helper.to_str().unwrap(),
+                &["connect-burst", &endpoint, "--count", "500"],
+            )
+            .unwrap();
+        assert!(status.success());
+    }
+    let total = 500 * bursts;
+    let records = reader.read_until(Duration::from_secs(30), |records| records.len() >= total);
+    assert_eq!(records.len(), total);
+    assert!(
+        records
+            .iter()
+            .all(|r| r["pod"] == "default/client" && r["outcome"] == "established")
+    );
+    assert_eq!(agent::get(&lab, "/healthz").unwrap(), (200, "ok".into()));
+    let established = series(
+        "egress_connections_total",
+        &[
+            ("namespace", "default"),
+            ("pod", "client"),
+            ("outcome", "established"),
+            ("dst_class", "internet"),
+        ],
+    );
+    assert_eq!(
+        agent::wait_for_metric(&lab, &established, total as f64, METRICS_WAIT),
+        total as f64
+    );
+    // The stalled client is still connected, its pipe full (it really stalled), and
+    // stopping is not held up by it.
+    assert_eq!(stalled.try_wait().unwrap(), None);
+    let pipe = std::os::fd::AsRawFd::as_raw_fd(stalled.stdout.as_ref().unwrap());
+    let mut unread: libc::c_int = 0;
+    // SAFETY: FIONREAD on a pipe we own, into a c_int.
+    assert_eq!(unsafe { libc::ioctl(pipe, libc::FIONREAD, &mut unread) }, 0);
+    // curl blocks once its next write (up to 16 KiB) does not fit the 64 KiB pipe.
+    assert!(unread >= 48 * 1024, "only {unread} bytes waiting: the client did not stall");
+    assert!(agent.stop(libc::SIGTERM).unwrap().status.success());
+    let _ = stalled.kill();
+    let _ = stalled.wait();
+}
