@@ -53,7 +53,13 @@ const RESOURCES: [&str; 5] = [
 
 impl FakeApiServer {
     pub fn start(script: Script, address: SocketAddr) -> Self {
-        let mut server = Self {
+        let mut server = Self::new(script, address);
+        server.listen();
+        server
+    }
+
+    fn new(script: Script, address: SocketAddr) -> Self {
+        Self {
             address,
             requests: Arc::default(),
             running: Arc::new(AtomicBool::new(true)),
@@ -61,9 +67,7 @@ impl FakeApiServer {
             accept: None,
             script: Arc::new(Mutex::new(script)),
             served_lists: Arc::default(),
-        };
-        server.listen();
-        server
+        }
     }
 
     /// Starts serving `script` on `address` in the network namespace `netns` (a name
@@ -74,15 +78,7 @@ impl FakeApiServer {
         script: Script,
     ) -> std::io::Result<Self> {
         let path = Path::new("/run/netns").join(netns);
-        let mut server = Self {
-            address,
-            requests: Arc::default(),
-            running: Arc::new(AtomicBool::new(true)),
-            connections: Arc::default(),
-            accept: None,
-            script: Arc::new(Mutex::new(script)),
-            served_lists: Arc::default(),
-        };
+        let mut server = Self::new(script, address);
         thread::scope(|scope| {
             scope
                 .spawn(|| {

@@ -49,6 +49,19 @@ fn series(name: &str, labels: &[(&str, &str)]) -> String {
     format!("{name}{{{}}}", labels.join(","))
 }
 
+/// default/client's established connections to the (internet) endpoint.
+fn client_established() -> String {
+    series(
+        "egress_connections_total",
+        &[
+            ("namespace", "default"),
+            ("pod", "client"),
+            ("outcome", "established"),
+            ("dst_class", "internet"),
+        ],
+    )
+}
+
 fn flows(lab: &Lab, query: &str) -> Vec<Value> {
     let (status, body) = agent::get(lab, &format!("/api/v1/flows?{query}")).unwrap();
     assert_eq!(status, 200, "{body}");
@@ -359,15 +372,7 @@ fn a_tiny_ring_buffer_loses_events_but_connection_counts_stay_exact() {
         "the burst's connections did not all succeed"
     );
 
-    let established = series(
-        "egress_connections_total",
-        &[
-            ("namespace", "default"),
-            ("pod", "client"),
-            ("outcome", "established"),
-            ("dst_class", "internet"),
-        ],
-    );
+    let established = client_established();
     assert_eq!(
         agent::wait_for_metric(&lab, &established, 500.0, METRICS_WAIT),
         500.0
@@ -593,15 +598,7 @@ fn works_with_exactly(lab: &Lab, granted: &[String], extra: &[&str]) {
     let mut expected = granted.to_vec();
     expected.sort();
     assert_eq!(effective_capabilities(tracer.pid()), expected);
-    let established = series(
-        "egress_connections_total",
-        &[
-            ("namespace", "default"),
-            ("pod", "client"),
-            ("outcome", "established"),
-            ("dst_class", "internet"),
-        ],
-    );
+    let established = client_established();
     assert_eq!(curl(lab, "client", &endpoint), Some(0));
     assert_eq!(
         agent::wait_for_metric(lab, &established, 1.0, METRICS_WAIT),
@@ -735,15 +732,7 @@ fn a_stalled_follower_holds_up_neither_the_agent_nor_other_clients() {
             .all(|r| r["pod"] == "default/client" && r["outcome"] == "established")
     );
     assert_eq!(agent::get(&lab, "/healthz").unwrap(), (200, "ok".into()));
-    let established = series(
-        "egress_connections_total",
-        &[
-            ("namespace", "default"),
-            ("pod", "client"),
-            ("outcome", "established"),
-            ("dst_class", "internet"),
-        ],
-    );
+    let established = client_established();
     assert_eq!(
         agent::wait_for_metric(&lab, &established, total as f64, METRICS_WAIT),
         total as f64
@@ -756,7 +745,10 @@ fn a_stalled_follower_holds_up_neither_the_agent_nor_other_clients() {
     // SAFETY: FIONREAD on a pipe we own, into a c_int.
     assert_eq!(unsafe { libc::ioctl(pipe, libc::FIONREAD, &mut unread) }, 0);
     // curl blocks once its next write (up to 16 KiB) does not fit the 64 KiB pipe.
-    assert!(unread >= 48 * 1024, "only {unread} bytes waiting: the client did not stall");
+    assert!(
+        unread >= 48 * 1024,
+        "only {unread} bytes waiting: the client did not stall"
+    );
     assert!(agent.stop(libc::SIGTERM).unwrap().status.success());
     let _ = stalled.kill();
     let _ = stalled.wait();

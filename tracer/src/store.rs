@@ -85,14 +85,6 @@ impl FlowStore {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.records.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
-    }
-
     /// The stored records `query` selects, oldest first, and (when following) a feed of
     /// the records added after them.
     pub fn select(

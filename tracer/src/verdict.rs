@@ -1048,24 +1048,14 @@ mod tests {
 
     #[test]
     fn hop_names_follow_the_contract() {
-        let names: Vec<String> = [
-            Hop::Dns,
-            Hop::NetworkPolicy,
-            Hop::NodeFirewall,
-            Hop::Conntrack,
-            Hop::Routing,
-            Hop::Upstream,
-            Hop::Proxy,
-            Hop::Endpoint,
-            Hop::None,
-        ]
-        .iter()
-        .map(|hop| {
-            let json = serde_json::to_string(hop).unwrap();
-            assert_eq!(json, format!("\"{}\"", hop.as_str()));
-            hop.as_str().to_owned()
-        })
-        .collect();
+        let names: Vec<String> = Hop::ALL
+            .iter()
+            .map(|hop| {
+                let json = serde_json::to_string(hop).unwrap();
+                assert_eq!(json, format!("\"{}\"", hop.as_str()));
+                hop.as_str().to_owned()
+            })
+            .collect();
         assert_eq!(
             names,
             [

@@ -79,18 +79,12 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     eprintln!("egress-tracer: tracing {scope}; Ctrl-C to stop");
 
     let clock = MonotonicClock::new();
-    let color = io::stdout().is_terminal()
-        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
-    let mut writer = Writer::new(io::stdout().lock(), args.output, clock)
-        .with_color(color)
-        .failures_only(args.failures_only);
+    let mut writer = writer(&args, clock);
     let mut events = Vec::new();
     let mut tick = interval(EXPIRY_TICK);
     let mut refresh = interval(CGROUP_REFRESH);
     let deadline = args.duration.map(|d| Instant::now() + d);
-    let stop_at = sleep_until(
-        deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(u32::MAX.into())),
-    );
+    let stop_at = sleep_until(deadline.unwrap_or_else(far_future));
     tokio::pin!(stop_at);
 
     loop {
@@ -165,6 +159,20 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where records go: stdout, coloured on a terminal unless NO_COLOR is set.
+fn writer(args: &TraceArgs, clock: MonotonicClock) -> Writer<io::StdoutLock<'static>> {
+    let color = io::stdout().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
+    Writer::new(io::stdout().lock(), args.output, clock)
+        .with_color(color)
+        .failures_only(args.failures_only)
+}
+
+/// A deadline that never comes (no --duration).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(u32::MAX.into())
+}
+
 /// `trace --agent`: the agent's live records, printed as `trace` prints its own.
 async fn run_through_agent(args: &TraceArgs, agent: &str) -> anyhow::Result<()> {
     let client =
@@ -181,15 +189,9 @@ async fn run_through_agent(args: &TraceArgs, agent: &str) -> anyhow::Result<()> 
         .as_deref()
         .map_or_else(|| "all pods".to_owned(), |p| format!("pod {p}"));
     eprintln!("egress-tracer: tracing {scope} through the agent; Ctrl-C to stop");
-    let color = io::stdout().is_terminal()
-        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
-    let mut writer = Writer::new(io::stdout().lock(), args.output, MonotonicClock::new())
-        .with_color(color)
-        .failures_only(args.failures_only);
+    let mut writer = writer(args, MonotonicClock::new());
     let deadline = args.duration.map(|d| Instant::now() + d);
-    let stop_at = sleep_until(
-        deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(u32::MAX.into())),
-    );
+    let stop_at = sleep_until(deadline.unwrap_or_else(far_future));
     tokio::pin!(stop_at);
     loop {
         tokio::select! {
