@@ -17,10 +17,12 @@ fn main() -> ExitCode {
         Some("udp-send") => udp_send(&args[1..]),
         Some("hold-tcp") => hold_tcp(&args[1..]),
         Some("connect-burst") => connect_burst(&args[1..]),
+        Some("connect-loop") => connect_loop(&args[1..]),
+        Some("dns-loop") => dns_loop(&args[1..]),
         Some("clean") => clean(),
         Some("up") => up(),
         _ => {
-            Err("usage: lab serve-http --listen ADDR [--status N] | lab serve-dns --listen ADDR --rcode N | lab udp-send ADDR [--connect | --count N] | lab hold-tcp ADDR --count N --seconds S | lab connect-burst ADDR --count N | lab up | lab clean".to_owned())
+            Err("usage: lab serve-http --listen ADDR [--status N] | lab serve-dns --listen ADDR --rcode N | lab udp-send ADDR [--connect | --count N] | lab hold-tcp ADDR --count N --seconds S | lab connect-burst ADDR --count N | lab connect-loop ADDR --seconds S [--rate N] | lab dns-loop SERVER NAME --seconds S | lab up | lab clean".to_owned())
         }
     };
     match result {
@@ -163,6 +165,107 @@ fn connect_burst(args: &[String]) -> Result<(), String> {
             "{failed} of {count} connections to {address} failed"
         ));
     }
+    Ok(())
+}
+
+/// Connects to ADDR and closes, again and again, for `--seconds` (at most `--rate` per
+/// second if given); prints how many connections were established (a benchmark load).
+fn connect_loop(args: &[String]) -> Result<(), String> {
+    let usage = || "usage: lab connect-loop ADDR --seconds S [--rate N]".to_owned();
+    let (address, seconds, rate) = match args {
+        [address, flag, seconds] if flag == "--seconds" => (address, seconds, None),
+        [address, flag, seconds, rate_flag, rate]
+            if flag == "--seconds" && rate_flag == "--rate" =>
+        {
+            (
+                address,
+                seconds,
+                Some(rate.parse::<u32>().map_err(|_| usage())?),
+            )
+        }
+        _ => return Err(usage()),
+    };
+    let address: SocketAddr = address.parse().map_err(|e| format!("{address}: {e}"))?;
+    let seconds: f64 = seconds.parse().map_err(|_| usage())?;
+    let start = std::time::Instant::now();
+    let end = std::time::Duration::from_secs_f64(seconds);
+    let mut established: u64 = 0;
+    let mut failed: u64 = 0;
+    while start.elapsed() < end {
+        if let Some(rate) = rate {
+            // Paced: the n-th connection not before n / rate seconds.
+            let due = std::time::Duration::from_secs_f64(established as f64 / f64::from(rate));
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        match std::net::TcpStream::connect(address) {
+            Ok(stream) => {
+                drop(stream);
+                established += 1;
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    println!(
+        "{established} {failed} {:.3}",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Asks SERVER for NAME's A record, one query after the other, for `--seconds`; prints
+/// how many were answered (a benchmark load).
+fn dns_loop(args: &[String]) -> Result<(), String> {
+    let usage = || "usage: lab dns-loop SERVER NAME --seconds S".to_owned();
+    let [server, name, flag, seconds] = args else {
+        return Err(usage());
+    };
+    if flag != "--seconds" {
+        return Err(usage());
+    }
+    let server: std::net::IpAddr = server.parse().map_err(|e| format!("{server}: {e}"))?;
+    let seconds: f64 = seconds.parse().map_err(|_| usage())?;
+    let socket = std::net::UdpSocket::bind(if server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })
+    .map_err(|e| e.to_string())?;
+    socket.connect((server, 53)).map_err(|e| e.to_string())?;
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+        .map_err(|e| e.to_string())?;
+    let mut query = vec![0, 0, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.trim_end_matches('.').split('.') {
+        query.push(label.len() as u8);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let start = std::time::Instant::now();
+    let end = std::time::Duration::from_secs_f64(seconds);
+    let (mut answered, mut lost) = (0u64, 0u64);
+    let mut id: u16 = 0;
+    let mut buffer = [0u8; 512];
+    while start.elapsed() < end {
+        id = id.wrapping_add(1);
+        query[..2].copy_from_slice(&id.to_be_bytes());
+        socket.send(&query).map_err(|e| e.to_string())?;
+        loop {
+            match socket.recv(&mut buffer) {
+                Ok(n) if n >= 2 && buffer[..2] == id.to_be_bytes() => {
+                    answered += 1;
+                    break;
+                }
+                Ok(_) => continue,
+                Err(_) => {
+                    lost += 1;
+                    break;
+                }
+            }
+        }
+    }
+    println!("{answered} {lost} {:.3}", start.elapsed().as_secs_f64());
     Ok(())
 }
 

@@ -8,6 +8,10 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
+    os::{
+        linux::net::SocketAddrExt,
+        unix::net::{UnixListener, UnixStream},
+    },
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
@@ -140,6 +144,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             running: tokio::sync::Semaphore::new(1),
         }),
     });
+    let _one_per_node = claim_node()?;
     // Signal handlers first: whoever waits for readiness may signal at once.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -239,6 +244,53 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     eprintln!("egress-tracer agent: stopped; kernel programs detached");
     Ok(())
+}
+
+/// Name of the abstract Unix socket that marks a node's agent.
+const AGENT_SOCKET: &[u8] = b"egress-tracer-agent";
+
+/// Claims the node for this agent: two agents would attach every program twice and count
+/// everything twice. The claim is an abstract Unix socket in the node's network
+/// namespace (hostNetwork), which the kernel releases however the agent ends, SIGKILL
+/// included.
+fn claim_node() -> anyhow::Result<UnixListener> {
+    let name = std::os::unix::net::SocketAddr::from_abstract_name(AGENT_SOCKET)?;
+    match UnixListener::bind_addr(&name) {
+        Ok(listener) => Ok(listener),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let holder = UnixStream::connect_addr(&name)
+                .ok()
+                .and_then(|stream| peer_pid(&stream))
+                .map_or_else(String::new, |pid| format!(" (pid {pid})"));
+            Err(crate::UsageError(format!(
+                "another egress-tracer agent runs on this node{holder}: stop it first (two \
+                 would attach every program twice and count everything twice)"
+            ))
+            .into())
+        }
+        Err(e) => Err(e).context("cannot claim the node for this agent"),
+    }
+}
+
+/// The process at the other end of a Unix socket.
+fn peer_pid(stream: &UnixStream) -> Option<i32> {
+    let mut credentials = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut length = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred of the given length on a valid socket.
+    let done = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut credentials as *mut libc::ucred).cast(),
+            &mut length,
+        )
+    };
+    (done == 0 && credentials.pid > 0).then_some(credentials.pid)
 }
 
 /// What the agent cannot do with the capabilities it has, beyond the hooks (which
