@@ -33,6 +33,8 @@ pub const ENDPOINT_NAME: &str = "api.example.test";
 pub const HTTP_PORT: u16 = 80;
 /// A port nothing listens on at the endpoint.
 pub const CLOSED_PORT: u16 = 81;
+/// The benchmarks' sink: accepts and closes at once.
+pub const SINK_PORT: u16 = 9000;
 /// A port where the endpoint answers HTTP 503.
 pub const ERROR_PORT: u16 = 8503;
 /// A forward proxy on the endpoint host that answers 403 to everything.

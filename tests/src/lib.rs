@@ -351,6 +351,36 @@ impl Lab {
         )
     }
 
+    /// Runs `program args` in `pod` to completion and returns what it printed; a failure
+    /// is an error with its output.
+    pub fn output_in_pod(&self, pod: &LabPod, program: &str, args: &[&str]) -> io::Result<String> {
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let child = process::spawn(
+            command,
+            &Placement {
+                netns: &pod.netns,
+                cgroup: &pod.cgroup,
+                resolv_conf: Some(&pod.resolv_conf),
+            },
+        )?;
+        let output = child.wait_with_output()?;
+        if !output.status.success() {
+            return Err(io::Error::other(format!(
+                "`{program} {}` in {} failed ({}): {}",
+                args.join(" "),
+                pod.key(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
     /// Runs `program args` in `pod` to completion and returns its exit status and pid.
     pub fn exec_in_pod(
         &self,
@@ -728,6 +758,14 @@ impl Lab {
             ]);
             self.spawn_service(name, server, "inet")?;
         }
+        // A sink that accepts and closes at once: the benchmarks' endpoint.
+        let mut sink = Command::new(lab_helper()?);
+        sink.args([
+            "serve-sink",
+            "--listen",
+            &format!("{}:{}", addr::ENDPOINT, addr::SINK_PORT),
+        ]);
+        self.spawn_service("sink", sink, "inet")?;
         // The broken authoritative server of the SERVFAIL zone.
         let mut broken = Command::new(lab_helper()?);
         broken.args([

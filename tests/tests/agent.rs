@@ -373,11 +373,15 @@ fn a_tiny_ring_buffer_loses_events_but_connection_counts_stay_exact() {
     );
 
     let established = client_established();
-    assert_eq!(
-        agent::wait_for_metric(&lab, &established, 500.0, METRICS_WAIT),
-        500.0
-    );
+    let counted = agent::wait_for_metric(&lab, &established, 500.0, METRICS_WAIT);
     let metrics = agent::metrics(&lab).unwrap();
+    // Exact, but for state changes the kernel itself skipped (a tracing program
+    // interrupted by itself on one CPU), which are counted.
+    let skipped = metrics[&series("egress_events_skipped_total", &[("program", "sock_state")])];
+    assert!(
+        counted <= 500.0 && 500.0 - counted <= skipped,
+        "{counted} established of 500, {skipped} state changes skipped"
+    );
     let lost: f64 = metrics
         .iter()
         .filter(|(k, _)| k.starts_with("egress_events_lost_total{"))

@@ -19,7 +19,7 @@ use tracer_common::{
 
 use crate::maps::{
     EVENTS, FIRST_PACKET_PENDING, HANDSHAKE_CGROUPS, TRACKED_SOCKS, UDP_DESTINATIONS_SEEN, count,
-    header, is_traced,
+    header, is_traced, wakeup,
 };
 
 /// Return value of cgroup sock_addr programs that lets the syscall proceed.
@@ -124,7 +124,7 @@ fn report(ctx: &SockAddrContext, family: u16, call: u8) {
         _pad: [0; 6],
         dst,
     };
-    if EVENTS.output::<ConnectEvent>(&event, 0).is_err() {
+    if EVENTS.output::<ConnectEvent>(&event, wakeup()).is_err() {
         count(Counter::ConnectLost);
     }
 }

@@ -12,7 +12,7 @@ use aya_ebpf::{
 use tracer_common::{Counter, DNS_CAPTURE_BYTES, DNS_EGRESS, DnsEvent, EventKind};
 
 use crate::{
-    maps::{EVENTS, count, header, is_traced},
+    maps::{EVENTS, count, header, is_traced, wakeup},
     packets::Packet,
 };
 
@@ -79,6 +79,6 @@ pub fn on_packet(ctx: &SkBuffContext, packet: &Packet, direction: u8) -> Result<
         };
         addr_of_mut!((*event).captured).write(copied);
     }
-    entry.submit(0);
+    entry.submit(wakeup());
     Ok(())
 }

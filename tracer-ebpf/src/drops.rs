@@ -23,7 +23,7 @@ use tracer_common::{
 
 use crate::{
     conntrack::{Attached, attached, flow_key, original, status},
-    maps::{EVENTS, TRACKED_SOCKS, TRACKED_TUPLES, count, header},
+    maps::{EVENTS, TRACKED_SOCKS, TRACKED_TUPLES, count, header, wakeup},
     skb::{headers, read, reversed, tuple_at},
 };
 
@@ -112,7 +112,7 @@ fn report(skb: *const u8, location: u64, reason: u32) -> Result<(), i32> {
         addr_of_mut!((*event).ct_status).write(ct_status);
         addr_of_mut!((*event).netns).write(netns_of(skb));
     }
-    entry.submit(0);
+    entry.submit(wakeup());
     Ok(())
 }
 

@@ -60,6 +60,22 @@ pub static SETTINGS: Array<u32> = Array::with_max_entries(SETTINGS_COUNT, 0);
 #[map]
 pub static TRACED_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(TRACED_CGROUPS_MAX, 0);
 
+/// Ring buffer flags for one event: wake the reader only once an eighth of the ring is
+/// waiting. Userspace also drains the ring on a short timer, so under load most events
+/// cost no wakeup (a wakeup per event is a large share of the tracing cost).
+#[inline(always)]
+pub fn wakeup() -> u64 {
+    const BPF_RB_NO_WAKEUP: u64 = 1;
+    const BPF_RB_FORCE_WAKEUP: u64 = 2;
+    const BPF_RB_AVAIL_DATA: u64 = 0;
+    const BPF_RB_RING_SIZE: u64 = 1;
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= EVENTS.query(BPF_RB_RING_SIZE) / 8 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
 /// Whether processes in `cgroup_id` are traced.
 #[inline(always)]
 pub fn is_traced(cgroup_id: u64) -> bool {

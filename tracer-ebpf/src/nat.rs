@@ -10,11 +10,11 @@
 use core::ptr::addr_of_mut;
 
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
-use tracer_common::{Counter, EventKind, NatEvent};
+use tracer_common::{Counter, EventKind, IPS_SEEN_REPLY, NatEvent};
 
 use crate::{
-    conntrack::{Attached, attached, endpoint, flow_key, original, reply, untranslated},
-    maps::{EVENTS, NAT_REPORTED, TRACKED_SOCKS, TRACKED_TUPLES, count, header},
+    conntrack::{Attached, attached, endpoint, flow_key, original, reply, status, untranslated},
+    maps::{EVENTS, NAT_REPORTED, TRACKED_SOCKS, TRACKED_TUPLES, count, header, wakeup},
 };
 
 #[btf_tracepoint(function = "net_dev_queue")]
@@ -29,6 +29,11 @@ fn report(skb: *const u8) -> Result<(), i32> {
     let Attached::Entry(ct, _) = attached(skb)? else {
         return Ok(());
     };
+    // A flow's translation is settled by its first packet; once the other side answered,
+    // its packets (the bulk of all traffic) need no more than this one read.
+    if status(ct)? & IPS_SEEN_REPLY != 0 {
+        return Ok(());
+    }
     let (original, reply) = (original(ct)?, reply(ct)?);
     let Some(key) = flow_key(&original) else {
         return Ok(());
@@ -68,6 +73,6 @@ fn report(skb: *const u8) -> Result<(), i32> {
         addr_of_mut!((*event).reply_src).write(endpoint(&reply, true));
         addr_of_mut!((*event).reply_dst).write(endpoint(&reply, false));
     }
-    entry.submit(0);
+    entry.submit(wakeup());
     Ok(())
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{EbpfContext, helpers::bpf_get_socket_cookie, programs::SkBuffCont
 use tracer_common::{AF_INET, Counter, EventKind, IPPROTO_TCP, ReplyEvent, TCP_FLAG_RST};
 
 use crate::{
-    maps::{EVENTS, FIRST_PACKET_REPORTED, REPLY_REPORTED, TRACKED_SOCKS, count, header},
+    maps::{EVENTS, FIRST_PACKET_REPORTED, REPLY_REPORTED, TRACKED_SOCKS, count, header, wakeup},
     packets::Packet,
 };
 
@@ -51,7 +51,7 @@ pub fn on_ingress(ctx: &SkBuffContext, packet: &Packet) -> Result<(), i64> {
         tcp_flags: packet.tcp_flags,
         _pad: [0; 6],
     };
-    if EVENTS.output::<ReplyEvent>(&event, 0).is_err() {
+    if EVENTS.output::<ReplyEvent>(&event, wakeup()).is_err() {
         count(Counter::ReplyLost);
     }
     Ok(())

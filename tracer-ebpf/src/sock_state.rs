@@ -20,7 +20,7 @@ use tracer_common::{
     SockStateEvent, TCP_CLOSE, TCP_SYN_SENT, handshake_outcome,
 };
 
-use crate::maps::{EVENTS, HANDSHAKE_CGROUPS, HANDSHAKES, TRACKED_SOCKS, count, header};
+use crate::maps::{EVENTS, HANDSHAKE_CGROUPS, HANDSHAKES, TRACKED_SOCKS, count, header, wakeup};
 
 /// Set by userspace at load time (`EbpfLoader::set_global`).
 #[unsafe(no_mangle)]
@@ -78,7 +78,7 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         dst,
     };
     count_handshake(cookie, &event);
-    if EVENTS.output::<SockStateEvent>(&event, 0).is_err() {
+    if EVENTS.output::<SockStateEvent>(&event, wakeup()).is_err() {
         count(Counter::SockStateLost);
     }
     0

@@ -136,6 +136,7 @@ pub struct Metrics {
     snat_ports_in_use: Family<Labels, Gauge>,
     events: Family<Labels, Counter>,
     events_lost: Family<Labels, Counter>,
+    events_skipped: Family<Labels, Counter>,
     cluster_cache_stale: Gauge,
     /// The series of each `namespace/pod` (or namespace), for pruning.
     series: HashMap<String, HashSet<(PerPod, Labels)>>,
@@ -235,6 +236,13 @@ impl Metrics {
             "Events lost to a full ring buffer, or handshakes not counted for a full map",
             events_lost.clone(),
         );
+        let events_skipped = Family::default();
+        registry.register(
+            "egress_events_skipped",
+            "Runs of a tracing program the kernel skipped because it was already running on \
+             that CPU (its events are lost too)",
+            events_skipped.clone(),
+        );
         let cluster_cache_stale = Gauge::default();
         registry.register(
             "egress_cluster_cache_stale",
@@ -266,6 +274,7 @@ impl Metrics {
             snat_ports_in_use,
             events,
             events_lost,
+            events_skipped,
             cluster_cache_stale,
             series: HashMap::new(),
             missing_since: HashMap::new(),
@@ -441,6 +450,15 @@ impl Metrics {
             self.events_lost
                 .get_or_create(&labels)
                 .inc_by(lost.saturating_sub(lost_before));
+        }
+        for ((program, skipped), (_, skipped_before)) in counters
+            .skipped_by_program()
+            .into_iter()
+            .zip(self.kernel_seen.skipped_by_program())
+        {
+            self.events_skipped
+                .get_or_create(&vec![("program", program.to_owned())])
+                .inc_by(skipped.saturating_sub(skipped_before));
         }
         let labels = vec![("program", "handshake_counts".to_owned())];
         self.events_lost.get_or_create(&labels).inc_by(

@@ -32,6 +32,16 @@ enum Task {
     Demo,
     /// Remove every lab object (namespaces, cgroups, processes, state) left by killed runs.
     LabClean,
+    /// Benchmarks (release builds, root): tracing overhead in the node lab against no
+    /// tracing, tcpdump and bpftrace; a table on stdout, JSON under bench/results/.
+    Bench {
+        /// Interleaved rounds; each figure is the median (at least 5).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Length of each load run, in seconds.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         Task::Lint => lint(&root),
         Task::Demo => demo(&root),
         Task::LabClean => lab_clean(),
+        Task::Bench { rounds, seconds } => bench(&root, rounds, seconds),
     }
 }
 
@@ -231,6 +242,45 @@ fn demo(root: &Path) -> anyhow::Result<()> {
         unsafe { std::env::set_var(var, path) };
     }
     egress_lab::demo::run()
+}
+
+fn bench(root: &Path, rounds: usize, seconds: f64) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the benchmarks build a node lab and load BPF programs: run them as root");
+    }
+    setup::run()?;
+    setup::bench_tools()?;
+    cargo(
+        root,
+        &[
+            "build",
+            "--release",
+            "-p",
+            "egress-tracer",
+            "-p",
+            "egress-lab",
+            "--bins",
+        ],
+        &[],
+    )?;
+    let release = root.join("target").join("release");
+    let status = Command::new(release.join("bench"))
+        .args([
+            "--rounds",
+            &rounds.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+        ])
+        .arg("--out")
+        .arg(root.join("bench").join("results"))
+        .env("EGRESS_TRACER_BIN", release.join("egress-tracer"))
+        .env("EGRESS_LAB_HELPER", release.join("lab"))
+        .status()
+        .context("cannot run the benchmark")?;
+    if !status.success() {
+        bail!("the kernel benchmark failed ({status})");
+    }
+    Ok(())
 }
 
 fn lab_clean() -> anyhow::Result<()> {

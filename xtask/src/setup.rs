@@ -35,15 +35,29 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 pub fn run() -> anyhow::Result<()> {
-    install_packages()?;
+    install_packages(&PACKAGES)?;
     install_nightly_components()?;
     install_bpf_linker()?;
     println!("xtask: setup complete");
     Ok(())
 }
 
-fn install_packages() -> anyhow::Result<()> {
-    let missing: Vec<(&str, &str)> = PACKAGES
+/// Debian packages only the benchmarks use.
+const BENCH_PACKAGES: [(&str, &str); 2] = [
+    ("bpftrace", "the bpftrace comparison in `cargo xtask bench`"),
+    (
+        "valgrind",
+        "callgrind instruction counts in `cargo xtask bench`",
+    ),
+];
+
+/// What `cargo xtask bench` needs beyond the build and test tools.
+pub fn bench_tools() -> anyhow::Result<()> {
+    install_packages(&BENCH_PACKAGES)
+}
+
+fn install_packages(packages: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<(&str, &str)> = packages
         .iter()
         .copied()
         .filter(|(p, _)| !is_installed(p))

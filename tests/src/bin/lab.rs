@@ -19,10 +19,11 @@ fn main() -> ExitCode {
         Some("connect-burst") => connect_burst(&args[1..]),
         Some("connect-loop") => connect_loop(&args[1..]),
         Some("dns-loop") => dns_loop(&args[1..]),
+        Some("serve-sink") => serve_sink(&args[1..]),
         Some("clean") => clean(),
         Some("up") => up(),
         _ => {
-            Err("usage: lab serve-http --listen ADDR [--status N] | lab serve-dns --listen ADDR --rcode N | lab udp-send ADDR [--connect | --count N] | lab hold-tcp ADDR --count N --seconds S | lab connect-burst ADDR --count N | lab connect-loop ADDR --seconds S [--rate N] | lab dns-loop SERVER NAME --seconds S | lab up | lab clean".to_owned())
+            Err("usage: lab serve-http --listen ADDR [--status N] | lab serve-dns --listen ADDR --rcode N | lab udp-send ADDR [--connect | --count N] | lab hold-tcp ADDR --count N --seconds S | lab connect-burst ADDR --count N | lab connect-loop ADDR --seconds S [--parallel N] [--rate R] | lab dns-loop SERVER NAME --seconds S [--parallel N] | lab serve-sink --listen ADDR | lab up | lab clean".to_owned())
         }
     };
     match result {
@@ -168,104 +169,186 @@ fn connect_burst(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// Connects to ADDR and closes, again and again, for `--seconds` (at most `--rate` per
-/// second if given); prints how many connections were established (a benchmark load).
-fn connect_loop(args: &[String]) -> Result<(), String> {
-    let usage = || "usage: lab connect-loop ADDR --seconds S [--rate N]".to_owned();
-    let (address, seconds, rate) = match args {
-        [address, flag, seconds] if flag == "--seconds" => (address, seconds, None),
-        [address, flag, seconds, rate_flag, rate]
-            if flag == "--seconds" && rate_flag == "--rate" =>
-        {
-            (
-                address,
-                seconds,
-                Some(rate.parse::<u32>().map_err(|_| usage())?),
-            )
-        }
-        _ => return Err(usage()),
-    };
-    let address: SocketAddr = address.parse().map_err(|e| format!("{address}: {e}"))?;
-    let seconds: f64 = seconds.parse().map_err(|_| usage())?;
-    let start = std::time::Instant::now();
-    let end = std::time::Duration::from_secs_f64(seconds);
-    let mut established: u64 = 0;
-    let mut failed: u64 = 0;
-    while start.elapsed() < end {
-        if let Some(rate) = rate {
-            // Paced: the n-th connection not before n / rate seconds.
-            let due = std::time::Duration::from_secs_f64(established as f64 / f64::from(rate));
-            if let Some(wait) = due.checked_sub(start.elapsed()) {
-                std::thread::sleep(wait);
-            }
-        }
-        match std::net::TcpStream::connect(address) {
-            Ok(stream) => {
-                drop(stream);
-                established += 1;
-            }
-            Err(_) => failed += 1,
-        }
-    }
-    println!(
-        "{established} {failed} {:.3}",
-        start.elapsed().as_secs_f64()
-    );
-    Ok(())
+/// `--seconds S [--parallel N] [--rate R]` of a load generator.
+struct Load {
+    seconds: f64,
+    parallel: u32,
+    /// Units per second in all threads together, if paced.
+    rate: Option<f64>,
 }
 
-/// Asks SERVER for NAME's A record, one query after the other, for `--seconds`; prints
-/// how many were answered (a benchmark load).
-fn dns_loop(args: &[String]) -> Result<(), String> {
-    let usage = || "usage: lab dns-loop SERVER NAME --seconds S".to_owned();
-    let [server, name, flag, seconds] = args else {
-        return Err(usage());
-    };
-    if flag != "--seconds" {
-        return Err(usage());
+impl Load {
+    fn parse(args: &[String]) -> Result<Self, String> {
+        let mut load = Load {
+            seconds: 0.0,
+            parallel: 1,
+            rate: None,
+        };
+        let mut rest = args.iter();
+        while let Some(flag) = rest.next() {
+            let value = rest.next().ok_or_else(|| format!("{flag} needs a value"))?;
+            let number: f64 = value
+                .parse()
+                .map_err(|_| format!("{flag} takes a number"))?;
+            match flag.as_str() {
+                "--seconds" => load.seconds = number,
+                "--parallel" => load.parallel = (number as u32).clamp(1, 64),
+                "--rate" if number > 0.0 => load.rate = Some(number),
+                _ => {
+                    return Err(format!(
+                        "unknown flag {flag} (--seconds, --parallel, --rate)"
+                    ));
+                }
+            }
+        }
+        if load.seconds <= 0.0 {
+            return Err("--seconds is required".into());
+        }
+        Ok(load)
     }
-    let server: std::net::IpAddr = server.parse().map_err(|e| format!("{server}: {e}"))?;
-    let seconds: f64 = seconds.parse().map_err(|_| usage())?;
-    let socket = std::net::UdpSocket::bind(if server.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
+
+    /// Runs units of work (each made by `make`, once per thread; true when a unit
+    /// succeeded) on `--parallel` threads for `--seconds`, paced to `--rate`; prints
+    /// "succeeded failed seconds".
+    fn run<F: FnMut() -> bool>(
+        &self,
+        make: impl Fn() -> Result<F, String> + Sync,
+    ) -> Result<(), String> {
+        let start = std::time::Instant::now();
+        let end = std::time::Duration::from_secs_f64(self.seconds);
+        let interval = self
+            .rate
+            .map(|rate| std::time::Duration::from_secs_f64(f64::from(self.parallel) / rate));
+        let results: Vec<Result<(u64, u64), String>> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..self.parallel)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut unit = make()?;
+                        let (mut succeeded, mut failed) = (0u64, 0u64);
+                        let mut next = start;
+                        while start.elapsed() < end {
+                            if let Some(interval) = interval {
+                                if let Some(wait) =
+                                    next.checked_duration_since(std::time::Instant::now())
+                                {
+                                    std::thread::sleep(wait);
+                                }
+                                next += interval;
+                            }
+                            if unit() {
+                                succeeded += 1;
+                            } else {
+                                failed += 1;
+                            }
+                        }
+                        Ok((succeeded, failed))
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .unwrap_or_else(|_| Err("a load thread panicked".into()))
+                })
+                .collect()
+        });
+        let (mut succeeded, mut failed) = (0, 0);
+        for result in results {
+            let (s, f) = result?;
+            succeeded += s;
+            failed += f;
+        }
+        println!("{succeeded} {failed} {:.3}", start.elapsed().as_secs_f64());
+        Ok(())
+    }
+}
+
+/// Connects to ADDR and closes after the server did, again and again (a benchmark load).
+fn connect_loop(args: &[String]) -> Result<(), String> {
+    let [address, rest @ ..] = args else {
+        return Err("usage: lab connect-loop ADDR --seconds S [--parallel N] [--rate R]".into());
+    };
+    let address: SocketAddr = address.parse().map_err(|e| format!("{address}: {e}"))?;
+    Load::parse(rest)?.run(|| {
+        Ok(move || {
+            let Ok(mut stream) = std::net::TcpStream::connect(address) else {
+                return false;
+            };
+            // Wait for the server's close, so the client's port is free at once (no
+            // TIME_WAIT on this side, which would exhaust the ports of a long run).
+            let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(1)));
+            let mut byte = [0u8; 1];
+            matches!(std::io::Read::read(&mut stream, &mut byte), Ok(0))
+        })
     })
-    .map_err(|e| e.to_string())?;
-    socket.connect((server, 53)).map_err(|e| e.to_string())?;
-    socket
-        .set_read_timeout(Some(std::time::Duration::from_secs(1)))
-        .map_err(|e| e.to_string())?;
+}
+
+/// Asks SERVER for NAME's A record, one query after the other on each thread (a
+/// benchmark load).
+fn dns_loop(args: &[String]) -> Result<(), String> {
+    let [server, name, rest @ ..] = args else {
+        return Err("usage: lab dns-loop SERVER NAME --seconds S [--parallel N]".into());
+    };
+    let server: std::net::IpAddr = server.parse().map_err(|e| format!("{server}: {e}"))?;
     let mut query = vec![0, 0, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
     for label in name.trim_end_matches('.').split('.') {
         query.push(label.len() as u8);
         query.extend_from_slice(label.as_bytes());
     }
     query.extend_from_slice(&[0, 0, 1, 0, 1]);
-    let start = std::time::Instant::now();
-    let end = std::time::Duration::from_secs_f64(seconds);
-    let (mut answered, mut lost) = (0u64, 0u64);
-    let mut id: u16 = 0;
-    let mut buffer = [0u8; 512];
-    while start.elapsed() < end {
-        id = id.wrapping_add(1);
-        query[..2].copy_from_slice(&id.to_be_bytes());
-        socket.send(&query).map_err(|e| e.to_string())?;
-        loop {
-            match socket.recv(&mut buffer) {
-                Ok(n) if n >= 2 && buffer[..2] == id.to_be_bytes() => {
-                    answered += 1;
-                    break;
-                }
-                Ok(_) => continue,
-                Err(_) => {
-                    lost += 1;
-                    break;
+    Load::parse(rest)?.run(|| {
+        let bind = if server.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let socket = std::net::UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+        socket.connect((server, 53)).map_err(|e| e.to_string())?;
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .map_err(|e| e.to_string())?;
+        let mut query = query.clone();
+        let mut id: u16 = 0;
+        let mut buffer = [0u8; 512];
+        Ok(move || {
+            id = id.wrapping_add(1);
+            query[..2].copy_from_slice(&id.to_be_bytes());
+            if socket.send(&query).is_err() {
+                return false;
+            }
+            // Answers to earlier, timed-out queries are skipped.
+            loop {
+                match socket.recv(&mut buffer) {
+                    Ok(n) if n >= 2 && buffer[..2] == id.to_be_bytes() => return true,
+                    Ok(_) => continue,
+                    Err(_) => return false,
                 }
             }
-        }
+        })
+    })
+}
+
+/// Accepts TCP connections on ADDR and closes them at once, on two threads, until
+/// killed (the benchmarks' endpoint: it costs less than any real server).
+fn serve_sink(args: &[String]) -> Result<(), String> {
+    let [flag, address] = args else {
+        return Err("usage: lab serve-sink --listen ADDR".into());
+    };
+    if flag != "--listen" {
+        return Err("usage: lab serve-sink --listen ADDR".into());
     }
-    println!("{answered} {lost} {:.3}", start.elapsed().as_secs_f64());
+    let listener =
+        std::net::TcpListener::bind(address.as_str()).map_err(|e| format!("{address}: {e}"))?;
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| {
+                for stream in listener.incoming() {
+                    drop(stream);
+                }
+            });
+        }
+    });
     Ok(())
 }
 

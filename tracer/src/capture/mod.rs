@@ -9,7 +9,13 @@ mod btf;
 mod decode;
 mod kallsyms;
 
-use std::{collections::HashMap, fs::File, io, path::PathBuf};
+use std::{
+    collections::HashMap,
+    fs::File,
+    io,
+    os::fd::{AsFd, AsRawFd},
+    path::PathBuf,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -40,6 +46,10 @@ pub static KERNEL_OBJECT: &[u8] =
 /// tracing programs and kernel reads, CAP_NET_ADMIN to attach to cgroups.
 pub const REQUIRED_CAPABILITIES: [Capability; 3] =
     [Capability::Bpf, Capability::Perfmon, Capability::NetAdmin];
+
+/// How often the ring buffer is drained when no wakeup came (the programs wake the
+/// reader only when the ring fills up; see `wakeup` in tracer-ebpf's maps.rs).
+const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// At most this many records are drained per wake-up, so a flood cannot starve the
 /// caller's other work (signals, timers).
@@ -121,6 +131,13 @@ pub struct KernelCounters {
     pub replies_lost: u64,
     pub dns_messages: u64,
     pub dns_messages_lost: u64,
+    /// Runs of the tracing programs the kernel skipped because the same program was
+    /// already running on that CPU (e.g. a socket's state change in a softirq while
+    /// another's is traced in process context): events lost before any ring buffer.
+    pub sock_states_skipped: u64,
+    pub icmp_errors_skipped: u64,
+    pub drops_skipped: u64,
+    pub nats_skipped: u64,
     /// Handshakes the kernel could not count because its `HANDSHAKES` map was full.
     pub handshakes_uncounted: u64,
 }
@@ -148,6 +165,16 @@ impl KernelCounters {
             ("dns", self.dns_messages, self.dns_messages_lost),
             ("nat", self.nats, self.nats_lost),
             ("reply", self.replies, self.replies_lost),
+        ]
+    }
+
+    /// (tracing program, runs the kernel skipped for recursion).
+    pub fn skipped_by_program(&self) -> [(&'static str, u64); 4] {
+        [
+            ("sock_state", self.sock_states_skipped),
+            ("icmp", self.icmp_errors_skipped),
+            ("drops", self.drops_skipped),
+            ("nat", self.nats_skipped),
         ]
     }
 }
@@ -482,20 +509,19 @@ impl Capture {
         &self.warnings
     }
 
-    /// Waits for events and appends up to [`MAX_BATCH`] of them to `out`.
+    /// Waits for events (at most [`DRAIN_INTERVAL`]) and appends up to [`MAX_BATCH`] of
+    /// them to `out`. The programs wake the reader only when the ring fills up, so it is
+    /// also drained on this interval.
     pub async fn read_batch(
         &mut self,
         out: &mut Vec<Result<KernelEvent, DecodeError>>,
     ) -> Result<(), CaptureError> {
-        let mut guard = self.ring.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        let mut drained = 0;
-        while drained < MAX_BATCH {
-            let Some(item) = ring.next() else { break };
-            out.push(decode(&item));
-            drained += 1;
-        }
-        if drained < MAX_BATCH {
+        let Ok(guard) = tokio::time::timeout(DRAIN_INTERVAL, self.ring.readable_mut()).await else {
+            drain(self.ring.get_mut(), out);
+            return Ok(());
+        };
+        let mut guard = guard?;
+        if drain(guard.get_inner_mut(), out) < MAX_BATCH {
             guard.clear_ready();
         }
         Ok(())
@@ -533,7 +559,45 @@ impl Capture {
             dns_messages: total(Counter::DnsSeen)?,
             dns_messages_lost: total(Counter::DnsLost)?,
             handshakes_uncounted: total(Counter::HandshakeUncounted)?,
+            sock_states_skipped: self.skipped_runs("inet_sock_set_state"),
+            icmp_errors_skipped: self.skipped_runs("consume_skb"),
+            drops_skipped: self.skipped_runs("kfree_skb"),
+            nats_skipped: self.skipped_runs("net_dev_queue"),
         })
+    }
+
+    /// How often the kernel skipped the program `hook` for recursion
+    /// (`bpf_prog_info.recursion_misses`); 0 when it is not loaded or cannot be asked.
+    fn skipped_runs(&self, hook: &str) -> u64 {
+        let Some(fd) = self.ebpf.program(hook).and_then(|p| p.fd().ok()) else {
+            return 0;
+        };
+        let fd = fd.as_fd().as_raw_fd();
+        let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+        /// `bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
+        #[repr(C)]
+        struct InfoByFd {
+            bpf_fd: u32,
+            info_len: u32,
+            info: u64,
+        }
+        let mut attr = InfoByFd {
+            bpf_fd: fd as u32,
+            info_len: std::mem::size_of_val(&info) as u32,
+            info: std::ptr::addr_of_mut!(info) as u64,
+        };
+        const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+        // SAFETY: the attribute points at a zeroed bpf_prog_info of the size it states;
+        // the kernel writes at most that much.
+        let done = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_OBJ_GET_INFO_BY_FD,
+                std::ptr::addr_of_mut!(attr),
+                std::mem::size_of::<InfoByFd>(),
+            )
+        };
+        if done == 0 { info.recursion_misses } else { 0 }
     }
 
     /// The kernel's handshake counts (summed over CPUs), exact even when events were lost.
@@ -573,6 +637,17 @@ impl Capture {
         }
         Ok(())
     }
+}
+
+/// Appends up to [`MAX_BATCH`] events from the ring to `out`; how many.
+fn drain(ring: &mut RingBuf<MapData>, out: &mut Vec<Result<KernelEvent, DecodeError>>) -> usize {
+    let mut drained = 0;
+    while drained < MAX_BATCH {
+        let Some(item) = ring.next() else { break };
+        out.push(decode(&item));
+        drained += 1;
+    }
+    drained
 }
 
 /// The program named `hook`, as its type.

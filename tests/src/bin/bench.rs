@@ -1,0 +1,401 @@
+//! `cargo xtask bench` (kernel part): what tracing costs the traced pods, measured side by
+//! side in the node lab.
+//!
+//! A pod connects to a sink beyond the node (through its NAT) and closes, and asks the
+//! cluster DNS, on four threads as fast as it can, for `--seconds` each, under each mode: untraced, the
+//! egress-tracer agent, tcpdump writing the pod's traffic to a file (the troubleshooting
+//! guide's packet capture) and, where it runs, a bpftrace script that counts the same
+//! events. Rounds interleave the modes (their order rotates every round), each figure is
+//! the rate under a mode divided by the untraced rate of the same round, and the table
+//! shows the median of the rounds.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, ExitCode, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use egress_lab::{CgroupDriver, Lab, LabPod, PodSpec, addresses as addr, agent, tracer::Tracer};
+use serde_json::{Value, json};
+
+/// What watches the pod's traffic during a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Untraced,
+    Agent,
+    Tcpdump,
+    Bpftrace,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Untraced => "untraced",
+            Mode::Agent => "egress-tracer agent",
+            Mode::Tcpdump => "tcpdump -w",
+            Mode::Bpftrace => "bpftrace",
+        }
+    }
+}
+
+/// Load threads: more than the machine's cores, so the loads are bound by CPU (what
+/// tracing costs) rather than by round-trip latency.
+const LOAD_THREADS: u32 = 4;
+
+/// The bpftrace stand-in for the tracer: the same events, counted in maps.
+const BPFTRACE_SCRIPT: &str = "\
+tracepoint:syscalls:sys_enter_connect { @connects[comm] = count(); }
+tracepoint:sock:inet_sock_set_state /args->oldstate == 2/ { @handshakes[args->newstate] = count(); }
+tracepoint:syscalls:sys_enter_sendto, tracepoint:syscalls:sys_enter_sendmsg { @sends[comm] = count(); }
+";
+
+struct Options {
+    rounds: usize,
+    seconds: f64,
+    out: PathBuf,
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn options() -> Result<Options, String> {
+    let mut options = Options {
+        rounds: 5,
+        seconds: 3.0,
+        out: PathBuf::from("bench/results"),
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args = args.iter();
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--rounds" => {
+                options.rounds = value.parse().map_err(|_| "--rounds takes a number")?;
+                if options.rounds < 5 {
+                    return Err("--rounds must be at least 5 (the median of five)".into());
+                }
+            }
+            "--seconds" => {
+                options.seconds = value.parse().map_err(|_| "--seconds takes a number")?;
+                if !(0.5..=60.0).contains(&options.seconds) {
+                    return Err("--seconds must be between 0.5 and 60".into());
+                }
+            }
+            "--out" => options.out = PathBuf::from(value),
+            other => return Err(format!("unknown flag {other} (--rounds, --seconds, --out)")),
+        }
+    }
+    Ok(options)
+}
+
+fn run() -> Result<(), String> {
+    let options = options()?;
+    let lab = Lab::start(&[PodSpec::new("default", "client", CgroupDriver::Systemd)])
+        .map_err(|e| format!("cannot start the lab: {e}"))?;
+    // Hundreds of thousands of short connections: their conntrack entries (in the lab
+    // node's namespace only) must not outlive a round by minutes.
+    lab.run_on_node(
+        "sysctl",
+        &["-qw", "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1"],
+    )
+    .map_err(|e| e.to_string())?;
+    let mut modes = vec![Mode::Untraced, Mode::Agent, Mode::Tcpdump];
+    let mut notes = Vec::new();
+    match bpftrace_runs() {
+        Ok(()) => modes.push(Mode::Bpftrace),
+        Err(why) => notes.push(format!("bpftrace not compared: {why}")),
+    }
+    // (mode, round) -> (connects/s, DNS queries/s)
+    let mut rates: Vec<Vec<(f64, f64)>> = vec![Vec::new(); modes.len()];
+    for round in 0..options.rounds {
+        for offset in 0..modes.len() {
+            let index = (round + offset) % modes.len();
+            let mode = modes[index];
+            let watcher = start(&lab, mode)?;
+            let connects = load(&lab, "connect-loop", &connect_args(options.seconds))?;
+            let queries = load(&lab, "dns-loop", &dns_args(options.seconds))?;
+            if let Some(watcher) = watcher {
+                watcher.stop()?;
+            }
+            eprintln!(
+                "bench: round {} {:<22} {connects:>9.0} connects/s {queries:>9.0} queries/s",
+                round + 1,
+                mode.name()
+            );
+            rates[index].push((connects, queries));
+        }
+    }
+    let mut results = Vec::new();
+    println!(
+        "{:<22} {:>16} {:>16}   (traced / untraced, median of {} interleaved rounds)",
+        "mode", "connect+close", "DNS queries", options.rounds
+    );
+    for (index, mode) in modes.iter().enumerate() {
+        let ratio = |pick: fn(&(f64, f64)) -> f64| {
+            let per_round: Vec<f64> = rates[index]
+                .iter()
+                .zip(&rates[0])
+                .map(|(traced, untraced)| pick(traced) / pick(untraced))
+                .collect();
+            (median(&per_round), per_round)
+        };
+        let (connect, connect_rounds) = ratio(|r| r.0);
+        let (dns, dns_rounds) = ratio(|r| r.1);
+        println!("{:<22} {connect:>16.3} {dns:>16.3}", mode.name());
+        results.push(json!({
+            "mode": mode.name(),
+            "connect_ratio": connect,
+            "connect_ratio_per_round": connect_rounds,
+            "dns_ratio": dns,
+            "dns_ratio_per_round": dns_rounds,
+            "connects_per_second": rates[index].iter().map(|r| r.0).collect::<Vec<_>>(),
+            "dns_queries_per_second": rates[index].iter().map(|r| r.1).collect::<Vec<_>>(),
+        }));
+    }
+    let agent = &results[1];
+    let verdicts = [
+        (
+            "agent connect ratio >= 0.95",
+            agent["connect_ratio"].as_f64() >= Some(0.95),
+        ),
+        (
+            "agent DNS ratio >= 0.97",
+            agent["dns_ratio"].as_f64() >= Some(0.97),
+        ),
+    ];
+    for note in &notes {
+        println!("note: {note}");
+    }
+    for (target, met) in verdicts {
+        println!("target {target}: {}", if met { "met" } else { "NOT met" });
+    }
+    for other in &results[2..] {
+        let cheaper = agent["connect_ratio"].as_f64() > other["connect_ratio"].as_f64()
+            && agent["dns_ratio"].as_f64() >= other["dns_ratio"].as_f64();
+        println!(
+            "target lower overhead than {}: {}",
+            other["mode"].as_str().unwrap_or("?"),
+            if cheaper { "met" } else { "NOT met" }
+        );
+    }
+    write_results(&options, &results, &notes)
+}
+
+fn connect_args(seconds: f64) -> Vec<String> {
+    vec![
+        "connect-loop".into(),
+        format!("{}:{}", addr::ENDPOINT, addr::SINK_PORT),
+        "--seconds".into(),
+        seconds.to_string(),
+        "--parallel".into(),
+        LOAD_THREADS.to_string(),
+    ]
+}
+
+fn dns_args(seconds: f64) -> Vec<String> {
+    vec![
+        "dns-loop".into(),
+        addr::CLUSTER_DNS.to_string(),
+        addr::ENDPOINT_NAME.into(),
+        "--seconds".into(),
+        seconds.to_string(),
+        "--parallel".into(),
+        LOAD_THREADS.to_string(),
+    ]
+}
+
+/// Runs a load generator in the pod; its rate per second.
+fn load(lab: &Lab, what: &str, args: &[String]) -> Result<f64, String> {
+    let helper = egress_lab::lab_helper().map_err(|e| e.to_string())?;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = lab
+        .output_in_pod(pod(lab), helper.to_str().unwrap_or("lab"), &args)
+        .map_err(|e| e.to_string())?;
+    let fields: Vec<f64> = output
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    match fields.as_slice() {
+        [done, _failed, seconds] if *seconds > 0.0 => Ok(done / seconds),
+        _ => Err(format!("{what} printed {output:?}")),
+    }
+}
+
+fn pod(lab: &Lab) -> &LabPod {
+    lab.pod("client")
+}
+
+/// A running watcher, stopped with SIGTERM (and SIGKILL after 10 s).
+enum Watcher {
+    Agent(Tracer),
+    Process(Child),
+}
+
+impl Watcher {
+    fn stop(self) -> Result<(), String> {
+        match self {
+            Watcher::Agent(tracer) => tracer
+                .stop(libc::SIGTERM)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Watcher::Process(mut child) => {
+                // SAFETY: kill(2) of our own child.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while child.try_wait().map_err(|e| e.to_string())?.is_none() {
+                    if Instant::now() > deadline {
+                        let _ = child.kill();
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn start(lab: &Lab, mode: Mode) -> Result<Option<Watcher>, String> {
+    match mode {
+        Mode::Untraced => Ok(None),
+        Mode::Agent => {
+            let state = lab.cluster_state();
+            let listen = agent::listen_address();
+            let node = lab.node_netns();
+            let args = [
+                "agent",
+                "--cluster-state",
+                state.to_str().unwrap_or_default(),
+                "--node-name",
+                &node,
+                "--listen",
+                &listen,
+            ];
+            Tracer::start(lab, &args)
+                .map(|tracer| Some(Watcher::Agent(tracer)))
+                .map_err(|e| e.to_string())
+        }
+        Mode::Tcpdump => {
+            let file = lab.cluster_state().with_file_name("bench.pcap");
+            let mut command = Command::new("ip");
+            command.args([
+                "netns",
+                "exec",
+                &pod(lab).netns,
+                "tcpdump",
+                "-i",
+                "any",
+                "-n",
+                "-U",
+                "-w",
+            ]);
+            command.arg(&file);
+            started(command, "listening on").map(|child| Some(Watcher::Process(child)))
+        }
+        Mode::Bpftrace => {
+            let mut command = Command::new("bpftrace");
+            command.args(["-e", BPFTRACE_SCRIPT]);
+            started(command, "Attaching").map(|child| Some(Watcher::Process(child)))
+        }
+    }
+}
+
+/// Starts `command` and waits for `ready` in its output.
+fn started(mut command: Command, ready: &'static str) -> Result<Child, String> {
+    let program = format!("{:?}", command.get_program());
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
+    let (tx, rx) = mpsc::channel();
+    for stream in [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(ready) => {
+                // Keep draining so the tool never blocks on a full pipe.
+                thread::spawn(move || while rx.recv().is_ok() {});
+                return Ok(child);
+            }
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{program} did not start: {}", seen.join(" | ")));
+            }
+        }
+    }
+}
+
+/// Whether bpftrace is installed and can attach its script on this kernel.
+fn bpftrace_runs() -> Result<(), String> {
+    let mut command = Command::new("bpftrace");
+    command.args(["-e", BPFTRACE_SCRIPT]);
+    let watcher = Watcher::Process(started(command, "Attaching")?);
+    watcher.stop()
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let middle = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[middle]
+    } else {
+        (sorted[middle - 1] + sorted[middle]) / 2.0
+    }
+}
+
+fn write_results(options: &Options, results: &[Value], notes: &[String]) -> Result<(), String> {
+    std::fs::create_dir_all(&options.out)
+        .map_err(|e| format!("cannot create {}: {e}", options.out.display()))?;
+    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        .to_string()
+        .replace(':', "");
+    let path = options.out.join(format!("kernel-{stamp}.json"));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let document = json!({
+        "benchmark": "kernel overhead",
+        "kernel": kernel.trim(),
+        "rounds": options.rounds,
+        "seconds_per_run": options.seconds,
+        "results": results,
+        "notes": notes,
+    });
+    std::fs::write(&path, format!("{document:#}\n"))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    println!("results: {}", path.display());
+    Ok(())
+}
