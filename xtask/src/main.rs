@@ -280,7 +280,111 @@ fn bench(root: &Path, rounds: usize, seconds: f64) -> anyhow::Result<()> {
     if !status.success() {
         bail!("the kernel benchmark failed ({status})");
     }
+    pipeline_bench(root)
+}
+
+/// The userspace pipeline on one thread: events per second and memory, then callgrind's
+/// instruction count per event (the difference of two runs, so fixed costs cancel).
+fn pipeline_bench(root: &Path) -> anyhow::Result<()> {
+    println!("xtask: cargo bench -p egress-tracer --bench pipeline --no-run");
+    let output = Command::new(env!("CARGO"))
+        .args([
+            "bench",
+            "-p",
+            "egress-tracer",
+            "--bench",
+            "pipeline",
+            "--no-run",
+        ])
+        .args(["--message-format=json"])
+        .current_dir(root)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot build the pipeline benchmark")?;
+    let executable = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|message| message["target"]["name"] == "pipeline")
+        .find_map(|message| message["executable"].as_str().map(PathBuf::from))
+        .context("cargo did not say where the pipeline benchmark is")?;
+    let run = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
+        let output = Command::new(&executable).args(args).output()?;
+        if !output.status.success() {
+            bail!(
+                "the pipeline benchmark failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&output.stdout)?)
+    };
+    let mut throughputs = Vec::new();
+    let mut report = serde_json::Value::Null;
+    for _ in 0..5 {
+        report = run(&[])?;
+        throughputs.push(report["events_per_second"].as_f64().unwrap_or(0.0));
+    }
+    throughputs.sort_by(f64::total_cmp);
+    let per_second = throughputs[throughputs.len() / 2];
+    let instructions = |connections: u64| -> anyhow::Result<u64> {
+        let out = root
+            .join("target")
+            .join(format!("callgrind-{connections}.out"));
+        let status = Command::new("valgrind")
+            .args(["--tool=callgrind", "--quiet"])
+            .arg(format!("--callgrind-out-file={}", out.display()))
+            .arg(&executable)
+            .args(["--connections", &connections.to_string(), "--skip-memory"])
+            .stdout(Stdio::null())
+            .status()
+            .context("cannot run valgrind")?;
+        if !status.success() {
+            bail!("callgrind failed ({status})");
+        }
+        let text = std::fs::read_to_string(&out)?;
+        let _ = std::fs::remove_file(&out);
+        text.lines()
+            .find_map(|line| line.strip_prefix("summary: "))
+            .and_then(|n| n.trim().parse().ok())
+            .context("no summary in the callgrind output")
+    };
+    // Four events per connection.
+    let (small, large) = (10_000u64, 30_000u64);
+    let per_event = (instructions(large)?.saturating_sub(instructions(small)?)) as f64
+        / ((large - small) * 4) as f64;
+    let rss = report["rss_mib_100k_attempts_10k_pods"]
+        .as_f64()
+        .unwrap_or(0.0);
+    println!("pipeline (decode, assemble, verdict, metrics), one thread:");
+    println!(
+        "  {per_second:>12.0} events/s (median of 5; target >= 1,000,000: {})",
+        met(per_second >= 1e6)
+    );
+    println!("  {per_event:>12.0} instructions/event (callgrind)");
+    println!(
+        "  {rss:>12.1} MiB resident with 100,000 attempts held and 10,000 pods (target <= 128: {})",
+        met(rss <= 128.0)
+    );
+    let results = root.join("bench").join("results");
+    std::fs::create_dir_all(&results)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let path = results.join(format!("pipeline-{stamp}.json"));
+    let document = serde_json::json!({
+        "benchmark": "userspace pipeline",
+        "events_per_second_median": per_second,
+        "events_per_second_runs": throughputs,
+        "instructions_per_event": per_event,
+        "rss_mib_100k_attempts_10k_pods": rss,
+    });
+    std::fs::write(&path, format!("{document:#}\n"))?;
+    println!("results: {}", path.display());
     Ok(())
+}
+
+fn met(yes: bool) -> &'static str {
+    if yes { "met" } else { "NOT met" }
 }
 
 fn lab_clean() -> anyhow::Result<()> {

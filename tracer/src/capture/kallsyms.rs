@@ -12,6 +12,7 @@ pub struct SymbolRange {
 }
 
 /// Symbols sorted by address.
+#[derive(Default)]
 pub struct Kallsyms {
     symbols: Vec<(u64, String)>,
 }

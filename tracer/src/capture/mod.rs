@@ -189,7 +189,9 @@ pub struct Capture {
     names: KernelNames,
 }
 
-/// Names for the numbers kernel events carry.
+/// Names for the numbers kernel events carry (none known by default, as without BTF and
+/// kallsyms).
+#[derive(Default)]
 pub struct KernelNames {
     drop_reasons: HashMap<u32, String>,
     kallsyms: Kallsyms,

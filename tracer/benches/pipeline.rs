@@ -1,0 +1,206 @@
+//! The userspace pipeline on synthetic kernel events, on one thread: raw ring-buffer
+//! records are decoded, assembled into attempts, judged and counted in the metrics, as
+//! the agent does. Prints JSON: events per second, and the process's resident memory
+//! while 100,000 attempts are held with 10,000 pods in the cluster model.
+//!
+//! `cargo bench -p egress-tracer --bench pipeline -- [--connections N] [--skip-memory]`;
+//! `cargo xtask bench` runs it, and again under callgrind for instruction counts.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use egress_tracer::{
+    capture::{KernelNames, decode},
+    cluster::{ClusterState, cgroups::CgroupIndex},
+    metrics::{Metrics, MetricsOptions},
+    pipeline::Pipeline,
+};
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use kube::api::ObjectMeta;
+use tracer_common::{
+    AF_INET, CALL_CONNECT, ConnectEvent, Endpoint, EventHeader, EventKind, FirstPacketEvent,
+    IPPROTO_TCP, ReplyEvent, SockStateEvent, TCP_ESTABLISHED, TCP_SYN_SENT,
+};
+
+fn main() {
+    let mut connections: u64 = 200_000;
+    let mut memory = true;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--connections" => {
+                connections = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .expect("--connections takes a number")
+            }
+            "--skip-memory" => memory = false,
+            // What cargo bench passes to every bench target.
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let cgroups = empty_cgroup_root();
+    let (events, per_second) = throughput(&cgroups, connections);
+    let mut report = serde_json::json!({
+        "events": events,
+        "events_per_second": per_second,
+    });
+    if memory {
+        report["rss_mib_100k_attempts_10k_pods"] = serde_json::json!(memory_with(&cgroups));
+    }
+    println!("{report}");
+    let _ = std::fs::remove_dir_all(&cgroups);
+}
+
+/// A cgroup root without cgroups: the events' cgroups are then unknown, as host processes.
+fn empty_cgroup_root() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("egress-bench-cgroups-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temporary directory");
+    dir
+}
+
+fn endpoint(ip: Ipv4Addr, port: u16) -> Endpoint {
+    let mut addr = [0; 16];
+    addr[..4].copy_from_slice(&ip.octets());
+    Endpoint {
+        family: AF_INET,
+        port,
+        addr,
+    }
+}
+
+fn header(kind: EventKind, ts_ns: u64) -> EventHeader {
+    EventHeader {
+        kind: kind as u32,
+        cpu: 0,
+        ts_ns,
+    }
+}
+
+fn bytes<T: Copy>(event: &T) -> Vec<u8> {
+    // SAFETY: the event types are #[repr(C)] with explicit padding (aya::Pod).
+    unsafe { std::slice::from_raw_parts((event as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+}
+
+/// The ring-buffer records of one established connection: connect, first packet,
+/// SYN-ACK, state change.
+fn connection(n: u64) -> [Vec<u8>; 4] {
+    let ts = 1_000_000 + n * 10_000;
+    let src = endpoint(Ipv4Addr::new(10, 244, 0, 10), 20_000 + (n % 40_000) as u16);
+    let dst = endpoint(Ipv4Addr::new(203, 0, 113, (n % 200) as u8 + 1), 443);
+    let cookie = n + 1;
+    let connect = ConnectEvent {
+        header: header(EventKind::Connect, ts),
+        cgroup_id: 7,
+        sock_cookie: cookie,
+        pid: 4242,
+        tid: 4242,
+        comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+        protocol: IPPROTO_TCP,
+        call: CALL_CONNECT,
+        _pad: [0; 6],
+        dst,
+    };
+    let first = FirstPacketEvent {
+        header: header(EventKind::FirstPacket, ts + 10),
+        sock_cookie: cookie,
+        protocol: IPPROTO_TCP,
+        _pad: [0; 7],
+        src,
+        dst,
+    };
+    let reply = ReplyEvent {
+        header: header(EventKind::Reply, ts + 500),
+        sock_cookie: cookie,
+        ttl: 57,
+        tcp_flags: 0x12,
+        _pad: [0; 6],
+    };
+    let state = SockStateEvent {
+        header: header(EventKind::SockState, ts + 510),
+        sock_cookie: cookie,
+        old_state: TCP_SYN_SENT,
+        new_state: TCP_ESTABLISHED,
+        _pad: [0; 2],
+        error: 0,
+        soft_error: 0,
+        syn_retransmits: 0,
+        src,
+        dst,
+    };
+    [bytes(&connect), bytes(&first), bytes(&reply), bytes(&state)]
+}
+
+/// Decodes, assembles, judges and counts `connections` connections; (events, per second).
+fn throughput(cgroups: &PathBuf, connections: u64) -> (u64, f64) {
+    let records: Vec<Vec<u8>> = (0..connections).flat_map(connection).collect();
+    let names = KernelNames::default();
+    let mut pipeline = Pipeline::new(
+        CgroupIndex::new(cgroups.clone()).expect("cgroup index"),
+        ClusterState::default(),
+        None,
+        Duration::from_secs(5),
+    )
+    .with_query_outcomes();
+    let mut metrics = Metrics::new(MetricsOptions::default());
+    let mut batch = Vec::with_capacity(4096);
+    let started = Instant::now();
+    for chunk in records.chunks(4096) {
+        batch.extend(chunk.iter().map(|record| decode(record)));
+        pipeline.handle(&mut batch, &names);
+        for record in pipeline.take_records() {
+            metrics.record(&record, pipeline.cluster());
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let events = records.len() as u64;
+    (events, events as f64 / elapsed)
+}
+
+/// Resident memory (MiB) with 10,000 pods in the cluster model and 100,000 attempts held
+/// (connects without an outcome yet).
+fn memory_with(cgroups: &PathBuf) -> f64 {
+    let pods = (0..10_000u32).map(|i| Pod {
+        metadata: ObjectMeta {
+            name: Some(format!("pod-{i}")),
+            namespace: Some(format!("ns-{}", i % 100)),
+            uid: Some(format!("uid-{i}")),
+            ..ObjectMeta::default()
+        },
+        status: Some(PodStatus {
+            pod_ip: Some(IpAddr::from([10, 244, (i / 250) as u8, (i % 250) as u8]).to_string()),
+            ..PodStatus::default()
+        }),
+        ..Pod::default()
+    });
+    let mut pipeline = Pipeline::new(
+        CgroupIndex::new(cgroups.clone()).expect("cgroup index"),
+        ClusterState::from_pods(pods),
+        None,
+        Duration::from_secs(5),
+    );
+    let names = KernelNames::default();
+    let mut batch = Vec::new();
+    for n in 0..100_000 {
+        let [connect, ..] = connection(n);
+        batch.push(decode(&connect));
+        if batch.len() == 4096 {
+            pipeline.handle(&mut batch, &names);
+        }
+    }
+    pipeline.handle(&mut batch, &names);
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    // Keep the pipeline alive until measured.
+    drop(pipeline);
+    kib / 1024.0
+}
