@@ -8,7 +8,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -137,11 +137,11 @@ fn connection(n: u64) -> [Vec<u8>; 4] {
 }
 
 /// Decodes, assembles, judges and counts `connections` connections; (events, per second).
-fn throughput(cgroups: &PathBuf, connections: u64) -> (u64, f64) {
+fn throughput(cgroups: &Path, connections: u64) -> (u64, f64) {
     let records: Vec<Vec<u8>> = (0..connections).flat_map(connection).collect();
     let names = KernelNames::default();
     let mut pipeline = Pipeline::new(
-        CgroupIndex::new(cgroups.clone()).expect("cgroup index"),
+        CgroupIndex::new(cgroups.to_path_buf()).expect("cgroup index"),
         ClusterState::default(),
         None,
         Duration::from_secs(5),
@@ -164,7 +164,7 @@ fn throughput(cgroups: &PathBuf, connections: u64) -> (u64, f64) {
 
 /// Resident memory (MiB) with 10,000 pods in the cluster model and 100,000 attempts held
 /// (connects without an outcome yet).
-fn memory_with(cgroups: &PathBuf) -> f64 {
+fn memory_with(cgroups: &Path) -> f64 {
     let pods = (0..10_000u32).map(|i| Pod {
         metadata: ObjectMeta {
             name: Some(format!("pod-{i}")),
@@ -179,7 +179,7 @@ fn memory_with(cgroups: &PathBuf) -> f64 {
         ..Pod::default()
     });
     let mut pipeline = Pipeline::new(
-        CgroupIndex::new(cgroups.clone()).expect("cgroup index"),
+        CgroupIndex::new(cgroups.to_path_buf()).expect("cgroup index"),
         ClusterState::from_pods(pods),
         None,
         Duration::from_secs(5),
