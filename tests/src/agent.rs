@@ -22,22 +22,34 @@ pub fn listen_address() -> String {
 
 /// GET `path` (with its query) from the agent: (HTTP status, body).
 pub fn get(lab: &Lab, path: &str) -> io::Result<(u16, String)> {
-    let url = format!("http://127.0.0.1:{AGENT_PORT}{path}");
-    let output = process::run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &lab.node_netns(),
-            "curl",
-            "-sg",
-            "-m",
-            "10",
-            "-w",
-            "\n%{http_code}",
-            &url,
-        ],
-    )?;
+    get_from(lab, &listen_address(), path, &[])
+}
+
+/// GET `path` from an agent listening on `address`, with extra request headers.
+pub fn get_from(
+    lab: &Lab,
+    address: &str,
+    path: &str,
+    headers: &[&str],
+) -> io::Result<(u16, String)> {
+    let url = format!("http://{address}{path}");
+    let node = lab.node_netns();
+    let mut args = vec![
+        "netns",
+        "exec",
+        &node,
+        "curl",
+        "-sg",
+        "-m",
+        "10",
+        "-w",
+        "\n%{http_code}",
+    ];
+    for header in headers {
+        args.extend(["-H", header]);
+    }
+    args.push(&url);
+    let output = process::run("ip", &args)?;
     let (body, status) = output
         .trim_end()
         .rsplit_once('\n')

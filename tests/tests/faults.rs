@@ -72,3 +72,107 @@ fn a_second_agent_on_the_node_is_refused_without_attaching() {
     assert_eq!(agent::get(&lab, "/readyz").unwrap(), (200, "ready".into()));
     assert!(first.stop(libc::SIGTERM).unwrap().status.success());
 }
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn the_flows_api_needs_the_token_beyond_loopback() {
+    let lab = Lab::start(&[PodSpec::new("default", "client", CgroupDriver::Systemd)]).unwrap();
+    let node_address = format!("{}:9090", egress_lab::addresses::NODE_IP);
+    let mut args = agent_args(&lab);
+    *args.last_mut().unwrap() = node_address.clone();
+
+    // No token, on an address others reach: metrics yes, recorded traffic no.
+    let open = start_agent(&lab, &args).unwrap();
+    assert_eq!(
+        agent::get_from(&lab, &node_address, "/readyz", &[])
+            .unwrap()
+            .0,
+        200
+    );
+    assert_eq!(
+        agent::get_from(&lab, &node_address, "/metrics", &[])
+            .unwrap()
+            .0,
+        200
+    );
+    let (status, body) = agent::get_from(&lab, &node_address, "/api/v1/flows", &[]).unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("without --api-token-file"), "{body}");
+    let stopped = open.stop(libc::SIGTERM).unwrap();
+    assert!(
+        stopped.stderr.contains("the flows and diagnose API is off"),
+        "{}",
+        stopped.stderr
+    );
+
+    // With a token: only with it, in either header.
+    let token = "0123456789abcdef0123456789abcdef";
+    let token_file = lab.cluster_state().with_file_name("api-token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    args.extend([
+        "--api-token-file".into(),
+        token_file.to_str().unwrap().into(),
+    ]);
+    let guarded = start_agent(&lab, &args).unwrap();
+    let flows = "/api/v1/flows?namespace=default";
+    let (status, body) = agent::get_from(&lab, &node_address, flows, &[]).unwrap();
+    assert_eq!(status, 401, "{body}");
+    let wrong = "X-Egress-Tracer-Token: 0123456789abcdef0123456789abcdee";
+    assert_eq!(
+        agent::get_from(&lab, &node_address, flows, &[wrong])
+            .unwrap()
+            .0,
+        401
+    );
+    let bearer = format!("Authorization: Bearer {token}");
+    assert_eq!(
+        agent::get_from(&lab, &node_address, flows, &[&bearer])
+            .unwrap()
+            .0,
+        200
+    );
+    let custom = format!("X-Egress-Tracer-Token: {token}");
+    assert_eq!(
+        agent::get_from(&lab, &node_address, flows, &[&custom])
+            .unwrap()
+            .0,
+        200
+    );
+    // The CLI sends it from --agent-token-file.
+    let url = format!("http://{node_address}");
+    let endpoint = format!(
+        "http://{}:{}/",
+        egress_lab::addresses::ENDPOINT,
+        egress_lab::addresses::HTTP_PORT
+    );
+    let (status, stdout, stderr) = agent::run_cli_on_node(
+        &lab,
+        &[
+            "diagnose",
+            "--agent",
+            &url,
+            "--agent-token-file",
+            token_file.to_str().unwrap(),
+            "--pod",
+            "default/client",
+            &endpoint,
+        ],
+    )
+    .unwrap();
+    assert_eq!(status.code(), Some(0), "{stdout}{stderr}");
+    let (status, stdout, stderr) = agent::run_cli_on_node(
+        &lab,
+        &[
+            "diagnose",
+            "--agent",
+            &url,
+            "--pod",
+            "default/client",
+            &endpoint,
+        ],
+    )
+    .unwrap();
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("needs the agent's token"), "{stderr}");
+    assert!(guarded.stop(libc::SIGTERM).unwrap().status.success());
+}

@@ -23,7 +23,7 @@ use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
         core::v1::{Namespace, Service, ServiceAccount},
-        rbac::v1::{ClusterRole, ClusterRoleBinding},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, Role},
     },
     serde::de::DeserializeOwned,
 };
@@ -75,6 +75,7 @@ fn every_manifest_is_a_valid_object_of_its_kind() {
                 "ServiceAccount" => drop(typed::<ServiceAccount>(&document)),
                 "ClusterRole" => drop(typed::<ClusterRole>(&document)),
                 "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(&document)),
+                "Role" => drop(typed::<Role>(&document)),
                 "DaemonSet" => drop(typed::<DaemonSet>(&document)),
                 "Service" => drop(typed::<Service>(&document)),
                 // A CRD: no k8s-openapi type; its fields are checked below.
@@ -97,6 +98,7 @@ fn every_manifest_is_a_valid_object_of_its_kind() {
             "ClusterRole",
             "ClusterRoleBinding",
             "ClusterRole",
+            "Role",
             "DaemonSet",
             "Service",
             "ServiceMonitor"
@@ -190,7 +192,14 @@ fn the_daemonset_runs_the_agent_as_the_service_and_probes_expect() {
         panic!("one container");
     };
     let args = container.args.clone().unwrap();
-    assert_eq!(args, ["agent", "--listen=0.0.0.0:9090"]);
+    assert_eq!(
+        args,
+        [
+            "agent",
+            "--listen=0.0.0.0:9090",
+            "--api-token-file=/var/run/egress-tracer/api/token"
+        ]
+    );
     let port = &container.ports.as_ref().unwrap()[0];
     assert_eq!(
         (port.name.as_deref(), port.container_port),
@@ -234,6 +243,20 @@ fn the_daemonset_runs_the_agent_as_the_service_and_probes_expect() {
     );
     let mounts = container.volume_mounts.as_ref().unwrap();
     assert_eq!(mounts[0].mount_path, "/sys/fs/cgroup");
+    // The token file the args name, from the Secret the users' Role may read.
+    assert_eq!(mounts[1].mount_path, "/var/run/egress-tracer/api");
+    let volumes = pod.volumes.as_ref().unwrap();
+    assert_eq!(
+        volumes[1].secret.as_ref().and_then(|s| s.secret_name.as_deref()),
+        Some("egress-tracer-api-token")
+    );
+    let rbac = documents("kubernetes/rbac.yaml");
+    let role: Role = typed(of_kind(&rbac, "Role")[0]);
+    let rule = &role.rules.unwrap()[0];
+    assert_eq!(
+        (rule.resource_names.as_deref(), rule.verbs.as_slice()),
+        (Some(&["egress-tracer-api-token".to_owned()][..]), &["get".to_owned()][..])
+    );
 }
 
 #[test]

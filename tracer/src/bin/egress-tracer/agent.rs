@@ -90,6 +90,11 @@ pub struct AgentArgs {
     /// enters pods' network namespaces).
     #[arg(long)]
     no_diagnose: bool,
+    /// A file holding the token that /api/v1/* requests must present (as
+    /// `Authorization: Bearer TOKEN` or `X-Egress-Tracer-Token: TOKEN`): recorded traffic
+    /// is sensitive. Without it, the API answers only on a loopback --listen address.
+    #[arg(long, value_name = "PATH", env = "EGRESS_TRACER_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
 }
 
 /// What the event loop shares with the HTTP server.
@@ -100,6 +105,18 @@ pub struct Shared {
     pub not_ready: Mutex<Option<String>>,
     /// How diagnoses run here (`None`: refused, `--no-diagnose`).
     pub diagnose: Option<DiagnoseSetup>,
+    /// Who may use /api/v1/*.
+    pub api_access: ApiAccess,
+}
+
+/// Who may use the flows and diagnose API.
+pub enum ApiAccess {
+    /// Clients presenting this token.
+    Token(String),
+    /// Anyone: the agent listens on loopback only.
+    Loopback,
+    /// No one: no token, and a --listen address others can reach.
+    Refused(String),
 }
 
 /// What a diagnosis on this agent needs besides its request.
@@ -125,6 +142,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     } else {
         args.upstream_dns.clone()
     };
+    let api_access = api_access(&args)?;
     let (cluster_requests, mut cluster_wanted) = mpsc::channel::<oneshot::Sender<ClusterState>>(4);
     let shared = Arc::new(Shared {
         metrics: Mutex::new(Metrics::new(MetricsOptions {
@@ -143,6 +161,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             cluster: cluster_requests,
             running: tokio::sync::Semaphore::new(1),
         }),
+        api_access,
     });
     let _one_per_node = claim_node()?;
     // Signal handlers first: whoever waits for readiness may signal at once.
@@ -244,6 +263,32 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     eprintln!("egress-tracer agent: stopped; kernel programs detached");
     Ok(())
+}
+
+fn api_access(args: &AgentArgs) -> anyhow::Result<ApiAccess> {
+    if let Some(path) = &args.api_token_file {
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the API token from {}", path.display()))?;
+        let token = token.trim();
+        if token.len() < 16 {
+            return Err(crate::UsageError(format!(
+                "the API token in {} is shorter than 16 characters: make a long random one \
+                 (for example `openssl rand -hex 32`)",
+                path.display()
+            ))
+            .into());
+        }
+        return Ok(ApiAccess::Token(token.to_owned()));
+    }
+    if args.listen.ip().is_loopback() {
+        return Ok(ApiAccess::Loopback);
+    }
+    let reason = format!(
+        "the flows and diagnose API is off: the agent listens on {} without --api-token-file",
+        args.listen
+    );
+    eprintln!("warning: {reason}; /metrics, /healthz and /readyz are served");
+    Ok(ApiAccess::Refused(reason))
 }
 
 /// Name of the abstract Unix socket that marks a node's agent.

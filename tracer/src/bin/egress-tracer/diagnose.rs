@@ -71,10 +71,8 @@ pub async fn run(args: DiagnoseArgs) -> anyhow::Result<bool> {
         btf: args.btf.clone(),
     };
     let report = match &args.remote.agent {
-        Some(agent) => {
-            let agent =
-                remote::AgentClient::new(agent, Some(&args.pod), &args.remote.agent_namespace)
-                    .await?;
+        Some(_) => {
+            let agent = remote::AgentClient::new(&args.remote, Some(&args.pod)).await?;
             agent.diagnose(&request).await?
         }
         None => {

@@ -14,7 +14,7 @@ use egress_tracer::store::{FlowQuery, StoredRecord};
 use futures::{Stream, StreamExt, stream};
 use tokio::sync::{broadcast, watch};
 
-use crate::agent::Shared;
+use crate::agent::{ApiAccess, Shared};
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const NDJSON: &str = "application/x-ndjson";
@@ -31,6 +31,10 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/api/v1/flows", get(flows))
         .route("/api/v1/diagnose", get(diagnose))
+        .route_layer(axum::middleware::from_fn_with_state(
+            (Arc::clone(&shared), stop.clone()),
+            authorize,
+        ))
         .fallback(not_found)
         .with_state((shared, stop.clone()));
     let mut stop = stop;
@@ -42,6 +46,50 @@ pub async fn serve(
 }
 
 type AppState = (Arc<Shared>, watch::Receiver<bool>);
+
+/// /api/v1/* needs the agent's token (see `ApiAccess`); the rest is open.
+async fn authorize(
+    State((shared, _)): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !request.uri().path().starts_with("/api/") {
+        return next.run(request).await;
+    }
+    match &shared.api_access {
+        ApiAccess::Loopback => next.run(request).await,
+        ApiAccess::Refused(reason) => {
+            (StatusCode::FORBIDDEN, format!("{reason}\n")).into_response()
+        }
+        ApiAccess::Token(token) => {
+            let headers = request.headers();
+            let presented = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .or_else(|| headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok()));
+            if presented.is_some_and(|p| same(p.as_bytes(), token.as_bytes())) {
+                next.run(request).await
+            } else {
+                (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer")],
+                    "this API needs the agent's token (Authorization: Bearer TOKEN); \
+                     `--agent auto` reads it from the egress-tracer-api-token Secret\n",
+                )
+                    .into_response()
+            }
+        }
+    }
+}
+
+/// The header a client may carry the token in when a proxy takes `Authorization`.
+pub const TOKEN_HEADER: &str = "x-egress-tracer-token";
+
+/// Compares in time independent of where the inputs differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
 
 async fn metrics(State((shared, _)): State<AppState>) -> Response {
     let text = shared.metrics.lock().expect("not poisoned").encode();

@@ -93,15 +93,19 @@ enum Command {
 
 /// Where to find a running agent (trace and diagnose).
 #[derive(clap::Args)]
-struct AgentLocation {
+pub struct AgentLocation {
     /// Ask a running agent instead of tracing here: its URL (http://HOST:9090), or
     /// `auto` to reach the agent on the pod's node through the Kubernetes API server
     /// (pods/proxy; needs only a kubeconfig, no access to the node).
     #[arg(long, value_name = "URL|auto")]
-    agent: Option<String>,
+    pub agent: Option<String>,
     /// Namespace of the agent's DaemonSet, for `--agent auto`.
     #[arg(long, value_name = "NS", default_value = "egress-tracer")]
-    agent_namespace: String,
+    pub agent_namespace: String,
+    /// A file with the agent's API token. Default with `--agent auto`: the `token` of the
+    /// Secret egress-tracer-api-token in the agent's namespace, if you may read it.
+    #[arg(long, value_name = "PATH", env = "EGRESS_TRACER_AGENT_TOKEN_FILE")]
+    pub agent_token_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]

@@ -28,16 +28,30 @@ pub struct AgentClient {
     prefix: String,
     /// For messages: where the agent is.
     describe: String,
+    /// The agent's API token, if known.
+    token: Option<String>,
 }
+
+/// The Secret that holds the agents' API token (deploy/README.md).
+const TOKEN_SECRET: &str = "egress-tracer-api-token";
 
 impl AgentClient {
     /// `agent`: the agent's URL, or `auto` to find the agent on `pod`'s node through the
     /// Kubernetes API (`pod` as NAMESPACE/NAME; `agent_namespace` where the agent runs).
-    pub async fn new(
-        agent: &str,
-        pod: Option<&str>,
-        agent_namespace: &str,
-    ) -> anyhow::Result<Self> {
+    pub async fn new(location: &crate::AgentLocation, pod: Option<&str>) -> anyhow::Result<Self> {
+        let agent = location.agent.as_deref().unwrap_or("auto");
+        let agent_namespace = location.agent_namespace.as_str();
+        let token = match &location.agent_token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| {
+                        format!("cannot read the agent token from {}", path.display())
+                    })?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
         if agent != "auto" {
             let url: http::Uri = agent.parse().map_err(|e| {
                 UsageError(format!(
@@ -50,6 +64,7 @@ impl AgentClient {
                 client,
                 prefix: String::new(),
                 describe: agent.to_owned(),
+                token,
             });
         }
         let Some(pod) = pod else {
@@ -100,7 +115,12 @@ impl AgentClient {
                  in namespace {agent_namespace}; see deploy/, or --agent-namespace)"
             );
         };
+        let token = match token {
+            Some(token) => Some(token),
+            None => secret_token(&client, agent_namespace).await,
+        };
         Ok(Self {
+            token,
             client,
             prefix: format!("/api/v1/namespaces/{agent_namespace}/pods/{agent}:{AGENT_PORT}/proxy"),
             describe: format!("agent {agent_namespace}/{agent} on node {node}"),
@@ -146,7 +166,12 @@ impl AgentClient {
     async fn get(&self, path: &str, params: &[(&str, &str)]) -> anyhow::Result<Body> {
         let query = serde_urlencoded::to_string(params).context("cannot encode the query")?;
         let uri = format!("{}{path}?{query}", self.prefix);
-        let request = http::Request::get(&uri)
+        let mut request = http::Request::get(&uri);
+        if let Some(token) = &self.token {
+            // Not `Authorization`: through the API server, that header is the user's own.
+            request = request.header(crate::http::TOKEN_HEADER, token);
+        }
+        let request = request
             .body(Body::empty())
             .context("cannot build the request")?;
         let response = self
@@ -175,6 +200,16 @@ impl AgentClient {
         }
         bail!("{} answered {status}: {reason}", self.describe)
     }
+}
+
+/// The agents' API token from their Secret, when the user may read it.
+async fn secret_token(client: &Client, namespace: &str) -> Option<String> {
+    let secret = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), namespace)
+        .get(TOKEN_SECRET)
+        .await
+        .ok()?;
+    let token = secret.data?.get("token")?.0.clone();
+    String::from_utf8(token).ok().map(|t| t.trim().to_owned())
 }
 
 /// Splits a byte stream into lines (without the newline).

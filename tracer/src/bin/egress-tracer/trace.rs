@@ -30,8 +30,8 @@ const CGROUP_REFRESH: Duration = Duration::from_secs(2);
 const CONNTRACK_REFRESH: Duration = Duration::from_secs(2);
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
-    if let Some(agent) = &args.remote.agent {
-        return run_through_agent(&args, agent).await;
+    if args.remote.agent.is_some() {
+        return run_through_agent(&args).await;
     }
     let node_name = cluster_source::node_name(args.node_name.as_deref());
     let required = args.pod.as_ref().map(|pod| format!("--pod {pod}"));
@@ -174,9 +174,8 @@ fn far_future() -> Instant {
 }
 
 /// `trace --agent`: the agent's live records, printed as `trace` prints its own.
-async fn run_through_agent(args: &TraceArgs, agent: &str) -> anyhow::Result<()> {
-    let client =
-        remote::AgentClient::new(agent, args.pod.as_deref(), &args.remote.agent_namespace).await?;
+async fn run_through_agent(args: &TraceArgs) -> anyhow::Result<()> {
+    let client = remote::AgentClient::new(&args.remote, args.pod.as_deref()).await?;
     // Live records only, as a local trace shows: no history.
     let mut query = vec![("since", "0s")];
     query.extend(args.pod.iter().map(|pod| ("pod", pod.as_str())));
