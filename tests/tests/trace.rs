@@ -542,7 +542,7 @@ fn counts_stay_exact_when_a_tiny_ring_buffer_overflows() {
     let tracer =
         Tracer::trace_pod(&lab, "default/client", &["--ring-buffer-size", "4096"]).unwrap();
     let helper = egress_lab::lab_helper().unwrap();
-    let sends = 3000;
+    let sends = 20_000;
     let (_, status) = lab
         .exec_in_pod(
             lab.pod("client"),

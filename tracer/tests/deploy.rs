@@ -247,7 +247,10 @@ fn the_daemonset_runs_the_agent_as_the_service_and_probes_expect() {
     assert_eq!(mounts[1].mount_path, "/var/run/egress-tracer/api");
     let volumes = pod.volumes.as_ref().unwrap();
     assert_eq!(
-        volumes[1].secret.as_ref().and_then(|s| s.secret_name.as_deref()),
+        volumes[1]
+            .secret
+            .as_ref()
+            .and_then(|s| s.secret_name.as_deref()),
         Some("egress-tracer-api-token")
     );
     let rbac = documents("kubernetes/rbac.yaml");
@@ -255,7 +258,10 @@ fn the_daemonset_runs_the_agent_as_the_service_and_probes_expect() {
     let rule = &role.rules.unwrap()[0];
     assert_eq!(
         (rule.resource_names.as_deref(), rule.verbs.as_slice()),
-        (Some(&["egress-tracer-api-token".to_owned()][..]), &["get".to_owned()][..])
+        (
+            Some(&["egress-tracer-api-token".to_owned()][..]),
+            &["get".to_owned()][..]
+        )
     );
 }
 
