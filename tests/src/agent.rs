@@ -20,6 +20,20 @@ pub fn listen_address() -> String {
     format!("127.0.0.1:{AGENT_PORT}")
 }
 
+/// `egress-tracer agent` arguments for this lab: its cluster state and node, listening on
+/// [`listen_address`].
+pub fn args(lab: &Lab) -> Vec<String> {
+    vec![
+        "agent".into(),
+        "--cluster-state".into(),
+        lab.cluster_state().to_string_lossy().into_owned(),
+        "--node-name".into(),
+        lab.node_netns(),
+        "--listen".into(),
+        listen_address(),
+    ]
+}
+
 /// GET `path` (with its query) from the agent: (HTTP status, body).
 pub fn get(lab: &Lab, path: &str) -> io::Result<(u16, String)> {
     get_from(lab, &listen_address(), path, &[])

@@ -555,18 +555,6 @@ fn effective_capabilities(pid: u32) -> Vec<String> {
     caps
 }
 
-fn agent_args(lab: &Lab) -> Vec<String> {
-    vec![
-        "agent".into(),
-        "--cluster-state".into(),
-        lab.cluster_state().to_str().unwrap().into(),
-        "--node-name".into(),
-        lab.node_netns(),
-        "--listen".into(),
-        agent::listen_address(),
-    ]
-}
-
 fn diagnose_through_agent(lab: &Lab, target: &str) -> (Option<i32>, String) {
     let url = format!("http://{}", agent::listen_address());
     let (status, stdout, stderr) = agent::run_cli_on_node(
@@ -586,7 +574,7 @@ fn diagnose_through_agent(lab: &Lab, target: &str) -> (Option<i32>, String) {
 
 /// Starts the agent with exactly `keep` and `extra` arguments, or says why it did not.
 fn agent_with_exactly(lab: &Lab, keep: &[String], extra: &[&str]) -> Result<Tracer, String> {
-    let mut args = agent_args(lab);
+    let mut args = agent::args(lab);
     args.extend(extra.iter().map(|a| a.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let wrapper = with_exactly(keep);

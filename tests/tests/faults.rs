@@ -8,18 +8,6 @@ use egress_lab::{
     tracer::{BpfObjects, Tracer},
 };
 
-fn agent_args(lab: &Lab) -> Vec<String> {
-    vec![
-        "agent".into(),
-        "--cluster-state".into(),
-        lab.cluster_state().to_str().unwrap().into(),
-        "--node-name".into(),
-        lab.node_netns(),
-        "--listen".into(),
-        agent::listen_address(),
-    ]
-}
-
 fn start_agent(lab: &Lab, args: &[String]) -> Result<Tracer, String> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Tracer::start(lab, &args).map_err(|e| e.to_string())
@@ -29,7 +17,7 @@ fn start_agent(lab: &Lab, args: &[String]) -> Result<Tracer, String> {
 #[ignore = "needs root and the node lab: run `cargo xtask test`"]
 fn a_killed_agent_leaves_nothing_attached_and_restarts() {
     let lab = Lab::start(&[PodSpec::new("default", "client", CgroupDriver::Systemd)]).unwrap();
-    let args = agent_args(&lab);
+    let args = agent::args(&lab);
     let agent = start_agent(&lab, &args).unwrap();
     let attached = BpfObjects::owned_by(agent.pid()).unwrap();
     assert!(!attached.links.is_empty() && !attached.programs.is_empty());
@@ -51,10 +39,10 @@ fn a_killed_agent_leaves_nothing_attached_and_restarts() {
 #[ignore = "needs root and the node lab: run `cargo xtask test`"]
 fn a_second_agent_on_the_node_is_refused_without_attaching() {
     let lab = Lab::start(&[PodSpec::new("default", "client", CgroupDriver::Systemd)]).unwrap();
-    let first = start_agent(&lab, &agent_args(&lab)).unwrap();
+    let first = start_agent(&lab, &agent::args(&lab)).unwrap();
     let attached = BpfObjects::owned_by(first.pid()).unwrap();
     // Another port, so only the node claim can stop it.
-    let mut args = agent_args(&lab);
+    let mut args = agent::args(&lab);
     *args.last_mut().unwrap() = "127.0.0.1:9099".into();
     let refused = start_agent(&lab, &args)
         .err()
@@ -78,7 +66,7 @@ fn a_second_agent_on_the_node_is_refused_without_attaching() {
 fn the_flows_api_needs_the_token_beyond_loopback() {
     let lab = Lab::start(&[PodSpec::new("default", "client", CgroupDriver::Systemd)]).unwrap();
     let node_address = format!("{}:9090", egress_lab::addresses::NODE_IP);
-    let mut args = agent_args(&lab);
+    let mut args = agent::args(&lab);
     *args.last_mut().unwrap() = node_address.clone();
 
     // No token, on an address others reach: metrics yes, recorded traffic no.
