@@ -6,5 +6,9 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {
     let mut manifests = egress_tracer::cluster::manifests::Manifests::default();
-    egress_tracer::cluster::manifests::load_text(std::path::Path::new("fuzz.yaml"), text, &mut manifests);
+    egress_tracer::cluster::manifests::load_text(
+        std::path::Path::new("fuzz.yaml"),
+        text,
+        &mut manifests,
+    );
 });
