@@ -233,6 +233,41 @@ impl Lab {
             .unwrap_or_else(|| panic!("no lab pod {name}"))
     }
 
+    /// Deletes a pod as kubelet would: ends its processes (the lab's own, by PID), removes
+    /// its container and pod cgroups and its manifest. Processes a test started in the
+    /// pod must be ended by the test first (the cgroups cannot go while they run).
+    pub fn delete_pod(&mut self, name: &str) -> io::Result<()> {
+        let index = self
+            .pods
+            .iter()
+            .position(|p| p.name == name)
+            .ok_or_else(|| io::Error::other(format!("no lab pod {name}")))?;
+        let pod = self.pods.remove(index);
+        let in_pod: Vec<u32> = fs::read_to_string(pod.cgroup.join("cgroup.procs"))?
+            .lines()
+            .filter_map(|line| line.parse().ok())
+            .collect();
+        for child in self
+            .children
+            .iter_mut()
+            .filter(|c| in_pod.contains(&c.id()))
+        {
+            child.kill()?;
+            child.wait()?;
+        }
+        self.children.retain(|c| !in_pod.contains(&c.id()));
+        fs::remove_file(
+            self.cluster_state()
+                .join(format!("{}_{}.json", pod.namespace, pod.name)),
+        )?;
+        // The container's cgroup, then the pod's (its parent in both drivers' layouts).
+        fs::remove_dir(&pod.cgroup)?;
+        match pod.cgroup.parent() {
+            Some(pod_level) => fs::remove_dir(pod_level),
+            None => Ok(()),
+        }
+    }
+
     /// Injects a fault; it lasts until teardown.
     pub fn inject(&self, fault: Fault) -> io::Result<()> {
         use std::net::IpAddr;

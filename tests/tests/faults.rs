@@ -1,10 +1,11 @@
-//! Faults the agent must survive or refuse clearly: SIGKILL (nothing left in the kernel,
-//! a restart works) and a second agent on the same node. Needs root.
+//! Faults the tracer must survive or refuse clearly: SIGKILL (nothing left in the kernel,
+//! a restart works), a second agent on the same node, and the traced pod deleted while
+//! `trace` runs. Needs root.
 
 use std::time::Duration;
 
 use egress_lab::{
-    CgroupDriver, Lab, PodSpec, agent,
+    CgroupDriver, Lab, PodSpec, addresses as addr, agent,
     tracer::{BpfObjects, Tracer},
 };
 
@@ -163,4 +164,40 @@ fn the_flows_api_needs_the_token_beyond_loopback() {
     assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
     assert!(stderr.contains("needs the agent's token"), "{stderr}");
     assert!(guarded.stop(libc::SIGTERM).unwrap().status.success());
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn a_pod_deleted_mid_trace_ends_the_trace_with_its_records() {
+    let mut lab = Lab::start(&[PodSpec::new("default", "client", CgroupDriver::Cgroupfs)]).unwrap();
+    let tracer = Tracer::trace_pod(&lab, "default/client", &[]).unwrap();
+    let endpoint = format!("{}:{}", addr::ENDPOINT, addr::HTTP_PORT);
+    let helper = egress_lab::lab_helper().unwrap();
+    let (_, status) = lab
+        .exec_in_pod(
+            lab.pod("client"),
+            helper.to_str().unwrap(),
+            &["connect-burst", &endpoint, "--count", "3"],
+        )
+        .unwrap();
+    assert!(status.success());
+    lab.delete_pod("client").unwrap();
+    // No signal: the tracer notices the pod is gone and stops by itself.
+    let output = tracer.finish().unwrap();
+    assert!(
+        output
+            .stderr
+            .contains("pod default/client has left this node"),
+        "{}",
+        output.stderr
+    );
+    let records = output.records();
+    let to_endpoint: Vec<_> = records.iter().filter(|r| r["dst"] == endpoint).collect();
+    assert_eq!(to_endpoint.len(), 3, "{records:?}");
+    assert!(
+        to_endpoint
+            .iter()
+            .all(|r| r["pod"] == "default/client" && r["outcome"] == "established"),
+        "{to_endpoint:?}"
+    );
 }

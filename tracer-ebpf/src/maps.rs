@@ -11,6 +11,10 @@ use tracer_common::{
     TRACED_CGROUPS_MAX, TRACKED_SOCKETS, UDP_DESTINATIONS,
 };
 
+/// LRU maps keep one LRU list per CPU: no lock shared between CPUs on the connect and
+/// first-packet paths. Each CPU evicts from its own share of the entries.
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
 /// Every event goes here; userspace reads it with one consumer.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
@@ -24,25 +28,26 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::C
 /// ([`FIRST_PACKET_REPORTED`], [`NAT_REPORTED`]); [`FIRST_PACKET_PENDING`] is none. LRU so
 /// that sockets we never see close (UDP has no close event) cannot fill it.
 #[map]
-pub static TRACKED_SOCKS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(TRACKED_SOCKETS, 0);
+pub static TRACKED_SOCKS: LruHashMap<u64, u8> =
+    LruHashMap::with_max_entries(TRACKED_SOCKETS, BPF_F_NO_COMMON_LRU);
 
 /// Tuples of the traced flows (from each traced socket's first packet) to their socket's
 /// cookie, so hooks that see packets without their socket (forwarding, drops) can tell
 /// traced flows apart. LRU like [`TRACKED_SOCKS`].
 #[map]
 pub static TRACKED_TUPLES: LruHashMap<FlowTuple, u64> =
-    LruHashMap::with_max_entries(TRACKED_SOCKETS, 0);
+    LruHashMap::with_max_entries(TRACKED_SOCKETS, BPF_F_NO_COMMON_LRU);
 
 /// (unconnected UDP socket, destination) pairs already reported by `sendmsg4`/`sendmsg6`.
 #[map]
 pub static UDP_DESTINATIONS_SEEN: LruHashMap<SocketDestination, u8> =
-    LruHashMap::with_max_entries(UDP_DESTINATIONS, 0);
+    LruHashMap::with_max_entries(UDP_DESTINATIONS, BPF_F_NO_COMMON_LRU);
 
 /// cgroup of each traced TCP socket in `SYN_SENT`: the state hook runs in softirq context,
 /// where the current cgroup is not the socket's.
 #[map]
 pub static HANDSHAKE_CGROUPS: LruHashMap<u64, u64> =
-    LruHashMap::with_max_entries(TRACKED_SOCKETS, 0);
+    LruHashMap::with_max_entries(TRACKED_SOCKETS, BPF_F_NO_COMMON_LRU);
 
 /// Handshakes counted per cgroup, destination and outcome (see [`HandshakeKey`]). Not LRU:
 /// an eviction would lose counts silently, while a full map is counted

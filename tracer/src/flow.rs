@@ -18,6 +18,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -147,7 +148,8 @@ pub struct ContainerRef {
 pub struct Attempt {
     /// `CLOCK_MONOTONIC` nanoseconds of the `connect()`.
     pub monotonic_ns: u64,
-    pub origin: Origin,
+    /// Shared: every attempt of a cgroup has the same origin.
+    pub origin: Arc<Origin>,
     pub pid: u32,
     pub comm: String,
     pub cgroup_id: u64,
@@ -165,7 +167,8 @@ pub struct Attempt {
     /// The ICMP error that answered the attempt, if any.
     pub icmp: Option<IcmpError>,
     /// Packets of the attempt the kernel dropped.
-    pub drops: Option<Drops>,
+    /// Boxed (like `verdict`): rare, large, and every held attempt has the field.
+    pub drops: Option<Box<Drops>>,
     /// What the node's NAT made of its addresses.
     pub nat: Option<Translation>,
     /// The Service `dst` is, with the backend the node's DNAT chose.
@@ -176,7 +179,7 @@ pub struct Attempt {
     /// attempts.
     pub snat: Option<SnatUsage>,
     /// Which hop stopped it (or that none did).
-    pub verdict: Option<Verdict>,
+    pub verdict: Option<Box<Verdict>>,
 }
 
 /// The first answer to a TCP attempt's SYN.
@@ -320,7 +323,12 @@ impl FlowAssembler {
 
     /// Starts an attempt. Pushes any attempt it displaces (a limit, a reused cookie) to
     /// `done`.
-    pub fn on_connect(&mut self, event: &ConnectEvent, origin: Origin, done: &mut Vec<Attempt>) {
+    pub fn on_connect(
+        &mut self,
+        event: &ConnectEvent,
+        origin: Arc<Origin>,
+        done: &mut Vec<Attempt>,
+    ) {
         let (protocol, tcp) = match event.protocol {
             IPPROTO_TCP => (Protocol::Tcp, Some(TcpHandshake::default())),
             IPPROTO_UDP => (Protocol::Udp, None),
@@ -460,10 +468,10 @@ impl FlowAssembler {
         match &mut attempt.drops {
             Some(drops) => drops.count = drops.count.saturating_add(1),
             None => {
-                attempt.drops = Some(Drops {
+                attempt.drops = Some(Box::new(Drops {
                     first: drop,
                     count: 1,
-                })
+                }))
             }
         }
     }
@@ -749,12 +757,12 @@ mod tests {
         }
     }
 
-    fn origin() -> Origin {
-        Origin {
+    fn origin() -> Arc<Origin> {
+        Arc::new(Origin {
             pod: Some("shop/web".into()),
             pod_uid: None,
             container: None,
-        }
+        })
     }
 
     /// Runs connect → first SYN → state change and returns the one attempt.
@@ -920,10 +928,10 @@ mod tests {
         assert_eq!(done[0].outcome, Outcome::Timeout);
         assert_eq!(
             done[0].drops,
-            Some(Drops {
+            Some(Box::new(Drops {
                 first: drop,
                 count: 2
-            })
+            }))
         );
         assert_eq!(flows.stats().late_drops, 1);
     }

@@ -14,6 +14,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -388,7 +389,7 @@ impl Metrics {
     pub fn handshakes(
         &mut self,
         totals: &[(HandshakeKey, HandshakeTotals)],
-        mut origin_of: impl FnMut(u64) -> Origin,
+        mut origin_of: impl FnMut(u64) -> Arc<Origin>,
         cluster: &ClusterState,
     ) -> Vec<HandshakeKey> {
         let mut idle = Vec::new();
@@ -636,11 +637,11 @@ mod tests {
         }))
     }
 
-    fn origin(pod: &str) -> Origin {
-        Origin {
+    fn origin(pod: &str) -> Arc<Origin> {
+        Arc::new(Origin {
             pod: Some(pod.into()),
             ..Origin::default()
-        }
+        })
     }
 
     fn key(outcome: u8) -> HandshakeKey {

@@ -289,38 +289,24 @@ impl<'a> AttemptRecord<'a> {
                 backend_pod: s.backend_pod.as_deref(),
             }),
             snat: attempt.snat.as_ref().map(SnatRecord::from),
-            verdict: attempt.verdict.as_ref(),
+            verdict: attempt.verdict.as_deref(),
             cgroup_id: attempt.cgroup_id,
         }
     }
 }
 
-/// A finished record as the flows API keeps it: its time, pod, failing hop (`none` for a
-/// success) and NDJSON line.
-pub fn json_record(
-    record: &Record,
-    clock: MonotonicClock,
-) -> (SystemTime, Option<String>, Hop, String) {
-    let (monotonic_ns, origin, hop, line) = match record {
-        Record::Attempt(attempt) => (
-            attempt.monotonic_ns,
-            &attempt.origin,
-            attempt.verdict.as_ref().map_or(Hop::None, |v| v.hop),
-            serde_json::to_string(&AttemptRecord::new(attempt, clock)),
-        ),
+/// The NDJSON line of a finished record (without the newline), as `trace -o json`
+/// writes it.
+pub fn json_line(record: &Record, clock: MonotonicClock) -> String {
+    match record {
+        Record::Attempt(attempt) => serde_json::to_string(&AttemptRecord::new(attempt, clock)),
         Record::Lookup {
             lookup,
             origin,
             verdict,
-        } => (
-            lookup.first_ns,
-            origin,
-            verdict.hop,
-            serde_json::to_string(&LookupRecord::new(lookup, origin, verdict, clock)),
-        ),
-    };
-    let line = line.expect("records serialize: every map key is a string");
-    (clock.to_wall(monotonic_ns), origin.pod.clone(), hop, line)
+        } => serde_json::to_string(&LookupRecord::new(lookup, origin, verdict, clock)),
+    }
+    .expect("records serialize: every map key is a string")
 }
 
 fn rfc3339(time: SystemTime) -> String {
@@ -711,17 +697,19 @@ fn outcome_text(record: &AttemptRecord<'_>) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::flow::Origin;
 
     fn attempt(pod: Option<&str>) -> Attempt {
         Attempt {
             monotonic_ns: 5_000_000_000,
-            origin: Origin {
+            origin: Arc::new(Origin {
                 pod: pod.map(str::to_owned),
                 pod_uid: pod.map(|_| "6f1c2a3b-4d5e-4f60-8a9b-0c1d2e3f4a5b".to_owned()),
                 container: None,
-            },
+            }),
             pid: 4242,
             comm: "curl".into(),
             cgroup_id: 77,
@@ -906,7 +894,7 @@ mod tests {
     }
 
     fn with_verdict(mut a: Attempt, hop: Hop, reason: &str, likely: bool) -> Attempt {
-        a.verdict = Some(Verdict {
+        a.verdict = Some(Box::new(Verdict {
             hop,
             reason: reason.to_owned(),
             symptom: None,
@@ -915,7 +903,7 @@ mod tests {
             evidence: Vec::new(),
             policy: None,
             next_steps: Vec::new(),
-        });
+        }));
         a
     }
 

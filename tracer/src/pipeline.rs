@@ -9,6 +9,7 @@ use std::{
     collections::{HashMap, HashSet},
     fs,
     os::unix::fs::MetadataExt,
+    sync::Arc,
     time::Duration,
 };
 
@@ -21,7 +22,7 @@ use crate::{
     dns::{self, DnsTracker, Lookup, QueryOutcome, Resolver, SeenMessage},
     flow::{Attempt, ContainerRef, FlowAssembler, Origin, Protocol, ServiceTarget},
     policy::{self, Decision, Flow},
-    verdict::{self, NodeFacts, Verdict},
+    verdict::{self, Hop, NodeFacts, Verdict},
 };
 
 /// Bound on remembered sockets that carried DNS and on cached search lists.
@@ -35,9 +36,35 @@ pub enum Record {
     Attempt(Box<Attempt>),
     Lookup {
         lookup: Box<Lookup>,
-        origin: Origin,
+        origin: Arc<Origin>,
         verdict: Box<Verdict>,
     },
+}
+
+impl Record {
+    /// Who made the attempt or the lookup.
+    pub fn origin(&self) -> &Origin {
+        match self {
+            Record::Attempt(attempt) => &attempt.origin,
+            Record::Lookup { origin, .. } => origin,
+        }
+    }
+
+    /// The hop that failed it, `Hop::None` for a success.
+    pub fn hop(&self) -> Hop {
+        match self {
+            Record::Attempt(attempt) => attempt.verdict.as_ref().map_or(Hop::None, |v| v.hop),
+            Record::Lookup { verdict, .. } => verdict.hop,
+        }
+    }
+
+    /// `CLOCK_MONOTONIC` nanoseconds of its start.
+    pub fn monotonic_ns(&self) -> u64 {
+        match self {
+            Record::Attempt(attempt) => attempt.monotonic_ns,
+            Record::Lookup { lookup, .. } => lookup.first_ns,
+        }
+    }
 }
 
 /// Counts kept by the pipeline itself.
@@ -60,6 +87,10 @@ pub struct Pipeline {
     tcp_length_only: HashSet<(u64, u8)>,
     /// Resolver configurations read from the resolv.conf of a process in each cgroup.
     resolvers: HashMap<u64, Resolver>,
+    /// Origins of the pod cgroups seen since the cluster model last changed.
+    origins: HashMap<u64, Arc<Origin>>,
+    /// The origin of processes outside pods (and of pods not found).
+    no_pod: Arc<Origin>,
     attempts: Vec<Attempt>,
     lookups: Vec<Lookup>,
     stats: PipelineStats,
@@ -89,6 +120,8 @@ impl Pipeline {
             dns_sockets: HashSet::new(),
             tcp_length_only: HashSet::new(),
             resolvers: HashMap::new(),
+            origins: HashMap::new(),
+            no_pod: Arc::default(),
             attempts: Vec::new(),
             lookups: Vec::new(),
             stats: PipelineStats::default(),
@@ -117,7 +150,7 @@ impl Pipeline {
 
     /// The DNS queries that ended since the last call, with their origin (empty unless
     /// enabled).
-    pub fn take_query_outcomes(&mut self) -> Vec<(QueryOutcome, Origin)> {
+    pub fn take_query_outcomes(&mut self) -> Vec<(QueryOutcome, Arc<Origin>)> {
         self.dns
             .take_query_outcomes()
             .into_iter()
@@ -136,6 +169,7 @@ impl Pipeline {
     /// Replaces the cluster model (the API's latest state).
     pub fn set_cluster(&mut self, cluster: ClusterState) {
         self.cluster = cluster;
+        self.origins.clear();
     }
 
     /// The node's latest SNAT port usage, for the verdicts of translated attempts.
@@ -316,11 +350,12 @@ impl Pipeline {
                 .is_failure()
                 .then(|| policy_decision(&self.cluster, &attempt.origin, attempt.dst, protocol))
                 .flatten();
-            attempt.verdict = verdict::of_attempt(&attempt, &self.node, decision.as_ref());
+            attempt.verdict =
+                verdict::of_attempt(&attempt, &self.node, decision.as_ref()).map(Box::new);
             records.push(Record::Attempt(Box::new(attempt)));
         }
-        for lookup in self.lookups.drain(..) {
-            let origin = origin_of(lookup.cgroup_id, &mut self.cgroups, &self.cluster);
+        for lookup in std::mem::take(&mut self.lookups) {
+            let origin = self.origin_of(lookup.cgroup_id);
             let protocol = if lookup.over_tcp && !lookup.truncated {
                 policy::Protocol::Tcp
             } else {
@@ -381,8 +416,29 @@ impl Pipeline {
     }
 
     /// The pod and container a cgroup belongs to.
-    pub fn origin_of(&mut self, cgroup_id: u64) -> Origin {
-        origin_of(cgroup_id, &mut self.cgroups, &self.cluster)
+    pub fn origin_of(&mut self, cgroup_id: u64) -> Arc<Origin> {
+        if let Some(origin) = self.origins.get(&cgroup_id) {
+            return Arc::clone(origin);
+        }
+        let Some(cgroup) = self.cgroups.lookup(cgroup_id) else {
+            // Not cached: the cgroup may be a pod's that the index has not scanned yet.
+            return Arc::clone(&self.no_pod);
+        };
+        let pod = self.cluster.pod_by_uid(&cgroup.pod_uid);
+        let container = cgroup.container.as_ref().map(|c| ContainerRef {
+            name: pod.and_then(|p| p.container_name(&c.id)).map(str::to_owned),
+            id: c.id.clone(),
+        });
+        let origin = Arc::new(Origin {
+            pod: pod.map(PodInfo::to_string),
+            pod_uid: Some(cgroup.pod_uid.clone()),
+            container,
+        });
+        if self.origins.len() >= MAX_REMEMBERED {
+            self.origins.clear();
+        }
+        self.origins.insert(cgroup_id, Arc::clone(&origin));
+        origin
     }
 
     /// Remembers the resolver configuration of `cgroup_id` from the resolv.conf a
@@ -418,26 +474,6 @@ fn default_resolver(origin: &Origin) -> Resolver {
     Resolver {
         search,
         ..Resolver::default()
-    }
-}
-
-fn origin_of(cgroup_id: u64, cgroups: &mut CgroupIndex, cluster: &ClusterState) -> Origin {
-    let Some(cgroup) = cgroups.lookup(cgroup_id) else {
-        return Origin {
-            pod: None,
-            pod_uid: None,
-            container: None,
-        };
-    };
-    let pod = cluster.pod_by_uid(&cgroup.pod_uid);
-    let container = cgroup.container.as_ref().map(|c| ContainerRef {
-        name: pod.and_then(|p| p.container_name(&c.id)).map(str::to_owned),
-        id: c.id.clone(),
-    });
-    Origin {
-        pod: pod.map(PodInfo::to_string),
-        pod_uid: Some(cgroup.pod_uid.clone()),
-        container,
     }
 }
 

@@ -1,8 +1,8 @@
 //! The agent's store of recent records, bounded by count and age, and the live feed that
 //! `follow=true` clients read.
 //!
-//! Records are kept as their NDJSON line (the `trace -o json` contract) with what the
-//! flows API filters on. The feed is a broadcast channel: the event path never waits for
+//! Records are kept as they are and serialized (the `trace -o json` contract) only when
+//! a client reads them: most are never read. The feed is a broadcast channel: the event path never waits for
 //! a reader, and a reader that falls behind is told how many records it missed.
 
 use std::{
@@ -13,7 +13,7 @@ use std::{
 
 use tokio::sync::broadcast;
 
-use crate::verdict::Hop;
+use crate::{node::MonotonicClock, output, pipeline::Record, verdict::Hop};
 
 /// Records a follower may fall behind by before it skips some.
 const FEED_CAPACITY: usize = 4096;
@@ -24,11 +24,20 @@ pub struct StoredRecord {
     /// Position in the store's sequence (increasing, never reused).
     pub seq: u64,
     pub time: SystemTime,
+    pub record: Record,
+    clock: MonotonicClock,
+}
+
+impl StoredRecord {
     /// `namespace/name` of the pod, if known.
-    pub pod: Option<String>,
-    pub hop: Hop,
+    pub fn pod(&self) -> Option<&str> {
+        self.record.origin().pod.as_deref()
+    }
+
     /// The NDJSON line, without the newline.
-    pub line: String,
+    pub fn line(&self) -> String {
+        output::json_line(&self.record, self.clock)
+    }
 }
 
 /// Bounds of the store.
@@ -57,13 +66,12 @@ impl FlowStore {
 
     /// Adds a record (dropping the oldest beyond the count limit) and sends it to the
     /// followers.
-    pub fn push(&mut self, time: SystemTime, pod: Option<String>, hop: Hop, line: String) {
+    pub fn push(&mut self, record: Record, clock: MonotonicClock) {
         let record = Arc::new(StoredRecord {
             seq: self.next_seq,
-            time,
-            pod,
-            hop,
-            line,
+            time: clock.to_wall(record.monotonic_ns()),
+            record,
+            clock,
         });
         self.next_seq += 1;
         if self.records.len() >= self.limits.max_records {
@@ -167,7 +175,7 @@ impl FlowQuery {
 
     /// Whether a new record goes to a follower: `since` only limits the history.
     pub fn matches_live(&self, record: &StoredRecord) -> bool {
-        let pod = record.pod.as_deref();
+        let pod = record.pod();
         let namespace = pod.and_then(|p| p.split_once('/')).map(|(ns, _)| ns);
         self.namespace
             .as_deref()
@@ -181,7 +189,7 @@ impl FlowQuery {
                         pod.and_then(|p| p.split_once('/')).map(|(_, name)| name) == Some(wanted)
                     }
                 })
-            && self.hop.is_none_or(|wanted| record.hop == wanted)
+            && self.hop.is_none_or(|wanted| record.record.hop() == wanted)
     }
 }
 
@@ -252,6 +260,10 @@ fn boolean(key: &str, value: &str) -> Result<bool, QueryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        flow::{Attempt, Origin, Outcome, Protocol},
+        verdict::Verdict,
+    };
 
     fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -264,13 +276,50 @@ mod tests {
         SystemTime::UNIX_EPOCH + Duration::from_secs(seconds)
     }
 
+    /// A failed (or, with `Hop::None`, successful) TCP attempt `seconds` after boot.
+    fn attempt(seconds: u64, pod: Option<&str>, hop: Hop) -> Record {
+        Record::Attempt(Box::new(Attempt {
+            monotonic_ns: seconds * 1_000_000_000,
+            origin: Arc::new(Origin {
+                pod: pod.map(str::to_owned),
+                pod_uid: None,
+                container: None,
+            }),
+            pid: 7,
+            comm: "curl".into(),
+            cgroup_id: 1,
+            sock_cookie: seconds,
+            protocol: Protocol::Tcp,
+            src: None,
+            dst: "203.0.113.10:443".parse().unwrap(),
+            dst_name: None,
+            outcome: Outcome::Established,
+            tcp: None,
+            icmp: None,
+            drops: None,
+            nat: None,
+            service: None,
+            reply: None,
+            snat: None,
+            verdict: Some(Box::new(Verdict {
+                hop,
+                reason: "test".into(),
+                symptom: None,
+                likely: false,
+                summary: String::new(),
+                evidence: Vec::new(),
+                policy: None,
+                next_steps: Vec::new(),
+            })),
+        }))
+    }
+
     fn record(seq: u64, seconds: u64, pod: Option<&str>, hop: Hop) -> StoredRecord {
         StoredRecord {
             seq,
             time: at(seconds),
-            pod: pod.map(str::to_owned),
-            hop,
-            line: format!("{{\"seq\":{seq}}}"),
+            record: attempt(seconds, pod, hop),
+            clock: MonotonicClock::new(),
         }
     }
 
@@ -348,13 +397,14 @@ mod tests {
             ..FlowQuery::default()
         });
         let mut feed = feed.unwrap();
+        let clock = MonotonicClock::new();
         for seconds in [10, 20, 30] {
-            store.push(at(seconds), None, Hop::None, String::new());
+            store.push(attempt(seconds, None, Hop::None), clock);
         }
         let (kept, _) = store.select(&FlowQuery::default());
         assert_eq!(kept.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(feed.try_recv().unwrap().seq, 0);
-        store.expire(at(85));
+        store.expire(clock.to_wall(85_000_000_000));
         let (kept, _) = store.select(&FlowQuery::default());
         assert_eq!(kept.iter().map(|r| r.seq).collect::<Vec<_>>(), [2]);
     }

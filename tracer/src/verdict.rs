@@ -737,7 +737,7 @@ fn of_dns(lookup: &Lookup, cluster_dns: Option<&str>) -> Verdict {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::{sync::Arc, time::Duration};
 
     use super::*;
     use crate::{
@@ -754,11 +754,11 @@ mod tests {
     fn attempt(outcome: Outcome) -> Attempt {
         Attempt {
             monotonic_ns: 1,
-            origin: Origin {
+            origin: Arc::new(Origin {
                 pod: Some("shop/web".into()),
                 pod_uid: None,
                 container: None,
-            },
+            }),
             pid: 10,
             comm: "curl".into(),
             cgroup_id: 1,
@@ -786,7 +786,7 @@ mod tests {
 
     fn dropped(location: &str, reason: &str, conntrack: PacketConntrack) -> Attempt {
         let mut a = attempt(Outcome::Timeout);
-        a.drops = Some(Drops {
+        a.drops = Some(Box::new(Drops {
             first: PacketDrop {
                 reason: reason.into(),
                 location: location.into(),
@@ -798,7 +798,7 @@ mod tests {
                 netns_owner: None,
             },
             count: 3,
-        });
+        }));
         a
     }
 

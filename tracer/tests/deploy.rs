@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use egress_tracer::{
     capture::{KernelCounters, PacketConntrack, PacketDrop},
@@ -292,10 +292,10 @@ fn exercised_metrics() -> Metrics {
         kernel: "6.18.0".into(),
     });
     let cluster = ClusterState::default();
-    let origin = Origin {
+    let origin = Arc::new(Origin {
         pod: Some("shop/web".into()),
         ..Origin::default()
-    };
+    });
     metrics.kernel(&KernelCounters {
         connects: 2,
         ..KernelCounters::default()
@@ -354,7 +354,7 @@ fn exercised_metrics() -> Metrics {
         service: None,
         reply: None,
         snat: None,
-        verdict: Some(Verdict {
+        verdict: Some(Box::new(Verdict {
             hop,
             reason: "denied".into(),
             symptom: None,
@@ -363,7 +363,7 @@ fn exercised_metrics() -> Metrics {
             evidence: Vec::new(),
             policy: None,
             next_steps: Vec::new(),
-        }),
+        })),
     };
     let drop = PacketDrop {
         reason: "NETFILTER_DROP".into(),
@@ -379,10 +379,10 @@ fn exercised_metrics() -> Metrics {
         attempt(Outcome::Established, None, Hop::None),
         attempt(
             Outcome::Timeout,
-            Some(Drops {
+            Some(Box::new(Drops {
                 first: drop,
                 count: 3,
-            }),
+            })),
             Hop::NetworkPolicy,
         ),
     ] {

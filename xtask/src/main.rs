@@ -33,7 +33,8 @@ enum Task {
     /// Remove every lab object (namespaces, cgroups, processes, state) left by killed runs.
     LabClean,
     /// Benchmarks (release builds, root): tracing overhead in the node lab against no
-    /// tracing, tcpdump and bpftrace; a table on stdout, JSON under bench/results/.
+    /// tracing, tcpdump and bpftrace, the agent's loss at full rate and its RSS over a
+    /// churn soak, the userspace pipeline; a table on stdout, JSON under bench/results/.
     Bench {
         /// Interleaved rounds; each figure is the median (at least 5).
         #[arg(long, default_value_t = 5)]
@@ -41,6 +42,16 @@ enum Task {
         /// Length of each load run, in seconds.
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
+        /// Length of the agent's churn soak (RSS sampled every 10 s), in seconds; 0 skips it.
+        #[arg(long, default_value_t = 600)]
+        soak: u64,
+    },
+    /// Run every cargo-fuzz target in tracer/fuzz (DNS parser, event decoder, manifest
+    /// loader) and report how many inputs each ran without a crash.
+    Fuzz {
+        /// Time per target, in seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
 }
 
@@ -57,7 +68,12 @@ fn main() -> anyhow::Result<()> {
         Task::Lint => lint(&root),
         Task::Demo => demo(&root),
         Task::LabClean => lab_clean(),
-        Task::Bench { rounds, seconds } => bench(&root, rounds, seconds),
+        Task::Bench {
+            rounds,
+            seconds,
+            soak,
+        } => bench(&root, rounds, seconds, soak),
+        Task::Fuzz { seconds } => fuzz(&root, seconds),
     }
 }
 
@@ -244,7 +260,7 @@ fn demo(root: &Path) -> anyhow::Result<()> {
     egress_lab::demo::run()
 }
 
-fn bench(root: &Path, rounds: usize, seconds: f64) -> anyhow::Result<()> {
+fn bench(root: &Path, rounds: usize, seconds: f64, soak: u64) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmarks build a node lab and load BPF programs: run them as root");
     }
@@ -270,6 +286,8 @@ fn bench(root: &Path, rounds: usize, seconds: f64) -> anyhow::Result<()> {
             &rounds.to_string(),
             "--seconds",
             &seconds.to_string(),
+            "--soak",
+            &soak.to_string(),
         ])
         .arg("--out")
         .arg(root.join("bench").join("results"))
@@ -281,6 +299,60 @@ fn bench(root: &Path, rounds: usize, seconds: f64) -> anyhow::Result<()> {
         bail!("the kernel benchmark failed ({status})");
     }
     pipeline_bench(root)
+}
+
+/// The fuzz targets, in the order the README lists them.
+const FUZZ_TARGETS: [&str; 3] = ["dns_parse", "decode", "manifests"];
+
+fn fuzz(root: &Path, seconds: u64) -> anyhow::Result<()> {
+    if seconds == 0 {
+        bail!("--seconds must be at least 1");
+    }
+    setup::fuzz_tools()?;
+    let mut results = Vec::new();
+    for target in FUZZ_TARGETS {
+        let args = [
+            "+nightly".to_owned(),
+            "fuzz".into(),
+            "run".into(),
+            "-O".into(),
+            target.into(),
+            "--".into(),
+            format!("-max_total_time={seconds}"),
+            "-print_final_stats=1".into(),
+        ];
+        println!("xtask: cargo {} (in tracer/)", args.join(" "));
+        // rustup's cargo proxy picks the toolchain from `+nightly`.
+        let output = Command::new("cargo")
+            .args(&args)
+            .current_dir(root.join("tracer"))
+            // The sanitizer flags cannot build the BPF object, which no target needs.
+            .env("AYA_BUILD_SKIP", "1")
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::piped())
+            .output()
+            .context("cannot run cargo fuzz")?;
+        let log = String::from_utf8_lossy(&output.stderr);
+        if !output.status.success() {
+            eprintln!("{log}");
+            bail!(
+                "fuzz target {target} failed ({}): the crashing input is under tracer/fuzz/artifacts/{target}/",
+                output.status
+            );
+        }
+        let executions = log
+            .lines()
+            .find_map(|line| line.strip_prefix("stat::number_of_executed_units:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .with_context(|| format!("fuzz target {target} printed no execution count"))?;
+        results.push((target, executions));
+    }
+    println!("{:<12} {:>28}", "target", "executions without a crash");
+    for (target, executions) in results {
+        println!("{target:<12} {executions:>28}");
+    }
+    println!("({seconds} s per target)");
+    Ok(())
 }
 
 /// The userspace pipeline on one thread: events per second and memory, then callgrind's

@@ -56,6 +56,21 @@ pub fn bench_tools() -> anyhow::Result<()> {
     install_packages(&BENCH_PACKAGES)
 }
 
+/// cargo-fuzz (nightly, with its sanitizers) for `cargo xtask fuzz`.
+pub fn fuzz_tools() -> anyhow::Result<()> {
+    install_nightly_components()?;
+    let installed = Command::new(env!("CARGO"))
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if installed {
+        println!("xtask: cargo-fuzz present");
+        return Ok(());
+    }
+    println!("xtask: installing cargo-fuzz (runs the fuzz targets in tracer/fuzz)");
+    run_cmd(Command::new(env!("CARGO")).args(["install", "cargo-fuzz", "--locked"]))
+}
+
 fn install_packages(packages: &[(&str, &str)]) -> anyhow::Result<()> {
     let missing: Vec<(&str, &str)> = packages
         .iter()

@@ -8,6 +8,11 @@
 //! events. Rounds interleave the modes (their order rotates every round), each figure is
 //! the rate under a mode divided by the untraced rate of the same round, and the table
 //! shows the median of the rounds.
+//!
+//! Then, with the agent: loss at the lab's full connection rate (events the kernel could
+//! not queue, and whether the connection counters still match what the load made), and a
+//! churn soak (`--soak` seconds of steady connections and lookups) that samples the
+//! agent's RSS.
 
 use std::{
     io::{BufRead, BufReader},
@@ -57,8 +62,17 @@ tracepoint:net:net_dev_queue { @queued = count(); }
 struct Options {
     rounds: usize,
     seconds: f64,
+    soak_seconds: u64,
     out: PathBuf,
 }
+
+/// Load threads for the loss run: more than `LOAD_THREADS`, the most the lab can carry.
+const LOSS_THREADS: u32 = 8;
+/// The soak's steady load (connections and lookups per second) and RSS sampling.
+const SOAK_RATE: u32 = 2_000;
+const SOAK_SAMPLE: Duration = Duration::from_secs(10);
+/// RSS samples before this are start-up (the maps and caches filling), not drift.
+const SOAK_WARM_UP: Duration = Duration::from_secs(60);
 
 fn main() -> ExitCode {
     match run() {
@@ -74,6 +88,7 @@ fn options() -> Result<Options, String> {
     let mut options = Options {
         rounds: 5,
         seconds: 3.0,
+        soak_seconds: 600,
         out: PathBuf::from("bench/results"),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -93,8 +108,18 @@ fn options() -> Result<Options, String> {
                     return Err("--seconds must be between 0.5 and 60".into());
                 }
             }
+            "--soak" => {
+                options.soak_seconds = value.parse().map_err(|_| "--soak takes seconds")?;
+                if options.soak_seconds != 0 && options.soak_seconds < 120 {
+                    return Err("--soak must be 0 (skip) or at least 120 seconds".into());
+                }
+            }
             "--out" => options.out = PathBuf::from(value),
-            other => return Err(format!("unknown flag {other} (--rounds, --seconds, --out)")),
+            other => {
+                return Err(format!(
+                    "unknown flag {other} (--rounds, --seconds, --soak, --out)"
+                ));
+            }
         }
     }
     Ok(options)
@@ -124,7 +149,11 @@ fn run() -> Result<(), String> {
             let index = (round + offset) % modes.len();
             let mode = modes[index];
             let watcher = start(&lab, mode)?;
-            let connects = load(&lab, "connect-loop", &connect_args(options.seconds))?;
+            let connects = load(
+                &lab,
+                "connect-loop",
+                &connect_args(options.seconds, LOAD_THREADS),
+            )?;
             let queries = load(&lab, "dns-loop", &dns_args(options.seconds))?;
             if let Some(watcher) = watcher {
                 watcher.stop()?;
@@ -190,17 +219,147 @@ fn run() -> Result<(), String> {
             if cheaper { "met" } else { "NOT met" }
         );
     }
-    write_results(&options, &results, &notes)
+    let loss = loss_at_full_rate(&lab, options.seconds.max(5.0))?;
+    println!(
+        "loss at full rate: {:.0} connects/s, {} events lost, {} skipped; connections made {}, counted {}",
+        loss["connects_per_second"].as_f64().unwrap_or_default(),
+        loss["events_lost"],
+        loss["events_skipped"],
+        loss["connections_made"],
+        loss["connections_counted"]
+    );
+    let soak = if options.soak_seconds > 0 {
+        let soak = churn_soak(&lab, options.soak_seconds)?;
+        println!(
+            "soak {} s: agent RSS {} KiB after warm-up, {} KiB at the end (max {} KiB)",
+            options.soak_seconds,
+            soak["rss_kib_after_warm_up"],
+            soak["rss_kib_at_end"],
+            soak["rss_kib_max"]
+        );
+        soak
+    } else {
+        Value::Null
+    };
+    write_results(
+        &options,
+        &results,
+        &notes,
+        json!({ "loss": loss, "soak": soak }),
+    )
 }
 
-fn connect_args(seconds: f64) -> Vec<String> {
+/// The agent under the most connections the lab carries: what it lost, and whether the
+/// exact counters match the connections the load made.
+fn loss_at_full_rate(lab: &Lab, seconds: f64) -> Result<Value, String> {
+    let agent = start_agent(lab)?;
+    let args = connect_args(seconds, LOSS_THREADS);
+    let (made, _, elapsed) = load_counts(lab, "connect-loop", &args)?;
+    // The agent reads the kernel's handshake counts every second.
+    thread::sleep(Duration::from_secs(3));
+    let metrics = agent::metrics(lab).map_err(|e| format!("cannot read the metrics: {e}"))?;
+    agent.stop(libc::SIGTERM).map_err(|e| e.to_string())?;
+    let sum = |name: &str, wanted: &[&str]| -> f64 {
+        metrics
+            .iter()
+            .filter(|(series, _)| {
+                series.starts_with(&format!("{name}{{"))
+                    && wanted.iter().all(|w| series.contains(w))
+            })
+            .map(|(_, value)| value)
+            .sum()
+    };
+    Ok(json!({
+        "threads": LOSS_THREADS,
+        "connects_per_second": made / elapsed,
+        "connections_made": made,
+        "connections_counted": sum(
+            "egress_connections_total",
+            &["pod=\"client\"", "outcome=\"established\""]
+        ),
+        "events_lost": sum("egress_events_lost_total", &[]),
+        "events_skipped": sum("egress_events_skipped_total", &[]),
+    }))
+}
+
+/// The agent under steady connection and lookup churn for `seconds`: its RSS every
+/// `SOAK_SAMPLE`.
+fn churn_soak(lab: &Lab, seconds: u64) -> Result<Value, String> {
+    let agent = start_agent(lab)?;
+    let helper = egress_lab::lab_helper().map_err(|e| e.to_string())?;
+    let helper = helper.to_str().unwrap_or("lab");
+    let rate = SOAK_RATE.to_string();
+    let duration = seconds.to_string();
+    let sink = format!("{}:{}", addr::ENDPOINT, addr::SINK_PORT);
+    let dns = addr::CLUSTER_DNS.to_string();
+    let loads: [Vec<&str>; 2] = [
+        vec![
+            "connect-loop",
+            &sink,
+            "--seconds",
+            &duration,
+            "--rate",
+            &rate,
+        ],
+        vec![
+            "dns-loop",
+            &dns,
+            addr::ENDPOINT_NAME,
+            "--seconds",
+            &duration,
+            "--rate",
+            &rate,
+        ],
+    ];
+    let mut children = Vec::new();
+    for args in &loads {
+        children.push(
+            lab.spawn_in_pod(pod(lab), helper, args)
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while start.elapsed() < Duration::from_secs(seconds) {
+        thread::sleep(SOAK_SAMPLE);
+        samples.push((start.elapsed().as_secs(), rss_kib(agent.pid())?));
+    }
+    for mut child in children {
+        child.wait().map_err(|e| e.to_string())?;
+    }
+    agent.stop(libc::SIGTERM).map_err(|e| e.to_string())?;
+    let after_warm_up = samples
+        .iter()
+        .find(|(at, _)| *at >= SOAK_WARM_UP.as_secs())
+        .map_or(0, |(_, rss)| *rss);
+    Ok(json!({
+        "seconds": seconds,
+        "rate_per_second": SOAK_RATE,
+        "rss_kib_after_warm_up": after_warm_up,
+        "rss_kib_at_end": samples.last().map_or(0, |(_, rss)| *rss),
+        "rss_kib_max": samples.iter().map(|(_, rss)| *rss).max().unwrap_or(0),
+        "rss_kib_samples": samples,
+    }))
+}
+
+fn rss_kib(pid: u32) -> Result<u64, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("cannot read the agent's status: {e}"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| "no VmRSS in the agent's status".into())
+}
+
+fn connect_args(seconds: f64, threads: u32) -> Vec<String> {
     vec![
         "connect-loop".into(),
         format!("{}:{}", addr::ENDPOINT, addr::SINK_PORT),
         "--seconds".into(),
         seconds.to_string(),
         "--parallel".into(),
-        LOAD_THREADS.to_string(),
+        threads.to_string(),
     ]
 }
 
@@ -218,6 +377,12 @@ fn dns_args(seconds: f64) -> Vec<String> {
 
 /// Runs a load generator in the pod; its rate per second.
 fn load(lab: &Lab, what: &str, args: &[String]) -> Result<f64, String> {
+    let (done, _, seconds) = load_counts(lab, what, args)?;
+    Ok(done / seconds)
+}
+
+/// Runs a load generator in the pod; what it did, failed, and for how long.
+fn load_counts(lab: &Lab, what: &str, args: &[String]) -> Result<(f64, f64, f64), String> {
     let helper = egress_lab::lab_helper().map_err(|e| e.to_string())?;
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let output = lab
@@ -228,7 +393,7 @@ fn load(lab: &Lab, what: &str, args: &[String]) -> Result<f64, String> {
         .filter_map(|f| f.parse().ok())
         .collect();
     match fields.as_slice() {
-        [done, _failed, seconds] if *seconds > 0.0 => Ok(done / seconds),
+        [done, failed, seconds] if *seconds > 0.0 => Ok((*done, *failed, *seconds)),
         _ => Err(format!("{what} printed {output:?}")),
     }
 }
@@ -269,23 +434,7 @@ impl Watcher {
 fn start(lab: &Lab, mode: Mode) -> Result<Option<Watcher>, String> {
     match mode {
         Mode::Untraced => Ok(None),
-        Mode::Agent => {
-            let state = lab.cluster_state();
-            let listen = agent::listen_address();
-            let node = lab.node_netns();
-            let args = [
-                "agent",
-                "--cluster-state",
-                state.to_str().unwrap_or_default(),
-                "--node-name",
-                &node,
-                "--listen",
-                &listen,
-            ];
-            Tracer::start(lab, &args)
-                .map(|tracer| Some(Watcher::Agent(tracer)))
-                .map_err(|e| e.to_string())
-        }
+        Mode::Agent => start_agent(lab).map(|tracer| Some(Watcher::Agent(tracer))),
         Mode::Tcpdump => {
             let file = lab.cluster_state().with_file_name("bench.pcap");
             let mut command = Command::new("ip");
@@ -307,6 +456,12 @@ fn start(lab: &Lab, mode: Mode) -> Result<Option<Watcher>, String> {
             started(bpftrace(), "Attaching").map(|child| Some(Watcher::Process(child)))
         }
     }
+}
+
+fn start_agent(lab: &Lab) -> Result<Tracer, String> {
+    let args = agent::args(lab);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Tracer::start(lab, &args).map_err(|e| e.to_string())
 }
 
 /// Starts `command` and waits for `ready` in its output.
@@ -389,7 +544,12 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
-fn write_results(options: &Options, results: &[Value], notes: &[String]) -> Result<(), String> {
+fn write_results(
+    options: &Options,
+    results: &[Value],
+    notes: &[String],
+    agent_runs: Value,
+) -> Result<(), String> {
     std::fs::create_dir_all(&options.out)
         .map_err(|e| format!("cannot create {}: {e}", options.out.display()))?;
     let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
@@ -403,6 +563,7 @@ fn write_results(options: &Options, results: &[Value], notes: &[String]) -> Resu
         "rounds": options.rounds,
         "seconds_per_run": options.seconds,
         "results": results,
+        "agent": agent_runs,
         "notes": notes,
     });
     std::fs::write(&path, format!("{document:#}\n"))

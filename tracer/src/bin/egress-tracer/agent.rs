@@ -25,7 +25,6 @@ use egress_tracer::{
     flow::Origin,
     metrics::{Metrics, MetricsOptions},
     node::{self, Capability, MonotonicClock},
-    output,
     pipeline::Pipeline,
     store::{FlowStore, StoreLimits},
 };
@@ -41,8 +40,9 @@ use crate::{cluster_source::ClusterSource, http, parse_duration, parse_ring_buff
 const EXPIRY_TICK: Duration = Duration::from_millis(200);
 /// How often the cluster model, the kernel's counts and the metrics are refreshed.
 const REFRESH: Duration = Duration::from_secs(1);
-/// How often the node's conntrack counters and SNAT usage are read.
-const CONNTRACK_REFRESH: Duration = Duration::from_secs(2);
+/// How often the node's conntrack counters and SNAT usage are read. The SNAT usage comes
+/// from a dump of the whole conntrack table, which costs in proportion to its size.
+const CONNTRACK_REFRESH: Duration = Duration::from_secs(10);
 /// How long open HTTP requests may take to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Between attempts to reach the Kubernetes API before the first sync.
@@ -380,9 +380,8 @@ fn publish(shared: &Shared, pipeline: &mut Pipeline, clock: MonotonicClock) {
     }
     drop(metrics);
     let mut store = shared.store.lock().expect("not poisoned");
-    for record in &records {
-        let (time, pod, hop, line) = output::json_record(record, clock);
-        store.push(time, pod, hop, line);
+    for record in records {
+        store.push(record, clock);
     }
 }
 
@@ -398,7 +397,7 @@ fn count_in_kernel(
     let handshakes = capture
         .handshakes()
         .context("cannot read the kernel's handshake counts")?;
-    let mut origins: HashMap<u64, Origin> = HashMap::new();
+    let mut origins: HashMap<u64, Arc<Origin>> = HashMap::new();
     for (key, _) in &handshakes {
         origins
             .entry(key.cgroup_id)

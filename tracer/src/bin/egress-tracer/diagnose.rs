@@ -294,7 +294,7 @@ pub async fn examine(
         probe_attempts
             .iter()
             .find(|attempt| attempt.dst.port() == target.port)
-            .and_then(|attempt| attempt.verdict.clone())
+            .and_then(|attempt| attempt.verdict.as_deref().cloned())
     });
     // DNS from the pod to its nameserver, as the NetworkPolicies see it.
     let dns_policy = resolver.nameservers.first().map(|server| {

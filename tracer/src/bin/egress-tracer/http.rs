@@ -262,9 +262,9 @@ fn diagnose_request(
 }
 
 fn lines(records: &[Arc<StoredRecord>]) -> String {
-    let mut text = String::with_capacity(records.iter().map(|r| r.line.len() + 1).sum());
+    let mut text = String::new();
     for record in records {
-        text.push_str(&record.line);
+        text.push_str(&record.line());
         text.push('\n');
     }
     text
@@ -290,7 +290,7 @@ fn follow(
                 match received {
                     Ok(record) if after.is_some_and(|seq| record.seq <= seq) => continue,
                     Ok(record) if query.matches_live(&record) => {
-                        return Some((Ok(format!("{}\n", record.line)), (feed, query, stop)));
+                        return Some((Ok(format!("{}\n", record.line())), (feed, query, stop)));
                     }
                     Ok(_) => continue,
                     Err(broadcast::error::RecvError::Lagged(skipped)) => {

@@ -51,6 +51,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read cgroups under {}", cgroup_root.display()))?;
     let mut pipeline = Pipeline::new(cgroups, cluster, target.as_ref(), args.dns_timeout);
     let only_cgroups = pipeline.target_cgroups();
+    // The pod's cgroups outlive container restarts; once they are all gone, so is the pod.
+    let mut pod_was_running = only_cgroups.as_ref().is_some_and(|c| !c.is_empty());
     if let (Some(pod), Some([])) = (&target, only_cgroups.as_deref()) {
         eprintln!(
             "warning: pod {pod} has no cgroups on this node (is it scheduled here and running?); \
@@ -95,7 +97,17 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
                 if let Some(state) = source.refresh() {
                     pipeline.set_cluster(state);
                 }
-                filter_in_kernel(&mut pipeline, &mut capture)?;
+                match (filter_in_kernel(&mut pipeline, &mut capture)?, &target) {
+                    (Some(0), Some(pod)) if pod_was_running => {
+                        eprintln!(
+                            "egress-tracer: pod {pod} has left this node (its cgroups were \
+                             removed: deleted, evicted or rescheduled); stopping"
+                        );
+                        break;
+                    }
+                    (Some(cgroups), _) if cgroups > 0 => pod_was_running = true,
+                    _ => {}
+                }
             }
             Ok(()) = node_conntrack.changed() => {
                 let latest = node_conntrack.borrow_and_update().clone();
@@ -210,14 +222,18 @@ async fn run_through_agent(args: &TraceArgs) -> anyhow::Result<()> {
 }
 
 /// When tracing one pod, tells the kernel its cgroups (again, to include containers
-/// started since), so other pods' traffic stops in the kernel.
-fn filter_in_kernel(pipeline: &mut Pipeline, capture: &mut Capture) -> anyhow::Result<()> {
-    if let Some(cgroups) = pipeline.target_cgroups() {
-        capture
-            .trace_only_cgroups(&cgroups)
-            .context("cannot set the kernel-side pod filter")?;
-    }
-    Ok(())
+/// started since), so other pods' traffic stops in the kernel; how many it has.
+fn filter_in_kernel(
+    pipeline: &mut Pipeline,
+    capture: &mut Capture,
+) -> anyhow::Result<Option<usize>> {
+    let Some(cgroups) = pipeline.target_cgroups() else {
+        return Ok(None);
+    };
+    capture
+        .trace_only_cgroups(&cgroups)
+        .context("cannot set the kernel-side pod filter")?;
+    Ok(Some(cgroups.len()))
 }
 
 fn write_records(
