@@ -197,10 +197,10 @@ async fn diagnose(State((shared, _)): State<AppState>, RawQuery(raw): RawQuery) 
         )
             .into_response(),
         Ok(Err(error)) if crate::is_usage_or_environment(&error) => {
-            bad_request(format!("{error:#}"))
+            bad_request(crate::describe(&error))
         }
         Ok(Err(error)) => {
-            let body = serde_json::json!({ "error": format!("{error:#}") });
+            let body = serde_json::json!({ "error": crate::describe(&error) });
             (StatusCode::INTERNAL_SERVER_ERROR, format!("{body}\n")).into_response()
         }
         Err(e) => (

@@ -100,7 +100,7 @@ pub struct AgentLocation {
     #[arg(long, value_name = "URL|auto")]
     pub agent: Option<String>,
     /// Namespace of the agent's DaemonSet, for `--agent auto`.
-    #[arg(long, value_name = "NS", default_value = "egress-tracer")]
+    #[arg(long, value_name = "NS", default_value = "egress-tracer", value_parser = parse_namespace)]
     pub agent_namespace: String,
     /// A file with the agent's API token. Default with `--agent auto`: the `token` of the
     /// Secret egress-tracer-api-token in the agent's namespace, if you may read it.
@@ -111,7 +111,7 @@ pub struct AgentLocation {
 #[derive(clap::Args)]
 struct DiagnoseArgs {
     /// The pod, as NAMESPACE/NAME (it must run on this node).
-    #[arg(long, value_name = "NS/NAME")]
+    #[arg(long, value_name = "NS/NAME", value_parser = parse_pod_reference)]
     pod: String,
     /// A URL (http://, https://), HOST:PORT or IP:PORT.
     target: String,
@@ -159,7 +159,7 @@ struct ProbeArgs {
 #[derive(clap::Args)]
 struct PolicyArgs {
     /// The source pod, as NAMESPACE/NAME.
-    #[arg(long, value_name = "NS/NAME")]
+    #[arg(long, value_name = "NS/NAME", value_parser = parse_pod_reference)]
     pod: String,
     /// The destination, as IP:PORT[/PROTO] (TCP, UDP or SCTP; TCP by default).
     #[arg(long, value_name = "IP:PORT[/PROTO]")]
@@ -177,7 +177,7 @@ struct PolicyArgs {
 #[derive(clap::Args)]
 struct TraceArgs {
     /// Only this pod's attempts, as NAMESPACE/NAME. Without it, every process on the node.
-    #[arg(long, value_name = "NS/NAME")]
+    #[arg(long, value_name = "NS/NAME", value_parser = parse_pod_reference)]
     pod: Option<String>,
     /// Pods, Services, EndpointSlices, Namespaces and NetworkPolicies from kubectl
     /// YAML/JSON (single objects, Lists, multi-document files or a directory of them).
@@ -230,10 +230,64 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 10s, 2m, 1h)"))?
         }
     };
+    // Longer would overflow deadlines computed from it.
+    const LONGEST: Duration = Duration::from_secs(366 * 24 * 3600);
     if duration.is_zero() {
         return Err("must be longer than zero".into());
     }
+    if duration > LONGEST {
+        return Err("must be at most a year (366d)".into());
+    }
     Ok(duration)
+}
+
+/// An error and its causes on one line, each cause only where the text before does not
+/// already quote it (library errors often include their source in their own message).
+pub fn describe(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+/// `--pod`: NAMESPACE/NAME, both Kubernetes names.
+fn parse_pod_reference(text: &str) -> Result<String, String> {
+    let valid = |part: &str| {
+        !part.is_empty()
+            && part.len() <= 253
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && part.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && part.ends_with(|c: char| c.is_ascii_alphanumeric())
+    };
+    match text.split_once('/') {
+        Some((namespace, name)) if valid(namespace) && valid(name) => Ok(text.to_owned()),
+        _ => Err(
+            "give the pod as NAMESPACE/NAME in lower case (e.g. shop/web-5d9c7b6f4-x2x8k)".into(),
+        ),
+    }
+}
+
+/// `--agent-namespace`: a Kubernetes namespace name (DNS-1123 label).
+fn parse_namespace(text: &str) -> Result<String, String> {
+    let valid = !text.is_empty()
+        && text.len() <= 63
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && text.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && text.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if valid {
+        Ok(text.to_owned())
+    } else {
+        Err("not a namespace name (lower-case letters, digits and '-', at most 63)".into())
+    }
 }
 
 fn parse_ring_buffer_size(text: &str) -> Result<u32, String> {
@@ -294,7 +348,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", describe(&error));
             if is_usage_or_environment(&error) {
                 ExitCode::from(2)
             } else {
