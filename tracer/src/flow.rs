@@ -304,15 +304,34 @@ impl IcmpError {
 /// ICMP error embeds.
 type FlowKey = (Protocol, SocketAddr, SocketAddr);
 
+/// An attempt's place in its arrival-order queue.
+#[derive(Clone, Copy)]
+struct Queued {
+    cookie: u64,
+    /// The attempt's `monotonic_ns`: a socket's next attempt (another `connect()`, an
+    /// unconnected socket's send to a new destination) is queued anew at the back, and
+    /// this tells its old place from its current one.
+    connected_ns: u64,
+}
+
+impl Queued {
+    /// Whether the attempt queued here is still pending.
+    fn is_current(&self, pending: &HashMap<u64, Attempt>, protocol: Protocol) -> bool {
+        pending
+            .get(&self.cookie)
+            .is_some_and(|a| a.protocol == protocol && a.monotonic_ns == self.connected_ns)
+    }
+}
+
 #[derive(Default)]
 pub struct FlowAssembler {
     pending: HashMap<u64, Attempt>,
     /// Pending attempts whose first packet was seen, by tuple, for ICMP errors.
     by_tuple: HashMap<FlowKey, u64>,
-    /// Cookies of TCP and of UDP attempts, each in arrival order (their waits differ);
-    /// they may hold cookies already completed, skipped lazily.
-    tcp_order: VecDeque<u64>,
-    udp_order: VecDeque<u64>,
+    /// TCP and UDP attempts, each in arrival order (their waits differ); they may hold
+    /// places of attempts already completed or displaced, skipped lazily.
+    tcp_order: VecDeque<Queued>,
+    udp_order: VecDeque<Queued>,
     stats: FlowStats,
 }
 
@@ -377,10 +396,14 @@ impl FlowAssembler {
             self.by_tuple
                 .insert((protocol, src, attempt.dst), event.sock_cookie);
         }
+        let queued = Queued {
+            cookie: event.sock_cookie,
+            connected_ns: attempt.monotonic_ns,
+        };
         self.pending.insert(event.sock_cookie, attempt);
         match protocol {
-            Protocol::Tcp => self.tcp_order.push_back(event.sock_cookie),
-            Protocol::Udp => self.udp_order.push_back(event.sock_cookie),
+            Protocol::Tcp => self.tcp_order.push_back(queued),
+            Protocol::Udp => self.udp_order.push_back(queued),
         }
     }
 
@@ -392,7 +415,14 @@ impl FlowAssembler {
         let Some(src) = socket_addr(&event.src) else {
             return;
         };
-        attempt.src = Some(src);
+        // A source learnt before (the socket's earlier attempt) that the packet
+        // contradicts no longer names this attempt.
+        if let Some(earlier) = attempt.src.replace(src)
+            && earlier != src
+        {
+            self.by_tuple
+                .remove(&(attempt.protocol, earlier, attempt.dst));
+        }
         if attempt.protocol == Protocol::Udp {
             attempt.outcome = Outcome::Sent;
         }
@@ -415,14 +445,14 @@ impl FlowAssembler {
         ) else {
             return;
         };
-        let Some(&cookie) = self.by_tuple.get(&(protocol, src, dst)) else {
+        let Some((cookie, attempt)) = self
+            .by_tuple
+            .get(&(protocol, src, dst))
+            .and_then(|cookie| Some((*cookie, self.pending.get_mut(cookie)?)))
+        else {
             self.stats.unmatched_icmp += 1;
             return;
         };
-        let attempt = self
-            .pending
-            .get_mut(&cookie)
-            .expect("by_tuple follows pending");
         attempt.icmp = Some(icmp);
         if protocol == Protocol::Udp && icmp.is_fatal() {
             let mut attempt = self.take(cookie).expect("present");
@@ -513,6 +543,7 @@ impl FlowAssembler {
             .udp_order
             .drain(..)
             .chain(self.tcp_order.drain(..))
+            .map(|queued| queued.cookie)
             .collect();
         for cookie in cookies {
             if let Some(attempt) = self.take(cookie) {
@@ -534,7 +565,11 @@ impl FlowAssembler {
     fn take(&mut self, cookie: u64) -> Option<Attempt> {
         let attempt = self.pending.remove(&cookie)?;
         if let Some(src) = attempt.src {
-            self.by_tuple.remove(&(attempt.protocol, src, attempt.dst));
+            let key = (attempt.protocol, src, attempt.dst);
+            // The tuple may name a newer attempt of another socket by now.
+            if self.by_tuple.get(&key) == Some(&cookie) {
+                self.by_tuple.remove(&key);
+            }
         }
         Some(attempt)
     }
@@ -547,31 +582,28 @@ impl FlowAssembler {
                 Protocol::Tcp => &mut self.tcp_order,
                 Protocol::Udp => &mut self.udp_order,
             };
-            let Some(&cookie) = order.front() else { break };
-            let due = match self.pending.get(&cookie) {
-                // Completed, or the cookie now belongs to a newer attempt of the other
-                // protocol: not this queue's business any more.
-                None => true,
-                Some(a) if a.protocol != protocol => true,
-                Some(a) => Duration::from_nanos(now_ns.saturating_sub(a.monotonic_ns)) >= age,
-            };
+            let Some(&queued) = order.front() else { break };
+            // A place whose attempt completed or was displaced by the socket's next one
+            // is only skipped (the next attempt waits at its own, later place).
+            let current = queued.is_current(&self.pending, protocol);
+            let due =
+                !current || Duration::from_nanos(now_ns.saturating_sub(queued.connected_ns)) >= age;
             if !due {
                 break;
             }
             order.pop_front();
-            if self
-                .pending
-                .get(&cookie)
-                .is_some_and(|a| a.protocol == protocol)
-            {
-                taken.extend(self.take(cookie));
+            if current {
+                taken.extend(self.take(queued.cookie));
             }
         }
-        // Completed cookies left in the queue are bounded by the same cap as `pending`.
+        // Stale places left in the queues are bounded by the same cap as `pending`.
         let pending = &self.pending;
-        for order in [&mut self.tcp_order, &mut self.udp_order] {
+        for (order, protocol) in [
+            (&mut self.tcp_order, Protocol::Tcp),
+            (&mut self.udp_order, Protocol::Udp),
+        ] {
             if order.len() > 2 * MAX_PENDING {
-                order.retain(|c| pending.contains_key(c));
+                order.retain(|queued| queued.is_current(pending, protocol));
             }
         }
         taken
@@ -594,18 +626,14 @@ impl FlowAssembler {
             (&mut self.udp_order, Protocol::Udp),
             (&mut self.tcp_order, Protocol::Tcp),
         ] {
-            while let Some(&cookie) = order.front() {
-                match pending.get(&cookie) {
-                    Some(a) if a.protocol == protocol => {
-                        if oldest.is_none_or(|(_, ts)| a.monotonic_ns < ts) {
-                            oldest = Some((cookie, a.monotonic_ns));
-                        }
-                        break;
+            while let Some(&queued) = order.front() {
+                if queued.is_current(pending, protocol) {
+                    if oldest.is_none_or(|(_, ts)| queued.connected_ns < ts) {
+                        oldest = Some((queued.cookie, queued.connected_ns));
                     }
-                    _ => {
-                        order.pop_front();
-                    }
+                    break;
                 }
+                order.pop_front();
             }
         }
         if let Some(attempt) = oldest.and_then(|(cookie, _)| self.take(cookie)) {
@@ -848,6 +876,39 @@ mod tests {
         );
         assert_eq!(done[0].src, Some("10.244.0.5:40000".parse().unwrap()));
         assert_eq!((done[0].tcp, done[0].icmp), (None, None));
+    }
+
+    #[test]
+    fn a_socket_sending_to_new_destinations_holds_no_other_attempt_back() {
+        let mut flows = FlowAssembler::new();
+        let mut done = Vec::new();
+        let settle = UDP_SETTLE.as_nanos() as u64;
+        // A server's unconnected socket answers one client, a pod connects, then the
+        // server answers the next client (the socket's next attempt, queued anew).
+        let send = |ts_ns, port| ConnectEvent {
+            call: CALL_SENDMSG,
+            dst: endpoint([10, 244, 0, 9], port),
+            ..connect(1, ts_ns, IPPROTO_UDP)
+        };
+        flows.on_connect(&send(0, 5353), origin(), &mut done);
+        flows.on_connect(&connect(2, 100, IPPROTO_UDP), origin(), &mut done);
+        flows.on_first_packet(&first_packet(2, IPPROTO_UDP, 40_000));
+        flows.on_connect(&send(settle / 2, 5354), origin(), &mut done);
+        assert_eq!(
+            done.len(),
+            1,
+            "the first answer is displaced: reported as sent"
+        );
+        flows.expire(100 + settle, &mut done);
+        let reported: Vec<(u64, u16)> =
+            done.iter().map(|a| (a.sock_cookie, a.dst.port())).collect();
+        assert_eq!(reported, [(1, 5353), (2, 80)]);
+        flows.expire(settle / 2 + settle, &mut done);
+        assert_eq!(
+            done.last().map(|a| (a.sock_cookie, a.dst.port())),
+            Some((1, 5354))
+        );
+        assert_eq!(flows.stats().evicted, 0);
     }
 
     fn icmp(cookie_src_port: u16, protocol: u8, icmp_type: u8, code: u8) -> IcmpErrorEvent {

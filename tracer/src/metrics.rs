@@ -140,7 +140,7 @@ pub struct Metrics {
     events_skipped: Family<Labels, Counter>,
     cluster_cache_stale: Gauge,
     /// The series of each `namespace/pod` (or namespace), for pruning.
-    series: HashMap<String, HashSet<(PerPod, Labels)>>,
+    series: HashMap<String, HashMap<PerPod, HashSet<Labels>>>,
     /// When each pod with series was first missing from the cluster model.
     missing_since: HashMap<String, Instant>,
     kernel_seen: KernelCounters,
@@ -303,14 +303,14 @@ impl Metrics {
                     attempt.tcp.as_ref().and_then(|t| t.duration),
                 ) {
                     let labels = self.labels(&attempt.origin, [("dst_class", class.as_str())]);
-                    self.touch(PerPod::ConnectDuration, &labels);
+                    self.touch(PerPod::ConnectDuration, &attempt.origin, &labels);
                     self.connect_duration
                         .get_or_create(&labels)
                         .observe(duration.as_secs_f64());
                 }
                 if let (Some(drops), Some(verdict)) = (&attempt.drops, &attempt.verdict) {
                     let labels = self.hop_labels(&attempt.origin, verdict);
-                    self.touch(PerPod::Drops, &labels);
+                    self.touch(PerPod::Drops, &attempt.origin, &labels);
                     self.drops
                         .get_or_create(&labels)
                         .inc_by(u64::from(drops.count));
@@ -337,7 +337,7 @@ impl Metrics {
             return;
         }
         let labels = self.hop_labels(origin, verdict);
-        self.touch(PerPod::Verdicts, &labels);
+        self.touch(PerPod::Verdicts, origin, &labels);
         self.verdicts.get_or_create(&labels).inc();
     }
 
@@ -353,15 +353,15 @@ impl Metrics {
                 ("server", server),
             ],
         );
-        self.touch(PerPod::DnsQueries, &labels);
+        self.touch(PerPod::DnsQueries, origin, &labels);
         self.dns_queries.get_or_create(&labels).inc();
         let pod = self.labels(origin, []);
         if query.rcode.is_none() {
-            self.touch(PerPod::DnsTimeouts, &pod);
+            self.touch(PerPod::DnsTimeouts, origin, &pod);
             self.dns_timeouts.get_or_create(&pod).inc();
         } else {
             let labels = self.labels(origin, [("server", server)]);
-            self.touch(PerPod::DnsDuration, &labels);
+            self.touch(PerPod::DnsDuration, origin, &labels);
             self.dns_duration
                 .get_or_create(&labels)
                 .observe(query.duration.as_secs_f64());
@@ -416,11 +416,11 @@ impl Metrics {
                 &origin,
                 [("outcome", outcome), ("dst_class", class.as_str())],
             );
-            self.touch(PerPod::Connections, &labels);
+            self.touch(PerPod::Connections, &origin, &labels);
             self.connections.get_or_create(&labels).inc_by(handshakes);
             if retransmits > 0 {
                 let labels = self.labels(&origin, []);
-                self.touch(PerPod::SynRetransmits, &labels);
+                self.touch(PerPod::SynRetransmits, &origin, &labels);
                 self.syn_retransmits
                     .get_or_create(&labels)
                     .inc_by(retransmits);
@@ -521,7 +521,11 @@ impl Metrics {
         }
         for pod in gone {
             self.missing_since.remove(&pod);
-            for (family, labels) in self.series.remove(&pod).unwrap_or_default() {
+            let families = self.series.remove(&pod).unwrap_or_default();
+            for (family, labels) in families
+                .into_iter()
+                .flat_map(|(family, set)| set.into_iter().map(move |labels| (family, labels)))
+            {
                 match family {
                     PerPod::Connections => self.connections.remove(&labels),
                     PerPod::ConnectDuration => self.connect_duration.remove(&labels),
@@ -537,19 +541,25 @@ impl Metrics {
     }
 
     /// Remembers a per-pod series so it can be pruned with its pod.
-    fn touch(&mut self, family: PerPod, labels: &Labels) {
-        // A pod's series are keyed by the `namespace/pod` the labels start with; pods
-        // without a name (host processes, unknown pods) are never pruned.
-        let [(_, namespace), (_, pod), ..] = labels.as_slice() else {
+    fn touch(&mut self, family: PerPod, origin: &Origin, labels: &Labels) {
+        // Pods without a name (host processes, unknown pods) are never pruned.
+        let Some(pod) = origin.pod.as_deref().filter(|_| self.options.pod_label) else {
             return;
         };
-        if pod.is_empty() || !self.options.pod_label {
-            return;
+        // Looked up before anything is allocated: nearly every series exists already.
+        let known = self
+            .series
+            .get(pod)
+            .and_then(|families| families.get(&family))
+            .is_some_and(|set| set.contains(labels));
+        if !known {
+            self.series
+                .entry(pod.to_owned())
+                .or_default()
+                .entry(family)
+                .or_default()
+                .insert(labels.clone());
         }
-        self.series
-            .entry(format!("{namespace}/{pod}"))
-            .or_default()
-            .insert((family, labels.clone()));
     }
 
     fn labels<const N: usize>(&self, origin: &Origin, extra: [(&'static str, &str); N]) -> Labels {
