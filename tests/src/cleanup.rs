@@ -95,6 +95,9 @@ pub fn create_state_dir(dir: &Path) -> io::Result<()> {
     fs::rename(&temporary, dir)
 }
 
+/// How long a lab without an owner file must be untouched before it counts as abandoned.
+const ABANDONED_TEARDOWN: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Ids of the labs whose owning process has exited (a killed or crashed run, or a
 /// teardown that failed); labs of running tests elsewhere on the machine are not stale.
 pub fn stale_labs() -> Vec<String> {
@@ -109,9 +112,19 @@ pub fn stale_labs() -> Vec<String> {
             let owner = fs::read_to_string(entry.path().join("owner"))
                 .ok()
                 .and_then(|pid| pid.trim().parse::<u32>().ok());
-            owner
-                .is_none_or(|pid| !process::is_alive(pid))
-                .then_some(id)
+            let stale = match owner {
+                Some(pid) => !process::is_alive(pid),
+                // Every lab is created with its owner file: without one it is being torn
+                // down right now (by a test running in parallel), unless that teardown
+                // died half-way, long enough ago.
+                None => entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|modified| modified.elapsed().ok())
+                    .is_some_and(|age| age > ABANDONED_TEARDOWN),
+            };
+            stale.then_some(id)
         })
         .collect()
 }
