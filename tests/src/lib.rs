@@ -428,6 +428,19 @@ impl Lab {
         Ok((pid, child.wait()?))
     }
 
+    /// Makes `count` TCP connections from `pod` to `endpoint` (`ip:port`), one after the
+    /// other, each closed at once; whether every one was established.
+    pub fn connect_burst(&self, pod: &LabPod, endpoint: &str, count: u32) -> io::Result<bool> {
+        let helper = lab_helper()?;
+        let helper = helper
+            .to_str()
+            .ok_or_else(|| io::Error::other("non-UTF-8 lab helper path"))?;
+        let count = count.to_string();
+        let (_, status) =
+            self.exec_in_pod(pod, helper, &["connect-burst", endpoint, "--count", &count])?;
+        Ok(status.success())
+    }
+
     /// Adds a ClusterIP Service: kube-proxy's DNAT rule in the node namespace (cluster IP
     /// and port to the backend pod's address and target port), and the Service and
     /// EndpointSlice manifests in the cluster state.

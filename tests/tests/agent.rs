@@ -359,18 +359,10 @@ fn a_tiny_ring_buffer_loses_events_but_connection_counts_stay_exact() {
     let lab = Lab::start(&[PodSpec::new("default", "client", CgroupDriver::Systemd)]).unwrap();
     let agent = start_agent(&lab, &["--ring-buffer-size", "4096"]);
     let endpoint = format!("{}:{}", addr::ENDPOINT, addr::HTTP_PORT);
-    let helper = egress_lab::lab_helper().unwrap();
-    let (_, status) = lab
-        .exec_in_pod(
-            lab.pod("client"),
-            helper.to_str().unwrap(),
-            &["connect-burst", &endpoint, "--count", "500"],
-        )
+    let established = lab
+        .connect_burst(lab.pod("client"), &endpoint, 500)
         .unwrap();
-    assert!(
-        status.success(),
-        "the burst's connections did not all succeed"
-    );
+    assert!(established, "the burst's connections did not all succeed");
 
     let established = client_established();
     let counted = agent::wait_for_metric(&lab, &established, 500.0, METRICS_WAIT);
@@ -703,17 +695,12 @@ fn a_stalled_follower_holds_up_neither_the_agent_nor_other_clients() {
         .unwrap();
     let reader = Follow::open(&lab, query).unwrap();
     let endpoint = format!("{}:{}", addr::ENDPOINT, addr::HTTP_PORT);
-    let helper = egress_lab::lab_helper().unwrap();
     let bursts = 4;
     for _ in 0..bursts {
-        let (_, status) = lab
-            .exec_in_pod(
-                lab.pod("client"),
-                helper.to_str().unwrap(),
-                &["connect-burst", &endpoint, "--count", "500"],
-            )
+        let established = lab
+            .connect_burst(lab.pod("client"), &endpoint, 500)
             .unwrap();
-        assert!(status.success());
+        assert!(established);
     }
     let total = 500 * bursts;
     let records = reader.read_until(Duration::from_secs(30), |records| records.len() >= total);

@@ -172,15 +172,8 @@ fn a_pod_deleted_mid_trace_ends_the_trace_with_its_records() {
     let mut lab = Lab::start(&[PodSpec::new("default", "client", CgroupDriver::Cgroupfs)]).unwrap();
     let tracer = Tracer::trace_pod(&lab, "default/client", &[]).unwrap();
     let endpoint = format!("{}:{}", addr::ENDPOINT, addr::HTTP_PORT);
-    let helper = egress_lab::lab_helper().unwrap();
-    let (_, status) = lab
-        .exec_in_pod(
-            lab.pod("client"),
-            helper.to_str().unwrap(),
-            &["connect-burst", &endpoint, "--count", "3"],
-        )
-        .unwrap();
-    assert!(status.success());
+    let established = lab.connect_burst(lab.pod("client"), &endpoint, 3).unwrap();
+    assert!(established);
     lab.delete_pod("client").unwrap();
     // No signal: the tracer notices the pod is gone and stops by itself.
     let output = tracer.finish().unwrap();
