@@ -87,9 +87,13 @@ fn lists_watches_bookmarks_and_relists_after_410_gone() {
     runtime
         .block_on(api.wait_synced(Duration::from_secs(10)))
         .unwrap();
+    // The watch from the relist's version follows the relist: wait for both.
     assert!(
         eventually(Duration::from_secs(10), || pod_names(&api)
-            == ["shop/api", "shop/db", "shop/web"]),
+            == ["shop/api", "shop/db", "shop/web"]
+            && server.requests().iter().any(|r| r.starts_with(PODS)
+                && r.contains("watch=true")
+                && r.contains("resourceVersion=20"))),
         "{:?}\n{:#?}",
         pod_names(&api),
         server.requests()
