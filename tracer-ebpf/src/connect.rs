@@ -18,8 +18,7 @@ use tracer_common::{
 };
 
 use crate::maps::{
-    EVENTS, FIRST_PACKET_PENDING, HANDSHAKE_CGROUPS, TRACKED_SOCKS, UDP_DESTINATIONS_SEEN, count,
-    header, is_traced, wakeup,
+    EVENTS, TRACKED_SOCKS, TrackedSocket, UDP_DESTINATIONS_SEEN, count, header, is_traced, wakeup,
 };
 
 /// Return value of cgroup sock_addr programs that lets the syscall proceed.
@@ -102,14 +101,15 @@ fn report(ctx: &SockAddrContext, family: u16, call: u8) {
     // A socket whose first packet was already reported (a second destination of an
     // unconnected UDP socket) keeps its state; a new connect() starts over.
     // SAFETY: only existence is checked.
-    let known = unsafe { TRACKED_SOCKS.get(sock_cookie) }.is_some();
-    if call == CALL_CONNECT || !known {
-        // Ignore a full map: LRU evicts, and a missing entry only costs the first packet.
-        let _ = TRACKED_SOCKS.insert(sock_cookie, FIRST_PACKET_PENDING, 0);
-    }
-    if protocol == IPPROTO_TCP {
-        // LRU like TRACKED_SOCKS: a missing entry only leaves the handshake uncounted.
-        let _ = HANDSHAKE_CGROUPS.insert(sock_cookie, cgroup_id, 0);
+    if call == CALL_CONNECT || unsafe { TRACKED_SOCKS.get(sock_cookie) }.is_none() {
+        let socket = TrackedSocket {
+            cgroup_id,
+            reported: 0,
+            _pad: [0; 7],
+        };
+        // Ignore a full map: LRU evicts, and a missing entry only costs the socket's
+        // first packet, NAT, reply and handshake count.
+        let _ = TRACKED_SOCKS.insert(sock_cookie, socket, 0);
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let event = ConnectEvent {

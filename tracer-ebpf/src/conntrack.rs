@@ -110,12 +110,6 @@ pub fn flow_key(tuple: &RawTuple) -> Option<FlowTuple> {
     Some(key)
 }
 
-/// Whether `reply` is `original` reversed, i.e. no NAT rewrote the flow.
-#[inline(always)]
-pub fn untranslated(original: &RawTuple, reply: &RawTuple) -> bool {
-    reply[..L3NUM] == original[DST_ADDR..PROTONUM] && reply[DST_ADDR..PROTONUM] == original[..L3NUM]
-}
-
 /// The source (`source == true`) or destination endpoint of a tuple.
 #[inline(always)]
 pub fn endpoint(tuple: &RawTuple, source: bool) -> Endpoint {

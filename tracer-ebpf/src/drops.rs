@@ -2,7 +2,8 @@
 //!
 //! Only explicit drop reasons count (above `SKB_DROP_REASON_NOT_SPECIFIED`, whose value
 //! userspace resolves by name from BTF, as they differ between kernels): freeing a
-//! consumed packet is not a drop. The packet is matched to a traced flow by its own tuple
+//! consumed packet is not a drop, nor is a closing socket purging its queues
+//! (`QUEUE_PURGE`, once per connection closed with data unread). The packet is matched to a traced flow by its own tuple
 //! (both directions, in `TRACKED_TUPLES`), or, once NAT rewrote its header, by the
 //! original tuple of its conntrack entry. This sees drops in every network namespace,
 //! including the node's forwarding path: a NetworkPolicy or firewall rule dropping a
@@ -31,13 +32,14 @@ use crate::{
 #[unsafe(no_mangle)]
 static DROP_REASONS: Global<DropReasons> = Global::new(DropReasons {
     not_specified: u32::MAX,
-    _pad: 0,
+    queue_purge: u32::MAX,
 });
 
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
     let reason: u32 = ctx.arg(2);
-    if reason <= DROP_REASONS.load().not_specified {
+    let reasons = DROP_REASONS.load();
+    if reason <= reasons.not_specified || reason == reasons.queue_purge {
         return 0;
     }
     let skb: *const u8 = ctx.arg(0);

@@ -27,15 +27,15 @@ pub fn on_egress(ctx: &SkBuffContext, packet: &Packet) -> Result<(), i64> {
     }
     // SAFETY: the helper takes the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(state) = TRACKED_SOCKS.get_ptr_mut(cookie) else {
+    let Some(socket) = TRACKED_SOCKS.get_ptr_mut(cookie) else {
         return Ok(());
     };
     // SAFETY: a valid map value pointer; a racing packet at worst reports twice.
     unsafe {
-        if *state & FIRST_PACKET_REPORTED != 0 {
+        if (*socket).reported & FIRST_PACKET_REPORTED != 0 {
             return Ok(());
         }
-        *state |= FIRST_PACKET_REPORTED;
+        (*socket).reported |= FIRST_PACKET_REPORTED;
     }
     count(Counter::FirstPacketSeen);
     let (src, dst) = packet.endpoints(ctx)?;

@@ -24,12 +24,23 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
 /// Cookies of the sockets whose `connect()` was reported; the first-packet and state
-/// hooks only report these. The value holds flags of what was reported already
-/// ([`FIRST_PACKET_REPORTED`], [`NAT_REPORTED`]); [`FIRST_PACKET_PENDING`] is none. LRU so
-/// that sockets we never see close (UDP has no close event) cannot fill it.
+/// hooks only report these. LRU so that sockets we never see close (UDP has no close
+/// event) cannot fill it.
 #[map]
-pub static TRACKED_SOCKS: LruHashMap<u64, u8> =
+pub static TRACKED_SOCKS: LruHashMap<u64, TrackedSocket> =
     LruHashMap::with_max_entries(TRACKED_SOCKETS, BPF_F_NO_COMMON_LRU);
+
+/// A traced socket's entry in [`TRACKED_SOCKS`].
+#[repr(C)]
+pub struct TrackedSocket {
+    /// The cgroup that connected it, for counting its handshake: the state hook runs in
+    /// softirq context, where the current cgroup is not the socket's.
+    pub cgroup_id: u64,
+    /// Flags of what was reported already ([`FIRST_PACKET_REPORTED`], [`NAT_REPORTED`],
+    /// [`REPLY_REPORTED`]); 0 is nothing yet.
+    pub reported: u8,
+    pub _pad: [u8; 7],
+}
 
 /// Tuples of the traced flows (from each traced socket's first packet) to their socket's
 /// cookie, so hooks that see packets without their socket (forwarding, drops) can tell
@@ -42,12 +53,6 @@ pub static TRACKED_TUPLES: LruHashMap<FlowTuple, u64> =
 #[map]
 pub static UDP_DESTINATIONS_SEEN: LruHashMap<SocketDestination, u8> =
     LruHashMap::with_max_entries(UDP_DESTINATIONS, BPF_F_NO_COMMON_LRU);
-
-/// cgroup of each traced TCP socket in `SYN_SENT`: the state hook runs in softirq context,
-/// where the current cgroup is not the socket's.
-#[map]
-pub static HANDSHAKE_CGROUPS: LruHashMap<u64, u64> =
-    LruHashMap::with_max_entries(TRACKED_SOCKETS, BPF_F_NO_COMMON_LRU);
 
 /// Handshakes counted per cgroup, destination and outcome (see [`HandshakeKey`]). Not LRU:
 /// an eviction would lose counts silently, while a full map is counted
@@ -89,7 +94,6 @@ pub fn is_traced(cgroup_id: u64) -> bool {
     !filtering || unsafe { TRACED_CGROUPS.get(cgroup_id) }.is_some()
 }
 
-pub const FIRST_PACKET_PENDING: u8 = 0;
 pub const FIRST_PACKET_REPORTED: u8 = 1;
 pub const NAT_REPORTED: u8 = 2;
 pub const REPLY_REPORTED: u8 = 4;

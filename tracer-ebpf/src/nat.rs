@@ -10,10 +10,10 @@
 use core::ptr::addr_of_mut;
 
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
-use tracer_common::{Counter, EventKind, IPS_SEEN_REPLY, NatEvent};
+use tracer_common::{Counter, EventKind, IPS_DST_NAT, IPS_SEEN_REPLY, IPS_SRC_NAT, NatEvent};
 
 use crate::{
-    conntrack::{Attached, attached, endpoint, flow_key, original, reply, status, untranslated},
+    conntrack::{Attached, attached, endpoint, flow_key, original, reply, status},
     maps::{EVENTS, NAT_REPORTED, TRACKED_SOCKS, TRACKED_TUPLES, count, header, wakeup},
 };
 
@@ -30,30 +30,29 @@ fn report(skb: *const u8) -> Result<(), i32> {
         return Ok(());
     };
     // A flow's translation is settled by its first packet; once the other side answered,
-    // its packets (the bulk of all traffic) need no more than this one read.
-    if status(ct)? & IPS_SEEN_REPLY != 0 {
+    // its packets (the bulk of all traffic) need no more than this one read. Flows NAT
+    // left alone need no more either: NAT marks the entries whose tuple it changed.
+    let status = status(ct)?;
+    if status & IPS_SEEN_REPLY != 0 || status & (IPS_SRC_NAT | IPS_DST_NAT) == 0 {
         return Ok(());
     }
     let (original, reply) = (original(ct)?, reply(ct)?);
     let Some(key) = flow_key(&original) else {
         return Ok(());
     };
-    if untranslated(&original, &reply) {
-        return Ok(());
-    }
     // SAFETY: the value is copied out at once.
     let Some(cookie) = (unsafe { TRACKED_TUPLES.get(key) }).copied() else {
         return Ok(());
     };
-    let Some(state) = TRACKED_SOCKS.get_ptr_mut(cookie) else {
+    let Some(socket) = TRACKED_SOCKS.get_ptr_mut(cookie) else {
         return Ok(());
     };
     // SAFETY: a valid map value pointer; a racing packet at worst reports twice.
     unsafe {
-        if *state & NAT_REPORTED != 0 {
+        if (*socket).reported & NAT_REPORTED != 0 {
             return Ok(());
         }
-        *state |= NAT_REPORTED;
+        (*socket).reported |= NAT_REPORTED;
     }
     count(Counter::NatSeen);
     let Some(mut entry) = EVENTS.reserve::<NatEvent>(0) else {

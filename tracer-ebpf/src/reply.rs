@@ -27,16 +27,18 @@ pub fn on_ingress(ctx: &SkBuffContext, packet: &Packet) -> Result<(), i64> {
     }
     // SAFETY: the helper takes the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(state) = TRACKED_SOCKS.get_ptr_mut(cookie) else {
+    let Some(socket) = TRACKED_SOCKS.get_ptr_mut(cookie) else {
         return Ok(());
     };
     // SAFETY: a valid map value pointer; a racing packet at worst reports twice.
     unsafe {
         // Only answers to a SYN this socket sent, once.
-        if *state & FIRST_PACKET_REPORTED == 0 || *state & REPLY_REPORTED != 0 {
+        if (*socket).reported & FIRST_PACKET_REPORTED == 0
+            || (*socket).reported & REPLY_REPORTED != 0
+        {
             return Ok(());
         }
-        *state |= REPLY_REPORTED;
+        (*socket).reported |= REPLY_REPORTED;
     }
     count(Counter::ReplySeen);
     let ttl: u8 = ctx.load(if packet.family == AF_INET {

@@ -20,7 +20,7 @@ use tracer_common::{
     SockStateEvent, TCP_CLOSE, TCP_SYN_SENT, handshake_outcome,
 };
 
-use crate::maps::{EVENTS, HANDSHAKE_CGROUPS, HANDSHAKES, TRACKED_SOCKS, count, header, wakeup};
+use crate::maps::{EVENTS, HANDSHAKES, TRACKED_SOCKS, count, header, wakeup};
 
 /// Set by userspace at load time (`EbpfLoader::set_global`).
 #[unsafe(no_mangle)]
@@ -47,10 +47,10 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     }
     // SAFETY: `sk` is the tracepoint's `struct sock *` argument.
     let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
-    // SAFETY: the value is not kept beyond this lookup.
-    if unsafe { TRACKED_SOCKS.get(cookie) }.is_none() {
+    // SAFETY: the value is copied out at once.
+    let Some(cgroup_id) = (unsafe { TRACKED_SOCKS.get(cookie) }).map(|s| s.cgroup_id) else {
         return 0;
-    }
+    };
     if new_state == i32::from(TCP_CLOSE) {
         let _ = TRACKED_SOCKS.remove(cookie);
     }
@@ -77,21 +77,17 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         src,
         dst,
     };
-    count_handshake(cookie, &event);
+    count_handshake(cgroup_id, &event);
     if EVENTS.output::<SockStateEvent>(&event, wakeup()).is_err() {
         count(Counter::SockStateLost);
     }
     0
 }
 
-/// Adds the handshake to `HANDSHAKES`, which counts what the ring buffer may lose.
+/// Adds the handshake to `HANDSHAKES`, which counts what the ring buffer may lose. A
+/// socket leaves `SYN_SENT` once per `connect()`, so each handshake counts once.
 #[inline(always)]
-fn count_handshake(cookie: u64, event: &SockStateEvent) {
-    // SAFETY: the value is copied out at once.
-    let Some(cgroup_id) = (unsafe { HANDSHAKE_CGROUPS.get(cookie) }).copied() else {
-        return;
-    };
-    let _ = HANDSHAKE_CGROUPS.remove(cookie);
+fn count_handshake(cgroup_id: u64, event: &SockStateEvent) {
     let key = HandshakeKey {
         cgroup_id,
         addr: event.dst.addr,

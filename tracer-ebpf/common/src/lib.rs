@@ -261,6 +261,8 @@ pub const IPS_CONFIRMED: u32 = 1 << 3;
 pub const IPS_SEEN_REPLY: u32 = 1 << 1;
 /// `IPS_SRC_NAT`: the source is actually translated.
 pub const IPS_SRC_NAT: u32 = 1 << 4;
+/// `IPS_DST_NAT`: the destination is actually translated.
+pub const IPS_DST_NAT: u32 = 1 << 5;
 
 /// The kernel dropped a packet of a traced flow (`kfree_skb` with a drop reason).
 #[repr(C)]
@@ -385,7 +387,9 @@ pub struct DropReasons {
     /// `SKB_DROP_REASON_NOT_SPECIFIED`: reasons at or below it (`SKB_CONSUMED`…) are not
     /// drops worth reporting.
     pub not_specified: u32,
-    pub _pad: u32,
+    /// `SKB_DROP_REASON_QUEUE_PURGE`: a closing socket freeing what nobody will read, not
+    /// a drop on the path (`u32::MAX` on kernels without it).
+    pub queue_purge: u32,
 }
 
 /// What the drop program reads beyond the packet, resolved from BTF at load time: the
@@ -823,6 +827,7 @@ mod tests {
     #[test]
     fn globals_layout() {
         assert_eq!(size_of::<DropReasons>(), 8);
+        assert_eq!(offset_of!(DropReasons, queue_purge), 4);
         assert_eq!(size_of::<SkbOffsets>(), 16);
         assert_eq!(size_of::<DropOffsets>(), 24);
         assert_eq!(size_of::<IcmpReceivers>(), 32);

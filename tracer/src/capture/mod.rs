@@ -383,10 +383,13 @@ impl Capture {
                 warnings.push(format!("packet drops will not be reported: {e}"));
                 HashMap::new()
             });
-        let not_specified = drop_reasons
-            .iter()
-            .find(|(_, name)| *name == "SKB_DROP_REASON_NOT_SPECIFIED")
-            .map(|(value, _)| *value);
+        let reason_value = |wanted: &str| {
+            drop_reasons
+                .iter()
+                .find(|(_, name)| *name == wanted)
+                .map(|(value, _)| *value)
+        };
+        let not_specified = reason_value("SKB_DROP_REASON_NOT_SPECIFIED");
 
         let mut loader = EbpfLoader::new();
         if let Some(bytes) = options.ring_buffer_bytes {
@@ -402,7 +405,7 @@ impl Capture {
                 "DROP_REASONS",
                 &DropReasons {
                     not_specified: not_specified.unwrap_or(u32::MAX),
-                    _pad: 0,
+                    queue_purge: reason_value("SKB_DROP_REASON_QUEUE_PURGE").unwrap_or(u32::MAX),
                 },
                 true,
             )
