@@ -16,12 +16,13 @@
 //! `in-progress`) and counted in [`FlowStats::evicted`].
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Duration,
 };
 
+use foldhash::HashMap;
 use serde::Serialize;
 use tracer_common::{
     AF_INET6, CALL_SENDMSG, ConnectEvent, FirstPacketEvent, IPPROTO_TCP, IPPROTO_UDP,

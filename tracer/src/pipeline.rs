@@ -5,14 +5,9 @@
 //! (Sockets that carried DNS and were never reported as attempts, like TCP ones, are
 //! forgotten once [`MAX_REMEMBERED`] is reached.)
 
-use std::{
-    collections::{HashMap, HashSet},
-    fs,
-    os::unix::fs::MetadataExt,
-    sync::Arc,
-    time::Duration,
-};
+use std::{fs, os::unix::fs::MetadataExt, sync::Arc, time::Duration};
 
+use foldhash::{HashMap, HashSet};
 use tracer_common::{DnsEvent, IPPROTO_TCP};
 
 use crate::{
@@ -117,10 +112,10 @@ impl Pipeline {
             cgroups,
             cluster,
             target_uid: target.map(|pod| pod.uid.clone()),
-            dns_sockets: HashSet::new(),
-            tcp_length_only: HashSet::new(),
-            resolvers: HashMap::new(),
-            origins: HashMap::new(),
+            dns_sockets: HashSet::default(),
+            tcp_length_only: HashSet::default(),
+            resolvers: HashMap::default(),
+            origins: HashMap::default(),
             no_pod: Arc::default(),
             attempts: Vec::new(),
             lookups: Vec::new(),
@@ -128,7 +123,7 @@ impl Pipeline {
             snat: None,
             node: NodeFacts::of_this_node(),
             own_netns: fs::metadata("/proc/self/ns/net").ok().map(|m| m.ino()),
-            endpoint_hops: HashMap::new(),
+            endpoint_hops: HashMap::default(),
         }
     }
 

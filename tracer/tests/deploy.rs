@@ -319,16 +319,20 @@ fn exercised_metrics() -> Metrics {
         syn_retransmits: 2,
     };
     metrics.handshakes(&[(key, totals)], |_| origin.clone(), &cluster);
-    for rcode in [None, Some("NOERROR".to_owned())] {
-        let query = QueryOutcome {
-            cgroup_id: 7,
-            server: "10.0.0.10".parse().unwrap(),
-            qtype: "A".into(),
-            rcode,
-            duration: Duration::from_millis(3),
-        };
-        metrics.query(&query, &origin, &cluster);
-    }
+    let query = |rcode| QueryOutcome {
+        cgroup_id: 7,
+        server: "10.0.0.10".parse().unwrap(),
+        qtype: "A".into(),
+        rcode,
+        duration: Duration::from_millis(3),
+    };
+    metrics.queries(
+        &[
+            (query(None), origin.clone()),
+            (query(Some("NOERROR".to_owned())), origin.clone()),
+        ],
+        &cluster,
+    );
     let dst: SocketAddr = "203.0.113.10:443".parse().unwrap();
     let attempt = |outcome, drops, hop| Attempt {
         monotonic_ns: 0,

@@ -372,9 +372,7 @@ fn publish(shared: &Shared, pipeline: &mut Pipeline, clock: MonotonicClock) {
         return;
     }
     let mut metrics = shared.metrics.lock().expect("not poisoned");
-    for (query, origin) in &queries {
-        metrics.query(query, origin, pipeline.cluster());
-    }
+    metrics.queries(&queries, pipeline.cluster());
     for record in &records {
         metrics.record(record, pipeline.cluster());
     }

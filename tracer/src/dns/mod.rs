@@ -13,16 +13,17 @@
 //! [`MAX_NAMES`] entries at most, the oldest evicted first and counted.
 
 use std::{
-    collections::{BTreeSet, HashMap, VecDeque},
+    collections::{BTreeSet, VecDeque},
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
-use hickory_proto::{
-    op::{Message, MessageType, ResponseCode},
-    rr::RData,
-};
+use foldhash::HashMap;
 use serde::Serialize;
+
+pub use wire::{Answer, DnsError, DnsMessage, Question, parse};
+
+mod wire;
 
 /// How long after its last query settled a lookup is reported.
 pub const LOOKUP_SETTLE: Duration = Duration::from_millis(500);
@@ -32,145 +33,6 @@ pub const MAX_PENDING_QUERIES: usize = 65_536;
 pub const MAX_LOOKUPS: usize = 16_384;
 /// Most remembered (cgroup, address) → name answers.
 pub const MAX_NAMES: usize = 65_536;
-
-/// A DNS message, as far as the tracer cares.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DnsMessage {
-    pub id: u16,
-    pub is_response: bool,
-    /// `NOERROR`, `NXDOMAIN`, `SERVFAIL`, `REFUSED`, …
-    pub rcode: String,
-    /// The TC bit: the answer did not fit (UDP), retry over TCP.
-    pub truncated: bool,
-    pub question: Option<Question>,
-    pub answers: Vec<Answer>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct Question {
-    /// Lowercase, without the trailing dot.
-    pub name: String,
-    /// `A`, `AAAA`, …
-    #[serde(rename = "type")]
-    pub qtype: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Answer {
-    pub name: String,
-    /// `A`, `AAAA` or `CNAME`.
-    #[serde(rename = "type")]
-    pub rtype: &'static str,
-    /// The address or the canonical name.
-    pub value: String,
-}
-
-#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
-pub enum DnsError {
-    #[error("empty DNS payload")]
-    Empty,
-    #[error("TCP DNS payload shorter than its length prefix")]
-    ShortTcpPrefix,
-    #[error("malformed DNS message: {0}")]
-    Malformed(String),
-}
-
-/// Parses one message; `framed` payloads start with a 2-byte length (TCP). `cut` says the kernel
-/// copied only a prefix of a longer message: then the header, the question and the
-/// answers that fit are read, and the rest is ignored.
-pub fn parse(payload: &[u8], framed: bool, cut: bool) -> Result<DnsMessage, DnsError> {
-    let bytes = if framed {
-        payload.get(2..).ok_or(DnsError::ShortTcpPrefix)?
-    } else {
-        payload
-    };
-    if bytes.is_empty() {
-        return Err(DnsError::Empty);
-    }
-    // hickory-proto bounds name decompression (pointer loops, label lengths past the
-    // end) and returns an error instead of looping.
-    let message = match Message::from_vec(bytes) {
-        Ok(message) => message,
-        Err(_) if cut => complete_prefix(bytes)?,
-        Err(e) => return Err(DnsError::Malformed(e.to_string())),
-    };
-    let question = message.queries().first().map(|q| Question {
-        name: normalize(&q.name().to_string()),
-        qtype: q.query_type().to_string(),
-    });
-    let answers = message
-        .answers()
-        .iter()
-        .filter_map(|record| {
-            let (rtype, value) = match record.data() {
-                RData::A(a) => ("A", a.0.to_string()),
-                RData::AAAA(aaaa) => ("AAAA", aaaa.0.to_string()),
-                RData::CNAME(cname) => ("CNAME", normalize(&cname.0.to_string())),
-                _ => return None,
-            };
-            Some(Answer {
-                name: normalize(&record.name().to_string()),
-                rtype,
-                value,
-            })
-        })
-        .collect();
-    Ok(DnsMessage {
-        id: message.id(),
-        is_response: message.message_type() == MessageType::Response,
-        rcode: rcode_name(message.response_code()),
-        truncated: message.truncated(),
-        question,
-        answers,
-    })
-}
-
-/// Offset of the answer count in the DNS header; the authority and additional counts
-/// follow.
-const ANCOUNT_OFFSET: usize = 6;
-
-/// The largest message a cut prefix holds: the header, the question, and as many answers
-/// as are complete (found by bisection on the answer count, since parsing succeeds for
-/// every count up to the number of complete answers).
-fn complete_prefix(bytes: &[u8]) -> Result<Message, DnsError> {
-    let with_answers = |count: u16| {
-        let mut copy = bytes.to_vec();
-        copy.get_mut(ANCOUNT_OFFSET..ANCOUNT_OFFSET + 6)?
-            .copy_from_slice(&[(count >> 8) as u8, count as u8, 0, 0, 0, 0]);
-        Message::from_vec(&copy).ok()
-    };
-    let claimed = bytes
-        .get(ANCOUNT_OFFSET..ANCOUNT_OFFSET + 2)
-        .map_or(0, |c| u16::from_be_bytes([c[0], c[1]]));
-    let mut best = with_answers(0).ok_or_else(|| {
-        DnsError::Malformed("the captured prefix does not hold the question".into())
-    })?;
-    let (mut low, mut high) = (1u16, claimed);
-    while low <= high {
-        let middle = low + (high - low) / 2;
-        match with_answers(middle) {
-            Some(message) => {
-                best = message;
-                low = middle + 1;
-            }
-            None => high = middle - 1,
-        }
-    }
-    Ok(best)
-}
-
-/// The RFC mnemonic of a response code (`NXDOMAIN`), as dig prints it.
-fn rcode_name(code: ResponseCode) -> String {
-    match code {
-        ResponseCode::NoError => "NOERROR".to_owned(),
-        ResponseCode::FormErr => "FORMERR".to_owned(),
-        ResponseCode::ServFail => "SERVFAIL".to_owned(),
-        ResponseCode::NXDomain => "NXDOMAIN".to_owned(),
-        ResponseCode::NotImp => "NOTIMP".to_owned(),
-        ResponseCode::Refused => "REFUSED".to_owned(),
-        other => format!("RCODE{}", u16::from(other)),
-    }
-}
 
 fn normalize(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
@@ -719,138 +581,7 @@ fn finish(open: OpenLookup) -> Lookup {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    /// Builds a DNS message by hand: header, one question, and A answers.
-    fn message(id: u16, flags: u16, name: &str, qtype: u16, answers: &[[u8; 4]]) -> Vec<u8> {
-        let mut m = Vec::new();
-        m.extend_from_slice(&id.to_be_bytes());
-        m.extend_from_slice(&flags.to_be_bytes());
-        m.extend_from_slice(&1u16.to_be_bytes());
-        m.extend_from_slice(&(answers.len() as u16).to_be_bytes());
-        m.extend_from_slice(&[0, 0, 0, 0]);
-        for label in name.split('.') {
-            m.push(label.len() as u8);
-            m.extend_from_slice(label.as_bytes());
-        }
-        m.push(0);
-        m.extend_from_slice(&qtype.to_be_bytes());
-        m.extend_from_slice(&1u16.to_be_bytes());
-        for address in answers {
-            // Name: pointer to the question name at offset 12.
-            m.extend_from_slice(&[0xc0, 12]);
-            m.extend_from_slice(&1u16.to_be_bytes());
-            m.extend_from_slice(&1u16.to_be_bytes());
-            m.extend_from_slice(&30u32.to_be_bytes());
-            m.extend_from_slice(&4u16.to_be_bytes());
-            m.extend_from_slice(address);
-        }
-        m
-    }
-
-    const QUERY: u16 = 0x0100;
-    const RESPONSE: u16 = 0x8180;
-    const NXDOMAIN: u16 = 0x8183;
-    const SERVFAIL: u16 = 0x8182;
-    const TRUNCATED: u16 = 0x8380;
-    const A: u16 = 1;
-    const AAAA: u16 = 28;
-
-    #[test]
-    fn parses_a_query_and_a_response() {
-        let query = parse(&message(7, QUERY, "Api.Example.Test", A, &[]), false, false).unwrap();
-        assert_eq!(
-            (query.id, query.is_response, query.truncated),
-            (7, false, false)
-        );
-        assert_eq!(
-            query.question,
-            Some(Question {
-                name: "api.example.test".into(),
-                qtype: "A".into()
-            })
-        );
-        let response = parse(
-            &message(7, RESPONSE, "api.example.test", A, &[[203, 0, 113, 10]]),
-            false,
-            false,
-        )
-        .unwrap();
-        assert_eq!(
-            (response.is_response, response.rcode.as_str()),
-            (true, "NOERROR")
-        );
-        assert_eq!(
-            response.answers,
-            vec![Answer {
-                name: "api.example.test".into(),
-                rtype: "A",
-                value: "203.0.113.10".into()
-            }]
-        );
-    }
-
-    #[test]
-    fn tcp_messages_carry_a_length_prefix() {
-        let body = message(9, NXDOMAIN, "x.example.test", A, &[]);
-        let mut framed = (body.len() as u16).to_be_bytes().to_vec();
-        framed.extend_from_slice(&body);
-        let parsed = parse(&framed, true, false).unwrap();
-        assert_eq!((parsed.id, parsed.rcode.as_str()), (9, "NXDOMAIN"));
-        assert_eq!(parse(&[0], true, false), Err(DnsError::ShortTcpPrefix));
-    }
-
-    #[test]
-    fn a_cut_message_keeps_its_complete_answers() {
-        let addresses: Vec<[u8; 4]> = (0..40).map(|i| [203, 0, 113, 100 + i]).collect();
-        let full = message(5, RESPONSE, "big.example.test", A, &addresses);
-        assert!(full.len() > 512);
-        let prefix = &full[..512];
-        assert!(matches!(
-            parse(prefix, false, false),
-            Err(DnsError::Malformed(_))
-        ));
-        let parsed = parse(prefix, false, true).unwrap();
-        assert_eq!((parsed.id, parsed.rcode.as_str()), (5, "NOERROR"));
-        // 12 + 22 bytes of header and question, 16 bytes per answer.
-        assert_eq!(parsed.answers.len(), (512 - 34) / 16);
-        assert_eq!(parsed.answers[0].value, "203.0.113.100");
-        // A prefix that does not even hold the question is still malformed.
-        assert!(matches!(
-            parse(&full[..20], false, true),
-            Err(DnsError::Malformed(_))
-        ));
-    }
-
-    #[test]
-    fn hostile_messages_are_malformed_not_fatal() {
-        // A compression pointer that points at itself.
-        let mut looping = message(1, RESPONSE, "a.test", A, &[]);
-        looping.truncate(12);
-        looping.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
-        // A label length running past the end.
-        let mut overlong = message(2, QUERY, "a.test", A, &[]);
-        overlong[12] = 63;
-        overlong.truncate(20);
-        // A zero-length label in the middle is the root: trailing bytes are garbage.
-        let zero_label = [0u8, 3, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
-        // Header counts promising records that are not there.
-        let mut lying = message(3, RESPONSE, "a.test", A, &[]);
-        lying[7] = 200;
-        for (what, bytes) in [
-            ("pointer loop", looping),
-            ("label past end", overlong),
-            ("zero label", zero_label.to_vec()),
-            ("lying counts", lying),
-            ("short header", vec![1, 2, 3]),
-        ] {
-            assert!(
-                matches!(parse(&bytes, false, false), Err(DnsError::Malformed(_))),
-                "{what}"
-            );
-        }
-        assert_eq!(parse(&[], false, false), Err(DnsError::Empty));
-    }
+    use super::{wire::test_messages::*, *};
 
     #[test]
     fn resolver_configuration_and_base_names() {
