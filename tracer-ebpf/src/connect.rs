@@ -1,6 +1,7 @@
 //! cgroup `connect4`/`connect6`: one event per `connect()` of a TCP or UDP socket; and
 //! cgroup `sendmsg4`/`sendmsg6`: one event for the first send of an unconnected UDP socket
-//! to each destination (resolvers such as musl's, and `sendto()` users).
+//! to each destination (resolvers such as musl's, and `sendto()` users), except a DNS
+//! server's answers (sent from port 53).
 //!
 //! Attached at the cgroup v2 root, so every process on the node (pods and host) is seen;
 //! userspace attributes the event to a pod by its cgroup id. The programs never change
@@ -23,6 +24,9 @@ use crate::maps::{
 
 /// Return value of cgroup sock_addr programs that lets the syscall proceed.
 const ALLOW: i32 = 1;
+/// A DNS server's sends leave from this port: answers to lookups (which the packet
+/// programs trace as DNS messages), not egress attempts.
+const DNS_PORT: u32 = 53;
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -80,6 +84,10 @@ fn report(ctx: &SockAddrContext, family: u16, call: u8) {
     // SAFETY: helper valid in cgroup sock_addr programs.
     let sock_cookie = unsafe { aya_ebpf::helpers::bpf_get_socket_cookie(ctx.as_ptr()) };
     if call == CALL_SENDMSG {
+        // SAFETY: as above; `sk` is the calling socket, never null in these programs.
+        if unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).src_port } == DNS_PORT {
+            return;
+        }
         // Report a socket's first send to each destination only.
         let key = SocketDestination {
             sock_cookie,

@@ -10,7 +10,7 @@ use tracer_common::{AF_INET, Counter, EventKind, IPPROTO_TCP, ReplyEvent, TCP_FL
 
 use crate::{
     maps::{EVENTS, FIRST_PACKET_REPORTED, REPLY_REPORTED, TRACKED_SOCKS, count, header, wakeup},
-    packets::Packet,
+    packets::{Packet, load},
 };
 
 const TCP_FLAG_SYN: u8 = 0x02;
@@ -41,11 +41,14 @@ pub fn on_ingress(ctx: &SkBuffContext, packet: &Packet) -> Result<(), i64> {
         (*socket).reported |= REPLY_REPORTED;
     }
     count(Counter::ReplySeen);
-    let ttl: u8 = ctx.load(if packet.family == AF_INET {
-        IPV4_TTL
-    } else {
-        IPV6_HOP_LIMIT
-    })?;
+    let ttl: u8 = load(
+        ctx,
+        if packet.family == AF_INET {
+            IPV4_TTL
+        } else {
+            IPV6_HOP_LIMIT
+        },
+    )?;
     let event = ReplyEvent {
         header: header(EventKind::Reply),
         sock_cookie: cookie,
