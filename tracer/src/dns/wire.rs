@@ -200,7 +200,31 @@ impl Reader<'_> {
 /// The (possibly compressed) name at `start`: its text, lowercase and without the
 /// trailing dot (empty unless `keep`), and where the record continues after it.
 fn read_name(message: &[u8], start: usize, keep: bool) -> Result<(String, usize), DnsError> {
-    let mut text = String::new();
+    if !keep {
+        return Ok((String::new(), walk_name(message, start, |_| {})?));
+    }
+    // Measured first, so that the text is allocated once, at its size.
+    let mut length = 0;
+    let end = walk_name(message, start, |label| {
+        length += 1 + label.iter().map(|&b| escaped_len(b)).sum::<usize>();
+    })?;
+    let mut text = String::with_capacity(length.saturating_sub(1));
+    walk_name(message, start, |label| {
+        if !text.is_empty() {
+            text.push('.');
+        }
+        push_label(&mut text, label);
+    })?;
+    Ok((text, end))
+}
+
+/// Calls `on_label` with each label of the name at `start`, in order; returns where the
+/// record continues after the name.
+fn walk_name(
+    message: &[u8],
+    start: usize,
+    mut on_label: impl FnMut(&[u8]),
+) -> Result<usize, DnsError> {
     let mut at = start;
     // Where the record continues: after the first pointer, or after the final zero.
     let mut end = None;
@@ -235,22 +259,26 @@ fn read_name(message: &[u8], start: usize, keep: bool) -> Result<(String, usize)
             return Err(DnsError::Malformed("a name longer than 255 bytes"));
         }
         if label_len == 0 {
-            return Ok((text, end.unwrap_or(at + 1)));
+            return Ok(end.unwrap_or(at + 1));
         }
         let label = message
             .get(at + 1..at + 1 + label_len)
             .ok_or(DnsError::Malformed("a label runs past the end"))?;
-        if keep {
-            if !text.is_empty() {
-                text.push('.');
-            }
-            push_label(&mut text, label);
-        }
+        on_label(label);
         at += 1 + label_len;
     }
 }
 
-/// A label as dig prints it, lowercased: `.`, `\` and unprintable bytes escaped.
+/// How many characters `byte` takes in a name's text (see [`push_label`]).
+fn escaped_len(byte: u8) -> usize {
+    match byte {
+        b'.' | b'\\' => 2,
+        0x21..=0x7e => 1,
+        _ => 4,
+    }
+}
+
+/// A label as dig prints it, lowercased: `.`, `\` and unprintable bytes (`\DDD`) escaped.
 fn push_label(text: &mut String, label: &[u8]) {
     for &byte in label {
         match byte {
@@ -259,7 +287,12 @@ fn push_label(text: &mut String, label: &[u8]) {
                 text.push(char::from(byte));
             }
             0x21..=0x7e => text.push(char::from(byte.to_ascii_lowercase())),
-            _ => text.push_str(&format!("\\{byte:03}")),
+            _ => {
+                text.push('\\');
+                for digit in [byte / 100, byte / 10 % 10, byte % 10] {
+                    text.push(char::from(b'0' + digit));
+                }
+            }
         }
     }
 }
