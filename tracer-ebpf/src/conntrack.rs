@@ -51,7 +51,11 @@ pub fn attached(skb: *const u8) -> Result<Attached, i32> {
     if off.nfct == 0 {
         return Err(0);
     }
-    let nfct: u64 = read(skb, off.nfct as usize)?;
+    // A plain load, not a helper call: the verifier knows `skb`'s type from the
+    // tracepoint's BTF and the offset is a constant of the frozen `.rodata`, so it checks
+    // the field and makes the load fault-safe. `net_dev_queue` does this for every packet.
+    // SAFETY: `skb` is the tracepoint's `struct sk_buff *` and `nfct` its `_nfct` offset.
+    let nfct: u64 = unsafe { *skb.add(off.nfct as usize).cast::<u64>() };
     let ct = (nfct & NFCT_PTRMASK) as *const u8;
     let ctinfo = nfct & !NFCT_PTRMASK;
     Ok(if !ct.is_null() {

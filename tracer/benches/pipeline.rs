@@ -26,6 +26,8 @@ use tracer_common::{
 };
 
 fn main() {
+    // As the agent does.
+    egress_tracer::release_freed_memory_promptly();
     let mut connections: u64 = 200_000;
     let mut memory = true;
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -304,6 +304,7 @@ fn parse_ring_buffer_size(text: &str) -> Result<u32, String> {
 pub struct UsageError(String);
 
 fn main() -> ExitCode {
+    egress_tracer::release_freed_memory_promptly();
     let cli = Cli::parse();
     // The agent serves HTTP while its event loop runs: give it a second thread.
     let runtime = match &cli.command {
