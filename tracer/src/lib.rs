@@ -27,7 +27,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Makes the allocator return freed memory to the system at once. mimalloc's default
 /// waits a second, which under the agent's churn held tens of MiB more than it used
-/// (`cargo xtask bench`: 100k attempts held took 150 MiB instead of 92). Binaries call
+/// (`cargo xtask bench`: 100k attempts held took 157 MiB instead of 91). Binaries call
 /// this first.
 pub fn release_freed_memory_promptly() {
     /// `mi_option_purge_delay` in mimalloc.h (in milliseconds); the Rust binding does
