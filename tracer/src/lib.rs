@@ -25,16 +25,18 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Makes the allocator return freed memory to the system at once. mimalloc's default
+/// Makes the allocator return freed memory to the system after 10 ms. mimalloc's default
 /// waits a second, which under the agent's churn held tens of MiB more than it used
-/// (`cargo xtask bench`: 100k attempts held took 157 MiB instead of 91). Binaries call
-/// this first.
+/// (`cargo xtask bench`: 100k attempts held took 157 MiB instead of 108); no wait at all
+/// returns and faults the same pages in again all the time (a third of the pipeline's
+/// throughput). Binaries call this first.
 pub fn release_freed_memory_promptly() {
     /// `mi_option_purge_delay` in mimalloc.h (in milliseconds); the Rust binding does
     /// not name it.
     const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    const DELAY_MS: std::ffi::c_long = 10;
     // SAFETY: sets a process-wide option; mimalloc reads options atomically.
-    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 0) }
+    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, DELAY_MS) }
 }
 
 pub mod capture;

@@ -778,11 +778,11 @@ mod tests {
         crate::cluster::manifests::load_text(std::path::Path::new("dns.yaml"), dns, &mut manifests);
         assert!(manifests.warnings.is_empty(), "{:?}", manifests.warnings);
         let cluster = ClusterState::from_manifests(manifests);
-        let query = |server: &str, qtype: &str, rcode: Option<&str>| QueryOutcome {
+        let query = |server: &str, qtype: &'static str, rcode: Option<&'static str>| QueryOutcome {
             cgroup_id: 1,
             server: server.parse().unwrap(),
             qtype: qtype.into(),
-            rcode: rcode.map(str::to_owned),
+            rcode: rcode.map(Into::into),
             duration: Duration::from_millis(2),
         };
         let web = origin("shop/web");

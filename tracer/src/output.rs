@@ -378,7 +378,7 @@ impl<'a> LookupRecord<'a> {
             outcome: lookup.result,
             dns: DnsRecord {
                 name: &lookup.name,
-                types: lookup.qtypes.iter().map(String::as_str).collect(),
+                types: lookup.qtypes.iter().map(AsRef::as_ref).collect(),
                 rcode: lookup.rcode.as_deref(),
                 queried: &lookup.queried,
                 answers: &lookup.answers,

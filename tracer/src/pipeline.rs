@@ -8,10 +8,10 @@
 use std::{fs, os::unix::fs::MetadataExt, sync::Arc, time::Duration};
 
 use foldhash::{HashMap, HashSet};
-use tracer_common::{DnsEvent, IPPROTO_TCP};
+use tracer_common::IPPROTO_TCP;
 
 use crate::{
-    capture::{DecodeError, KernelEvent, KernelNames, NetnsOwner, socket_addr},
+    capture::{DecodeError, DnsCapture, KernelEvent, KernelNames, NetnsOwner, socket_addr},
     cluster::{ClusterState, PodInfo, cgroups::CgroupIndex},
     conntrack::snat::SnatTable,
     dns::{self, DnsTracker, Lookup, QueryOutcome, Resolver, SeenMessage},
@@ -221,7 +221,7 @@ impl Pipeline {
         }
     }
 
-    fn on_dns(&mut self, event: &DnsEvent) {
+    fn on_dns(&mut self, event: &DnsCapture) {
         let origin = self.origin_of(event.cgroup_id);
         if !self.wanted(&origin) {
             return;
@@ -230,8 +230,8 @@ impl Pipeline {
             return;
         };
         let tcp = event.protocol == IPPROTO_TCP;
-        let payload = &event.data[..usize::from(event.captured)];
-        let cut = event.payload_len > u32::from(event.captured);
+        let payload = event.message.as_slice();
+        let cut = event.payload_len as usize > payload.len();
         // Over TCP a message is a 2-byte length and the message, which some servers send
         // as two segments: remember a lone length, and read the next segment unframed.
         let framed = if tcp {

@@ -329,7 +329,7 @@ fn exercised_metrics() -> Metrics {
     metrics.queries(
         &[
             (query(None), origin.clone()),
-            (query(Some("NOERROR".to_owned())), origin.clone()),
+            (query(Some("NOERROR".into())), origin.clone()),
         ],
         &cluster,
     );

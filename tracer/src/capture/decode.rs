@@ -19,10 +19,29 @@ pub enum KernelEvent {
     FirstPacket(FirstPacketEvent),
     IcmpError(IcmpErrorEvent),
     Drop(DropEvent),
-    /// Boxed: the message bytes make it far larger than the other events.
-    Dns(Box<DnsEvent>),
+    Dns(DnsCapture),
     Nat(NatEvent),
     Reply(ReplyEvent),
+}
+
+/// A [`DnsEvent`] with only the bytes the kernel copied of the message: most messages
+/// are a fraction of the record's fixed capture size, and every traced lookup makes
+/// several of them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsCapture {
+    pub header: EventHeader,
+    pub sock_cookie: u64,
+    pub cgroup_id: u64,
+    /// `DNS_EGRESS` or `DNS_INGRESS`.
+    pub direction: u8,
+    /// `IPPROTO_UDP` or `IPPROTO_TCP` (TCP payloads start with a 2-byte length).
+    pub protocol: u8,
+    /// Length of the transport payload in the packet; more than `message` holds when the
+    /// kernel copied only a prefix.
+    pub payload_len: u32,
+    pub src: Endpoint,
+    pub dst: Endpoint,
+    pub message: Vec<u8>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -69,10 +88,21 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
         EventKind::Dns => {
             let event =
                 exact::<DnsEvent>(record).ok_or_else(|| wrong_length(size_of::<DnsEvent>()))?;
-            if usize::from(event.captured) > DNS_CAPTURE_BYTES {
-                return Err(DecodeError::DnsOverlong(event.captured));
-            }
-            Ok(KernelEvent::Dns(Box::new(event)))
+            let message = event
+                .data
+                .get(..usize::from(event.captured))
+                .ok_or(DecodeError::DnsOverlong(event.captured))?;
+            Ok(KernelEvent::Dns(DnsCapture {
+                header: event.header,
+                sock_cookie: event.sock_cookie,
+                cgroup_id: event.cgroup_id,
+                direction: event.direction,
+                protocol: event.protocol,
+                payload_len: event.payload_len,
+                src: event.src,
+                dst: event.dst,
+                message: message.to_vec(),
+            }))
         }
         EventKind::Nat => exact::<NatEvent>(record)
             .map(KernelEvent::Nat)

@@ -32,7 +32,7 @@ use tracer_common::{
 };
 
 pub use btf::{BtfError, KernelBtf};
-pub use decode::{DecodeError, KernelEvent, comm, decode, socket_addr};
+pub use decode::{DecodeError, DnsCapture, KernelEvent, comm, decode, socket_addr};
 use kallsyms::Kallsyms;
 
 use crate::node::{self, Capability};

@@ -13,15 +13,17 @@
 //! [`MAX_NAMES`] entries at most, the oldest evicted first and counted.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeSet, VecDeque},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
 use foldhash::HashMap;
 use serde::Serialize;
 
-pub use wire::{Answer, DnsError, DnsMessage, Question, parse};
+pub use wire::{Answer, AnswerValue, DnsError, DnsMessage, Question, parse};
 
 mod wire;
 
@@ -157,10 +159,10 @@ pub struct Lookup {
     pub name: String,
     /// Every name queried, in order (the search-domain expansions and the name itself).
     pub queried: Vec<String>,
-    pub qtypes: BTreeSet<String>,
+    pub qtypes: BTreeSet<Cow<'static, str>>,
     pub result: LookupResult,
     /// The response code of the deciding response, if any.
-    pub rcode: Option<String>,
+    pub rcode: Option<Cow<'static, str>>,
     pub answers: Vec<Answer>,
     /// The server asked (of the first query).
     pub server: SocketAddr,
@@ -179,7 +181,7 @@ struct PendingQuery {
     sent_ns: u64,
     /// When the query counts as timed out.
     deadline_ns: u64,
-    qtype: String,
+    qtype: Cow<'static, str>,
     lookup: LookupKey,
 }
 
@@ -188,16 +190,16 @@ struct PendingQuery {
 pub struct QueryOutcome {
     pub cgroup_id: u64,
     pub server: IpAddr,
-    pub qtype: String,
-    pub rcode: Option<String>,
+    pub qtype: Cow<'static, str>,
+    pub rcode: Option<Cow<'static, str>>,
     /// From the query to its response or timeout.
     pub duration: Duration,
 }
 
 /// (protocol is TCP, client, server, DNS id).
 type QueryKey = (bool, SocketAddr, SocketAddr, u16);
-/// (cgroup, base name).
-type LookupKey = (u64, String);
+/// (cgroup, base name); shared by the lookup's queries and the lookup order.
+type LookupKey = (u64, Arc<str>);
 
 struct OpenLookup {
     lookup: Lookup,
@@ -205,8 +207,8 @@ struct OpenLookup {
     /// When the last query was answered or timed out.
     settled_ns: u64,
     /// Response code of the last response to the base name itself, else of any.
-    base_rcode: Option<String>,
-    last_rcode: Option<String>,
+    base_rcode: Option<Cow<'static, str>>,
+    last_rcode: Option<Cow<'static, str>>,
     malformed: bool,
 }
 
@@ -262,7 +264,7 @@ impl DnsTracker {
         &mut self,
         query: &PendingQuery,
         server: IpAddr,
-        rcode: Option<&str>,
+        rcode: Option<Cow<'static, str>>,
         at_ns: u64,
     ) {
         if let Some(outcomes) = self.query_outcomes.as_mut() {
@@ -270,7 +272,7 @@ impl DnsTracker {
                 cgroup_id: query.lookup.0,
                 server,
                 qtype: query.qtype.clone(),
-                rcode: rcode.map(str::to_owned),
+                rcode,
                 duration: Duration::from_nanos(at_ns.saturating_sub(query.sent_ns)),
             });
         }
@@ -310,7 +312,7 @@ impl DnsTracker {
         done: &mut Vec<Lookup>,
     ) {
         let base = base_name(&question.name, &resolver.search);
-        let lookup_key = (seen.cgroup_id, base.clone());
+        let lookup_key: LookupKey = (seen.cgroup_id, Arc::from(base.as_str()));
         if !self.lookups.contains_key(&lookup_key) {
             if self.lookups.len() >= MAX_LOOKUPS {
                 self.evict_lookup(done);
@@ -381,7 +383,7 @@ impl DnsTracker {
         self.query_ended(
             &query,
             seen.src.ip(),
-            Some(&message.rcode),
+            Some(message.rcode.clone()),
             seen.monotonic_ns,
         );
         let Some(open) = self.lookups.get_mut(&query.lookup) else {
@@ -396,8 +398,8 @@ impl DnsTracker {
             if question.name == lookup.name {
                 open.base_rcode = Some(message.rcode.clone());
             }
-            for answer in message.answers.iter().filter(|a| a.rtype != "CNAME") {
-                if let Ok(ip) = answer.value.parse::<IpAddr>() {
+            for answer in &message.answers {
+                if let AnswerValue::Address(ip) = answer.value {
                     remember(
                         &mut self.names,
                         &mut self.names_order,
@@ -431,7 +433,12 @@ impl DnsTracker {
             .copied();
         if let Some(key) = key {
             let query = self.pending.remove(&key).expect("found above");
-            self.query_ended(&query, seen.src.ip(), Some("MALFORMED"), seen.monotonic_ns);
+            self.query_ended(
+                &query,
+                seen.src.ip(),
+                Some("MALFORMED".into()),
+                seen.monotonic_ns,
+            );
             if let Some(open) = self.lookups.get_mut(&query.lookup) {
                 open.malformed = true;
             }
@@ -690,10 +697,7 @@ mod tests {
         let lookup = &done[0];
         assert_eq!(lookup.name, "api.example.test");
         assert_eq!(lookup.queried, names);
-        assert_eq!(
-            lookup.qtypes,
-            BTreeSet::from(["A".to_owned(), "AAAA".to_owned()])
-        );
+        assert_eq!(lookup.qtypes, BTreeSet::from(["A".into(), "AAAA".into()]));
         assert_eq!(lookup.result, LookupResult::Nxdomain);
         assert_eq!(lookup.rcode.as_deref(), Some("NXDOMAIN"));
         assert_eq!(lookup.server, SERVER.parse().unwrap());
@@ -746,7 +750,7 @@ mod tests {
         );
         dns.expire(3 * MS + LOOKUP_SETTLE.as_nanos() as u64, &mut done);
         assert_eq!(done[0].result, LookupResult::Resolved);
-        assert_eq!(done[0].answers[0].value, "203.0.113.10");
+        assert_eq!(done[0].answers[0].value.to_string(), "203.0.113.10");
         assert_eq!(
             dns.name_of(42, "203.0.113.10".parse().unwrap()),
             Some("api.example.test")

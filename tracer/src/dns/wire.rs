@@ -5,9 +5,13 @@
 //! Hostile input cannot loop: a compression pointer must point before everything read of
 //! its name so far, and a name is at most 255 bytes.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    borrow::Cow,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 /// A DNS message, as far as the tracer cares.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -15,7 +19,7 @@ pub struct DnsMessage {
     pub id: u16,
     pub is_response: bool,
     /// `NOERROR`, `NXDOMAIN`, `SERVFAIL`, `REFUSED`, …
-    pub rcode: String,
+    pub rcode: Cow<'static, str>,
     /// The TC bit: the answer did not fit (UDP), retry over TCP.
     pub truncated: bool,
     pub question: Option<Question>,
@@ -28,7 +32,7 @@ pub struct Question {
     pub name: String,
     /// `A`, `AAAA`, … (`TYPE65280` for types without a mnemonic).
     #[serde(rename = "type")]
-    pub qtype: String,
+    pub qtype: Cow<'static, str>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -37,8 +41,30 @@ pub struct Answer {
     /// `A`, `AAAA` or `CNAME`.
     #[serde(rename = "type")]
     pub rtype: &'static str,
-    /// The address or the canonical name.
-    pub value: String,
+    pub value: AnswerValue,
+}
+
+/// What an answer says: an address (A, AAAA) or the canonical name (CNAME). Shown and
+/// serialized as text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AnswerValue {
+    Address(IpAddr),
+    Name(String),
+}
+
+impl fmt::Display for AnswerValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AnswerValue::Address(ip) => ip.fmt(f),
+            AnswerValue::Name(name) => f.write_str(name),
+        }
+    }
+}
+
+impl Serialize for AnswerValue {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
 }
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -165,11 +191,11 @@ impl Reader<'_> {
         let (rtype, value) = match (rtype, data.len()) {
             (TYPE_A, 4) => (
                 "A",
-                Ipv4Addr::new(data[0], data[1], data[2], data[3]).to_string(),
+                AnswerValue::Address(Ipv4Addr::new(data[0], data[1], data[2], data[3]).into()),
             ),
             (TYPE_AAAA, 16) => {
                 let octets: [u8; 16] = data.try_into().expect("length checked");
-                ("AAAA", Ipv6Addr::from(octets).to_string())
+                ("AAAA", AnswerValue::Address(Ipv6Addr::from(octets).into()))
             }
             (TYPE_A | TYPE_AAAA, _) => {
                 return Err(DnsError::Malformed("an address of the wrong length"));
@@ -179,7 +205,7 @@ impl Reader<'_> {
                 if end != data_at + length {
                     return Err(DnsError::Malformed("a CNAME longer than its record"));
                 }
-                ("CNAME", target)
+                ("CNAME", AnswerValue::Name(target))
             }
             _ => return Ok(None),
         };
@@ -298,7 +324,7 @@ fn push_label(text: &mut String, label: &[u8]) {
 }
 
 /// The mnemonic of a record type, as dig prints it.
-fn type_name(code: u16) -> String {
+fn type_name(code: u16) -> Cow<'static, str> {
     let name = match code {
         TYPE_A => "A",
         2 => "NS",
@@ -316,13 +342,13 @@ fn type_name(code: u16) -> String {
         65 => "HTTPS",
         255 => "ANY",
         257 => "CAA",
-        other => return format!("TYPE{other}"),
+        other => return format!("TYPE{other}").into(),
     };
-    name.to_owned()
+    name.into()
 }
 
 /// The RFC mnemonic of a response code (`NXDOMAIN`), as dig prints it.
-fn rcode_name(code: u16) -> String {
+fn rcode_name(code: u16) -> Cow<'static, str> {
     let name = match code {
         0 => "NOERROR",
         1 => "FORMERR",
@@ -330,9 +356,9 @@ fn rcode_name(code: u16) -> String {
         3 => "NXDOMAIN",
         4 => "NOTIMP",
         5 => "REFUSED",
-        other => return format!("RCODE{other}"),
+        other => return format!("RCODE{other}").into(),
     };
-    name.to_owned()
+    name.into()
 }
 
 #[cfg(test)]
@@ -399,7 +425,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            (response.is_response, response.rcode.as_str()),
+            (response.is_response, response.rcode.as_ref()),
             (true, "NOERROR")
         );
         assert_eq!(
@@ -407,7 +433,7 @@ mod tests {
             vec![Answer {
                 name: "api.example.test".into(),
                 rtype: "A",
-                value: "203.0.113.10".into()
+                value: AnswerValue::Address([203, 0, 113, 10].into())
             }]
         );
     }
@@ -418,7 +444,7 @@ mod tests {
         let mut framed = (body.len() as u16).to_be_bytes().to_vec();
         framed.extend_from_slice(&body);
         let parsed = parse(&framed, true, false).unwrap();
-        assert_eq!((parsed.id, parsed.rcode.as_str()), (9, "NXDOMAIN"));
+        assert_eq!((parsed.id, parsed.rcode.as_ref()), (9, "NXDOMAIN"));
         assert_eq!(parse(&[0], true, false), Err(DnsError::ShortTcpPrefix));
     }
 
@@ -433,10 +459,10 @@ mod tests {
             Err(DnsError::Malformed(_))
         ));
         let parsed = parse(prefix, false, true).unwrap();
-        assert_eq!((parsed.id, parsed.rcode.as_str()), (5, "NOERROR"));
+        assert_eq!((parsed.id, parsed.rcode.as_ref()), (5, "NOERROR"));
         // 12 + 22 bytes of header and question, 16 bytes per answer.
         assert_eq!(parsed.answers.len(), (512 - 34) / 16);
-        assert_eq!(parsed.answers[0].value, "203.0.113.100");
+        assert_eq!(parsed.answers[0].value.to_string(), "203.0.113.100");
         // A prefix that does not even hold the question is still malformed.
         assert!(matches!(
             parse(&full[..20], false, true),
@@ -524,7 +550,10 @@ mod tests {
         let answer = |name: &str, rtype, value: &str| Answer {
             name: name.into(),
             rtype,
-            value: value.into(),
+            value: match value.parse() {
+                Ok(ip) => AnswerValue::Address(ip),
+                Err(_) => AnswerValue::Name(value.into()),
+            },
         };
         assert_eq!(
             parsed.answers,
@@ -574,7 +603,7 @@ mod tests {
         bytes.splice(12..14, [4, b'A', b'.', b'b', 1]);
         let question = parse(&bytes, false, false).unwrap().question.unwrap();
         assert_eq!(
-            (question.name.as_str(), question.qtype.as_str()),
+            (question.name.as_str(), question.qtype.as_ref()),
             ("a\\.b\\001", "TYPE65280")
         );
     }
