@@ -36,8 +36,9 @@ enum Task {
     /// tracing, tcpdump and bpftrace, the agent's loss at full rate and its RSS over a
     /// churn soak, the userspace pipeline; a table on stdout, JSON under bench/results/.
     Bench {
-        /// Interleaved rounds; each figure is the median (at least 5).
-        #[arg(long, default_value_t = 5)]
+        /// Interleaved rounds; each figure is the median (at least 5). The machine's own
+        /// noise is as large as the differences measured: more rounds narrow it.
+        #[arg(long, default_value_t = 7)]
         rounds: usize,
         /// Length of each load run, in seconds.
         #[arg(long, default_value_t = 3.0)]

@@ -86,7 +86,7 @@ fn main() -> ExitCode {
 
 fn options() -> Result<Options, String> {
     let mut options = Options {
-        rounds: 5,
+        rounds: 7,
         seconds: 3.0,
         soak_seconds: 600,
         out: PathBuf::from("bench/results"),
