@@ -237,6 +237,45 @@ mod tests {
     }
 
     #[test]
+    fn a_dns_record_keeps_only_the_captured_bytes() {
+        let mut data = [0xee; DNS_CAPTURE_BYTES];
+        data[..5].copy_from_slice(b"query");
+        let mut event = DnsEvent {
+            header: EventHeader {
+                kind: EventKind::Dns as u32,
+                cpu: 1,
+                ts_ns: 9,
+            },
+            sock_cookie: 99,
+            cgroup_id: 7,
+            direction: tracer_common::DNS_EGRESS,
+            protocol: tracer_common::IPPROTO_UDP,
+            captured: 5,
+            payload_len: 700,
+            src: Endpoint::UNKNOWN,
+            dst: connect_fixture().dst,
+            data,
+        };
+        let Ok(KernelEvent::Dns(capture)) = decode(&bytes_of(&event)) else {
+            panic!("not a DNS event");
+        };
+        assert_eq!(
+            (
+                capture.message.as_slice(),
+                capture.payload_len,
+                capture.sock_cookie
+            ),
+            (&b"query"[..], 700, 99)
+        );
+        assert_eq!((capture.cgroup_id, capture.dst), (7, connect_fixture().dst));
+        event.captured = DNS_CAPTURE_BYTES as u16 + 1;
+        assert_eq!(
+            decode(&bytes_of(&event)),
+            Err(DecodeError::DnsOverlong(DNS_CAPTURE_BYTES as u16 + 1))
+        );
+    }
+
+    #[test]
     fn ipv6_and_unknown_family() {
         let v6 = Endpoint {
             family: AF_INET6,
