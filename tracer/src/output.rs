@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::{
     capture::{NetnsOwner, PacketConntrack},
     conntrack::snat::SnatUsage,
-    dns::{Answer, Lookup, LookupResult},
+    dns::{Answer, AnswerValue, Lookup, LookupResult},
     flow::{
         Attempt, ContainerRef, HandshakeReply, IcmpError, Origin, Outcome, Protocol, TcpHandshake,
         errno_name,
@@ -506,7 +506,12 @@ impl<W: Write> Writer<W> {
                     .as_ref()
                     .map_or(("-".to_owned(), "-"), |p| (p.pid.to_string(), p.comm));
                 let mut outcome = record.outcome.as_str().to_owned();
-                if let Some(answer) = record.dns.answers.iter().find(|a| a.rtype != "CNAME") {
+                if let Some(answer) = record
+                    .dns
+                    .answers
+                    .iter()
+                    .find(|a| matches!(a.value, AnswerValue::Address(_)))
+                {
                     outcome.push_str(&format!(" → {}", answer.value));
                 }
                 if record.dns.queried.len() > 1 {

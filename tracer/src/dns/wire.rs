@@ -11,7 +11,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use serde::{Serialize, Serializer};
+use serde::{Serialize, Serializer, ser::SerializeStruct};
 
 /// A DNS message, as far as the tracer cares.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,13 +35,32 @@ pub struct Question {
     pub qtype: Cow<'static, str>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// An A, AAAA or CNAME answer; serialized as `{"name", "type", "value"}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
     pub name: String,
-    /// `A`, `AAAA` or `CNAME`.
-    #[serde(rename = "type")]
-    pub rtype: &'static str,
     pub value: AnswerValue,
+}
+
+impl Answer {
+    /// `A`, `AAAA` or `CNAME`: what its value is.
+    pub fn rtype(&self) -> &'static str {
+        match self.value {
+            AnswerValue::Address(IpAddr::V4(_)) => "A",
+            AnswerValue::Address(IpAddr::V6(_)) => "AAAA",
+            AnswerValue::Name(_) => "CNAME",
+        }
+    }
+}
+
+impl Serialize for Answer {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut answer = serializer.serialize_struct("Answer", 3)?;
+        answer.serialize_field("name", &self.name)?;
+        answer.serialize_field("type", self.rtype())?;
+        answer.serialize_field("value", &self.value)?;
+        answer.end()
+    }
 }
 
 /// What an answer says: an address (A, AAAA) or the canonical name (CNAME). Shown and
@@ -188,14 +207,13 @@ impl Reader<'_> {
         let length = usize::from(self.u16()?);
         let data_at = self.at;
         let data = self.take(length)?;
-        let (rtype, value) = match (rtype, data.len()) {
-            (TYPE_A, 4) => (
-                "A",
-                AnswerValue::Address(Ipv4Addr::new(data[0], data[1], data[2], data[3]).into()),
-            ),
+        let value = match (rtype, data.len()) {
+            (TYPE_A, 4) => {
+                AnswerValue::Address(Ipv4Addr::new(data[0], data[1], data[2], data[3]).into())
+            }
             (TYPE_AAAA, 16) => {
                 let octets: [u8; 16] = data.try_into().expect("length checked");
-                ("AAAA", AnswerValue::Address(Ipv6Addr::from(octets).into()))
+                AnswerValue::Address(Ipv6Addr::from(octets).into())
             }
             (TYPE_A | TYPE_AAAA, _) => {
                 return Err(DnsError::Malformed("an address of the wrong length"));
@@ -205,12 +223,12 @@ impl Reader<'_> {
                 if end != data_at + length {
                     return Err(DnsError::Malformed("a CNAME longer than its record"));
                 }
-                ("CNAME", AnswerValue::Name(target))
+                AnswerValue::Name(target)
             }
             _ => return Ok(None),
         };
         let (name, _) = read_name(self.message, name_at, true)?;
-        Ok(Some(Answer { name, rtype, value }))
+        Ok(Some(Answer { name, value }))
     }
 
     fn skip_record(&mut self) -> Result<(), DnsError> {
@@ -432,7 +450,6 @@ mod tests {
             response.answers,
             vec![Answer {
                 name: "api.example.test".into(),
-                rtype: "A",
                 value: AnswerValue::Address([203, 0, 113, 10].into())
             }]
         );
@@ -547,16 +564,14 @@ mod tests {
                 qtype: "A".into()
             })
         );
-        let answer = |name: &str, rtype, value: &str| Answer {
-            name: name.into(),
-            rtype,
-            value: match value.parse() {
-                Ok(ip) => AnswerValue::Address(ip),
-                Err(_) => AnswerValue::Name(value.into()),
-            },
-        };
+        let answers: Vec<_> = parsed
+            .answers
+            .iter()
+            .map(|a| serde_json::to_value(a).unwrap())
+            .collect();
+        let answer = |name: &str, rtype: &str, value: &str| serde_json::json!({"name": name, "type": rtype, "value": value});
         assert_eq!(
-            parsed.answers,
+            answers,
             vec![
                 answer("www.example.test", "CNAME", "edge.example.test"),
                 answer("edge.example.test", "A", "192.0.2.7"),
