@@ -155,9 +155,7 @@ fn throughput(cgroups: &Path, connections: u64) -> (u64, f64) {
     for chunk in records.chunks(4096) {
         batch.extend(chunk.iter().map(|record| decode(record)));
         pipeline.handle(&mut batch, &names);
-        for record in pipeline.take_records() {
-            metrics.record(&record, pipeline.cluster());
-        }
+        metrics.records(&pipeline.take_records(), pipeline.cluster());
     }
     let elapsed = started.elapsed().as_secs_f64();
     let events = records.len() as u64;

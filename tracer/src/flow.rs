@@ -528,13 +528,20 @@ impl FlowAssembler {
     /// after [`UDP_SETTLE`] (silent ones are probes), TCP handshakes beyond
     /// [`MAX_TCP_WAIT`] (emitted as in progress).
     pub fn expire(&mut self, now_ns: u64, done: &mut Vec<Attempt>) {
-        for attempt in self.take_older_than(Protocol::Udp, now_ns, UDP_SETTLE) {
-            self.finish_displaced(attempt, done);
-        }
-        for attempt in self.take_older_than(Protocol::Tcp, now_ns, MAX_TCP_WAIT) {
-            self.stats.evicted += 1;
-            done.push(attempt);
-        }
+        self.take_older_than(
+            Protocol::Udp,
+            UDP_SETTLE,
+            now_ns,
+            done,
+            Self::finish_displaced,
+        );
+        self.take_older_than(
+            Protocol::Tcp,
+            MAX_TCP_WAIT,
+            now_ns,
+            done,
+            Self::finish_evicted,
+        );
     }
 
     /// Emits everything still pending (at shutdown), oldest first; silent UDP sockets are
@@ -575,9 +582,17 @@ impl FlowAssembler {
         Some(attempt)
     }
 
-    /// Removes the attempts of `protocol` connected at least `age` before `now_ns`.
-    fn take_older_than(&mut self, protocol: Protocol, now_ns: u64, age: Duration) -> Vec<Attempt> {
-        let mut taken = Vec::new();
+    /// Removes the attempts of `protocol` connected at least `age` before `now_ns` and
+    /// hands each to `finish`. Straight into `done`: a busy node expires thousands of UDP
+    /// attempts per tick, and a vector of them built per call is memory faulted in anew.
+    fn take_older_than(
+        &mut self,
+        protocol: Protocol,
+        age: Duration,
+        now_ns: u64,
+        done: &mut Vec<Attempt>,
+        finish: fn(&mut Self, Attempt, &mut Vec<Attempt>),
+    ) {
         loop {
             let order = match protocol {
                 Protocol::Tcp => &mut self.tcp_order,
@@ -593,8 +608,8 @@ impl FlowAssembler {
                 break;
             }
             order.pop_front();
-            if current {
-                taken.extend(self.take(queued.cookie));
+            if current && let Some(attempt) = self.take(queued.cookie) {
+                finish(self, attempt, done);
             }
         }
         // Stale places left in the queues are bounded by the same cap as `pending`.
@@ -607,7 +622,12 @@ impl FlowAssembler {
                 order.retain(|queued| queued.is_current(pending, protocol));
             }
         }
-        taken
+    }
+
+    /// A TCP attempt whose handshake outlived the wait is reported as it is.
+    fn finish_evicted(&mut self, attempt: Attempt, done: &mut Vec<Attempt>) {
+        self.stats.evicted += 1;
+        done.push(attempt);
     }
 
     /// A UDP attempt that never sent was a probe; anything else is reported as it is.

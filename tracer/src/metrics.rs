@@ -50,7 +50,7 @@ const IDLE_READS_BEFORE_FORGET: u32 = 30;
 type Labels = Vec<(&'static str, String)>;
 
 /// Where a destination is, for `dst_class`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DstClass {
     /// A pod, a Service or an EndpointSlice backend known to the cluster model.
     Cluster,
@@ -292,53 +292,69 @@ impl Metrics {
         out
     }
 
-    /// Counts a finished record.
-    pub fn record(&mut self, record: &Record, cluster: &ClusterState) {
-        match record {
-            Record::Attempt(attempt) => {
-                let class = DstClass::of(attempt.dst.ip(), cluster);
-                if let (Protocol::Tcp, Outcome::Established, Some(duration)) = (
-                    attempt.protocol,
-                    attempt.outcome,
-                    attempt.tcp.as_ref().and_then(|t| t.duration),
-                ) {
-                    let labels = self.labels(&attempt.origin, [("dst_class", class.as_str())]);
-                    self.touch(PerPod::ConnectDuration, &attempt.origin, &labels);
-                    self.connect_duration
-                        .get_or_create(&labels)
-                        .observe(duration.as_secs_f64());
+    /// Counts finished records. Like [`queries`](Self::queries), each series is looked up
+    /// once per call, however many of the records fall into it.
+    pub fn records(&mut self, records: &[Record], cluster: &ClusterState) {
+        // Series keys start with the origin's address: every record of a cgroup shares it.
+        let mut durations: HashMap<(*const Origin, DstClass), (&Origin, Vec<f64>)> =
+            HashMap::default();
+        let mut verdicts = VerdictSeries::default();
+        let mut drops = VerdictSeries::default();
+        for record in records {
+            match record {
+                Record::Attempt(attempt) => {
+                    let origin = attempt.origin.as_ref();
+                    if let (Protocol::Tcp, Outcome::Established, Some(duration)) = (
+                        attempt.protocol,
+                        attempt.outcome,
+                        attempt.tcp.as_ref().and_then(|t| t.duration),
+                    ) {
+                        let class = DstClass::of(attempt.dst.ip(), cluster);
+                        durations
+                            .entry((origin, class))
+                            .or_insert_with(|| (origin, Vec::new()))
+                            .1
+                            .push(duration.as_secs_f64());
+                    }
+                    if let Some(verdict) = &attempt.verdict {
+                        if let Some(dropped) = &attempt.drops {
+                            drops.add(origin, verdict, u64::from(dropped.count));
+                        }
+                        if verdict.hop != Hop::None {
+                            verdicts.add(origin, verdict, 1);
+                        }
+                    }
                 }
-                if let (Some(drops), Some(verdict)) = (&attempt.drops, &attempt.verdict) {
-                    let labels = self.hop_labels(&attempt.origin, verdict);
-                    self.touch(PerPod::Drops, &attempt.origin, &labels);
-                    self.drops
-                        .get_or_create(&labels)
-                        .inc_by(u64::from(drops.count));
-                }
-                if let Some(verdict) = &attempt.verdict {
-                    self.verdict(&attempt.origin, verdict);
-                }
-            }
-            Record::Lookup {
-                lookup,
-                origin,
-                verdict,
-            } => {
-                // A lookup fails as a whole; its single queries are counted in `query`.
-                if lookup.result != LookupResult::Resolved {
-                    self.verdict(origin, verdict);
+                Record::Lookup {
+                    lookup,
+                    origin,
+                    verdict,
+                } => {
+                    // A lookup fails as a whole; its single queries are counted in `query`.
+                    if lookup.result != LookupResult::Resolved && verdict.hop != Hop::None {
+                        verdicts.add(origin, verdict, 1);
+                    }
                 }
             }
         }
-    }
-
-    fn verdict(&mut self, origin: &Origin, verdict: &Verdict) {
-        if verdict.hop == Hop::None {
-            return;
+        for ((_, class), (origin, seconds)) in durations {
+            let labels = self.labels(origin, [("dst_class", class.as_str())]);
+            self.touch(PerPod::ConnectDuration, origin, &labels);
+            let histogram = self.connect_duration.get_or_create(&labels);
+            for duration in seconds {
+                histogram.observe(duration);
+            }
         }
-        let labels = self.hop_labels(origin, verdict);
-        self.touch(PerPod::Verdicts, origin, &labels);
-        self.verdicts.get_or_create(&labels).inc();
+        for ((_, hop, reason), (origin, count)) in drops.0 {
+            let labels = self.labels(origin, [("hop", hop.as_str()), ("reason", reason)]);
+            self.touch(PerPod::Drops, origin, &labels);
+            self.drops.get_or_create(&labels).inc_by(count);
+        }
+        for ((_, hop, reason), (origin, count)) in verdicts.0 {
+            let labels = self.labels(origin, [("hop", hop.as_str()), ("reason", reason)]);
+            self.touch(PerPod::Verdicts, origin, &labels);
+            self.verdicts.get_or_create(&labels).inc_by(count);
+        }
     }
 
     /// Counts DNS queries' ends. Between two calls a busy node ends thousands of queries
@@ -592,12 +608,20 @@ impl Metrics {
         labels.extend(extra.into_iter().map(|(k, v)| (k, v.to_owned())));
         labels
     }
+}
 
-    fn hop_labels(&self, origin: &Origin, verdict: &Verdict) -> Labels {
-        self.labels(
-            origin,
-            [("hop", verdict.hop.as_str()), ("reason", &verdict.reason)],
-        )
+/// Counts per (origin, hop, reason) series, keyed by the origin's address.
+#[derive(Default)]
+struct VerdictSeries<'a>(HashMap<(*const Origin, Hop, &'a str), (&'a Origin, u64)>);
+
+impl<'a> VerdictSeries<'a> {
+    fn add(&mut self, origin: &'a Origin, verdict: &'a Verdict, count: u64) {
+        let key = (
+            origin as *const Origin,
+            verdict.hop,
+            verdict.reason.as_ref(),
+        );
+        self.0.entry(key).or_insert((origin, 0)).1 += count;
     }
 }
 

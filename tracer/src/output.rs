@@ -901,7 +901,7 @@ mod tests {
     fn with_verdict(mut a: Attempt, hop: Hop, reason: &str, likely: bool) -> Attempt {
         a.verdict = Some(Box::new(Verdict {
             hop,
-            reason: reason.to_owned(),
+            reason: reason.to_owned().into(),
             symptom: None,
             likely,
             summary: String::new(),

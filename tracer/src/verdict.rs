@@ -22,7 +22,7 @@
 //! The node's conntrack counters (`/proc/net/stat/nf_conntrack`) corroborate: without a
 //! matching rise the verdict is only `likely`.
 
-use std::net::IpAddr;
+use std::{borrow::Cow, fmt, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -35,7 +35,7 @@ use crate::{
 };
 
 /// The hops of the egress path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Hop {
     Dns,
@@ -83,7 +83,7 @@ impl Hop {
 pub struct Verdict {
     pub hop: Hop,
     /// One of the hop's reasons in `hops.md` (`nxdomain`, `insert-failed`, `ok`…).
-    pub reason: String,
+    pub reason: Cow<'static, str>,
     /// What the application saw, when that differs from the hop (`dns-timeout`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub symptom: Option<String>,
@@ -99,10 +99,10 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    fn new(hop: Hop, reason: &str, summary: String) -> Self {
+    fn new(hop: Hop, reason: impl Into<Cow<'static, str>>, summary: String) -> Self {
         Self {
             hop,
-            reason: reason.to_owned(),
+            reason: reason.into(),
             symptom: None,
             likely: false,
             summary,
@@ -113,7 +113,7 @@ impl Verdict {
     }
 
     /// A verdict from `diagnose`'s own checks rather than kernel events.
-    pub fn for_check(hop: Hop, reason: &str, summary: String) -> Self {
+    pub fn for_check(hop: Hop, reason: impl Into<Cow<'static, str>>, summary: String) -> Self {
         Self::new(hop, reason, summary)
     }
 
@@ -211,7 +211,7 @@ fn with_policy(verdict: Verdict, attempt: &Attempt, decision: &Decision) -> Verd
         format!(
             "NetworkPolicy {} denies the traffic to {}",
             decision.denied_by.join(", "),
-            target_of(attempt)
+            Target(attempt)
         ),
     )
     .evidence(format!("NetworkPolicy: {}", decision.explanation));
@@ -253,30 +253,36 @@ fn names_of(policies: &[String]) -> String {
 }
 
 fn of_path(attempt: &Attempt, node: &NodeFacts) -> Option<Verdict> {
-    let target = target_of(attempt);
+    let target = Target(attempt);
     if let Some(drops) = &attempt.drops {
-        return Some(of_drop(drops, &target, node));
+        return Some(of_drop(drops, target, node));
     }
     if let Some(icmp) = &attempt.icmp
         && attempt.outcome.is_failure()
     {
-        return Some(of_icmp(icmp, attempt, &target, node));
+        return Some(of_icmp(icmp, attempt, target, node));
     }
     match attempt.outcome {
         Outcome::Established => Some(Verdict::ok(format!("connected to {target}"))),
         Outcome::Sent => Some(Verdict::ok(format!("sent to {target}"))),
-        Outcome::Refused => Some(of_reset(attempt, &target)),
-        Outcome::Timeout => Some(of_timeout(attempt, &target)),
-        Outcome::Unreachable | Outcome::Failed => Some(of_socket_error(attempt, &target)),
+        Outcome::Refused => Some(of_reset(attempt, target)),
+        Outcome::Timeout => Some(of_timeout(attempt, target)),
+        Outcome::Unreachable | Outcome::Failed => Some(of_socket_error(attempt, target)),
         Outcome::Aborted | Outcome::InProgress => None,
     }
 }
 
-/// `dst`, with the name DNS gave it.
-fn target_of(attempt: &Attempt) -> String {
-    match &attempt.dst_name {
-        Some(name) => format!("{name} ({})", attempt.dst),
-        None => attempt.dst.to_string(),
+/// An attempt's `dst`, with the name DNS gave it: written straight into the verdict's
+/// text (one allocation per verdict; this runs for every attempt).
+#[derive(Clone, Copy)]
+struct Target<'a>(&'a Attempt);
+
+impl fmt::Display for Target<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0.dst_name {
+            Some(name) => write!(f, "{name} ({})", self.0.dst),
+            None => write!(f, "{}", self.0.dst),
+        }
     }
 }
 
@@ -288,7 +294,7 @@ fn packet_kind(attempt_reply: bool) -> &'static str {
     }
 }
 
-fn of_drop(drops: &Drops, target: &str, node: &NodeFacts) -> Verdict {
+fn of_drop(drops: &Drops, target: Target<'_>, node: &NodeFacts) -> Verdict {
     let drop = &drops.first;
     let function = drop.location.split('+').next().unwrap_or_default();
     let seen = format!(
@@ -441,7 +447,7 @@ fn of_drop(drops: &Drops, target: &str, node: &NodeFacts) -> Verdict {
     }
 }
 
-fn of_icmp(icmp: &IcmpError, attempt: &Attempt, target: &str, node: &NodeFacts) -> Verdict {
+fn of_icmp(icmp: &IcmpError, attempt: &Attempt, target: Target<'_>, node: &NodeFacts) -> Verdict {
     let seen = format!(
         "{} {} (type {} code {}) from {} answered it (seen in the pod's namespace)",
         if icmp.v6 { "ICMPv6" } else { "ICMP" },
@@ -510,7 +516,7 @@ fn is_node_address(sender: IpAddr, attempt: &Attempt, node: &NodeFacts) -> bool 
 }
 
 /// A reset: the endpoint's, unless it came from closer than the endpoint is.
-fn of_reset(attempt: &Attempt, target: &str) -> Verdict {
+fn of_reset(attempt: &Attempt, target: Target<'_>) -> Verdict {
     let error = attempt
         .tcp
         .and_then(|tcp| tcp.errno)
@@ -572,7 +578,7 @@ fn of_reset(attempt: &Attempt, target: &str) -> Verdict {
     }
 }
 
-fn of_timeout(attempt: &Attempt, target: &str) -> Verdict {
+fn of_timeout(attempt: &Attempt, target: Target<'_>) -> Verdict {
     let retransmits = attempt.tcp.map_or(0, |tcp| tcp.syn_retransmits);
     let translated = attempt.nat.and_then(|nat| nat.src);
     let sent = match translated {
@@ -619,7 +625,7 @@ fn of_timeout(attempt: &Attempt, target: &str) -> Verdict {
         .next("Azure Firewall / NVA logs, and the route table (UDR) of the node's subnet")
 }
 
-fn of_socket_error(attempt: &Attempt, target: &str) -> Verdict {
+fn of_socket_error(attempt: &Attempt, target: Target<'_>) -> Verdict {
     let errno = attempt.tcp.and_then(|tcp| tcp.errno);
     let name = errno
         .map(errno_name)
@@ -687,7 +693,7 @@ fn of_dns(lookup: &Lookup, cluster_dns: Option<&str>) -> Verdict {
         Some(service) => format!("{} (the cluster DNS Service {service})", lookup.server),
         None => lookup.server.to_string(),
     };
-    let dns = |reason: &str, summary: String| {
+    let dns = |reason: &'static str, summary: String| {
         let verdict = Verdict::new(Hop::Dns, reason, summary);
         match cluster_dns {
             Some(_) => verdict
@@ -815,7 +821,7 @@ mod tests {
     }
 
     fn hop_reason(verdict: &Verdict) -> (Hop, &str, bool) {
-        (verdict.hop, verdict.reason.as_str(), verdict.likely)
+        (verdict.hop, verdict.reason.as_ref(), verdict.likely)
     }
 
     #[test]

@@ -379,7 +379,7 @@ fn exercised_metrics() -> Metrics {
         netns: None,
         netns_owner: None,
     };
-    for record in [
+    let records = [
         attempt(Outcome::Established, None, Hop::None),
         attempt(
             Outcome::Timeout,
@@ -389,9 +389,9 @@ fn exercised_metrics() -> Metrics {
             })),
             Hop::NetworkPolicy,
         ),
-    ] {
-        metrics.record(&Record::Attempt(Box::new(record)), &cluster);
-    }
+    ]
+    .map(|record| Record::Attempt(Box::new(record)));
+    metrics.records(&records, &cluster);
     metrics.cluster_stale(false);
     metrics
 }

@@ -511,7 +511,7 @@ pub fn conclude(target: &Target, observed: &Observed<'_>) -> Verdict {
             .facts
             .resolution
             .as_ref()
-            .map_or("no-nameserver", |r| r.result.as_str());
+            .map_or_else(|| "no-nameserver".to_owned(), |r| r.result.clone());
         return with_checks(Verdict::for_check(
             Hop::Dns,
             reason,
@@ -525,7 +525,7 @@ pub fn conclude(target: &Target, observed: &Observed<'_>) -> Verdict {
             .map_or_else(|| "http-502".to_owned(), |status| format!("http-{status}"));
         let mut verdict = Verdict::for_check(
             Hop::Proxy,
-            &reason,
+            reason,
             format!("the pod's proxy refused to reach {}", target.input),
         );
         verdict.next_steps.push(
@@ -565,7 +565,7 @@ pub fn conclude(target: &Target, observed: &Observed<'_>) -> Verdict {
             .map_or_else(|| "closed".to_owned(), |status| format!("http-{status}"));
         return with_checks(Verdict::for_check(
             Hop::Endpoint,
-            &reason,
+            reason,
             format!("{} answered with an error", target.input),
         ));
     }
@@ -635,7 +635,7 @@ mod tests {
         );
         let verdict = conclude_for("http://a.test/", &[dns], None);
         assert_eq!(
-            (verdict.hop, verdict.reason.as_str()),
+            (verdict.hop, verdict.reason.as_ref()),
             (Hop::Dns, "servfail")
         );
         // Every check is part of the evidence.
@@ -644,7 +644,7 @@ mod tests {
         let proxy = line("proxy", Status::Fail, status_facts(407));
         let verdict = conclude_for("https://a.test/", &[proxy], None);
         assert_eq!(
-            (verdict.hop, verdict.reason.as_str()),
+            (verdict.hop, verdict.reason.as_ref()),
             (Hop::Proxy, "http-407")
         );
 
@@ -654,7 +654,7 @@ mod tests {
         ];
         let verdict = conclude_for("https://a.test/", &tls, None);
         assert_eq!(
-            (verdict.hop, verdict.reason.as_str()),
+            (verdict.hop, verdict.reason.as_ref()),
             (Hop::Endpoint, "tls-failed")
         );
 
@@ -664,7 +664,7 @@ mod tests {
         ];
         let verdict = conclude_for("http://a.test/", &http, None);
         assert_eq!(
-            (verdict.hop, verdict.reason.as_str()),
+            (verdict.hop, verdict.reason.as_ref()),
             (Hop::Endpoint, "http-503")
         );
 
@@ -673,7 +673,7 @@ mod tests {
             line("http", Status::Pass, status_facts(200)),
         ];
         let verdict = conclude_for("http://a.test/", &ok, None);
-        assert_eq!((verdict.hop, verdict.reason.as_str()), (Hop::None, "ok"));
+        assert_eq!((verdict.hop, verdict.reason.as_ref()), (Hop::None, "ok"));
     }
 
     #[test]
@@ -682,13 +682,13 @@ mod tests {
         let kernel = Verdict::for_check(Hop::NodeFirewall, "netfilter-drop", "dropped".into());
         let verdict = conclude_for("203.0.113.10:443", &failed, Some(&kernel));
         assert_eq!(
-            (verdict.hop, verdict.reason.as_str(), verdict.likely),
+            (verdict.hop, verdict.reason.as_ref(), verdict.likely),
             (Hop::NodeFirewall, "netfilter-drop", false)
         );
         // Without the kernel's record, only likely.
         let verdict = conclude_for("203.0.113.10:443", &failed, None);
         assert_eq!(
-            (verdict.hop, verdict.reason.as_str(), verdict.likely),
+            (verdict.hop, verdict.reason.as_ref(), verdict.likely),
             (Hop::Upstream, "silent-drop", true)
         );
     }

@@ -373,9 +373,7 @@ fn publish(shared: &Shared, pipeline: &mut Pipeline, clock: MonotonicClock) {
     }
     let mut metrics = shared.metrics.lock().expect("not poisoned");
     metrics.queries(&queries, pipeline.cluster());
-    for record in &records {
-        metrics.record(record, pipeline.cluster());
-    }
+    metrics.records(&records, pipeline.cluster());
     drop(metrics);
     let mut store = shared.store.lock().expect("not poisoned");
     for record in records {
