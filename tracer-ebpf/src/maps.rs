@@ -24,8 +24,8 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
 /// Cookies of the sockets whose `connect()` was reported; the first-packet and state
-/// hooks only report these. LRU so that sockets we never see close (UDP has no close
-/// event) cannot fill it.
+/// hooks only report these. A TCP socket's entry goes when its handshake ends; LRU so
+/// that sockets we never see finish (UDP has no such event) cannot fill it.
 #[map]
 pub static TRACKED_SOCKS: LruHashMap<u64, TrackedSocket> =
     LruHashMap::with_max_entries(TRACKED_SOCKETS, BPF_F_NO_COMMON_LRU);
@@ -44,7 +44,8 @@ pub struct TrackedSocket {
 
 /// Tuples of the traced flows (from each traced socket's first packet) to their socket's
 /// cookie, so hooks that see packets without their socket (forwarding, drops) can tell
-/// traced flows apart. LRU like [`TRACKED_SOCKS`].
+/// traced flows apart. An established TCP flow's entry goes with its handshake; LRU like
+/// [`TRACKED_SOCKS`].
 #[map]
 pub static TRACKED_TUPLES: LruHashMap<FlowTuple, u64> =
     LruHashMap::with_max_entries(TRACKED_SOCKETS, BPF_F_NO_COMMON_LRU);
