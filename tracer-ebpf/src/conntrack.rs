@@ -30,6 +30,8 @@ const NFCT_PTRMASK: u64 = !7;
 const IP_CT_UNTRACKED: u64 = 7;
 /// `IP_CT_IS_REPLY`: ctinfo values from here on (below untracked) are reply packets.
 const IP_CT_IS_REPLY: u64 = 3;
+/// `IP_CT_NEW`: a packet in the original direction of an entry that saw no reply yet.
+const IP_CT_NEW: u64 = 2;
 
 /// A `struct nf_conntrack_tuple`, read whole.
 pub type RawTuple = [u8; SIZE];
@@ -47,15 +49,7 @@ pub enum Attached {
 
 #[inline(always)]
 pub fn attached(skb: *const u8) -> Result<Attached, i32> {
-    let off = NAT_OFFSETS.load();
-    if off.nfct == 0 {
-        return Err(0);
-    }
-    // A plain load, not a helper call: the verifier knows `skb`'s type from the
-    // tracepoint's BTF and the offset is a constant of the frozen `.rodata`, so it checks
-    // the field and makes the load fault-safe. `net_dev_queue` does this for every packet.
-    // SAFETY: `skb` is the tracepoint's `struct sk_buff *` and `nfct` its `_nfct` offset.
-    let nfct: u64 = unsafe { *skb.add(off.nfct as usize).cast::<u64>() };
+    let nfct = nfct(skb)?;
     let ct = (nfct & NFCT_PTRMASK) as *const u8;
     let ctinfo = nfct & !NFCT_PTRMASK;
     Ok(if !ct.is_null() {
@@ -65,6 +59,29 @@ pub fn attached(skb: *const u8) -> Result<Attached, i32> {
     } else {
         Attached::None
     })
+}
+
+/// The entry of a packet that opens its flow (no reply seen yet), where NAT settles the
+/// flow's translation: any other packet is answered from `skb` alone.
+#[inline(always)]
+pub fn opening_entry(skb: *const u8) -> Result<Option<*const u8>, i32> {
+    let nfct = nfct(skb)?;
+    let ct = (nfct & NFCT_PTRMASK) as *const u8;
+    Ok((nfct & !NFCT_PTRMASK == IP_CT_NEW && !ct.is_null()).then_some(ct))
+}
+
+/// `skb->_nfct`: the entry's address with the packet's ctinfo in the low bits.
+#[inline(always)]
+fn nfct(skb: *const u8) -> Result<u64, i32> {
+    let off = NAT_OFFSETS.load();
+    if off.nfct == 0 {
+        return Err(0);
+    }
+    // A plain load, not a helper call: the verifier knows `skb`'s type from the
+    // tracepoint's BTF and the offset is a constant of the frozen `.rodata`, so it checks
+    // the field and makes the load fault-safe. `net_dev_queue` does this for every packet.
+    // SAFETY: `skb` is the tracepoint's `struct sk_buff *` and `nfct` its `_nfct` offset.
+    Ok(unsafe { *skb.add(off.nfct as usize).cast::<u64>() })
 }
 
 /// The entry's original tuple.

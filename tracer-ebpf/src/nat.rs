@@ -10,10 +10,10 @@
 use core::ptr::addr_of_mut;
 
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
-use tracer_common::{Counter, EventKind, IPS_DST_NAT, IPS_SEEN_REPLY, IPS_SRC_NAT, NatEvent};
+use tracer_common::{Counter, EventKind, IPS_DST_NAT, IPS_SRC_NAT, NatEvent};
 
 use crate::{
-    conntrack::{Attached, attached, endpoint, flow_key, original, reply, status},
+    conntrack::{endpoint, flow_key, opening_entry, original, reply, status},
     maps::{EVENTS, NAT_REPORTED, TRACKED_SOCKS, TRACKED_TUPLES, count, header, wakeup},
 };
 
@@ -26,14 +26,13 @@ pub fn net_dev_queue(ctx: BtfTracePointContext) -> i32 {
 
 #[inline(always)]
 fn report(skb: *const u8) -> Result<(), i32> {
-    let Attached::Entry(ct, _) = attached(skb)? else {
+    // A flow's translation is settled by its first packet; replies and every packet after
+    // the first answer (the bulk of all traffic) need no more than the skb's own ctinfo.
+    // Flows NAT left alone need one more read: NAT marks the entries whose tuple it changed.
+    let Some(ct) = opening_entry(skb)? else {
         return Ok(());
     };
-    // A flow's translation is settled by its first packet; once the other side answered,
-    // its packets (the bulk of all traffic) need no more than this one read. Flows NAT
-    // left alone need no more either: NAT marks the entries whose tuple it changed.
-    let status = status(ct)?;
-    if status & IPS_SEEN_REPLY != 0 || status & (IPS_SRC_NAT | IPS_DST_NAT) == 0 {
+    if status(ct)? & (IPS_SRC_NAT | IPS_DST_NAT) == 0 {
         return Ok(());
     }
     let (original, reply) = (original(ct)?, reply(ct)?);

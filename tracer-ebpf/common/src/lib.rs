@@ -257,8 +257,6 @@ pub const IPS_DST_NAT_DONE: u32 = 1 << 8;
 /// `IPS_CONFIRMED`: the entry is in the conntrack table (set when the first packet
 /// leaves the last netfilter hook).
 pub const IPS_CONFIRMED: u32 = 1 << 3;
-/// `IPS_SEEN_REPLY`: packets went both ways.
-pub const IPS_SEEN_REPLY: u32 = 1 << 1;
 /// `IPS_SRC_NAT`: the source is actually translated.
 pub const IPS_SRC_NAT: u32 = 1 << 4;
 /// `IPS_DST_NAT`: the destination is actually translated.
