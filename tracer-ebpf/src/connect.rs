@@ -113,7 +113,9 @@ fn report(ctx: &SockAddrContext, family: u16, call: u8) {
         let socket = TrackedSocket {
             cgroup_id,
             reported: 0,
-            _pad: [0; 7],
+            reply_tcp_flags: 0,
+            reply_ttl: 0,
+            _pad: [0; 5],
         };
         // Ignore a full map: LRU evicts, and a missing entry only costs the socket's
         // first packet, NAT, reply and handshake count.

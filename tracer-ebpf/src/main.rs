@@ -5,7 +5,8 @@
 //!   [`first_packet`] (the first TCP SYN or UDP datagram of the sockets that `connect` saw,
 //!   with the tuple the kernel chose), [`reply`] (the first answer to their SYN, with its
 //!   TTL) and [`dns`] (DNS messages, both directions).
-//! - [`sock_state`]: tp_btf `inet_sock_set_state`, the handshake result of those sockets.
+//! - [`sock_state`]: tp_btf `inet_sock_set_state`, the handshake result of those sockets
+//!   (with the answer [`reply`] kept).
 //! - [`icmp`]: tp_btf `consume_skb` filtered to the ICMP receive functions, the ICMP
 //!   errors that explain failed attempts.
 //! - [`drops`]: tp_btf `kfree_skb`, packets of traced flows dropped, with the reason.

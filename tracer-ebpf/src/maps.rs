@@ -39,7 +39,13 @@ pub struct TrackedSocket {
     /// Flags of what was reported already ([`FIRST_PACKET_REPORTED`], [`NAT_REPORTED`],
     /// [`REPLY_REPORTED`]); 0 is nothing yet.
     pub reported: u8,
-    pub _pad: [u8; 7],
+    /// The first answer to the socket's SYN, for its [`SockStateEvent`]: its TCP flags
+    /// (0 until one arrives) and TTL.
+    ///
+    /// [`SockStateEvent`]: tracer_common::SockStateEvent
+    pub reply_tcp_flags: u8,
+    pub reply_ttl: u8,
+    pub _pad: [u8; 5],
 }
 
 /// Tuples of the traced flows (from each traced socket's first packet) to their socket's

@@ -3,13 +3,15 @@
 //!
 //! The TTL tells how far away the sender is. A reset that arrives after fewer hops than
 //! the endpoint's own SYN-ACKs was forged by something on the path (a firewall), not sent
-//! by the endpoint.
+//! by the endpoint. The answer is kept in the socket's `TRACKED_SOCKS` entry, and
+//! [`sock_state`](crate::sock_state) reports it with the handshake's result, which the
+//! answer itself brings about right after this hook.
 
 use aya_ebpf::{EbpfContext, helpers::bpf_get_socket_cookie, programs::SkBuffContext};
-use tracer_common::{AF_INET, Counter, EventKind, IPPROTO_TCP, ReplyEvent, TCP_FLAG_RST};
+use tracer_common::{AF_INET, IPPROTO_TCP, TCP_FLAG_RST};
 
 use crate::{
-    maps::{EVENTS, FIRST_PACKET_REPORTED, REPLY_REPORTED, TRACKED_SOCKS, count, header, wakeup},
+    maps::{FIRST_PACKET_REPORTED, REPLY_REPORTED, TRACKED_SOCKS},
     packets::{Packet, load},
 };
 
@@ -30,17 +32,6 @@ pub fn on_ingress(ctx: &SkBuffContext, packet: &Packet) -> Result<(), i64> {
     let Some(socket) = TRACKED_SOCKS.get_ptr_mut(cookie) else {
         return Ok(());
     };
-    // SAFETY: a valid map value pointer; a racing packet at worst reports twice.
-    unsafe {
-        // Only answers to a SYN this socket sent, once.
-        if (*socket).reported & FIRST_PACKET_REPORTED == 0
-            || (*socket).reported & REPLY_REPORTED != 0
-        {
-            return Ok(());
-        }
-        (*socket).reported |= REPLY_REPORTED;
-    }
-    count(Counter::ReplySeen);
     let ttl: u8 = load(
         ctx,
         if packet.family == AF_INET {
@@ -49,15 +40,18 @@ pub fn on_ingress(ctx: &SkBuffContext, packet: &Packet) -> Result<(), i64> {
             IPV6_HOP_LIMIT
         },
     )?;
-    let event = ReplyEvent {
-        header: header(EventKind::Reply),
-        sock_cookie: cookie,
-        ttl,
-        tcp_flags: packet.tcp_flags,
-        _pad: [0; 6],
-    };
-    if EVENTS.output::<ReplyEvent>(&event, wakeup()).is_err() {
-        count(Counter::ReplyLost);
+    // SAFETY: a valid map value pointer; a racing packet at worst overwrites the answer
+    // with another answer to the same SYN.
+    unsafe {
+        // Only answers to a SYN this socket sent, once.
+        if (*socket).reported & FIRST_PACKET_REPORTED == 0
+            || (*socket).reported & REPLY_REPORTED != 0
+        {
+            return Ok(());
+        }
+        (*socket).reported |= REPLY_REPORTED;
+        (*socket).reply_tcp_flags = packet.tcp_flags;
+        (*socket).reply_ttl = ttl;
     }
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! tp_btf `inet_sock_set_state`: the tuple and handshake result of traced TCP sockets.
+//! tp_btf `inet_sock_set_state`: the tuple and handshake result of traced TCP sockets, with
+//! the first answer to their SYN that [`reply`](crate::reply) kept.
 //!
 //! `connect()` runs before the kernel picks the source port, so the full tuple is only
 //! known when the socket leaves `SYN_SENT`. Only sockets that `connect` put into
@@ -21,7 +22,9 @@ use tracer_common::{
     IPPROTO_TCP, SockOffsets, SockStateEvent, TCP_ESTABLISHED, TCP_SYN_SENT, handshake_outcome,
 };
 
-use crate::maps::{EVENTS, HANDSHAKES, TRACKED_SOCKS, TRACKED_TUPLES, count, header, wakeup};
+use crate::maps::{
+    EVENTS, HANDSHAKES, TRACKED_SOCKS, TRACKED_TUPLES, TrackedSocket, count, header, wakeup,
+};
 
 /// Set by userspace at load time (`EbpfLoader::set_global`).
 #[unsafe(no_mangle)]
@@ -49,7 +52,13 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: `sk` is the tracepoint's `struct sock *` argument.
     let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
     // SAFETY: the value is copied out at once.
-    let Some(cgroup_id) = (unsafe { TRACKED_SOCKS.get(cookie) }).map(|s| s.cgroup_id) else {
+    let Some(&TrackedSocket {
+        cgroup_id,
+        reply_tcp_flags,
+        reply_ttl,
+        ..
+    }) = (unsafe { TRACKED_SOCKS.get(cookie) })
+    else {
         return 0;
     };
     // The handshake is over, and with it everything reported about the socket. Freed now,
@@ -86,7 +95,8 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         sock_cookie: cookie,
         old_state: old_state as u8,
         new_state: new_state as u8,
-        _pad: [0; 2],
+        reply_tcp_flags,
+        reply_ttl,
         error: read_u32(off.err) as i32,
         soft_error: read_u32(off.err_soft) as i32,
         syn_retransmits: read_u32(off.total_retrans),

@@ -22,7 +22,7 @@ use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use kube::api::ObjectMeta;
 use tracer_common::{
     AF_INET, CALL_CONNECT, ConnectEvent, Endpoint, EventHeader, EventKind, FirstPacketEvent,
-    IPPROTO_TCP, ReplyEvent, SockStateEvent, TCP_ESTABLISHED, TCP_SYN_SENT,
+    IPPROTO_TCP, SockStateEvent, TCP_ESTABLISHED, TCP_SYN_SENT,
 };
 
 fn main() {
@@ -49,6 +49,7 @@ fn main() {
     let cgroups = empty_cgroup_root();
     let (events, per_second) = throughput(&cgroups, connections);
     let mut report = serde_json::json!({
+        "connections": connections,
         "events": events,
         "events_per_second": per_second,
     });
@@ -89,9 +90,9 @@ fn bytes<T: Copy>(event: &T) -> Vec<u8> {
     unsafe { std::slice::from_raw_parts((event as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
 }
 
-/// The ring-buffer records of one established connection: connect, first packet,
-/// SYN-ACK, state change.
-fn connection(n: u64) -> [Vec<u8>; 4] {
+/// The ring-buffer records of one established connection: connect, first packet, state
+/// change (which carries the SYN-ACK).
+fn connection(n: u64) -> [Vec<u8>; 3] {
     let ts = 1_000_000 + n * 10_000;
     let src = endpoint(Ipv4Addr::new(10, 244, 0, 10), 20_000 + (n % 40_000) as u16);
     let dst = endpoint(Ipv4Addr::new(203, 0, 113, (n % 200) as u8 + 1), 443);
@@ -116,26 +117,20 @@ fn connection(n: u64) -> [Vec<u8>; 4] {
         src,
         dst,
     };
-    let reply = ReplyEvent {
-        header: header(EventKind::Reply, ts + 500),
-        sock_cookie: cookie,
-        ttl: 57,
-        tcp_flags: 0x12,
-        _pad: [0; 6],
-    };
     let state = SockStateEvent {
         header: header(EventKind::SockState, ts + 510),
         sock_cookie: cookie,
         old_state: TCP_SYN_SENT,
         new_state: TCP_ESTABLISHED,
-        _pad: [0; 2],
+        reply_tcp_flags: 0x12,
+        reply_ttl: 57,
         error: 0,
         soft_error: 0,
         syn_retransmits: 0,
         src,
         dst,
     };
-    [bytes(&connect), bytes(&first), bytes(&reply), bytes(&state)]
+    [bytes(&connect), bytes(&first), bytes(&state)]
 }
 
 /// Decodes, assembles, judges and counts `connections` connections; (events, per second).

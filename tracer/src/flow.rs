@@ -26,7 +26,7 @@ use foldhash::HashMap;
 use serde::Serialize;
 use tracer_common::{
     AF_INET6, CALL_SENDMSG, ConnectEvent, FirstPacketEvent, IPPROTO_TCP, IPPROTO_UDP,
-    IcmpErrorEvent, ReplyEvent, SockStateEvent, TCP_ESTABLISHED, TCP_FLAG_RST, handshake_outcome,
+    IcmpErrorEvent, SockStateEvent, TCP_ESTABLISHED, TCP_FLAG_RST, handshake_outcome,
 };
 
 use crate::{
@@ -467,17 +467,6 @@ impl FlowAssembler {
     }
 
     /// Records the NAT translation of the attempt of socket `cookie`.
-    /// Records the first answer to the SYN of socket `cookie`.
-    pub fn on_reply(&mut self, event: &ReplyEvent) {
-        if let Some(attempt) = self.pending.get_mut(&event.sock_cookie) {
-            attempt.reply = Some(HandshakeReply {
-                ttl: event.ttl,
-                reset: event.tcp_flags & TCP_FLAG_RST != 0,
-                endpoint_hops: None,
-            });
-        }
-    }
-
     pub fn on_nat(&mut self, cookie: u64, translation: Translation) {
         if let Some(attempt) = self.pending.get_mut(&cookie) {
             attempt.nat = Some(translation);
@@ -517,6 +506,14 @@ impl FlowAssembler {
         // means "not known", not port 0.
         if attempt.src.is_none() {
             attempt.src = socket_addr(&event.src).filter(|src| src.port() != 0);
+        }
+        // Flags 0: nothing answered the SYN.
+        if event.reply_tcp_flags != 0 {
+            attempt.reply = Some(HandshakeReply {
+                ttl: event.reply_ttl,
+                reset: event.reply_tcp_flags & TCP_FLAG_RST != 0,
+                endpoint_hops: None,
+            });
         }
         let (outcome, handshake) = judge_handshake(event, attempt.monotonic_ns, attempt.icmp);
         attempt.outcome = outcome;
@@ -779,7 +776,8 @@ mod tests {
             sock_cookie: cookie,
             old_state: TCP_SYN_SENT,
             new_state,
-            _pad: [0; 2],
+            reply_tcp_flags: 0,
+            reply_ttl: 0,
             error,
             soft_error: 0,
             syn_retransmits: retransmits,
@@ -866,6 +864,28 @@ mod tests {
             // The SYN's source survives the CLOSE tuple's released port.
             assert_eq!(a.src, Some("10.244.0.5:50000".parse().unwrap()));
         }
+    }
+
+    #[test]
+    fn the_answer_to_the_syn_comes_with_the_handshake_result() {
+        let mut refused = state(1, 2_000, TCP_CLOSE, 111, 0);
+        refused.reply_tcp_flags = TCP_FLAG_RST | 0x10;
+        refused.reply_ttl = 62;
+        assert_eq!(
+            tcp_attempt(refused).reply,
+            Some(HandshakeReply {
+                ttl: 62,
+                reset: true,
+                endpoint_hops: None,
+            })
+        );
+        let mut established = state(1, 2_000, TCP_ESTABLISHED, 0, 0);
+        established.reply_tcp_flags = 0x12;
+        established.reply_ttl = 57;
+        let reply = tcp_attempt(established).reply.unwrap();
+        assert_eq!((reply.ttl, reply.reset), (57, false));
+        // Nothing answered a SYN that timed out.
+        assert_eq!(tcp_attempt(state(1, 2_000, TCP_CLOSE, 110, 6)).reply, None);
     }
 
     #[test]

@@ -212,7 +212,6 @@ impl Pipeline {
                     self.flows.on_drop(drop.sock_cookie, described);
                 }
                 Ok(KernelEvent::Dns(event)) => self.on_dns(&event),
-                Ok(KernelEvent::Reply(reply)) => self.flows.on_reply(&reply),
                 Ok(KernelEvent::Nat(nat)) => self
                     .flows
                     .on_nat(nat.sock_cookie, KernelNames::describe_nat(&nat)),

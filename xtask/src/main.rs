@@ -420,10 +420,11 @@ fn pipeline_bench(root: &Path) -> anyhow::Result<()> {
             .and_then(|n| n.trim().parse().ok())
             .context("no summary in the callgrind output")
     };
-    // Four events per connection.
+    let events_per_connection =
+        report["events"].as_f64().unwrap_or(0.0) / report["connections"].as_f64().unwrap_or(1.0);
     let (small, large) = (10_000u64, 30_000u64);
     let per_event = (instructions(large)?.saturating_sub(instructions(small)?)) as f64
-        / ((large - small) * 4) as f64;
+        / ((large - small) as f64 * events_per_connection);
     let rss = report["rss_mib_100k_attempts_10k_pods"]
         .as_f64()
         .unwrap_or(0.0);

@@ -48,8 +48,6 @@ pub enum EventKind {
     Dns = 6,
     /// A [`NatEvent`]: a traced flow left a device translated by the node's NAT.
     Nat = 7,
-    /// A [`ReplyEvent`]: the first answer to a traced socket's SYN.
-    Reply = 8,
 }
 
 impl EventKind {
@@ -63,7 +61,6 @@ impl EventKind {
             5 => Some(Self::Drop),
             6 => Some(Self::Dns),
             7 => Some(Self::Nat),
-            8 => Some(Self::Reply),
             _ => None,
         }
     }
@@ -147,7 +144,13 @@ pub struct SockStateEvent {
     pub old_state: u8,
     /// Kernel TCP state after the transition ([`TCP_ESTABLISHED`] or [`TCP_CLOSE`]).
     pub new_state: u8,
-    pub _pad: [u8; 2],
+    /// TCP flags of the first answer to the socket's SYN (a SYN-ACK or a reset, seen at
+    /// the socket's cgroup ingress); 0 when nothing answered.
+    pub reply_tcp_flags: u8,
+    /// The TTL (IPv6: hop limit) that answer arrived with: the path length of whoever
+    /// sent it. A reset that arrives after fewer hops than the endpoint's own SYN-ACKs was
+    /// forged on the path (a firewall), not sent by the endpoint.
+    pub reply_ttl: u8,
     /// `sk->sk_err`: the errno the connection failed with (0 when the application
     /// closed it, or when it succeeded).
     pub error: i32,
@@ -218,21 +221,8 @@ pub struct FlowTuple {
     pub dst: [u8; 16],
 }
 
-/// [`ReplyEvent::tcp_flags`]: the answer was a reset.
+/// [`SockStateEvent::reply_tcp_flags`]: the answer was a reset.
 pub const TCP_FLAG_RST: u8 = 0x04;
-
-/// The first answer to a traced TCP socket's SYN (a SYN-ACK or a reset), seen at the
-/// socket's cgroup ingress, with the TTL (IPv6: hop limit) it arrived with: the path
-/// length of whoever sent it.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ReplyEvent {
-    pub header: EventHeader,
-    pub sock_cookie: u64,
-    pub ttl: u8,
-    pub tcp_flags: u8,
-    pub _pad: [u8; 6],
-}
 
 /// Direction of a dropped packet relative to its flow.
 pub const DROP_DIRECTION_ORIGINAL: u8 = 0;
@@ -491,17 +481,13 @@ pub enum Counter {
     NatSeen = 12,
     /// [`NatEvent`]s lost to a full ring buffer.
     NatLost = 13,
-    /// First answers (SYN-ACK or reset) to traced SYNs seen at cgroup ingress.
-    ReplySeen = 14,
-    /// [`ReplyEvent`]s lost to a full ring buffer.
-    ReplyLost = 15,
     /// Handshakes that could not be counted in the `HANDSHAKES` map because it was full.
-    HandshakeUncounted = 16,
+    HandshakeUncounted = 14,
 }
 
 impl Counter {
     /// Number of counters, i.e. the size of the `COUNTERS` array.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 15;
     /// All counters, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Self::ConnectSeen,
@@ -518,8 +504,6 @@ impl Counter {
         Self::DnsLost,
         Self::NatSeen,
         Self::NatLost,
-        Self::ReplySeen,
-        Self::ReplyLost,
         Self::HandshakeUncounted,
     ];
 }
@@ -640,7 +624,6 @@ mod user {
     unsafe impl aya::Pod for super::DropEvent {}
     unsafe impl aya::Pod for super::DnsEvent {}
     unsafe impl aya::Pod for super::NatEvent {}
-    unsafe impl aya::Pod for super::ReplyEvent {}
     unsafe impl aya::Pod for super::HandshakeKey {}
     unsafe impl aya::Pod for super::HandshakeTotals {}
     unsafe impl aya::Pod for super::NatOffsets {}
@@ -729,6 +712,8 @@ mod tests {
         assert_eq!(offset_of!(SockStateEvent, sock_cookie), 16);
         assert_eq!(offset_of!(SockStateEvent, old_state), 24);
         assert_eq!(offset_of!(SockStateEvent, new_state), 25);
+        assert_eq!(offset_of!(SockStateEvent, reply_tcp_flags), 26);
+        assert_eq!(offset_of!(SockStateEvent, reply_ttl), 27);
         assert_eq!(offset_of!(SockStateEvent, error), 28);
         assert_eq!(offset_of!(SockStateEvent, soft_error), 32);
         assert_eq!(offset_of!(SockStateEvent, syn_retransmits), 36);
@@ -755,14 +740,6 @@ mod tests {
         assert_eq!(offset_of!(IcmpErrorEvent, sender), 24);
         assert_eq!(offset_of!(IcmpErrorEvent, src), 44);
         assert_eq!(offset_of!(IcmpErrorEvent, dst), 64);
-    }
-
-    #[test]
-    fn reply_event_layout() {
-        assert_eq!(size_of::<ReplyEvent>(), 32);
-        assert_eq!(offset_of!(ReplyEvent, sock_cookie), 16);
-        assert_eq!(offset_of!(ReplyEvent, ttl), 24);
-        assert_eq!(offset_of!(ReplyEvent, tcp_flags), 25);
     }
 
     #[test]

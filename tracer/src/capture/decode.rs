@@ -8,7 +8,7 @@ use std::{
 
 use tracer_common::{
     AF_INET, AF_INET6, ConnectEvent, DNS_CAPTURE_BYTES, DnsEvent, DropEvent, Endpoint, EventHeader,
-    EventKind, FirstPacketEvent, IcmpErrorEvent, NatEvent, ReplyEvent, SockStateEvent,
+    EventKind, FirstPacketEvent, IcmpErrorEvent, NatEvent, SockStateEvent,
 };
 
 /// A decoded kernel event.
@@ -21,7 +21,6 @@ pub enum KernelEvent {
     Drop(DropEvent),
     Dns(DnsCapture),
     Nat(NatEvent),
-    Reply(ReplyEvent),
 }
 
 /// A [`DnsEvent`] with only the bytes the kernel copied of the message: most messages
@@ -107,9 +106,6 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
         EventKind::Nat => exact::<NatEvent>(record)
             .map(KernelEvent::Nat)
             .ok_or_else(|| wrong_length(size_of::<NatEvent>())),
-        EventKind::Reply => exact::<ReplyEvent>(record)
-            .map(KernelEvent::Reply)
-            .ok_or_else(|| wrong_length(size_of::<ReplyEvent>())),
     }
 }
 

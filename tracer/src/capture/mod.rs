@@ -127,8 +127,6 @@ pub struct KernelCounters {
     pub drops_lost: u64,
     pub nats: u64,
     pub nats_lost: u64,
-    pub replies: u64,
-    pub replies_lost: u64,
     pub dns_messages: u64,
     pub dns_messages_lost: u64,
     /// Runs of the tracing programs the kernel skipped because the same program was
@@ -150,12 +148,11 @@ impl KernelCounters {
             + self.icmp_errors_lost
             + self.drops_lost
             + self.nats_lost
-            + self.replies_lost
             + self.dns_messages_lost
     }
 
     /// (kernel program, events it produced, events it lost to a full ring buffer).
-    pub fn by_program(&self) -> [(&'static str, u64, u64); 8] {
+    pub fn by_program(&self) -> [(&'static str, u64, u64); 7] {
         [
             ("connect", self.connects, self.connects_lost),
             ("sock_state", self.sock_states, self.sock_states_lost),
@@ -164,7 +161,6 @@ impl KernelCounters {
             ("drops", self.drops, self.drops_lost),
             ("dns", self.dns_messages, self.dns_messages_lost),
             ("nat", self.nats, self.nats_lost),
-            ("reply", self.replies, self.replies_lost),
         ]
     }
 
@@ -559,8 +555,6 @@ impl Capture {
             drops_lost: total(Counter::DropLost)?,
             nats: total(Counter::NatSeen)?,
             nats_lost: total(Counter::NatLost)?,
-            replies: total(Counter::ReplySeen)?,
-            replies_lost: total(Counter::ReplyLost)?,
             dns_messages: total(Counter::DnsSeen)?,
             dns_messages_lost: total(Counter::DnsLost)?,
             handshakes_uncounted: total(Counter::HandshakeUncounted)?,
