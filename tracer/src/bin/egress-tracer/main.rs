@@ -306,16 +306,12 @@ pub struct UsageError(String);
 fn main() -> ExitCode {
     egress_tracer::release_freed_memory_promptly();
     let cli = Cli::parse();
-    // The agent serves HTTP while its event loop runs: give it a second thread.
-    let runtime = match &cli.command {
-        Command::Agent(_) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build(),
-        _ => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-    };
+    // One thread for every command. The agent's event loop and its HTTP server take turns
+    // (a request waits at most for one batch of events); a second worker thread only
+    // added wakeups between the two (~15% more agent CPU per traced connection).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
     let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(e) => {
