@@ -5,9 +5,8 @@
 //! cluster DNS, on four threads as fast as it can, for `--seconds` each, under each mode: untraced, the
 //! egress-tracer agent, tcpdump writing the pod's traffic to a file (the troubleshooting
 //! guide's packet capture) and, where it runs, a bpftrace script that counts the same
-//! events. Rounds interleave the modes (their order rotates every round), each figure is
-//! the rate under a mode divided by the untraced rate of the same round, and the table
-//! shows the median of the rounds.
+//! events. Every traced run is bracketed by untraced runs and divided by their mean rate;
+//! the modes' order rotates every round, and the table shows the median of the rounds.
 //!
 //! Then, with the agent: loss at the lab's full connection rate (events the kernel could
 //! not queue, and whether the connection counters still match what the load made), and a
@@ -142,56 +141,52 @@ fn run() -> Result<(), String> {
         Ok(()) => modes.push(Mode::Bpftrace),
         Err(why) => notes.push(format!("bpftrace not compared: {why}")),
     }
-    // (mode, round) -> (connects/s, DNS queries/s)
+    // Every traced run sits between two untraced runs and is divided by their mean: the
+    // machine's speed drifts within a round (by a quarter on this shared machine), and
+    // the neighbours see the same drift. Modes rotate their order every round.
+    // (mode, round) -> (connects/s, DNS queries/s), and the (connect, DNS) ratios.
     let mut rates: Vec<Vec<(f64, f64)>> = vec![Vec::new(); modes.len()];
+    let mut ratios: Vec<Vec<(f64, f64)>> = vec![Vec::new(); modes.len()];
+    let traced = modes.len() - 1;
     for round in 0..options.rounds {
-        for offset in 0..modes.len() {
-            let index = (round + offset) % modes.len();
-            let mode = modes[index];
-            let watcher = start(&lab, mode)?;
-            let connects = load(
-                &lab,
-                "connect-loop",
-                &connect_args(options.seconds, LOAD_THREADS),
-            )?;
-            let queries = load(&lab, "dns-loop", &dns_args(options.seconds))?;
-            if let Some(watcher) = watcher {
-                watcher.stop()?;
-            }
-            eprintln!(
-                "bench: round {} {:<22} {connects:>9.0} connects/s {queries:>9.0} queries/s",
-                round + 1,
-                mode.name()
-            );
-            rates[index].push((connects, queries));
+        let mut before = measure(&lab, Mode::Untraced, round, &options)?;
+        rates[0].push(before);
+        for offset in 0..traced {
+            let index = 1 + (round + offset) % traced;
+            let run = measure(&lab, modes[index], round, &options)?;
+            let after = measure(&lab, Mode::Untraced, round, &options)?;
+            rates[index].push(run);
+            rates[0].push(after);
+            ratios[index].push((
+                run.0 / ((before.0 + after.0) / 2.0),
+                run.1 / ((before.1 + after.1) / 2.0),
+            ));
+            before = after;
         }
     }
     let mut results = Vec::new();
     println!(
-        "{:<22} {:>16} {:>16}   (traced / untraced, median of {} interleaved rounds)",
+        "{:<22} {:>16} {:>16}   (traced / neighbouring untraced runs, median of {} rounds)",
         "mode", "connect+close", "DNS queries", options.rounds
     );
     for (index, mode) in modes.iter().enumerate() {
-        let ratio = |pick: fn(&(f64, f64)) -> f64| {
-            let per_round: Vec<f64> = rates[index]
-                .iter()
-                .zip(&rates[0])
-                .map(|(traced, untraced)| pick(traced) / pick(untraced))
-                .collect();
-            (median(&per_round), per_round)
-        };
-        let (connect, connect_rounds) = ratio(|r| r.0);
-        let (dns, dns_rounds) = ratio(|r| r.1);
-        println!("{:<22} {connect:>16.3} {dns:>16.3}", mode.name());
-        results.push(json!({
+        let per_round =
+            |pick: fn(&(f64, f64)) -> f64| -> Vec<f64> { ratios[index].iter().map(pick).collect() };
+        let mut result = json!({
             "mode": mode.name(),
-            "connect_ratio": connect,
-            "connect_ratio_per_round": connect_rounds,
-            "dns_ratio": dns,
-            "dns_ratio_per_round": dns_rounds,
             "connects_per_second": rates[index].iter().map(|r| r.0).collect::<Vec<_>>(),
             "dns_queries_per_second": rates[index].iter().map(|r| r.1).collect::<Vec<_>>(),
-        }));
+        });
+        if index > 0 {
+            let (connect_rounds, dns_rounds) = (per_round(|r| r.0), per_round(|r| r.1));
+            let (connect, dns) = (median(&connect_rounds), median(&dns_rounds));
+            println!("{:<22} {connect:>16.3} {dns:>16.3}", mode.name());
+            result["connect_ratio"] = json!(connect);
+            result["connect_ratio_per_round"] = json!(connect_rounds);
+            result["dns_ratio"] = json!(dns);
+            result["dns_ratio_per_round"] = json!(dns_rounds);
+        }
+        results.push(result);
     }
     let agent = &results[1];
     let verdicts = [
@@ -247,6 +242,26 @@ fn run() -> Result<(), String> {
         &notes,
         json!({ "loss": loss, "soak": soak }),
     )
+}
+
+/// One run of both loads under `mode`: (connects/s, DNS queries/s).
+fn measure(lab: &Lab, mode: Mode, round: usize, options: &Options) -> Result<(f64, f64), String> {
+    let watcher = start(lab, mode)?;
+    let connects = load(
+        lab,
+        "connect-loop",
+        &connect_args(options.seconds, LOAD_THREADS),
+    )?;
+    let queries = load(lab, "dns-loop", &dns_args(options.seconds))?;
+    if let Some(watcher) = watcher {
+        watcher.stop()?;
+    }
+    eprintln!(
+        "bench: round {} {:<22} {connects:>9.0} connects/s {queries:>9.0} queries/s",
+        round + 1,
+        mode.name()
+    );
+    Ok((connects, queries))
 }
 
 /// The agent under the most connections the lab carries: what it lost, and whether the
