@@ -918,4 +918,95 @@ mod tests {
         metrics.prune(&gone, start + PRUNE_AFTER);
         assert_eq!(value(&metrics, series), None);
     }
+
+    fn attempt(origin: &Arc<Origin>, outcome: Outcome, dropped: u32, hop: Hop) -> Record {
+        let drop = crate::capture::PacketDrop {
+            reason: "NETFILTER_DROP".into(),
+            location: "nft_do_chain".into(),
+            reply: false,
+            src: None,
+            dst: None,
+            conntrack: crate::capture::PacketConntrack::Unknown,
+            netns: None,
+            netns_owner: None,
+        };
+        Record::Attempt(Box::new(crate::flow::Attempt {
+            monotonic_ns: 0,
+            origin: Arc::clone(origin),
+            pid: 1,
+            comm: "curl".into(),
+            cgroup_id: 7,
+            sock_cookie: 1,
+            protocol: Protocol::Tcp,
+            src: None,
+            dst: "203.0.113.10:443".parse().unwrap(),
+            dst_name: None,
+            outcome,
+            tcp: Some(crate::flow::TcpHandshake {
+                syn_retransmits: 0,
+                duration: Some(Duration::from_millis(2)),
+                errno: None,
+                closed_by_application: false,
+            }),
+            icmp: None,
+            drops: (dropped > 0).then(|| {
+                Box::new(crate::flow::Drops {
+                    first: drop,
+                    count: dropped,
+                })
+            }),
+            nat: None,
+            service: None,
+            reply: None,
+            snat: None,
+            verdict: Some(Box::new(Verdict {
+                hop,
+                reason: if hop == Hop::None { "ok" } else { "denied" }.into(),
+                symptom: None,
+                likely: false,
+                summary: String::new(),
+                evidence: Vec::new(),
+                policy: None,
+                next_steps: Vec::new(),
+            })),
+        }))
+    }
+
+    #[test]
+    fn records_of_a_batch_add_up_per_series() {
+        let mut metrics = metrics(true);
+        let cluster = ClusterState::default();
+        let (web, db) = (origin("shop/web"), origin("shop/db"));
+        let records = [
+            attempt(&web, Outcome::Established, 0, Hop::None),
+            attempt(&web, Outcome::Established, 0, Hop::None),
+            attempt(&db, Outcome::Established, 0, Hop::None),
+            attempt(&web, Outcome::Timeout, 3, Hop::NetworkPolicy),
+            attempt(&web, Outcome::Timeout, 2, Hop::NetworkPolicy),
+        ];
+        metrics.records(&records, &cluster);
+        // A second batch adds to the same series.
+        metrics.records(&records[3..], &cluster);
+        let web_labels = "namespace=\"shop\",pod=\"web\"";
+        let duration = |pod: &str| {
+            value(
+                &metrics,
+                &format!(
+                    "egress_connect_duration_seconds_count{{namespace=\"shop\",pod=\"{pod}\",dst_class=\"internet\"}}"
+                ),
+            )
+        };
+        assert_eq!((duration("web"), duration("db")), (Some(2.0), Some(1.0)));
+        let denied = format!("{web_labels},hop=\"network-policy\",reason=\"denied\"");
+        assert_eq!(
+            value(&metrics, &format!("egress_drops_total{{{denied}}}")),
+            Some(10.0)
+        );
+        assert_eq!(
+            value(&metrics, &format!("egress_verdicts_total{{{denied}}}")),
+            Some(4.0)
+        );
+        // Successes are no verdict series.
+        assert!(!metrics.encode().contains("reason=\"ok\""));
+    }
 }
