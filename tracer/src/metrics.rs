@@ -959,16 +959,11 @@ mod tests {
             service: None,
             reply: None,
             snat: None,
-            verdict: Some(Box::new(Verdict {
+            verdict: Some(Box::new(Verdict::for_check(
                 hop,
-                reason: if hop == Hop::None { "ok" } else { "denied" }.into(),
-                symptom: None,
-                likely: false,
-                summary: String::new(),
-                evidence: Vec::new(),
-                policy: None,
-                next_steps: Vec::new(),
-            })),
+                if hop == Hop::None { "ok" } else { "denied" },
+                String::new(),
+            ))),
         }))
     }
 

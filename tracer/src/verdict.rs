@@ -112,7 +112,7 @@ impl Verdict {
         }
     }
 
-    /// A verdict from `diagnose`'s own checks rather than kernel events.
+    /// A verdict built from outside this module: `diagnose`'s own checks (and tests).
     pub fn for_check(hop: Hop, reason: impl Into<Cow<'static, str>>, summary: String) -> Self {
         Self::new(hop, reason, summary)
     }
