@@ -83,11 +83,11 @@ fn traces_one_pods_connects_with_exact_fields_and_detaches_on_sigint() {
     let lab = lab();
     let tracer = trace_client(&lab);
     let attached = BpfObjects::owned_by(tracer.pid()).unwrap();
-    // connect4/6, sendmsg4/6, packets out and in, socket state, ICMP, drops and NAT: a
-    // program and a link each.
+    // connect4/6, sendmsg4/6, packets out and in, socket state, ICMP and drops: a program
+    // and a link each.
     assert_eq!(
         (attached.programs.len(), attached.links.len()),
-        (10, 10),
+        (9, 9),
         "{attached:?}"
     );
 
@@ -274,7 +274,7 @@ fn timeout_when_the_upstream_drops_silently() {
     assert_eq!(record["tcp"]["closed_by"], "application");
     assert!(record["tcp"].get("error").is_none(), "{record}");
     assert_source_is(record, lab.pod("client").ip);
-    // The SYN left the node translated (seen at the device queue), then vanished.
+    // The SYN left the node translated (its conntrack entry says so), then vanished.
     assert_eq!(
         record["nat"]["src"].as_str().unwrap().split(':').next(),
         Some(addr::NODE_IP.to_string().as_str()),

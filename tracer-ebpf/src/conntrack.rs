@@ -1,13 +1,13 @@
 //! Reading the conntrack entry (`struct nf_conn`) a packet carries in `skb->_nfct`, for
-//! [`crate::nat`] (what NAT made of a traced flow) and [`crate::drops`] (drops after NAT
-//! rewrote the packet, and the entry's state when conntrack itself dropped it).
+//! [`crate::drops`]: drops after NAT rewrote the packet, and the entry's state when
+//! conntrack itself dropped it.
 //!
-//! `struct nf_conn` is read at offsets resolved from BTF (`NAT_OFFSETS`); the tuple's own
+//! `struct nf_conn` is read at offsets resolved from BTF (`CONNTRACK_OFFSETS`); the tuple's own
 //! layout is checked against BTF by userspace (`tracer_common::nf_tuple`).
 
 use aya_ebpf::Global;
 use tracer_common::{
-    AF_INET, AF_INET6, Endpoint, FlowTuple, IPPROTO_TCP, IPPROTO_UDP, NatOffsets,
+    AF_INET, AF_INET6, ConntrackOffsets, FlowTuple, IPPROTO_TCP, IPPROTO_UDP,
     nf_tuple::{DST_ADDR, DST_PORT, L3NUM, PROTONUM, SIZE, SRC_PORT},
 };
 
@@ -16,10 +16,9 @@ use crate::skb::read;
 /// Set by userspace at load time from the kernel's BTF; all zero when conntrack's types
 /// are unknown, which turns every reader here off.
 #[unsafe(no_mangle)]
-static NAT_OFFSETS: Global<NatOffsets> = Global::new(NatOffsets {
+static CONNTRACK_OFFSETS: Global<ConntrackOffsets> = Global::new(ConntrackOffsets {
     nfct: 0,
     tuplehash: 0,
-    tuple_hash_size: 0,
     tuple: 0,
     status: 0,
 });
@@ -30,8 +29,6 @@ const NFCT_PTRMASK: u64 = !7;
 const IP_CT_UNTRACKED: u64 = 7;
 /// `IP_CT_IS_REPLY`: ctinfo values from here on (below untracked) are reply packets.
 const IP_CT_IS_REPLY: u64 = 3;
-/// `IP_CT_NEW`: a packet in the original direction of an entry that saw no reply yet.
-const IP_CT_NEW: u64 = 2;
 
 /// A `struct nf_conntrack_tuple`, read whole.
 pub type RawTuple = [u8; SIZE];
@@ -61,25 +58,16 @@ pub fn attached(skb: *const u8) -> Result<Attached, i32> {
     })
 }
 
-/// The entry of a packet that opens its flow (no reply seen yet), where NAT settles the
-/// flow's translation: any other packet is answered from `skb` alone.
-#[inline(always)]
-pub fn opening_entry(skb: *const u8) -> Result<Option<*const u8>, i32> {
-    let nfct = nfct(skb)?;
-    let ct = (nfct & NFCT_PTRMASK) as *const u8;
-    Ok((nfct & !NFCT_PTRMASK == IP_CT_NEW && !ct.is_null()).then_some(ct))
-}
-
 /// `skb->_nfct`: the entry's address with the packet's ctinfo in the low bits.
 #[inline(always)]
 fn nfct(skb: *const u8) -> Result<u64, i32> {
-    let off = NAT_OFFSETS.load();
+    let off = CONNTRACK_OFFSETS.load();
     if off.nfct == 0 {
         return Err(0);
     }
     // A plain load, not a helper call: the verifier knows `skb`'s type from the
     // tracepoint's BTF and the offset is a constant of the frozen `.rodata`, so it checks
-    // the field and makes the load fault-safe. `net_dev_queue` does this for every packet.
+    // the field and makes the load fault-safe.
     // SAFETY: `skb` is the tracepoint's `struct sk_buff *` and `nfct` its `_nfct` offset.
     Ok(unsafe { *skb.add(off.nfct as usize).cast::<u64>() })
 }
@@ -87,24 +75,14 @@ fn nfct(skb: *const u8) -> Result<u64, i32> {
 /// The entry's original tuple.
 #[inline(always)]
 pub fn original(ct: *const u8) -> Result<RawTuple, i32> {
-    let off = NAT_OFFSETS.load();
+    let off = CONNTRACK_OFFSETS.load();
     read(ct, (off.tuplehash + off.tuple) as usize)
-}
-
-/// The entry's reply tuple.
-#[inline(always)]
-pub fn reply(ct: *const u8) -> Result<RawTuple, i32> {
-    let off = NAT_OFFSETS.load();
-    read(
-        ct,
-        (off.tuplehash + off.tuple_hash_size + off.tuple) as usize,
-    )
 }
 
 /// The low 32 bits of `nf_conn.status` (the `IPS_*` bits).
 #[inline(always)]
 pub fn status(ct: *const u8) -> Result<u32, i32> {
-    read(ct, NAT_OFFSETS.load().status as usize)
+    read(ct, CONNTRACK_OFFSETS.load().status as usize)
 }
 
 /// The flow key of a tuple, when it is TCP or UDP over IPv4 or IPv6.
@@ -129,21 +107,4 @@ pub fn flow_key(tuple: &RawTuple) -> Option<FlowTuple> {
     key.src.copy_from_slice(&tuple[..16]);
     key.dst.copy_from_slice(&tuple[DST_ADDR..DST_ADDR + 16]);
     Some(key)
-}
-
-/// The source (`source == true`) or destination endpoint of a tuple.
-#[inline(always)]
-pub fn endpoint(tuple: &RawTuple, source: bool) -> Endpoint {
-    let (addr_at, port_at) = if source {
-        (0, SRC_PORT)
-    } else {
-        (DST_ADDR, DST_PORT)
-    };
-    let mut addr = [0u8; 16];
-    addr.copy_from_slice(&tuple[addr_at..addr_at + 16]);
-    Endpoint {
-        family: u16::from_ne_bytes([tuple[L3NUM], tuple[L3NUM + 1]]),
-        port: u16::from_be_bytes([tuple[port_at], tuple[port_at + 1]]),
-        addr,
-    }
 }

@@ -10,10 +10,10 @@
 //! - [`icmp`]: tp_btf `consume_skb` filtered to the ICMP receive functions, the ICMP
 //!   errors that explain failed attempts.
 //! - [`drops`]: tp_btf `kfree_skb`, packets of traced flows dropped, with the reason.
-//! - [`nat`]: tp_btf `net_dev_queue`, the SNAT/DNAT the node applied to traced flows.
 //!
 //! [`skb`] reads packets from `struct sk_buff` pointers for the tracing programs, and
-//! [`conntrack`] the conntrack entries they carry.
+//! [`conntrack`] the conntrack entries they carry. (What NAT made of a flow, userspace
+//! reads from the flow's conntrack entry over ctnetlink: once per flow, not per packet.)
 //!
 //! All of them write to the ring buffer and counters in [`maps`]. Event layouts live in
 //! `tracer-common`, shared with userspace.
@@ -34,8 +34,6 @@ mod first_packet;
 mod icmp;
 #[cfg(target_arch = "bpf")]
 mod maps;
-#[cfg(target_arch = "bpf")]
-mod nat;
 #[cfg(target_arch = "bpf")]
 mod packets;
 #[cfg(target_arch = "bpf")]

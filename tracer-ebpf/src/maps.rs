@@ -36,7 +36,7 @@ pub struct TrackedSocket {
     /// The cgroup that connected it, for counting its handshake: the state hook runs in
     /// softirq context, where the current cgroup is not the socket's.
     pub cgroup_id: u64,
-    /// Flags of what was reported already ([`FIRST_PACKET_REPORTED`], [`NAT_REPORTED`],
+    /// Flags of what was reported already ([`FIRST_PACKET_REPORTED`],
     /// [`REPLY_REPORTED`]); 0 is nothing yet.
     pub reported: u8,
     /// The first answer to the socket's SYN, for its [`SockStateEvent`]: its TCP flags
@@ -102,8 +102,7 @@ pub fn is_traced(cgroup_id: u64) -> bool {
 }
 
 pub const FIRST_PACKET_REPORTED: u8 = 1;
-pub const NAT_REPORTED: u8 = 2;
-pub const REPLY_REPORTED: u8 = 4;
+pub const REPLY_REPORTED: u8 = 2;
 
 #[inline(always)]
 pub fn count(counter: Counter) {

@@ -30,8 +30,8 @@ use tracer_common::{
 };
 
 use crate::{
-    capture::{PacketDrop, Translation, comm, socket_addr},
-    conntrack::snat::SnatUsage,
+    capture::{PacketDrop, comm, socket_addr},
+    conntrack::{Translation, snat::SnatUsage},
     verdict::Verdict,
 };
 
@@ -49,6 +49,16 @@ pub const MAX_PENDING: usize = 65_536;
 pub enum Protocol {
     Tcp,
     Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+        }
+    }
 }
 
 /// How an attempt ended.
@@ -463,13 +473,6 @@ impl FlowAssembler {
                 Outcome::Unreachable
             };
             done.push(attempt);
-        }
-    }
-
-    /// Records the NAT translation of the attempt of socket `cookie`.
-    pub fn on_nat(&mut self, cookie: u64, translation: Translation) {
-        if let Some(attempt) = self.pending.get_mut(&cookie) {
-            attempt.nat = Some(translation);
         }
     }
 

@@ -5,7 +5,7 @@
 //! (Sockets that carried DNS and were never reported as attempts, like TCP ones, are
 //! forgotten once [`MAX_REMEMBERED`] is reached.)
 
-use std::{fs, os::unix::fs::MetadataExt, sync::Arc, time::Duration};
+use std::{fs, io, os::unix::fs::MetadataExt, sync::Arc, time::Duration};
 
 use foldhash::{HashMap, HashSet};
 use tracer_common::IPPROTO_TCP;
@@ -13,7 +13,7 @@ use tracer_common::IPPROTO_TCP;
 use crate::{
     capture::{DecodeError, DnsCapture, KernelEvent, KernelNames, NetnsOwner, socket_addr},
     cluster::{ClusterState, PodInfo, cgroups::CgroupIndex},
-    conntrack::snat::SnatTable,
+    conntrack::{Translation, netlink, snat::SnatTable},
     dns::{self, DnsTracker, Lookup, QueryOutcome, Resolver, SeenMessage},
     flow::{Attempt, ContainerRef, FlowAssembler, Origin, Protocol, ServiceTarget},
     policy::{self, Decision, Flow},
@@ -67,6 +67,60 @@ impl Record {
 pub struct PipelineStats {
     pub connects_received: u64,
     pub decode_errors: u64,
+    /// Conntrack lookups of attempts' NAT that failed (other than "no such entry").
+    pub nat_lookup_errors: u64,
+}
+
+/// ctnetlink cannot be used in the tracer's network namespace.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "NAT translations will be missing: cannot look up conntrack entries over ctnetlink ({0}); \
+     it needs CAP_NET_ADMIN and the nf_conntrack_netlink module"
+)]
+pub struct NatUnavailable(#[source] io::Error);
+
+/// Which finished attempts have their NAT read from their conntrack entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NatLookups {
+    /// Every attempt: each record shows its flow's translation.
+    Every,
+    /// Failed attempts only, whose verdicts need it. A lookup per successful connection
+    /// would cost the node more than tracing the connection in the kernel does.
+    Failed,
+}
+
+/// Reads attempts' NAT from their conntrack entries.
+struct NatFinder {
+    lookups: netlink::Lookups,
+    which: NatLookups,
+    errors: u64,
+}
+
+impl NatFinder {
+    /// Fills in what the node's NAT made of `attempt`, from the conntrack entry of its
+    /// tuple. The entry outlives the attempt's record by seconds at least: a failed or
+    /// closed TCP flow's for 10 s (`CLOSE`) to 2 min (`SYN_SENT`, `TIME_WAIT`), a UDP
+    /// flow's for 30 s.
+    fn fill(&mut self, attempt: &mut Attempt) {
+        let Some(src) = attempt.src else {
+            return;
+        };
+        if self.which == NatLookups::Failed && !attempt.outcome.is_failure() {
+            return;
+        }
+        match self
+            .lookups
+            .get(attempt.protocol.number(), src, attempt.dst)
+        {
+            Ok(entry) => {
+                attempt.nat = entry
+                    .as_ref()
+                    .map(Translation::of)
+                    .filter(|nat| nat.src.is_some() || nat.dst.is_some());
+            }
+            Err(_) => self.errors += 1,
+        }
+    }
 }
 
 pub struct Pipeline {
@@ -91,6 +145,7 @@ pub struct Pipeline {
     stats: PipelineStats,
     /// The latest SNAT port usage of the node.
     snat: Option<SnatTable>,
+    nat: Option<NatFinder>,
     node: NodeFacts,
     /// Inode of the tracer's own network namespace (the node's).
     own_netns: Option<u64>,
@@ -121,6 +176,7 @@ impl Pipeline {
             lookups: Vec::new(),
             stats: PipelineStats::default(),
             snat: None,
+            nat: None,
             node: NodeFacts::of_this_node(),
             own_netns: fs::metadata("/proc/self/ns/net").ok().map(|m| m.ino()),
             endpoint_hops: HashMap::default(),
@@ -165,6 +221,18 @@ impl Pipeline {
     pub fn set_cluster(&mut self, cluster: ClusterState) {
         self.cluster = cluster;
         self.origins.clear();
+    }
+
+    /// Reads the NAT of `which` attempts from the conntrack table of the tracer's network
+    /// namespace (the node's) as their records are made. Fails when ctnetlink is not
+    /// usable here (it needs `CAP_NET_ADMIN` and the `nf_conntrack_netlink` module).
+    pub fn look_up_nat(&mut self, which: NatLookups) -> Result<(), NatUnavailable> {
+        self.nat = Some(NatFinder {
+            lookups: netlink::Lookups::open().map_err(NatUnavailable)?,
+            which,
+            errors: 0,
+        });
+        Ok(())
     }
 
     /// The node's latest SNAT port usage, for the verdicts of translated attempts.
@@ -212,9 +280,6 @@ impl Pipeline {
                     self.flows.on_drop(drop.sock_cookie, described);
                 }
                 Ok(KernelEvent::Dns(event)) => self.on_dns(&event),
-                Ok(KernelEvent::Nat(nat)) => self
-                    .flows
-                    .on_nat(nat.sock_cookie, KernelNames::describe_nat(&nat)),
                 Err(_) => self.stats.decode_errors += 1,
             }
         }
@@ -302,6 +367,9 @@ impl Pipeline {
             if carried_dns {
                 continue;
             }
+            if let Some(nat) = &mut self.nat {
+                nat.fill(&mut attempt);
+            }
             if let Some(reply) = attempt.reply.as_mut() {
                 if reply.reset {
                     reply.endpoint_hops = self.endpoint_hops.get(&attempt.dst.ip()).copied();
@@ -327,12 +395,8 @@ impl Pipeline {
             if let (Some(table), Some(nat)) = (&self.snat, attempt.nat)
                 && let Some(src) = nat.src
             {
-                let protocol = match attempt.protocol {
-                    Protocol::Tcp => IPPROTO_TCP,
-                    Protocol::Udp => tracer_common::IPPROTO_UDP,
-                };
                 let dst = nat.dst.unwrap_or(attempt.dst);
-                attempt.snat = Some(table.usage(src.ip(), dst, protocol));
+                attempt.snat = Some(table.usage(src.ip(), dst, attempt.protocol.number()));
             }
             let protocol = match attempt.protocol {
                 Protocol::Tcp => policy::Protocol::Tcp,
@@ -379,7 +443,10 @@ impl Pipeline {
     }
 
     pub fn stats(&self) -> PipelineStats {
-        self.stats
+        PipelineStats {
+            nat_lookup_errors: self.nat.as_ref().map_or(0, |nat| nat.errors),
+            ..self.stats
+        }
     }
 
     pub fn flow_stats(&self) -> crate::flow::FlowStats {

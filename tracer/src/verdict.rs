@@ -583,7 +583,7 @@ fn of_timeout(attempt: &Attempt, target: Target<'_>) -> Verdict {
     let translated = attempt.nat.and_then(|nat| nat.src);
     let sent = match translated {
         Some(src) => format!(
-            "{retransmits} SYN retransmissions, no answer; the SYN left the node translated to {src} (conntrack, at the device queue)"
+            "{retransmits} SYN retransmissions, no answer; the SYN left the node translated to {src} (its conntrack entry)"
         ),
         None => format!("{retransmits} SYN retransmissions, no answer (the pod's socket)"),
     };
@@ -747,8 +747,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        capture::{PacketDrop, Translation},
-        conntrack::snat::SnatTable,
+        capture::PacketDrop,
+        conntrack::{Translation, snat::SnatTable},
         flow::{Origin, Protocol, TcpHandshake},
     };
 

@@ -50,12 +50,12 @@ impl Mode {
 const LOAD_THREADS: u32 = 4;
 
 /// The bpftrace stand-in for the tracer: the events of its tracing hooks (handshake
-/// ends, drops, queued packets), counted in maps. (This kernel has no syscall
-/// tracepoints or kprobes for a connect() probe.)
+/// ends, drops, freed packets where ICMP errors are found), counted in maps. (This
+/// kernel has no syscall tracepoints or kprobes for a connect() probe.)
 const BPFTRACE_SCRIPT: &str = "\
 tracepoint:sock:inet_sock_set_state /args->oldstate == 2/ { @handshakes[args->newstate] = count(); }
 tracepoint:skb:kfree_skb { @drops[args->reason] = count(); }
-tracepoint:net:net_dev_queue { @queued = count(); }
+tracepoint:skb:consume_skb { @consumed = count(); }
 ";
 
 struct Options {

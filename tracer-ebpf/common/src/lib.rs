@@ -46,8 +46,6 @@ pub enum EventKind {
     Drop = 5,
     /// A [`DnsEvent`]: a DNS message left or reached a traced process.
     Dns = 6,
-    /// A [`NatEvent`]: a traced flow left a device translated by the node's NAT.
-    Nat = 7,
 }
 
 impl EventKind {
@@ -60,7 +58,6 @@ impl EventKind {
             4 => Some(Self::IcmpError),
             5 => Some(Self::Drop),
             6 => Some(Self::Dns),
-            7 => Some(Self::Nat),
             _ => None,
         }
     }
@@ -247,10 +244,6 @@ pub const IPS_DST_NAT_DONE: u32 = 1 << 8;
 /// `IPS_CONFIRMED`: the entry is in the conntrack table (set when the first packet
 /// leaves the last netfilter hook).
 pub const IPS_CONFIRMED: u32 = 1 << 3;
-/// `IPS_SRC_NAT`: the source is actually translated.
-pub const IPS_SRC_NAT: u32 = 1 << 4;
-/// `IPS_DST_NAT`: the destination is actually translated.
-pub const IPS_DST_NAT: u32 = 1 << 5;
 
 /// The kernel dropped a packet of a traced flow (`kfree_skb` with a drop reason).
 #[repr(C)]
@@ -309,47 +302,24 @@ pub struct DnsEvent {
     pub data: [u8; DNS_CAPTURE_BYTES],
 }
 
-/// A traced flow's packet left a network device translated by NAT (SNAT/MASQUERADE of
-/// the source, DNAT of a Service address): both directions of its conntrack entry.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NatEvent {
-    pub header: EventHeader,
-    /// Cookie of the socket whose flow it is.
-    pub sock_cookie: u64,
-    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
-    pub protocol: u8,
-    pub _pad: [u8; 7],
-    /// The original direction as the pod sent it.
-    pub original_src: Endpoint,
-    pub original_dst: Endpoint,
-    /// The reply direction as the remote end will send it: its destination is the
-    /// translated source, its source the translated destination.
-    pub reply_src: Endpoint,
-    pub reply_dst: Endpoint,
-}
-
 /// Where a packet's conntrack entry and its tuples are, resolved from BTF at load time
 /// (`struct nf_conn` comes from the `nf_conntrack` module's BTF when it is a module).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NatOffsets {
+pub struct ConntrackOffsets {
     /// `sk_buff._nfct`: the `nf_conn` pointer, with the ctinfo in its low 3 bits.
     pub nfct: u32,
-    /// `nf_conn.tuplehash`: the original direction's `nf_conntrack_tuple_hash`; the reply
-    /// direction's follows it.
+    /// `nf_conn.tuplehash`: the original direction's `nf_conntrack_tuple_hash`.
     pub tuplehash: u32,
-    /// `sizeof(struct nf_conntrack_tuple_hash)`.
-    pub tuple_hash_size: u32,
     /// `nf_conntrack_tuple_hash.tuple`.
     pub tuple: u32,
     /// `nf_conn.status`.
     pub status: u32,
 }
 
-/// Layout of `struct nf_conntrack_tuple` the NAT program reads (it copies the 40-byte
+/// Layout of `struct nf_conntrack_tuple` the drop program reads (it copies the 40-byte
 /// tuple whole and indexes it with constants, which the verifier can check). Userspace
-/// checks these against the running kernel's BTF and leaves NAT off if they differ.
+/// checks these against the running kernel's BTF and leaves conntrack off if they differ.
 pub mod nf_tuple {
     /// `src.u3`: the source address (`union nf_inet_addr`, 16 bytes).
     pub const SRC_ADDR: usize = 0;
@@ -477,17 +447,13 @@ pub enum Counter {
     DnsSeen = 10,
     /// [`DnsEvent`]s lost to a full ring buffer.
     DnsLost = 11,
-    /// NAT translations of traced flows seen.
-    NatSeen = 12,
-    /// [`NatEvent`]s lost to a full ring buffer.
-    NatLost = 13,
     /// Handshakes that could not be counted in the `HANDSHAKES` map because it was full.
-    HandshakeUncounted = 14,
+    HandshakeUncounted = 12,
 }
 
 impl Counter {
     /// Number of counters, i.e. the size of the `COUNTERS` array.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 13;
     /// All counters, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Self::ConnectSeen,
@@ -502,8 +468,6 @@ impl Counter {
         Self::DropLost,
         Self::DnsSeen,
         Self::DnsLost,
-        Self::NatSeen,
-        Self::NatLost,
         Self::HandshakeUncounted,
     ];
 }
@@ -623,10 +587,9 @@ mod user {
     unsafe impl aya::Pod for super::IcmpErrorEvent {}
     unsafe impl aya::Pod for super::DropEvent {}
     unsafe impl aya::Pod for super::DnsEvent {}
-    unsafe impl aya::Pod for super::NatEvent {}
     unsafe impl aya::Pod for super::HandshakeKey {}
     unsafe impl aya::Pod for super::HandshakeTotals {}
-    unsafe impl aya::Pod for super::NatOffsets {}
+    unsafe impl aya::Pod for super::ConntrackOffsets {}
     unsafe impl aya::Pod for super::DropReasons {}
     unsafe impl aya::Pod for super::FlowTuple {}
     unsafe impl aya::Pod for super::SocketDestination {}
@@ -778,16 +741,9 @@ mod tests {
     }
 
     #[test]
-    fn nat_event_layout() {
-        assert_eq!(size_of::<NatEvent>(), 112);
-        assert_eq!(offset_of!(NatEvent, sock_cookie), 16);
-        assert_eq!(offset_of!(NatEvent, protocol), 24);
-        assert_eq!(offset_of!(NatEvent, original_src), 32);
-        assert_eq!(offset_of!(NatEvent, original_dst), 52);
-        assert_eq!(offset_of!(NatEvent, reply_src), 72);
-        assert_eq!(offset_of!(NatEvent, reply_dst), 92);
-        assert_eq!(size_of::<NatOffsets>(), 20);
-        assert_eq!(offset_of!(NatOffsets, status), 16);
+    fn conntrack_offsets_layout() {
+        assert_eq!(size_of::<ConntrackOffsets>(), 16);
+        assert_eq!(offset_of!(ConntrackOffsets, status), 12);
     }
 
     #[test]
@@ -825,7 +781,6 @@ mod tests {
             EventKind::IcmpError,
             EventKind::Drop,
             EventKind::Dns,
-            EventKind::Nat,
         ] {
             assert_eq!(EventKind::from_raw(kind as u32), Some(kind));
         }

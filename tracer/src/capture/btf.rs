@@ -8,7 +8,7 @@
 use std::{collections::HashMap, path::Path};
 
 use btf_rs::{Btf, Member, Struct, Type};
-use tracer_common::{DropOffsets, NatOffsets, SkbOffsets, SockOffsets, nf_tuple};
+use tracer_common::{ConntrackOffsets, DropOffsets, SkbOffsets, SockOffsets, nf_tuple};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
@@ -126,8 +126,8 @@ impl KernelBtf {
     }
 
     /// Where a packet's conntrack entry and tuples are. Checks that `struct
-    /// nf_conntrack_tuple` is laid out as the NAT program reads it.
-    pub fn nat_offsets(&self) -> Result<NatOffsets, BtfError> {
+    /// nf_conntrack_tuple` is laid out as the drop program reads it.
+    pub fn conntrack_offsets(&self) -> Result<ConntrackOffsets, BtfError> {
         let tuple_field = |path: &[&str]| self.offset_of("nf_conntrack_tuple", path);
         let expected = [
             (&["src", "u3"][..], nf_tuple::SRC_ADDR),
@@ -151,10 +151,9 @@ impl KernelBtf {
                 nf_tuple::SIZE
             )));
         }
-        Ok(NatOffsets {
+        Ok(ConntrackOffsets {
             nfct: self.offset_of("sk_buff", &["_nfct"])?,
             tuplehash: self.offset_of("nf_conn", &["tuplehash"])?,
-            tuple_hash_size: self.find_struct("nf_conntrack_tuple_hash")?.size() as u32,
             tuple: self.offset_of("nf_conntrack_tuple_hash", &["tuple"])?,
             status: self.offset_of("nf_conn", &["status"])?,
         })
@@ -272,26 +271,23 @@ mod tests {
     }
 
     #[test]
-    fn conntrack_layout_matches_the_nat_program() {
+    fn conntrack_layout_matches_the_drop_program() {
         if !Path::new(KERNEL_BTF).exists() {
             return;
         }
         let btf = KernelBtf::from_file(Path::new(KERNEL_BTF)).unwrap();
         // This kernel has conntrack built in; elsewhere it comes from the module's BTF.
-        let btf = match btf.nat_offsets() {
+        let btf = match btf.conntrack_offsets() {
             Err(BtfError::NoStruct(_)) => btf.with_module("nf_conntrack").unwrap(),
             _ => btf,
         };
-        let off = btf.nat_offsets().unwrap();
-        // Each direction's tuple_hash is a list node (16 bytes) and the 40-byte tuple.
-        assert_eq!((off.tuple, off.tuple_hash_size), (16, 56), "{off:?}");
+        let off = btf.conntrack_offsets().unwrap();
+        // A tuple_hash is a list node (16 bytes), then the 40-byte tuple.
+        assert_eq!(off.tuple, 16, "{off:?}");
         assert!(off.tuplehash > 0 && off.nfct > 0, "{off:?}");
-        // `status` follows both tuple hashes (it sits after them in every kernel since
-        // 2.6).
-        assert!(
-            off.status >= off.tuplehash + 2 * off.tuple_hash_size,
-            "{off:?}"
-        );
+        // `status` follows both directions' tuple hashes (it sits after them in every
+        // kernel since 2.6).
+        assert!(off.status >= off.tuplehash + 2 * 56, "{off:?}");
     }
 
     #[test]

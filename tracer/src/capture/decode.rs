@@ -8,7 +8,7 @@ use std::{
 
 use tracer_common::{
     AF_INET, AF_INET6, ConnectEvent, DNS_CAPTURE_BYTES, DnsEvent, DropEvent, Endpoint, EventHeader,
-    EventKind, FirstPacketEvent, IcmpErrorEvent, NatEvent, SockStateEvent,
+    EventKind, FirstPacketEvent, IcmpErrorEvent, SockStateEvent,
 };
 
 /// A decoded kernel event.
@@ -20,7 +20,6 @@ pub enum KernelEvent {
     IcmpError(IcmpErrorEvent),
     Drop(DropEvent),
     Dns(DnsCapture),
-    Nat(NatEvent),
 }
 
 /// A [`DnsEvent`] with only the bytes the kernel copied of the message: most messages
@@ -103,9 +102,6 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
                 message: message.to_vec(),
             }))
         }
-        EventKind::Nat => exact::<NatEvent>(record)
-            .map(KernelEvent::Nat)
-            .ok_or_else(|| wrong_length(size_of::<NatEvent>())),
     }
 }
 

@@ -27,8 +27,8 @@ use aya::{
 };
 use tokio::io::unix::AsyncFd;
 use tracer_common::{
-    Counter, DropEvent, DropOffsets, DropReasons, HandshakeKey, HandshakeTotals, IcmpReceivers,
-    NatEvent, NatOffsets, SETTING_CGROUP_FILTER,
+    ConntrackOffsets, Counter, DropEvent, DropOffsets, DropReasons, HandshakeKey, HandshakeTotals,
+    IcmpReceivers, SETTING_CGROUP_FILTER,
 };
 
 pub use btf::{BtfError, KernelBtf};
@@ -127,8 +127,6 @@ pub struct KernelCounters {
     pub icmp_errors_lost: u64,
     pub drops: u64,
     pub drops_lost: u64,
-    pub nats: u64,
-    pub nats_lost: u64,
     pub dns_messages: u64,
     pub dns_messages_lost: u64,
     /// Runs of the tracing programs the kernel skipped because the same program was
@@ -137,7 +135,6 @@ pub struct KernelCounters {
     pub sock_states_skipped: u64,
     pub icmp_errors_skipped: u64,
     pub drops_skipped: u64,
-    pub nats_skipped: u64,
     /// Handshakes the kernel could not count because its `HANDSHAKES` map was full.
     pub handshakes_uncounted: u64,
 }
@@ -149,12 +146,11 @@ impl KernelCounters {
             + self.first_packets_lost
             + self.icmp_errors_lost
             + self.drops_lost
-            + self.nats_lost
             + self.dns_messages_lost
     }
 
     /// (kernel program, events it produced, events it lost to a full ring buffer).
-    pub fn by_program(&self) -> [(&'static str, u64, u64); 7] {
+    pub fn by_program(&self) -> [(&'static str, u64, u64); 6] {
         [
             ("connect", self.connects, self.connects_lost),
             ("sock_state", self.sock_states, self.sock_states_lost),
@@ -162,17 +158,15 @@ impl KernelCounters {
             ("icmp", self.icmp_errors, self.icmp_errors_lost),
             ("drops", self.drops, self.drops_lost),
             ("dns", self.dns_messages, self.dns_messages_lost),
-            ("nat", self.nats, self.nats_lost),
         ]
     }
 
     /// (tracing program, runs the kernel skipped for recursion).
-    pub fn skipped_by_program(&self) -> [(&'static str, u64); 4] {
+    pub fn skipped_by_program(&self) -> [(&'static str, u64); 3] {
         [
             ("sock_state", self.sock_states_skipped),
             ("icmp", self.icmp_errors_skipped),
             ("drops", self.drops_skipped),
-            ("nat", self.nats_skipped),
         ]
     }
 }
@@ -212,15 +206,6 @@ impl KernelNames {
         self.kallsyms
             .symbolize(address)
             .unwrap_or_else(|| format!("{address:#x}"))
-    }
-
-    /// The translation in a NAT event: what the source and destination became.
-    pub fn describe_nat(event: &NatEvent) -> Translation {
-        let changed = |reply, original| (reply != original).then(|| socket_addr(&reply)).flatten();
-        Translation {
-            src: changed(event.reply_dst, event.original_src),
-            dst: changed(event.reply_src, event.original_dst),
-        }
     }
 
     /// Describes a drop event for the flow assembler.
@@ -269,15 +254,6 @@ impl PacketConntrack {
     pub fn source_nat_done(self) -> bool {
         matches!(self, Self::Entry { status } if status & tracer_common::IPS_SRC_NAT_DONE != 0)
     }
-}
-
-/// What the node's NAT made of an attempt's addresses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Translation {
-    /// The source after SNAT/MASQUERADE, when it changed.
-    pub src: Option<std::net::SocketAddr>,
-    /// The destination after DNAT (a Service to its backend), when it changed.
-    pub dst: Option<std::net::SocketAddr>,
 }
 
 /// A dropped packet of an attempt.
@@ -365,9 +341,11 @@ impl Capture {
             ));
             IcmpReceivers::default()
         });
-        let nat_offsets = nat_offsets(&kernel_btf).unwrap_or_else(|e| {
-            warnings.push(format!("NAT translations will be missing: {e}"));
-            NatOffsets::default()
+        let conntrack_offsets = conntrack_offsets(&kernel_btf).unwrap_or_else(|e| {
+            warnings.push(format!(
+                "drops after the node's NAT will not be matched to their flows, nor say their conntrack state: {e}"
+            ));
+            ConntrackOffsets::default()
         });
         let drop_offsets = kernel_btf.drop_offsets().unwrap_or_else(|e| {
             warnings.push(format!(
@@ -397,7 +375,7 @@ impl Capture {
             .override_global("SOCK_OFFSETS", &sock_offsets, true)
             .override_global("SKB_OFFSETS", &skb_offsets, true)
             .override_global("ICMP_RECEIVERS", &icmp_receivers, true)
-            .override_global("NAT_OFFSETS", &nat_offsets, true)
+            .override_global("CONNTRACK_OFFSETS", &conntrack_offsets, true)
             .override_global("DROP_OFFSETS", &drop_offsets, true)
             .override_global(
                 "DROP_REASONS",
@@ -460,11 +438,6 @@ impl Capture {
                     && let Err(e) = attach_btf_tracepoint(&mut ebpf, "kfree_skb", &btf)
                 {
                     warnings.push(format!("packet drops will not be reported: {e}"));
-                }
-                if nat_offsets != NatOffsets::default()
-                    && let Err(e) = attach_btf_tracepoint(&mut ebpf, "net_dev_queue", &btf)
-                {
-                    warnings.push(format!("NAT translations will be missing: {e}"));
                 }
             }
             Err(e) => warnings.push(format!(
@@ -555,15 +528,12 @@ impl Capture {
             icmp_errors_lost: total(Counter::IcmpErrorLost)?,
             drops: total(Counter::DropSeen)?,
             drops_lost: total(Counter::DropLost)?,
-            nats: total(Counter::NatSeen)?,
-            nats_lost: total(Counter::NatLost)?,
             dns_messages: total(Counter::DnsSeen)?,
             dns_messages_lost: total(Counter::DnsLost)?,
             handshakes_uncounted: total(Counter::HandshakeUncounted)?,
             sock_states_skipped: self.skipped_runs("inet_sock_set_state"),
             icmp_errors_skipped: self.skipped_runs("consume_skb"),
             drops_skipped: self.skipped_runs("kfree_skb"),
-            nats_skipped: self.skipped_runs("net_dev_queue"),
         })
     }
 
@@ -722,9 +692,9 @@ fn attach_btf_tracepoint(
 }
 
 /// Conntrack offsets, from the kernel's BTF or, when conntrack is a module, the module's.
-fn nat_offsets(kernel_btf: &KernelBtf) -> Result<NatOffsets, BtfError> {
-    match kernel_btf.nat_offsets() {
-        Err(BtfError::NoStruct(_)) => kernel_btf.with_module("nf_conntrack")?.nat_offsets(),
+fn conntrack_offsets(kernel_btf: &KernelBtf) -> Result<ConntrackOffsets, BtfError> {
+    match kernel_btf.conntrack_offsets() {
+        Err(BtfError::NoStruct(_)) => kernel_btf.with_module("nf_conntrack")?.conntrack_offsets(),
         other => other,
     }
 }

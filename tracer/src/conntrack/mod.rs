@@ -1,24 +1,44 @@
 //! The node's conntrack and NAT, from the sources that see them best:
 //!
-//! - eBPF (`tracer-ebpf`): per flow, the translation (the packet's conntrack entry at
-//!   `net_dev_queue`, after NAT) and conntrack's drops (`kfree_skb`, with the entry's
-//!   state), joined to the flow by the entry's original tuple. The verdicts read them
-//!   (`verdict`).
+//! - eBPF (`tracer-ebpf`): conntrack's drops (`kfree_skb`, with the entry's state),
+//!   joined to the flow by the entry's original tuple.
+//! - ctnetlink ([`netlink`]): per flow, the [`Translation`] in its entry, looked up by
+//!   the flow's original tuple when its record is made (the verdicts read it); and a dump
+//!   of the whole table, for SNAT port pressure ([`snat`]): the node's SNAT ports are
+//!   shared by every pod and host process, most of them untraced.
 //! - `/proc/net/stat/nf_conntrack` (here, [`ConntrackStats`]): how full the table is and
 //!   the per-CPU failure counters (`conntrack -S`), which no flow carries: they
 //!   corroborate the kernel's drops.
-//! - ctnetlink ([`netlink`]): a dump of the whole table, for SNAT port pressure
-//!   ([`snat`]): the node's SNAT ports are shared by every pod and host process, most of
-//!   them untraced.
 //!
 //! [`watch`] refreshes the last two in the background.
 
-use std::{collections::HashMap, fs, io, thread, time::Duration};
+use std::{collections::HashMap, fs, io, net::SocketAddr, thread, time::Duration};
 
 use tokio::sync::watch;
 
 pub mod netlink;
 pub mod snat;
+
+/// What the node's NAT made of a flow's addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    /// The source after SNAT/MASQUERADE, when it changed.
+    pub src: Option<SocketAddr>,
+    /// The destination after DNAT (a Service to its backend), when it changed.
+    pub dst: Option<SocketAddr>,
+}
+
+impl Translation {
+    /// The translation of a conntrack entry: the reply direction is addressed to the
+    /// translated source, and comes from the translated destination.
+    pub fn of(entry: &netlink::Entry) -> Self {
+        let changed = |reply: SocketAddr, original| (reply != original).then_some(reply);
+        Self {
+            src: changed(entry.reply.dst, entry.original.src),
+            dst: changed(entry.reply.src, entry.original.dst),
+        }
+    }
+}
 
 /// What [`watch`] publishes.
 #[derive(Clone, Debug, Default)]

@@ -25,7 +25,7 @@ use egress_tracer::{
     flow::Origin,
     metrics::{Metrics, MetricsOptions},
     node::{self, Capability, MonotonicClock},
-    pipeline::Pipeline,
+    pipeline::{NatLookups, Pipeline},
     store::{FlowStore, StoreLimits},
 };
 use tokio::{
@@ -184,6 +184,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read cgroups under {}", cgroup_root.display()))?;
     let mut pipeline =
         Pipeline::new(cgroups, cluster, None, args.dns_timeout).with_query_outcomes();
+    if let Err(e) = pipeline.look_up_nat(NatLookups::Failed) {
+        eprintln!("warning: {e}");
+    }
     let mut capture = Capture::start(&CaptureOptions {
         kernel_btf: args.btf.clone(),
         only_cgroups: None,

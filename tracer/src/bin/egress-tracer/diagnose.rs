@@ -28,7 +28,7 @@ use egress_tracer::{
     flow::Attempt,
     node,
     output::Format,
-    pipeline::{Pipeline, Record},
+    pipeline::{NatLookups, Pipeline, Record},
     policy::{self, Flow, Protocol},
     verdict::{self, Hop, NodeFacts, Verdict},
 };
@@ -166,6 +166,9 @@ pub async fn examine(
         eprintln!("warning: {warning}");
     }
     let mut pipeline = Pipeline::new(cgroups, cluster, Some(&pod), dns_timeout);
+    if let Err(e) = pipeline.look_up_nat(NatLookups::Every) {
+        eprintln!("warning: {e}");
+    }
     pipeline.preset_resolver(&pod_cgroups, &resolver);
 
     let mut child = tokio::process::Command::new(

@@ -12,7 +12,7 @@ use egress_tracer::{
     conntrack::{self, ConntrackStats},
     node::{self, MonotonicClock},
     output::Writer,
-    pipeline::{Pipeline, Record},
+    pipeline::{NatLookups, Pipeline, Record},
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -50,6 +50,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let cgroups = CgroupIndex::new(cgroup_root.clone())
         .with_context(|| format!("cannot read cgroups under {}", cgroup_root.display()))?;
     let mut pipeline = Pipeline::new(cgroups, cluster, target.as_ref(), args.dns_timeout);
+    if let Err(e) = pipeline.look_up_nat(NatLookups::Every) {
+        eprintln!("warning: {e}");
+    }
     let only_cgroups = pipeline.target_cgroups();
     // The pod's cgroups outlive container restarts; once they are all gone, so is the pod.
     let mut pod_was_running = only_cgroups.as_ref().is_some_and(|c| !c.is_empty());
