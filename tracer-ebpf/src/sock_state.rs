@@ -6,8 +6,8 @@
 //! `TRACKED_SOCKS` are reported, which keeps the cost for other sockets to one lookup;
 //! leaving `SYN_SENT` also ends their tracking.
 //!
-//! `struct sock` is read with `bpf_probe_read_kernel` at offsets resolved by userspace
-//! from the running kernel's BTF (`SOCK_OFFSETS`): Rust eBPF has no CO-RE.
+//! `struct sock` is read at offsets resolved by userspace from the running kernel's BTF
+//! (`SOCK_OFFSETS`): Rust eBPF has no CO-RE.
 
 use core::ffi::c_void;
 
@@ -68,9 +68,7 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let _ = TRACKED_SOCKS.remove(cookie);
     count(Counter::SockStateSeen);
     let sk = sk as *const u8;
-    let Ok((src, dst)) = read_tuple(sk) else {
-        return 0;
-    };
+    let (src, dst) = read_tuple(sk);
     // A failed socket has released its port, so only an established one still has the
     // tuple its first packet recorded.
     if new_state == i32::from(TCP_ESTABLISHED) {
@@ -85,11 +83,16 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         });
     }
     let off = SOCK_OFFSETS.load();
-    // SAFETY: bpf_probe_read_kernel validates the address and fails instead of faulting;
-    // a failed read leaves the field 0 ("not known").
-    let read_u32 = |offset: u32| {
-        unsafe { bpf_probe_read_kernel(sk.add(offset as usize) as *const u32) }.unwrap_or(0)
-    };
+    // SAFETY: `sk` is the tracepoint's `struct sock *` and these are fields of it (plain
+    // loads, as in `read_tuple`).
+    let sock_field = |offset: u32| unsafe { *sk.add(offset as usize).cast::<i32>() };
+    // `total_retrans` is a field of `struct tcp_sock`, beyond the `struct sock` the
+    // verifier knows `sk` as: read with the helper, which fails instead of faulting (a
+    // failed read leaves it 0, "not known").
+    // SAFETY: as above.
+    let syn_retransmits =
+        unsafe { bpf_probe_read_kernel(sk.add(off.total_retrans as usize) as *const u32) }
+            .unwrap_or(0);
     let event = SockStateEvent {
         header: header(EventKind::SockState),
         sock_cookie: cookie,
@@ -97,9 +100,9 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         new_state: new_state as u8,
         reply_tcp_flags,
         reply_ttl,
-        error: read_u32(off.err) as i32,
-        soft_error: read_u32(off.err_soft) as i32,
-        syn_retransmits: read_u32(off.total_retrans),
+        error: sock_field(off.err),
+        soft_error: sock_field(off.err_soft),
+        syn_retransmits,
         src,
         dst,
     };
@@ -154,33 +157,48 @@ fn count_handshake(cgroup_id: u64, event: &SockStateEvent) {
 const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = -17;
 
+/// The tuple from `struct sock_common`, read with plain loads: the verifier knows `sk`'s
+/// type from the tracepoint's BTF, checks each constant offset (the frozen
+/// `SOCK_OFFSETS`) against it, and makes the loads fault-safe, without a helper call each.
 #[inline(always)]
-fn read_tuple(sk: *const u8) -> Result<(Endpoint, Endpoint), i32> {
+fn read_tuple(sk: *const u8) -> (Endpoint, Endpoint) {
     let off = SOCK_OFFSETS.load();
-    // SAFETY: bpf_probe_read_kernel validates the address and fails instead of faulting.
+    // SAFETY: `sk` is the tracepoint's `struct sock *`; every offset is a field of it.
     unsafe {
-        let family: u16 = bpf_probe_read_kernel(sk.add(off.family as usize) as *const u16)?;
-        let sport: u16 = bpf_probe_read_kernel(sk.add(off.num as usize) as *const u16)?;
-        let dport: u16 = bpf_probe_read_kernel(sk.add(off.dport as usize) as *const u16)?;
+        let field = |offset: u32| sk.add(offset as usize);
+        let family = *field(off.family).cast::<u16>();
         let mut src = Endpoint {
             family,
-            port: sport,
+            port: *field(off.num).cast::<u16>(),
             addr: [0; 16],
         };
         let mut dst = Endpoint {
             family,
-            port: u16::from_be(dport),
+            port: u16::from_be(*field(off.dport).cast::<u16>()),
             addr: [0; 16],
         };
         if family == AF_INET {
-            let s: [u8; 4] = bpf_probe_read_kernel(sk.add(off.rcv_saddr as usize) as *const _)?;
-            let d: [u8; 4] = bpf_probe_read_kernel(sk.add(off.daddr as usize) as *const _)?;
-            src.addr[..4].copy_from_slice(&s);
-            dst.addr[..4].copy_from_slice(&d);
+            src.addr[..4].copy_from_slice(&(*field(off.rcv_saddr).cast::<u32>()).to_ne_bytes());
+            dst.addr[..4].copy_from_slice(&(*field(off.daddr).cast::<u32>()).to_ne_bytes());
         } else if family == AF_INET6 {
-            src.addr = bpf_probe_read_kernel(sk.add(off.v6_rcv_saddr as usize) as *const _)?;
-            dst.addr = bpf_probe_read_kernel(sk.add(off.v6_daddr as usize) as *const _)?;
+            src.addr = ipv6(field(off.v6_rcv_saddr));
+            dst.addr = ipv6(field(off.v6_daddr));
         }
-        Ok((src, dst))
+        (src, dst)
     }
+}
+
+/// A `struct in6_addr` in 32-bit loads (its alignment).
+///
+/// # Safety
+/// `at` is a `struct in6_addr` field of the tracepoint's `struct sock`.
+#[inline(always)]
+unsafe fn ipv6(at: *const u8) -> [u8; 16] {
+    let mut addr = [0u8; 16];
+    for word in 0..4 {
+        // SAFETY: per the contract, within the field.
+        let value = unsafe { *at.add(word * 4).cast::<u32>() };
+        addr[word * 4..word * 4 + 4].copy_from_slice(&value.to_ne_bytes());
+    }
+    addr
 }

@@ -148,7 +148,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     eprintln!(
         "egress-tracer: {} connects and first sends traced in the kernel, {} received, {} lost; \
          {} UDP address probes skipped; {} malformed DNS messages; {} events lost in all to a \
-         full ring buffer; {} undecodable; {} attempts emitted before their outcome (limits reached)",
+         full ring buffer; {} undecodable; {} attempts emitted before their outcome (limits reached); \
+         {} conntrack lookups of NAT failed",
         counters.connects,
         stats.connects_received,
         counters.connects_lost,
@@ -156,7 +157,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         dns.malformed,
         counters.lost(),
         stats.decode_errors,
-        flows.evicted + dns.evicted
+        flows.evicted + dns.evicted,
+        stats.nat_lookup_errors
     );
     if let (Some(start), Some(end)) = (conntrack_at_start, ConntrackStats::read().ok().flatten()) {
         let during = end.since(&start);
