@@ -537,6 +537,48 @@ fn udp_to_a_closed_port_is_refused_by_icmp_port_unreachable() {
 
 #[test]
 #[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn each_destination_of_one_unconnected_udp_socket_is_an_attempt_of_its_own() {
+    let lab = lab();
+    let tracer = trace_client(&lab);
+    let helper = egress_lab::lab_helper().unwrap();
+    // One socket, first sends to three closed ports: each answered by port unreachable
+    // (three stay within the endpoint's ICMP rate limit burst).
+    let (pid, status) = lab
+        .exec_in_pod(
+            lab.pod("client"),
+            helper.to_str().unwrap(),
+            &[
+                "udp-send",
+                &format!("{}:9997", addr::ENDPOINT),
+                "--count",
+                "3",
+            ],
+        )
+        .unwrap();
+    assert!(status.success());
+    let records = tracer.stop(libc::SIGINT).unwrap().records();
+    let mut mine = records_of_pid(&records, pid);
+    mine.sort_by_key(|r| r["dst"].as_str().unwrap_or_default().to_owned());
+    let seen: Vec<(&str, &str)> = mine
+        .iter()
+        .map(|r| (r["dst"].as_str().unwrap(), r["outcome"].as_str().unwrap()))
+        .collect();
+    let dst = |port: u16| format!("{}:{port}", addr::ENDPOINT);
+    assert_eq!(
+        seen,
+        [
+            (dst(9997).as_str(), "refused"),
+            (dst(9998).as_str(), "refused"),
+            (dst(9999).as_str(), "refused"),
+        ],
+        "{records:#?}"
+    );
+    assert_source_is(mine[0], lab.pod("client").ip);
+    assert!(mine.iter().all(|r| r["src"] == mine[0]["src"]), "{mine:#?}");
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
 fn counts_stay_exact_when_a_tiny_ring_buffer_overflows() {
     let lab = lab();
     let tracer =

@@ -106,21 +106,18 @@ fn report(ctx: &SockAddrContext, family: u16, call: u8) {
         return;
     }
     count(Counter::ConnectSeen);
-    // A socket whose first packet was already reported (a second destination of an
-    // unconnected UDP socket) keeps its state; a new connect() starts over.
-    // SAFETY: only existence is checked.
-    if call == CALL_CONNECT || unsafe { TRACKED_SOCKS.get(sock_cookie) }.is_none() {
-        let socket = TrackedSocket {
-            cgroup_id,
-            reported: 0,
-            reply_tcp_flags: 0,
-            reply_ttl: 0,
-            _pad: [0; 5],
-        };
-        // Ignore a full map: LRU evicts, and a missing entry only costs the socket's
-        // first packet, NAT, reply and handshake count.
-        let _ = TRACKED_SOCKS.insert(sock_cookie, socket, 0);
-    }
+    // Every attempt starts over: a new connect(), or the first send of an unconnected UDP
+    // socket to another destination (its entry went with its earlier first packet).
+    let socket = TrackedSocket {
+        cgroup_id,
+        reported: 0,
+        reply_tcp_flags: 0,
+        reply_ttl: 0,
+        _pad: [0; 5],
+    };
+    // Ignore a full map: LRU evicts, and a missing entry only costs the socket's first
+    // packet, reply and handshake count.
+    let _ = TRACKED_SOCKS.insert(sock_cookie, socket, 0);
     let pid_tgid = bpf_get_current_pid_tgid();
     let event = ConnectEvent {
         header: header(EventKind::Connect),

@@ -3,8 +3,9 @@
 //! For TCP that is the first SYN. `connect()` runs before the kernel picks the source
 //! port, and a socket whose handshake fails has released its port by the time it reports
 //! the failure; the SYN is the one place where the full tuple is always visible. For UDP
-//! it is the first datagram of a connected socket: proof that the connect was an egress
-//! attempt, not an address-selection probe. The tuple also goes into `TRACKED_TUPLES`,
+//! it is the first datagram of a connected socket (or of an unconnected one to a new
+//! destination): proof that the connect was an egress attempt, not an address-selection
+//! probe. The tuple also goes into `TRACKED_TUPLES`,
 //! so drops of the flow's packets can be recognised where the socket is not at hand.
 
 use aya_ebpf::{EbpfContext, helpers::bpf_get_socket_cookie, programs::SkBuffContext};
@@ -30,12 +31,20 @@ pub fn on_egress(ctx: &SkBuffContext, packet: &Packet) -> Result<(), i64> {
     let Some(socket) = TRACKED_SOCKS.get_ptr_mut(cookie) else {
         return Ok(());
     };
-    // SAFETY: a valid map value pointer; a racing packet at worst reports twice.
-    unsafe {
-        if (*socket).reported & FIRST_PACKET_REPORTED != 0 {
-            return Ok(());
+    if packet.protocol == IPPROTO_TCP {
+        // SAFETY: a valid map value pointer; a racing packet at worst reports twice.
+        unsafe {
+            if (*socket).reported & FIRST_PACKET_REPORTED != 0 {
+                return Ok(());
+            }
+            (*socket).reported |= FIRST_PACKET_REPORTED;
         }
-        (*socket).reported |= FIRST_PACKET_REPORTED;
+    } else {
+        // Nothing more is reported about a UDP socket (its later packets are matched by
+        // tuple): its entry goes now, warm for the next connect, rather than waiting for
+        // LRU eviction (resolvers use a socket per lookup). Connecting it again, or a
+        // first send to another destination, tracks it again.
+        let _ = TRACKED_SOCKS.remove(cookie);
     }
     count(Counter::FirstPacketSeen);
     let (src, dst) = packet.endpoints(ctx)?;

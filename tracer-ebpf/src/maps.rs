@@ -24,8 +24,9 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
 /// Cookies of the sockets whose `connect()` was reported; the first-packet and state
-/// hooks only report these. A TCP socket's entry goes when its handshake ends; LRU so
-/// that sockets we never see finish (UDP has no such event) cannot fill it.
+/// hooks only report these. A TCP socket's entry goes when its handshake ends, a UDP
+/// socket's with its first packet; LRU so that sockets that never get there (a UDP
+/// connect that only selects an address) cannot fill it.
 #[map]
 pub static TRACKED_SOCKS: LruHashMap<u64, TrackedSocket> =
     LruHashMap::with_max_entries(TRACKED_SOCKETS, BPF_F_NO_COMMON_LRU);
