@@ -473,10 +473,11 @@ mod tests {
         out
     }
 
-    #[test]
-    fn parses_a_snat_entry_and_the_end_of_the_dump() {
-        let entry = [
-            vec![0, 0, 0, 0],
+    /// The payload of an IPv4 entry: a pod's flow to 203.0.113.10:80, source-NATed to
+    /// the node's 10.224.0.4:40000.
+    fn snat_entry() -> Vec<u8> {
+        [
+            vec![libc::AF_INET as u8, 0, 0, 0],
             attribute(
                 CTA_TUPLE_ORIG | 0x8000,
                 &tuple([10, 244, 0, 10], [203, 0, 113, 10], 41000, 80),
@@ -487,8 +488,12 @@ mod tests {
             ),
             attribute(CTA_STATUS, &0x19eu32.to_be_bytes()),
         ]
-        .concat();
-        let data = [message(0x100, &entry), message(NLMSG_DONE, &[0; 4])].concat();
+        .concat()
+    }
+
+    #[test]
+    fn parses_a_snat_entry_and_the_end_of_the_dump() {
+        let data = [message(0x100, &snat_entry()), message(NLMSG_DONE, &[0; 4])].concat();
         let mut seen = Vec::new();
         assert!(parse_messages(&data, &mut |e: &Entry| seen.push(*e)).unwrap());
         assert_eq!(
@@ -576,23 +581,11 @@ mod tests {
 
     #[test]
     fn the_answer_to_a_get_is_the_entry_or_its_absence() {
-        let entry = [
-            vec![2, 0, 0, 0],
-            attribute(
-                CTA_TUPLE_ORIG | 0x8000,
-                &tuple([10, 244, 0, 10], [203, 0, 113, 10], 41000, 80),
-            ),
-            attribute(
-                CTA_TUPLE_REPLY | 0x8000,
-                &tuple([203, 0, 113, 10], [10, 224, 0, 4], 80, 40000),
-            ),
-        ]
-        .concat();
         let with_sequence = |mut message: Vec<u8>, sequence: u32| {
             message[8..12].copy_from_slice(&sequence.to_ne_bytes());
             message
         };
-        let found = with_sequence(message(0x100, &entry), 5);
+        let found = with_sequence(message(0x100, &snat_entry()), 5);
         let answer = parse_answer(&found, 5).unwrap().unwrap().unwrap();
         assert_eq!(answer.reply.dst, "10.224.0.4:40000".parse().unwrap());
         // A late answer to an earlier request is not this one's.
