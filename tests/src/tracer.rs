@@ -13,6 +13,8 @@ use crate::{Lab, process};
 
 /// The line the tracer prints on stderr once its programs are attached.
 const READY_MARKER: &str = "egress-tracer: tracing";
+/// The line before it, listing where the cgroup hooks are attached.
+const HOOKS_MARKER: &str = "egress-tracer: hooks attached to the cgroups ";
 
 /// A running tracer.
 pub struct Tracer {
@@ -176,6 +178,15 @@ impl Tracer {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The cgroups the tracer said at start-up its hooks are attached to.
+    pub fn hooked_cgroups(&self) -> Vec<PathBuf> {
+        self.stderr_seen
+            .iter()
+            .find_map(|line| line.strip_prefix(HOOKS_MARKER))
+            .map(|list| list.split(", ").map(PathBuf::from).collect())
+            .unwrap_or_default()
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> io::Result<()> {

@@ -197,7 +197,9 @@ fn agent_counts_exactly_serves_flows_and_detaches_on_sigterm() {
     assert_eq!(lookups[0]["dns"]["name"], format!("{}", addr::MISSING_NAME));
     assert!(flows(&lab, "namespace=kube-system").is_empty());
     let everything = flows(&lab, "since=2000-01-01T00:00:00Z");
-    assert!(everything.len() >= 8);
+    // The client's three connects, two refusals and lookup, and the other pod's timeout
+    // (and other labs' pods' flows, when they run at the same time).
+    assert!(everything.len() >= 7, "{everything:#?}");
     // The cluster DNS answered every lookup from port 53: answers are not attempts.
     assert!(
         !everything.iter().any(|r| r["process"]["comm"] == "dnsmasq"

@@ -1,6 +1,10 @@
 //! `egress-tracer trace` against real traffic in the node lab. Needs root.
 
-use std::time::Duration;
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use egress_lab::{
     CgroupDriver, Fault, Lab, PodSpec, addresses as addr,
@@ -31,6 +35,26 @@ fn curl(lab: &Lab, pod: &str, url: &str, timeout_s: u32) -> (u32, Option<i32>) {
 
 fn url(host: impl std::fmt::Display, port: u16) -> String {
     format!("http://{host}:{port}/")
+}
+
+/// The programs attached to `cgroup` (ids and names), from `bpftool cgroup show`.
+fn cgroup_hooks(cgroup: &Path) -> Vec<(u64, String)> {
+    let output = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let hooks: Vec<Value> = serde_json::from_slice(&output.stdout).unwrap();
+    hooks
+        .iter()
+        .map(|h| {
+            (
+                h["id"].as_u64().unwrap(),
+                h["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
 }
 
 fn trace_client(lab: &Lab) -> Tracer {
@@ -83,13 +107,42 @@ fn traces_one_pods_connects_with_exact_fields_and_detaches_on_sigint() {
     let lab = lab();
     let tracer = trace_client(&lab);
     let attached = BpfObjects::owned_by(tracer.pid()).unwrap();
-    // connect4/6, sendmsg4/6, packets out and in, socket state, ICMP and drops: a program
-    // and a link each.
-    assert_eq!(
-        (attached.programs.len(), attached.links.len()),
-        (9, 9),
-        "{attached:?}"
-    );
+    // connect4/6, sendmsg4/6, packets out and in, handshake errors, socket destruction,
+    // ICMP and drops: a program each.
+    assert_eq!(attached.programs.len(), 10, "{attached:?}");
+    // The cgroup programs hook kubelet's pod cgroups (this lab's for both drivers, and
+    // other labs' running now), not the whole hierarchy.
+    let hooked = tracer.hooked_cgroups();
+    for pod in ["client", "other"] {
+        let pod_root = lab
+            .pod(pod)
+            .cgroup
+            .ancestors()
+            .find(|c| {
+                c.file_name()
+                    .is_some_and(|n| n == "kubepods" || n == "kubepods.slice")
+            })
+            .unwrap();
+        assert!(hooked.iter().any(|c| c == pod_root), "{hooked:?}");
+        let mut hooks = cgroup_hooks(pod_root);
+        hooks.retain(|(id, _)| attached.programs.contains(id));
+        let mut names: Vec<String> = hooks.into_iter().map(|(_, name)| name).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "connect4",
+                "connect6",
+                "sendmsg4",
+                "sendmsg6",
+                "skb_egress",
+                "skb_ingress"
+            ],
+            "{pod_root:?}"
+        );
+    }
+    // A link per cgroup program and hooked cgroup, and one per tracepoint program.
+    assert!(attached.links.len() >= 2 * 6 + 4, "{attached:?}");
 
     let (v4, code) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 5);
     assert_eq!(code, Some(0));
@@ -156,7 +209,7 @@ fn traces_one_pods_connects_with_exact_fields_and_detaches_on_sigint() {
 
 #[test]
 #[ignore = "needs root and the node lab: run `cargo xtask test`"]
-fn detaches_on_sigterm_and_sees_every_pod_without_filter() {
+fn detaches_on_sigterm_and_sees_every_pod_but_not_the_node_without_filter() {
     let lab = lab();
     let state = lab.cluster_state();
     let tracer = Tracer::start(
@@ -175,6 +228,15 @@ fn detaches_on_sigterm_and_sees_every_pod_without_filter() {
 
     let (client, _) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 5);
     let (other, _) = curl(&lab, "other", &url(addr::ENDPOINT, addr::HTTP_PORT), 5);
+    // A node process (outside kubelet's pod cgroups) connecting to the same endpoint.
+    let mut node_curl = Command::new("curl");
+    node_curl
+        .args(["-s", "-m", "5", "-o", "/dev/null"])
+        .arg(url(addr::ENDPOINT, addr::HTTP_PORT))
+        .stdout(Stdio::null());
+    let mut node_curl = lab.spawn_on_node(node_curl).unwrap();
+    let node_pid = node_curl.id();
+    assert!(node_curl.wait().unwrap().success());
 
     let output = tracer.stop(libc::SIGTERM).unwrap();
     assert!(output.status.success(), "tracer failed: {}", output.stderr);
@@ -182,6 +244,7 @@ fn detaches_on_sigterm_and_sees_every_pod_without_filter() {
     // The cgroupfs-driver pod is attributed as well as the systemd one.
     assert_eq!(tcp_record(&records, client)["pod"], "default/client");
     assert_eq!(tcp_record(&records, other)["pod"], "shop/other");
+    assert_eq!(records_of_pid(&records, node_pid), Vec::<&Value>::new());
     assert_eq!(
         attached.wait_gone(Duration::from_secs(5)).unwrap(),
         BpfObjects::default()

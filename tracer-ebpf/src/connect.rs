@@ -3,8 +3,8 @@
 //! to each destination (resolvers such as musl's, and `sendto()` users), except a DNS
 //! server's answers (sent from port 53).
 //!
-//! Attached at the cgroup v2 root, so every process on the node (pods and host) is seen;
-//! userspace attributes the event to a pod by its cgroup id. The programs never change
+//! Attached to kubelet's pod cgroups, so every pod's process is seen (and the node's own
+//! processes cost nothing); userspace attributes the event to a pod by its cgroup id. The programs never change
 //! the call: they always return "allow".
 
 use aya_ebpf::{
@@ -110,10 +110,12 @@ fn report(ctx: &SockAddrContext, family: u16, call: u8) {
     // socket to another destination (its entry went with its earlier first packet).
     let socket = TrackedSocket {
         cgroup_id,
+        protocol,
         reported: 0,
         reply_tcp_flags: 0,
         reply_ttl: 0,
-        _pad: [0; 5],
+        syns_sent: 0,
+        _pad: [0; 3],
     };
     // Ignore a full map: LRU evicts, and a missing entry only costs the socket's first
     // packet, reply and handshake count.

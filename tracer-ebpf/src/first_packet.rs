@@ -34,6 +34,7 @@ pub fn on_egress(ctx: &SkBuffContext, packet: &Packet) -> Result<(), i64> {
     if packet.protocol == IPPROTO_TCP {
         // SAFETY: a valid map value pointer; a racing packet at worst reports twice.
         unsafe {
+            (*socket).syns_sent = (*socket).syns_sent.saturating_add(1);
             if (*socket).reported & FIRST_PACKET_REPORTED != 0 {
                 return Ok(());
             }

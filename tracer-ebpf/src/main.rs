@@ -1,12 +1,13 @@
 //! egress-tracer kernel programs, one module per hook.
 //!
-//! - [`connect`]: cgroup `connect4`/`connect6`, every `connect()` of every process.
-//! - [`packets`]: cgroup_skb egress and ingress, every packet parsed once for
+//! - [`connect`]: cgroup `connect4`/`connect6`, every `connect()` of the pods' processes.
+//! - [`packets`]: cgroup_skb egress and ingress, every pod packet parsed once for
 //!   [`first_packet`] (the first TCP SYN or UDP datagram of the sockets that `connect` saw,
 //!   with the tuple the kernel chose), [`reply`] (the first answer to their SYN, with its
 //!   TTL) and [`dns`] (DNS messages, both directions).
-//! - [`sock_state`]: tp_btf `inet_sock_set_state`, the handshake result of those sockets
-//!   (with the answer [`reply`] kept).
+//! - [`handshake`]: the end of those sockets' TCP handshakes: established at the
+//!   SYN-ACK [`reply`] sees, failed at tp_btf `inet_sk_error_report`, abandoned by the
+//!   application at tp_btf `tcp_destroy_sock`.
 //! - [`icmp`]: tp_btf `consume_skb` filtered to the ICMP receive functions, the ICMP
 //!   errors that explain failed attempts.
 //! - [`drops`]: tp_btf `kfree_skb`, packets of traced flows dropped, with the reason.
@@ -31,6 +32,8 @@ mod drops;
 #[cfg(target_arch = "bpf")]
 mod first_packet;
 #[cfg(target_arch = "bpf")]
+mod handshake;
+#[cfg(target_arch = "bpf")]
 mod icmp;
 #[cfg(target_arch = "bpf")]
 mod maps;
@@ -40,8 +43,6 @@ mod packets;
 mod reply;
 #[cfg(target_arch = "bpf")]
 mod skb;
-#[cfg(target_arch = "bpf")]
-mod sock_state;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

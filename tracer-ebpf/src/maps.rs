@@ -23,7 +23,7 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
-/// Cookies of the sockets whose `connect()` was reported; the first-packet and state
+/// Cookies of the sockets whose `connect()` was reported; the first-packet and handshake
 /// hooks only report these. A TCP socket's entry goes when its handshake ends, a UDP
 /// socket's with its first packet; LRU so that sockets that never get there (a UDP
 /// connect that only selects an address) cannot fill it.
@@ -33,10 +33,13 @@ pub static TRACKED_SOCKS: LruHashMap<u64, TrackedSocket> =
 
 /// A traced socket's entry in [`TRACKED_SOCKS`].
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct TrackedSocket {
-    /// The cgroup that connected it, for counting its handshake: the state hook runs in
+    /// The cgroup that connected it, for counting its handshake: the handshake ends in
     /// softirq context, where the current cgroup is not the socket's.
     pub cgroup_id: u64,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub protocol: u8,
     /// Flags of what was reported already ([`FIRST_PACKET_REPORTED`],
     /// [`REPLY_REPORTED`]); 0 is nothing yet.
     pub reported: u8,
@@ -46,7 +49,10 @@ pub struct TrackedSocket {
     /// [`SockStateEvent`]: tracer_common::SockStateEvent
     pub reply_tcp_flags: u8,
     pub reply_ttl: u8,
-    pub _pad: [u8; 5],
+    /// SYNs that left the socket's cgroup (saturating): its retransmissions when the
+    /// handshake succeeds.
+    pub syns_sent: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Tuples of the traced flows (from each traced socket's first packet) to their socket's

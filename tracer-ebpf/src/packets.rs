@@ -1,4 +1,4 @@
-//! cgroup_skb egress and ingress at the cgroup v2 root: every packet of every process,
+//! cgroup_skb egress and ingress on kubelet's pod cgroups: every packet of every pod,
 //! parsed once and handed to [`first_packet`](crate::first_packet) (egress),
 //! [`reply`](crate::reply) (ingress) and [`dns`](crate::dns) (both directions).
 //!

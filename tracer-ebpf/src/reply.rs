@@ -3,14 +3,15 @@
 //!
 //! The TTL tells how far away the sender is. A reset that arrives after fewer hops than
 //! the endpoint's own SYN-ACKs was forged by something on the path (a firewall), not sent
-//! by the endpoint. The answer is kept in the socket's `TRACKED_SOCKS` entry, and
-//! [`sock_state`](crate::sock_state) reports it with the handshake's result, which the
-//! answer itself brings about right after this hook.
+//! by the endpoint. A SYN-ACK ends the handshake here ([`handshake::established`]); a
+//! reset is kept in the socket's `TRACKED_SOCKS` entry for the failure it brings about
+//! right after this hook, which [`handshake`] reports.
 
 use aya_ebpf::{EbpfContext, helpers::bpf_get_socket_cookie, programs::SkBuffContext};
 use tracer_common::{AF_INET, IPPROTO_TCP, TCP_FLAG_RST};
 
 use crate::{
+    handshake,
     maps::{FIRST_PACKET_REPORTED, REPLY_REPORTED, TRACKED_SOCKS},
     packets::{Packet, load},
 };
@@ -43,7 +44,10 @@ pub fn on_ingress(ctx: &SkBuffContext, packet: &Packet) -> Result<(), i64> {
     // SAFETY: a valid map value pointer; a racing packet at worst overwrites the answer
     // with another answer to the same SYN.
     unsafe {
-        // Only answers to a SYN this socket sent, once.
+        if syn_ack {
+            return handshake::established(ctx, packet, cookie, *socket, ttl);
+        }
+        // Only the first reset to a SYN this socket sent.
         if (*socket).reported & FIRST_PACKET_REPORTED == 0
             || (*socket).reported & REPLY_REPORTED != 0
         {

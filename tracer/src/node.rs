@@ -8,6 +8,45 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+/// How deep below the cgroup v2 root kubelet's pod cgroups are looked for: 1 on a node
+/// (`/kubepods.slice`), 2 when kubelet runs with a cgroup root of its own (kind's
+/// `kubelet.slice/kubelet-kubepods.slice`, the node lab's `elab-….slice/kubepods`).
+const POD_ROOT_DEPTH: usize = 3;
+
+/// The cgroups kubelet keeps its pods below (`kubepods`, `kubepods.slice`, or
+/// `…-kubepods.slice`, with either cgroup driver) within [`POD_ROOT_DEPTH`] levels of
+/// `mount`, outermost only, sorted. Unreadable directories are skipped.
+pub fn pod_cgroup_roots(mount: &Path) -> Vec<PathBuf> {
+    let mut roots = Vec::new();
+    let mut level = vec![mount.to_path_buf()];
+    for _ in 0..POD_ROOT_DEPTH {
+        let mut next = Vec::new();
+        for dir in &level {
+            let Ok(entries) = fs::read_dir(dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let path = entry.path();
+                if entry
+                    .file_name()
+                    .to_str()
+                    .is_some_and(crate::cluster::cgroup_path::is_kubepods_root)
+                {
+                    roots.push(path);
+                } else {
+                    next.push(path);
+                }
+            }
+        }
+        level = next;
+    }
+    roots.sort();
+    roots
+}
+
 /// Finds the cgroup v2 mount point in a `/proc/self/mountinfo` text. On hybrid hosts
 /// this is usually `/sys/fs/cgroup/unified`, on unified hosts (AKS) `/sys/fs/cgroup`.
 pub fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
@@ -318,6 +357,36 @@ mod tests {
     fn no_cgroup2() {
         let mountinfo = "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
         assert_eq!(cgroup2_mount_in(mountinfo), None);
+    }
+
+    #[test]
+    fn finds_the_outermost_pod_cgroup_roots_of_both_drivers() {
+        let root = std::env::temp_dir().join(format!("pod-roots-test-{}", std::process::id()));
+        for dir in [
+            "system.slice/containerd.service",
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice",
+            "kubelet.slice/kubelet-kubepods.slice/kubepods-pod2.slice",
+            "lab.slice/kubepods/burstable/pod3",
+            "deep/er/than/kubepods",
+            "kubepods-besteffort.slice",
+        ] {
+            fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        fs::write(root.join("kubepods"), "a file, not a cgroup").unwrap();
+        let roots = pod_cgroup_roots(&root);
+        let relative: Vec<_> = roots
+            .iter()
+            .map(|r| r.strip_prefix(&root).unwrap().to_str().unwrap())
+            .collect();
+        fs::remove_dir_all(&root).unwrap();
+        assert_eq!(
+            relative,
+            [
+                "kubelet.slice/kubelet-kubepods.slice",
+                "kubepods.slice",
+                "lab.slice/kubepods"
+            ]
+        );
     }
 
     #[test]

@@ -50,10 +50,11 @@ impl Mode {
 const LOAD_THREADS: u32 = 4;
 
 /// The bpftrace stand-in for the tracer: the events of its tracing hooks (handshake
-/// ends, drops, freed packets where ICMP errors are found), counted in maps. (This
-/// kernel has no syscall tracepoints or kprobes for a connect() probe.)
+/// failures, socket ends, drops, freed packets where ICMP errors are found), counted in
+/// maps. (This kernel has no syscall tracepoints or kprobes for a connect() probe.)
 const BPFTRACE_SCRIPT: &str = "\
-tracepoint:sock:inet_sock_set_state /args->oldstate == 2/ { @handshakes[args->newstate] = count(); }
+tracepoint:sock:inet_sk_error_report { @errors[args->error] = count(); }
+tracepoint:tcp:tcp_destroy_sock { @closed = count(); }
 tracepoint:skb:kfree_skb { @drops[args->reason] = count(); }
 tracepoint:skb:consume_skb { @consumed = count(); }
 ";

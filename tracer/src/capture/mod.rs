@@ -178,6 +178,7 @@ pub struct Capture {
     counters: PerCpuArray<MapData, u64>,
     ebpf: Ebpf,
     warnings: Vec<String>,
+    traced_cgroups: Vec<PathBuf>,
     names: KernelNames,
 }
 
@@ -328,9 +329,19 @@ impl Capture {
         let kernel_btf = KernelBtf::from_file(&options.kernel_btf)?;
         let sock_offsets = kernel_btf.sock_offsets()?;
         let skb_offsets = kernel_btf.skb_offsets()?;
-        let cgroup_root = node::cgroup2_mount().map_err(CaptureError::Cgroup)?;
-        let cgroup = File::open(&cgroup_root).map_err(CaptureError::Cgroup)?;
         let mut warnings = Vec::new();
+        let cgroup_mount = node::cgroup2_mount().map_err(CaptureError::Cgroup)?;
+        // Hooks on kubelet's pod cgroups leave the node's own processes (and the other end
+        // of pods' connections, when it is local) without any cost.
+        let mut traced_cgroups = node::pod_cgroup_roots(&cgroup_mount);
+        if traced_cgroups.is_empty() {
+            warnings.push(format!(
+                "no kubelet pod cgroups (kubepods, kubepods.slice) below {}: tracing every process on the node",
+                cgroup_mount.display()
+            ));
+            traced_cgroups.push(cgroup_mount);
+        }
+        let cgroups = open_cgroups(&mut traced_cgroups)?;
         let kallsyms = Kallsyms::load().unwrap_or_else(|e| {
             warnings.push(format!("cannot read /proc/kallsyms: {e}"));
             Kallsyms::parse("")
@@ -390,12 +401,12 @@ impl Capture {
         if let Some(cgroups) = &options.only_cgroups {
             trace_only_cgroups(&mut ebpf, cgroups)?;
         }
-        attach_sock_addr(&mut ebpf, "connect4", &cgroup)?;
-        if let Err(e) = attach_sock_addr(&mut ebpf, "connect6", &cgroup) {
+        attach_sock_addr(&mut ebpf, "connect4", &cgroups)?;
+        if let Err(e) = attach_sock_addr(&mut ebpf, "connect6", &cgroups) {
             warnings.push(format!("IPv6 connects will not be traced: {e}"));
         }
         for (hook, family) in [("sendmsg4", "IPv4"), ("sendmsg6", "IPv6")] {
-            if let Err(e) = attach_sock_addr(&mut ebpf, hook, &cgroup) {
+            if let Err(e) = attach_sock_addr(&mut ebpf, hook, &cgroups) {
                 warnings.push(format!(
                     "{family} sends of unconnected UDP sockets will not be traced: {e}"
                 ));
@@ -405,26 +416,38 @@ impl Capture {
             &mut ebpf,
             "skb_egress",
             CgroupSkbAttachType::Egress,
-            &cgroup,
+            &cgroups,
         ) {
             warnings.push(format!(
                 "DNS queries, source ports of failed TCP connections and drops will be missing, \
                  and UDP connects will not be told from address probes: {e}"
             ));
         }
-        if let Err(e) = attach_skb(
+        let sees_answers = attach_skb(
             &mut ebpf,
             "skb_ingress",
             CgroupSkbAttachType::Ingress,
-            &cgroup,
-        ) {
-            warnings.push(format!("DNS responses will be missing: {e}"));
-        }
+            &cgroups,
+        )
+        .map_err(|e| {
+            warnings.push(format!(
+                "DNS responses and established TCP handshakes will be missing: {e}"
+            ))
+        })
+        .is_ok();
         match aya::Btf::parse_file(&options.kernel_btf, aya::Endianness::default()) {
             Ok(btf) => {
-                if let Err(e) = attach_btf_tracepoint(&mut ebpf, "inet_sock_set_state", &btf) {
+                if let Err(e) = attach_btf_tracepoint(&mut ebpf, "inet_sk_error_report", &btf) {
                     warnings.push(format!(
-                        "TCP outcomes (established, refused, timeout…) will be missing: {e}"
+                        "failed TCP handshakes (refused, timeout, unreachable) will be missing: {e}"
+                    ));
+                }
+                // Without the SYN-ACKs, every connection would look abandoned at its end.
+                if sees_answers
+                    && let Err(e) = attach_btf_tracepoint(&mut ebpf, "tcp_destroy_sock", &btf)
+                {
+                    warnings.push(format!(
+                        "TCP connects the application gives up during the handshake will be missing: {e}"
                     ));
                 }
                 if icmp_receivers != IcmpReceivers::default()
@@ -462,6 +485,7 @@ impl Capture {
             counters,
             ebpf,
             warnings,
+            traced_cgroups,
             names: KernelNames {
                 drop_reasons,
                 kallsyms,
@@ -483,6 +507,12 @@ impl Capture {
     /// Hooks that could not be attached, each with what is lost.
     pub fn warnings(&self) -> &[String] {
         &self.warnings
+    }
+
+    /// The cgroups whose processes' sockets the hooks see: kubelet's pod cgroups, or the
+    /// whole hierarchy when there are none.
+    pub fn traced_cgroups(&self) -> &[PathBuf] {
+        &self.traced_cgroups
     }
 
     /// Waits for events (at most [`DRAIN_INTERVAL`]) and appends up to [`MAX_BATCH`] of
@@ -531,7 +561,8 @@ impl Capture {
             dns_messages: total(Counter::DnsSeen)?,
             dns_messages_lost: total(Counter::DnsLost)?,
             handshakes_uncounted: total(Counter::HandshakeUncounted)?,
-            sock_states_skipped: self.skipped_runs("inet_sock_set_state"),
+            sock_states_skipped: self.skipped_runs("inet_sk_error_report")
+                + self.skipped_runs("tcp_destroy_sock"),
             icmp_errors_skipped: self.skipped_runs("consume_skb"),
             drops_skipped: self.skipped_runs("kfree_skb"),
         })
@@ -632,18 +663,56 @@ where
         .map_err(|source| CaptureError::Hook { hook, source })
 }
 
+/// Opens the cgroups to attach to, leaving out (from `paths` too) any removed since they
+/// were found.
+fn open_cgroups(paths: &mut Vec<PathBuf>) -> Result<Vec<File>, CaptureError> {
+    let mut cgroups = Vec::with_capacity(paths.len());
+    let mut result = Ok(());
+    paths.retain(|path| match File::open(path) {
+        Ok(file) => {
+            cgroups.push(file);
+            true
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => {
+            result = Err(CaptureError::Cgroup(e));
+            true
+        }
+    });
+    result.map(|()| cgroups)
+}
+
+/// Attaches with `attach` to each cgroup; one removed meanwhile is no error (kubelet
+/// removes its pod roots only when reconfigured; test labs come and go).
+fn attach_each(
+    cgroups: &[File],
+    mut attach: impl FnMut(&File) -> Result<(), ProgramError>,
+) -> Result<(), ProgramError> {
+    cgroups.iter().try_for_each(|cgroup| match attach(cgroup) {
+        Err(ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
+        other => other,
+    })
+}
+
 fn attach_sock_addr(
     ebpf: &mut Ebpf,
     hook: &'static str,
-    cgroup: &File,
+    cgroups: &[File],
 ) -> Result<(), CaptureError> {
     let program: &mut CgroupSockAddr = program(ebpf, hook)?;
     // On kernels with BPF links (5.7+) aya attaches through a link, which always coexists
     // with the CNI's and other tools' programs; the kernel rejects explicit flags there.
     program
         .load()
-        .and_then(|()| program.attach(cgroup, CgroupAttachMode::default()))
-        .map(drop)
+        .and_then(|()| {
+            attach_each(cgroups, |cgroup| {
+                program
+                    .attach(cgroup, CgroupAttachMode::default())
+                    .map(drop)
+            })
+        })
         .map_err(|source| CaptureError::Hook { hook, source })
 }
 
@@ -651,13 +720,18 @@ fn attach_skb(
     ebpf: &mut Ebpf,
     hook: &'static str,
     direction: CgroupSkbAttachType,
-    cgroup: &File,
+    cgroups: &[File],
 ) -> Result<(), CaptureError> {
     let program: &mut CgroupSkb = program(ebpf, hook)?;
     program
         .load()
-        .and_then(|()| program.attach(cgroup, direction, CgroupAttachMode::default()))
-        .map(drop)
+        .and_then(|()| {
+            attach_each(cgroups, |cgroup| {
+                program
+                    .attach(cgroup, direction, CgroupAttachMode::default())
+                    .map(drop)
+            })
+        })
         .map_err(|source| CaptureError::Hook { hook, source })
 }
 

@@ -76,7 +76,8 @@ pub fn parse(path: &str) -> Option<PodCgroup> {
     })
 }
 
-fn is_kubepods_root(component: &str) -> bool {
+/// Whether a cgroup directory name is one kubelet keeps all its pods below.
+pub fn is_kubepods_root(component: &str) -> bool {
     component == "kubepods"
         || component == "kubepods.slice"
         || component.ends_with("-kubepods.slice")

@@ -192,9 +192,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         only_cgroups: None,
         ring_buffer_bytes: args.ring_buffer_size,
     })?;
-    for warning in capture.warnings() {
-        eprintln!("warning: {warning}");
-    }
+    crate::report_capture(&capture);
     for warning in capability_warnings(args.no_diagnose) {
         eprintln!("warning: {warning}");
     }
@@ -204,7 +202,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     .context("cannot start the conntrack reader thread")?;
     shared.set_not_ready((!source.is_synced()).then(|| source.waiting_reason()));
     eprintln!(
-        "egress-tracer: tracing every process on this node (agent); serving on http://{}",
+        "egress-tracer: tracing every pod on this node (agent); serving on http://{}",
         args.listen
     );
 

@@ -162,9 +162,7 @@ pub async fn examine(
         only_cgroups: Some(pod_cgroups.clone()),
         ring_buffer_bytes: None,
     })?;
-    for warning in capture.warnings() {
-        eprintln!("warning: {warning}");
-    }
+    crate::report_capture(&capture);
     let mut pipeline = Pipeline::new(cgroups, cluster, Some(&pod), dns_timeout);
     if let Err(e) = pipeline.look_up_nat(NatLookups::Every) {
         eprintln!("warning: {e}");

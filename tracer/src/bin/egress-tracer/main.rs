@@ -15,7 +15,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use egress_tracer::{
-    capture::CaptureError,
+    capture::{Capture, CaptureError},
     cluster::{LoadError, PodLookupError, api::ApiError},
     output::Format,
 };
@@ -239,6 +239,22 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err("must be at most a year (366d)".into());
     }
     Ok(duration)
+}
+
+/// Tells what the kernel programs could not do, and where they are attached.
+pub fn report_capture(capture: &Capture) {
+    for warning in capture.warnings() {
+        eprintln!("warning: {warning}");
+    }
+    let cgroups: Vec<String> = capture
+        .traced_cgroups()
+        .iter()
+        .map(|c| c.display().to_string())
+        .collect();
+    eprintln!(
+        "egress-tracer: hooks attached to the cgroups {}",
+        cgroups.join(", ")
+    );
 }
 
 /// An error and its causes on one line, each cause only where the text before does not

@@ -67,12 +67,10 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         only_cgroups,
         ring_buffer_bytes: args.ring_buffer_size,
     })?;
-    for warning in capture.warnings() {
-        eprintln!("warning: {warning}");
-    }
+    crate::report_capture(&capture);
     let scope = target
         .as_ref()
-        .map_or_else(|| "all processes".to_owned(), |p| format!("pod {p}"));
+        .map_or_else(|| "every pod".to_owned(), |p| format!("pod {p}"));
     // Handlers before the announcement: whoever waits for it may signal at once.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;

@@ -1,10 +1,18 @@
-//! tp_btf `inet_sock_set_state`: the tuple and handshake result of traced TCP sockets, with
-//! the first answer to their SYN that [`reply`](crate::reply) kept.
+//! The end of each traced TCP handshake, reported once per `connect()` with its tuple, the
+//! first answer to its SYN (kept by [`reply`](crate::reply)), its error and its SYN
+//! retransmissions:
 //!
-//! `connect()` runs before the kernel picks the source port, so the full tuple is only
-//! known when the socket leaves `SYN_SENT`. Only sockets that `connect` put into
-//! `TRACKED_SOCKS` are reported, which keeps the cost for other sockets to one lookup;
-//! leaving `SYN_SENT` also ends their tracking.
+//! - established: at the SYN-ACK, seen by [`reply`](crate::reply) at the socket's cgroup
+//!   ingress (the kernel establishes the socket right after that hook);
+//! - failed: tp_btf `inet_sk_error_report`, when the kernel gives the handshake up (a
+//!   reset, an ICMP error, the SYN retries exhausted) with `sk_err` set;
+//! - abandoned: tp_btf `tcp_destroy_sock`, when the application closes a socket still
+//!   in `SYN_SENT` (a client's own timeout).
+//!
+//! Whichever comes first removes the socket from `TRACKED_SOCKS`, so the others find
+//! nothing. The two tracepoints run for every TCP socket of the node, but only on errors
+//! and at destruction: far fewer runs than a hook on every state change, and one lookup
+//! each for sockets that are not traced.
 //!
 //! `struct sock` is read at offsets resolved by userspace from the running kernel's BTF
 //! (`SOCK_OFFSETS`): Rust eBPF has no CO-RE.
@@ -15,15 +23,19 @@ use aya_ebpf::{
     Global,
     helpers::{bpf_get_socket_cookie, bpf_probe_read_kernel},
     macros::btf_tracepoint,
-    programs::BtfTracePointContext,
+    programs::{BtfTracePointContext, SkBuffContext},
 };
 use tracer_common::{
     AF_INET, AF_INET6, Counter, Endpoint, EventKind, FlowTuple, HandshakeKey, HandshakeTotals,
-    IPPROTO_TCP, SockOffsets, SockStateEvent, TCP_ESTABLISHED, TCP_SYN_SENT, handshake_outcome,
+    IPPROTO_TCP, SockOffsets, SockStateEvent, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_SENT,
+    handshake_outcome,
 };
 
-use crate::maps::{
-    EVENTS, HANDSHAKES, TRACKED_SOCKS, TRACKED_TUPLES, TrackedSocket, count, header, wakeup,
+use crate::{
+    maps::{
+        EVENTS, HANDSHAKES, TRACKED_SOCKS, TRACKED_TUPLES, TrackedSocket, count, header, wakeup,
+    },
+    packets::Packet,
 };
 
 /// Set by userspace at load time (`EbpfLoader::set_global`).
@@ -41,51 +53,89 @@ static SOCK_OFFSETS: Global<SockOffsets> = Global::new(SockOffsets {
     total_retrans: 0,
 });
 
-#[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
-    let sk: *const c_void = ctx.arg(0);
-    let old_state: i32 = ctx.arg(1);
-    let new_state: i32 = ctx.arg(2);
-    if old_state != i32::from(TCP_SYN_SENT) {
-        return 0;
-    }
+#[btf_tracepoint(function = "inet_sk_error_report")]
+pub fn inet_sk_error_report(ctx: BtfTracePointContext) -> i32 {
+    handshake_failed(ctx.arg(0), Reporter::ErrorReport);
+    0
+}
+
+#[btf_tracepoint(function = "tcp_destroy_sock")]
+pub fn tcp_destroy_sock(ctx: BtfTracePointContext) -> i32 {
+    handshake_failed(ctx.arg(0), Reporter::Destruction);
+    0
+}
+
+/// Which tracepoint saw a handshake fail.
+#[derive(PartialEq, Eq)]
+enum Reporter {
+    ErrorReport,
+    Destruction,
+}
+
+/// Reports the established handshake of the traced socket `cookie`, whose SYN-ACK
+/// `packet` (arrived with `ttl`) is.
+#[inline(always)]
+pub fn established(
+    ctx: &SkBuffContext,
+    packet: &Packet,
+    cookie: u64,
+    socket: TrackedSocket,
+    ttl: u8,
+) -> Result<(), i64> {
+    // The answer comes from the far end: the socket's own tuple is its reverse.
+    let (dst, src) = packet.endpoints(ctx)?;
+    let _ = TRACKED_SOCKS.remove(cookie);
+    let _ = TRACKED_TUPLES.remove(FlowTuple {
+        family: src.family,
+        protocol: IPPROTO_TCP,
+        _pad: 0,
+        src_port: src.port,
+        dst_port: dst.port,
+        src: src.addr,
+        dst: dst.addr,
+    });
+    report(
+        cookie,
+        &socket,
+        Ending {
+            new_state: TCP_ESTABLISHED,
+            reply_tcp_flags: packet.tcp_flags,
+            reply_ttl: ttl,
+            error: 0,
+            soft_error: 0,
+            syn_retransmits: u32::from(socket.syns_sent.saturating_sub(1)),
+        },
+        src,
+        dst,
+    );
+    Ok(())
+}
+
+/// Reports the failed (or abandoned) handshake of `sk`, if it is a traced socket's.
+#[inline(always)]
+fn handshake_failed(sk: *const c_void, reporter: Reporter) {
     // SAFETY: `sk` is the tracepoint's `struct sock *` argument.
     let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
     // SAFETY: the value is copied out at once.
-    let Some(&TrackedSocket {
-        cgroup_id,
-        reply_tcp_flags,
-        reply_ttl,
-        ..
-    }) = (unsafe { TRACKED_SOCKS.get(cookie) })
-    else {
-        return 0;
+    let Some(&socket) = (unsafe { TRACKED_SOCKS.get(cookie) }) else {
+        return;
     };
-    // The handshake is over, and with it everything reported about the socket. Freed now,
-    // the entries go to the next connects while their memory is still in cache; left to
-    // LRU eviction, every connect would replace a long-cold entry (measured ~1 µs more
-    // per connection).
-    let _ = TRACKED_SOCKS.remove(cookie);
-    count(Counter::SockStateSeen);
-    let sk = sk as *const u8;
-    let (src, dst) = read_tuple(sk);
-    // A failed socket has released its port, so only an established one still has the
-    // tuple its first packet recorded.
-    if new_state == i32::from(TCP_ESTABLISHED) {
-        let _ = TRACKED_TUPLES.remove(FlowTuple {
-            family: src.family,
-            protocol: IPPROTO_TCP,
-            _pad: 0,
-            src_port: src.port,
-            dst_port: dst.port,
-            src: src.addr,
-            dst: dst.addr,
-        });
+    if socket.protocol != IPPROTO_TCP {
+        return;
     }
+    let sk = sk as *const u8;
     let off = SOCK_OFFSETS.load();
     // SAFETY: `sk` is the tracepoint's `struct sock *` and these are fields of it (plain
     // loads, as in `read_tuple`).
     let sock_field = |offset: u32| unsafe { *sk.add(offset as usize).cast::<i32>() };
+    let (error, soft_error) = (sock_field(off.err), sock_field(off.err_soft));
+    // An error report without an error in the socket (as for ICMP errors on this
+    // kernel) leaves the socket to its destruction, by when the ICMP error that
+    // explains it has been seen.
+    if reporter == Reporter::ErrorReport && error == 0 && soft_error == 0 {
+        return;
+    }
+    let _ = TRACKED_SOCKS.remove(cookie);
     // `total_retrans` is a field of `struct tcp_sock`, beyond the `struct sock` the
     // verifier knows `sk` as: read with the helper, which fails instead of faulting (a
     // failed read leaves it 0, "not known").
@@ -93,24 +143,55 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let syn_retransmits =
         unsafe { bpf_probe_read_kernel(sk.add(off.total_retrans as usize) as *const u32) }
             .unwrap_or(0);
+    // A failed socket may have released its port already: userspace then keeps the
+    // source its first packet showed.
+    let (src, dst) = read_tuple(sk);
+    report(
+        cookie,
+        &socket,
+        Ending {
+            new_state: TCP_CLOSE,
+            reply_tcp_flags: socket.reply_tcp_flags,
+            reply_ttl: socket.reply_ttl,
+            error,
+            soft_error,
+            syn_retransmits,
+        },
+        src,
+        dst,
+    );
+}
+
+/// How a handshake ended, as its [`SockStateEvent`] tells.
+struct Ending {
+    new_state: u8,
+    reply_tcp_flags: u8,
+    reply_ttl: u8,
+    error: i32,
+    soft_error: i32,
+    syn_retransmits: u32,
+}
+
+#[inline(always)]
+fn report(cookie: u64, socket: &TrackedSocket, ending: Ending, src: Endpoint, dst: Endpoint) {
+    count(Counter::SockStateSeen);
     let event = SockStateEvent {
         header: header(EventKind::SockState),
         sock_cookie: cookie,
-        old_state: old_state as u8,
-        new_state: new_state as u8,
-        reply_tcp_flags,
-        reply_ttl,
-        error: sock_field(off.err),
-        soft_error: sock_field(off.err_soft),
-        syn_retransmits,
+        old_state: TCP_SYN_SENT,
+        new_state: ending.new_state,
+        reply_tcp_flags: ending.reply_tcp_flags,
+        reply_ttl: ending.reply_ttl,
+        error: ending.error,
+        soft_error: ending.soft_error,
+        syn_retransmits: ending.syn_retransmits,
         src,
         dst,
     };
-    count_handshake(cgroup_id, &event);
+    count_handshake(socket.cgroup_id, &event);
     if EVENTS.output::<SockStateEvent>(&event, wakeup()).is_err() {
         count(Counter::SockStateLost);
     }
-    0
 }
 
 /// Adds the handshake to `HANDSHAKES`, which counts what the ring buffer may lose. A
