@@ -7,6 +7,10 @@
 //! guide's packet capture) and, where it runs, a bpftrace script that counts the same
 //! events. Every traced run is bracketed by untraced runs and divided by their mean rate;
 //! the modes' order rotates every round, and the table shows the median of the rounds.
+//! Each rate is counted per second of CPU the machine had: on a virtual machine the
+//! hypervisor takes CPU time away (steal, in `/proc/stat`) by amounts that change from
+//! second to second, and a load that needs the whole machine loses as much rate. The
+//! ratios of the raw rates are kept in the JSON too.
 //!
 //! Then, with the agent: loss at the lab's full connection rate (events the kernel could
 //! not queue, and whether the connection counters still match what the load made), and a
@@ -145,10 +149,21 @@ fn run() -> Result<(), String> {
     // Every traced run sits between two untraced runs and is divided by their mean: the
     // machine's speed drifts within a round (by a quarter on this shared machine), and
     // the neighbours see the same drift. Modes rotate their order every round.
-    // (mode, round) -> (connects/s, DNS queries/s), and the (connect, DNS) ratios.
-    let mut rates: Vec<Vec<(f64, f64)>> = vec![Vec::new(); modes.len()];
+    // (mode, round) -> (connects, DNS queries), and the (connect, DNS) ratios of the
+    // steal-corrected and of the raw rates.
+    let mut rates: Vec<Vec<(Rate, Rate)>> = vec![Vec::new(); modes.len()];
     let mut ratios: Vec<Vec<(f64, f64)>> = vec![Vec::new(); modes.len()];
+    let mut raw_ratios: Vec<Vec<(f64, f64)>> = vec![Vec::new(); modes.len()];
     let traced = modes.len() - 1;
+    let ratio = |rate: fn(&Rate) -> f64,
+                 run: &(Rate, Rate),
+                 before: &(Rate, Rate),
+                 after: &(Rate, Rate)| {
+        (
+            rate(&run.0) / ((rate(&before.0) + rate(&after.0)) / 2.0),
+            rate(&run.1) / ((rate(&before.1) + rate(&after.1)) / 2.0),
+        )
+    };
     for round in 0..options.rounds {
         let mut before = measure(&lab, Mode::Untraced, round, &options)?;
         rates[0].push(before);
@@ -158,34 +173,53 @@ fn run() -> Result<(), String> {
             let after = measure(&lab, Mode::Untraced, round, &options)?;
             rates[index].push(run);
             rates[0].push(after);
-            ratios[index].push((
-                run.0 / ((before.0 + after.0) / 2.0),
-                run.1 / ((before.1 + after.1) / 2.0),
-            ));
+            ratios[index].push(ratio(Rate::corrected, &run, &before, &after));
+            raw_ratios[index].push(ratio(|r| r.per_second, &run, &before, &after));
             before = after;
         }
     }
     let mut results = Vec::new();
     println!(
-        "{:<22} {:>16} {:>16}   (traced / neighbouring untraced runs, median of {} rounds)",
-        "mode", "connect+close", "DNS queries", options.rounds
+        "{:<22} {:>16} {:>16} {:>12} {:>10}   (traced / neighbouring untraced runs per second of CPU not stolen, median of {} rounds; raw: of the rates alone)",
+        "mode", "connect+close", "DNS queries", "raw connect", "raw DNS", options.rounds
     );
     for (index, mode) in modes.iter().enumerate() {
-        let per_round =
-            |pick: fn(&(f64, f64)) -> f64| -> Vec<f64> { ratios[index].iter().map(pick).collect() };
+        let column = |of: &[Rate], pick: fn(&Rate) -> f64| of.iter().map(pick).collect::<Vec<_>>();
+        let connects: Vec<Rate> = rates[index].iter().map(|r| r.0).collect();
+        let queries: Vec<Rate> = rates[index].iter().map(|r| r.1).collect();
         let mut result = json!({
             "mode": mode.name(),
-            "connects_per_second": rates[index].iter().map(|r| r.0).collect::<Vec<_>>(),
-            "dns_queries_per_second": rates[index].iter().map(|r| r.1).collect::<Vec<_>>(),
+            "connects_per_second": column(&connects, |r| r.per_second),
+            "connect_steal_share": column(&connects, |r| r.steal),
+            "dns_queries_per_second": column(&queries, |r| r.per_second),
+            "dns_steal_share": column(&queries, |r| r.steal),
         });
         if index > 0 {
-            let (connect_rounds, dns_rounds) = (per_round(|r| r.0), per_round(|r| r.1));
+            let per_round = |of: &[(f64, f64)], pick: fn(&(f64, f64)) -> f64| -> Vec<f64> {
+                of.iter().map(pick).collect()
+            };
+            let (connect_rounds, dns_rounds) = (
+                per_round(&ratios[index], |r| r.0),
+                per_round(&ratios[index], |r| r.1),
+            );
+            let (raw_connect_rounds, raw_dns_rounds) = (
+                per_round(&raw_ratios[index], |r| r.0),
+                per_round(&raw_ratios[index], |r| r.1),
+            );
             let (connect, dns) = (median(&connect_rounds), median(&dns_rounds));
-            println!("{:<22} {connect:>16.3} {dns:>16.3}", mode.name());
+            let (raw_connect, raw_dns) = (median(&raw_connect_rounds), median(&raw_dns_rounds));
+            println!(
+                "{:<22} {connect:>16.3} {dns:>16.3} {raw_connect:>12.3} {raw_dns:>10.3}",
+                mode.name()
+            );
             result["connect_ratio"] = json!(connect);
             result["connect_ratio_per_round"] = json!(connect_rounds);
             result["dns_ratio"] = json!(dns);
             result["dns_ratio_per_round"] = json!(dns_rounds);
+            result["raw_connect_ratio"] = json!(raw_connect);
+            result["raw_connect_ratio_per_round"] = json!(raw_connect_rounds);
+            result["raw_dns_ratio"] = json!(raw_dns);
+            result["raw_dns_ratio_per_round"] = json!(raw_dns_rounds);
         }
         results.push(result);
     }
@@ -245,22 +279,81 @@ fn run() -> Result<(), String> {
     )
 }
 
-/// One run of both loads under `mode`: (connects/s, DNS queries/s).
-fn measure(lab: &Lab, mode: Mode, round: usize, options: &Options) -> Result<(f64, f64), String> {
+/// A load's rate over one run, and the share of the machine's CPU time stolen meanwhile.
+#[derive(Clone, Copy, Debug)]
+struct Rate {
+    per_second: f64,
+    steal: f64,
+}
+
+impl Rate {
+    /// Per second of CPU time the machine had.
+    fn corrected(&self) -> f64 {
+        self.per_second / (1.0 - self.steal)
+    }
+}
+
+/// All CPUs' time (ticks since boot) and its stolen part, from `/proc/stat`.
+fn cpu_ticks() -> Result<(u64, u64), String> {
+    let stat = std::fs::read_to_string("/proc/stat").map_err(|e| format!("/proc/stat: {e}"))?;
+    // user nice system idle iowait irq softirq steal (guest time is within user).
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("cpu "))
+        .map(|fields| {
+            fields
+                .split_whitespace()
+                .take(8)
+                .filter_map(|f| f.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    match ticks.as_slice() {
+        [.., steal] if ticks.len() == 8 => Ok((ticks.iter().sum(), *steal)),
+        _ => Err("/proc/stat has no cpu line with steal time".into()),
+    }
+}
+
+/// Runs a load generator in the pod: its rate, with the CPU time stolen meanwhile.
+fn timed_load(lab: &Lab, what: &str, args: &[String]) -> Result<Rate, String> {
+    let (total_before, steal_before) = cpu_ticks()?;
+    let per_second = load(lab, what, args)?;
+    let (total_after, steal_after) = cpu_ticks()?;
+    let total = total_after.saturating_sub(total_before);
+    let steal = steal_after.saturating_sub(steal_before);
+    Ok(Rate {
+        per_second,
+        // Capped, so that a run the hypervisor took almost entirely cannot weigh more
+        // than ten runs.
+        steal: if total == 0 {
+            0.0
+        } else {
+            (steal as f64 / total as f64).min(0.9)
+        },
+    })
+}
+
+/// One run of both loads under `mode`: (connects, DNS queries).
+fn measure(lab: &Lab, mode: Mode, round: usize, options: &Options) -> Result<(Rate, Rate), String> {
     let watcher = start(lab, mode)?;
-    let connects = load(
+    let connects = timed_load(
         lab,
         "connect-loop",
         &connect_args(options.seconds, LOAD_THREADS),
     )?;
-    let queries = load(lab, "dns-loop", &dns_args(options.seconds))?;
+    let queries = timed_load(lab, "dns-loop", &dns_args(options.seconds))?;
     if let Some(watcher) = watcher {
         watcher.stop()?;
     }
     eprintln!(
-        "bench: round {} {:<22} {connects:>9.0} connects/s {queries:>9.0} queries/s",
+        "bench: round {} {:<22} {:>9.0} connects/s ({:.0}% stolen) {:>9.0} queries/s ({:.0}% stolen)",
         round + 1,
-        mode.name()
+        mode.name(),
+        connects.per_second,
+        connects.steal * 100.0,
+        queries.per_second,
+        queries.steal * 100.0,
     );
     Ok((connects, queries))
 }
