@@ -21,7 +21,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     Global,
-    helpers::{bpf_get_socket_cookie, bpf_probe_read_kernel},
+    helpers::bpf_probe_read_kernel,
     macros::btf_tracepoint,
     programs::{BtfTracePointContext, SkBuffContext},
 };
@@ -51,6 +51,7 @@ static SOCK_OFFSETS: Global<SockOffsets> = Global::new(SockOffsets {
     err: 0,
     err_soft: 0,
     total_retrans: 0,
+    cookie: 0,
 });
 
 #[btf_tracepoint(function = "inet_sk_error_report")]
@@ -114,8 +115,16 @@ pub fn established(
 /// Reports the failed (or abandoned) handshake of `sk`, if it is a traced socket's.
 #[inline(always)]
 fn handshake_failed(sk: *const c_void, reporter: Reporter) {
-    // SAFETY: `sk` is the tracepoint's `struct sock *` argument.
-    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    let sk = sk as *const u8;
+    let off = SOCK_OFFSETS.load();
+    // The cookie as a plain load, not `bpf_get_socket_cookie`: that helper gives every
+    // socket without one (most of those these tracepoints see: the node's other
+    // sockets, servers' accepted ones) a cookie from a counter all CPUs share.
+    // SAFETY: `sk` is the tracepoint's `struct sock *`; the offset is a field of it.
+    let cookie = unsafe { *sk.add(off.cookie as usize).cast::<u64>() };
+    if cookie == 0 {
+        return;
+    }
     // SAFETY: the value is copied out at once.
     let Some(&socket) = (unsafe { TRACKED_SOCKS.get(cookie) }) else {
         return;
@@ -123,8 +132,6 @@ fn handshake_failed(sk: *const c_void, reporter: Reporter) {
     if socket.protocol != IPPROTO_TCP {
         return;
     }
-    let sk = sk as *const u8;
-    let off = SOCK_OFFSETS.load();
     // SAFETY: `sk` is the tracepoint's `struct sock *` and these are fields of it (plain
     // loads, as in `read_tuple`).
     let sock_field = |offset: u32| unsafe { *sk.add(offset as usize).cast::<i32>() };

@@ -415,6 +415,9 @@ pub struct SockOffsets {
     pub err_soft: u32,
     /// `struct tcp_sock.total_retrans`.
     pub total_retrans: u32,
+    /// `struct sock.__sk_common.skc_cookie`: the socket's cookie, 0 until something asked
+    /// for it (as `connect4` did for every traced socket).
+    pub cookie: u32,
 }
 
 /// Indexes of the per-CPU `COUNTERS` array. Counted in the kernel so that totals stay
@@ -767,9 +770,10 @@ mod tests {
 
     #[test]
     fn sock_offsets_layout() {
-        assert_eq!(size_of::<SockOffsets>(), 40);
+        assert_eq!(size_of::<SockOffsets>(), 44);
         assert_eq!(offset_of!(SockOffsets, v6_daddr), 24);
         assert_eq!(offset_of!(SockOffsets, total_retrans), 36);
+        assert_eq!(offset_of!(SockOffsets, cookie), 40);
     }
 
     #[test]

@@ -84,8 +84,8 @@ impl KernelBtf {
         Ok(bits / 8)
     }
 
-    /// Offsets of the `struct sock` and `struct tcp_sock` fields the state tracepoint
-    /// reads.
+    /// Offsets of the `struct sock` and `struct tcp_sock` fields the handshake
+    /// tracepoints read.
     pub fn sock_offsets(&self) -> Result<SockOffsets, BtfError> {
         let field = |name| self.offset_of("sock", &["__sk_common", name]);
         // tcp_sock starts with its inet_connection_sock, which starts with the sock.
@@ -100,6 +100,7 @@ impl KernelBtf {
             err: self.offset_of("sock", &["sk_err"])?,
             err_soft: self.offset_of("sock", &["sk_err_soft"])?,
             total_retrans: self.offset_of("tcp_sock", &["total_retrans"])?,
+            cookie: field("skc_cookie")?,
         })
     }
 
@@ -245,6 +246,7 @@ mod tests {
         // Past sock_common (136 bytes on 64-bit kernels); tcp_sock is far larger.
         assert!(off.err > 136 && off.err_soft > 136, "{off:?}");
         assert!(off.total_retrans > off.err, "{off:?}");
+        assert!(off.cookie > off.v6_rcv_saddr && off.cookie < 136, "{off:?}");
     }
 
     #[test]
