@@ -292,7 +292,7 @@ pub struct CaptureOptions {
     /// built-in BTF, a file for that exact kernel (for example from BTFHub).
     pub kernel_btf: PathBuf,
     /// Trace only processes in these cgroups (one pod's), from the first event on; `None`
-    /// traces every process.
+    /// traces every process in the hooked cgroups.
     pub only_cgroups: Option<Vec<u64>>,
     /// Size of the event ring buffer in bytes (a power of two, at least a page); `None`
     /// keeps the built-in [`tracer_common::RING_BUFFER_BYTES`].
