@@ -10,8 +10,10 @@ use std::{
 
 /// How deep below the cgroup v2 root kubelet's pod cgroups are looked for: 1 on a node
 /// (`/kubepods.slice`), 2 when kubelet runs with a cgroup root of its own (kind's
-/// `kubelet.slice/kubelet-kubepods.slice`, the node lab's `elab-….slice/kubepods`).
-const POD_ROOT_DEPTH: usize = 3;
+/// `kubelet.slice/kubelet-kubepods.slice`, the node lab's `elab-….slice/kubepods`), more
+/// when the whole node runs in a container or a service's cgroup. The walk never enters
+/// a pod root, so it stays small.
+const POD_ROOT_DEPTH: usize = 6;
 
 /// The cgroups kubelet keeps its pods below (`kubepods`, `kubepods.slice`, or
 /// `…-kubepods.slice`, with either cgroup driver) within [`POD_ROOT_DEPTH`] levels of
@@ -367,7 +369,8 @@ mod tests {
             "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice",
             "kubelet.slice/kubelet-kubepods.slice/kubepods-pod2.slice",
             "lab.slice/kubepods/burstable/pod3",
-            "deep/er/than/kubepods",
+            "s/t/u/v/w/kubepods.slice/kubepods-pod4.slice",
+            "a/b/c/d/e/f/kubepods",
             "kubepods-besteffort.slice",
         ] {
             fs::create_dir_all(root.join(dir)).unwrap();
@@ -384,7 +387,8 @@ mod tests {
             [
                 "kubelet.slice/kubelet-kubepods.slice",
                 "kubepods.slice",
-                "lab.slice/kubepods"
+                "lab.slice/kubepods",
+                "s/t/u/v/w/kubepods.slice"
             ]
         );
     }
