@@ -27,8 +27,8 @@ use aya_ebpf::{
 };
 use tracer_common::{
     AF_INET, AF_INET6, Counter, Endpoint, EventKind, FlowTuple, HandshakeKey, HandshakeTotals,
-    IPPROTO_TCP, SockOffsets, SockStateEvent, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_SENT,
-    handshake_outcome,
+    IPPROTO_TCP, SockOffsets, SockStateEvent, TCP_CLOSE, TCP_ESTABLISHED, TCP_FLAG_RST,
+    TCP_SYN_SENT, handshake_outcome,
 };
 
 use crate::{
@@ -135,7 +135,13 @@ fn handshake_failed(sk: *const c_void, reporter: Reporter) {
     // SAFETY: `sk` is the tracepoint's `struct sock *` and these are fields of it (plain
     // loads, as in `read_tuple`).
     let sock_field = |offset: u32| unsafe { *sk.add(offset as usize).cast::<i32>() };
-    let (error, soft_error) = (sock_field(off.err), sock_field(off.err_soft));
+    let (mut error, soft_error) = (sock_field(off.err), sock_field(off.err_soft));
+    // A reset answering the SYN fails the handshake with ECONNREFUSED, which the
+    // application may have read (and so cleared) before these hooks run: woken by the
+    // socket's close, it can read before the error report is made.
+    if error == 0 && socket.reply_tcp_flags & TCP_FLAG_RST != 0 {
+        error = ECONNREFUSED;
+    }
     // An error report without an error in the socket (as for ICMP errors on this
     // kernel) leaves the socket to its destruction, by when the ICMP error that
     // explains it has been seen.
@@ -244,6 +250,7 @@ fn count_handshake(cgroup_id: u64, event: &SockStateEvent) {
 
 const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = -17;
+const ECONNREFUSED: i32 = 111;
 
 /// The tuple from `struct sock_common`, read with plain loads: the verifier knows `sk`'s
 /// type from the tracepoint's BTF, checks each constant offset (the frozen
