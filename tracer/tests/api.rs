@@ -149,11 +149,13 @@ fn an_outage_keeps_the_last_state_reports_stale_and_recovers() {
         .lists
         .insert(PODS, vec![(10, vec![pod("web", "10.244.0.10", 10)])]);
     // The first watch sends nothing; the watch resumed after the outage gets what changed
-    // meanwhile, as the API server sends it from the resourceVersion asked for.
-    script.watches.insert(
-        PODS,
-        vec![vec![], vec![event("ADDED", pod("new", "10.244.0.13", 30))]],
-    );
+    // meanwhile, as the API server sends it from the resourceVersion asked for. (A
+    // reconnect can race the outage and be cut with its events: the next watches carry
+    // the same event, which the reflector takes once.)
+    let added = vec![event("ADDED", pod("new", "10.244.0.13", 30))];
+    script
+        .watches
+        .insert(PODS, vec![vec![], added.clone(), added.clone(), added]);
     let mut server = FakeApiServer::start(script, "127.0.0.1:0".parse().unwrap());
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let api = runtime
