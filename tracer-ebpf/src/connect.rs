@@ -4,8 +4,8 @@
 //! server's answers (sent from port 53).
 //!
 //! Attached to kubelet's pod cgroups, so every pod's process is seen (and the node's own
-//! processes cost nothing); userspace attributes the event to a pod by its cgroup id. The programs never change
-//! the call: they always return "allow".
+//! processes cost nothing); userspace attributes the event to a pod by its cgroup id.
+//! The programs never change the call: they always return "allow".
 
 use aya_ebpf::{
     EbpfContext,
