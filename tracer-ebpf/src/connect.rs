@@ -19,7 +19,7 @@ use tracer_common::{
 };
 
 use crate::maps::{
-    EVENTS, TRACKED_SOCKS, TrackedSocket, UDP_DESTINATIONS_SEEN, count, header, is_traced, wakeup,
+    TRACKED_SOCKS, TrackedSocket, UDP_DESTINATIONS_SEEN, count, emit, header, is_traced,
 };
 
 /// Return value of cgroup sock_addr programs that lets the syscall proceed.
@@ -133,7 +133,7 @@ fn report(ctx: &SockAddrContext, family: u16, call: u8) {
         _pad: [0; 6],
         dst,
     };
-    if EVENTS.output::<ConnectEvent>(&event, wakeup()).is_err() {
+    if emit(event).is_err() {
         count(Counter::ConnectLost);
     }
 }

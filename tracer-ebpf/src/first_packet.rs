@@ -12,7 +12,7 @@ use aya_ebpf::{EbpfContext, helpers::bpf_get_socket_cookie, programs::SkBuffCont
 use tracer_common::{Counter, EventKind, FirstPacketEvent, FlowTuple, IPPROTO_TCP};
 
 use crate::{
-    maps::{EVENTS, FIRST_PACKET_REPORTED, TRACKED_SOCKS, TRACKED_TUPLES, count, header, wakeup},
+    maps::{FIRST_PACKET_REPORTED, TRACKED_SOCKS, TRACKED_TUPLES, count, emit, header},
     packets::Packet,
 };
 
@@ -68,7 +68,7 @@ pub fn on_egress(ctx: &SkBuffContext, packet: &Packet) -> Result<(), i64> {
         src,
         dst,
     };
-    if EVENTS.output::<FirstPacketEvent>(&event, wakeup()).is_err() {
+    if emit(event).is_err() {
         count(Counter::FirstPacketLost);
     }
     Ok(())

@@ -32,9 +32,7 @@ use tracer_common::{
 };
 
 use crate::{
-    maps::{
-        EVENTS, HANDSHAKES, TRACKED_SOCKS, TRACKED_TUPLES, TrackedSocket, count, header, wakeup,
-    },
+    maps::{HANDSHAKES, TRACKED_SOCKS, TRACKED_TUPLES, TrackedSocket, count, emit, header},
     packets::Packet,
 };
 
@@ -202,7 +200,7 @@ fn report(cookie: u64, socket: &TrackedSocket, ending: Ending, src: Endpoint, ds
         dst,
     };
     count_handshake(socket.cgroup_id, &event);
-    if EVENTS.output::<SockStateEvent>(&event, wakeup()).is_err() {
+    if emit(event).is_err() {
         count(Counter::SockStateLost);
     }
 }

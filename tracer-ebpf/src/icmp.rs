@@ -14,7 +14,7 @@ use tracer_common::{
 };
 
 use crate::{
-    maps::{EVENTS, count, header, wakeup},
+    maps::{count, emit, header},
     skb::{Headers, IPV6_HEADER_LEN, headers, read},
 };
 
@@ -124,7 +124,7 @@ fn report(skb: *const u8, family: u16) -> Result<(), i32> {
         dst,
         _pad2: [0; 4],
     };
-    if EVENTS.output::<IcmpErrorEvent>(&event, wakeup()).is_err() {
+    if emit(event).is_err() {
         count(Counter::IcmpErrorLost);
     }
     Ok(())
