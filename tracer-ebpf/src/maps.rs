@@ -95,7 +95,10 @@ pub fn wakeup() -> u64 {
     const BPF_RB_NO_WAKEUP: u64 = 1;
     const BPF_RB_FORCE_WAKEUP: u64 = 2;
     const BPF_RB_AVAIL_DATA: u64 = 0;
-    if EVENTS.query(BPF_RB_AVAIL_DATA) >= u64::from(RING_BUFFER_BYTES / 8) {
+    // The size is chosen at load time (`--ring-buffer-size`); it sits in the ring's
+    // read-mostly header.
+    const BPF_RB_RING_SIZE: u64 = 1;
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= EVENTS.query(BPF_RB_RING_SIZE) / 8 {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
