@@ -2,7 +2,7 @@
 //! record from a mismatched kernel object is reported, never misread.
 
 use std::{
-    mem::size_of,
+    mem::{MaybeUninit, offset_of, size_of},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
@@ -84,10 +84,15 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
             .map(KernelEvent::Drop)
             .ok_or_else(|| wrong_length(size_of::<DropEvent>())),
         EventKind::Dns => {
-            let event =
-                exact::<DnsEvent>(record).ok_or_else(|| wrong_length(size_of::<DnsEvent>()))?;
-            let message = event
-                .data
+            if record.len() != size_of::<DnsEvent>() {
+                return Err(wrong_length(size_of::<DnsEvent>()));
+            }
+            // Only what the kernel wrote is read: the fields and the captured prefix of
+            // `data`. Copying the whole record would pull its stale rest (most of its
+            // 592 bytes) from memory for every message.
+            let data_at = offset_of!(DnsEvent, data);
+            let event: DnsEvent = read_prefix(record, data_at);
+            let message = record[data_at..]
                 .get(..usize::from(event.captured))
                 .ok_or(DecodeError::DnsOverlong(event.captured))?;
             Ok(KernelEvent::Dns(DnsCapture {
@@ -109,6 +114,18 @@ fn exact<T: aya::Pod>(record: &[u8]) -> Option<T> {
     (record.len() == size_of::<T>())
         .then(|| read(record))
         .flatten()
+}
+
+/// `T` from the first `len` bytes of `bytes`, the rest of it zeroed.
+fn read_prefix<T: aya::Pod>(bytes: &[u8], len: usize) -> T {
+    let len = len.min(size_of::<T>()).min(bytes.len());
+    let mut value = MaybeUninit::<T>::zeroed();
+    // SAFETY: `len` is within both `bytes` and `T`; a zeroed `T: Pod` with any bytes
+    // copied over it is a valid `T`.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), value.as_mut_ptr().cast::<u8>(), len);
+        value.assume_init()
+    }
 }
 
 fn read<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
@@ -260,6 +277,28 @@ mod tests {
             (&b"query"[..], 700, 99)
         );
         assert_eq!((capture.cgroup_id, capture.dst), (7, connect_fixture().dst));
+        assert_eq!(
+            (
+                capture.header,
+                capture.direction,
+                capture.protocol,
+                capture.src
+            ),
+            (
+                event.header,
+                tracer_common::DNS_EGRESS,
+                tracer_common::IPPROTO_UDP,
+                Endpoint::UNKNOWN
+            )
+        );
+        assert_eq!(
+            decode(&bytes_of(&event)[..100]),
+            Err(DecodeError::WrongLength {
+                kind: EventKind::Dns,
+                got: 100,
+                expected: 592
+            })
+        );
         event.captured = DNS_CAPTURE_BYTES as u16 + 1;
         assert_eq!(
             decode(&bytes_of(&event)),

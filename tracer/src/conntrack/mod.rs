@@ -12,7 +12,13 @@
 //!
 //! [`watch`] refreshes the last two in the background.
 
-use std::{collections::HashMap, fs, io, net::SocketAddr, thread, time::Duration};
+use std::{
+    collections::HashMap,
+    fs, io,
+    net::SocketAddr,
+    thread,
+    time::{Duration, Instant},
+};
 
 use tokio::sync::watch;
 
@@ -47,9 +53,15 @@ pub struct NodeConntrack {
     pub snat: Option<snat::SnatTable>,
 }
 
+/// The background reading may keep one CPU busy at most 1/`READ_DUTY_DIVISOR` of the
+/// time: a dump of a node's table (hundreds of thousands of entries on busy nodes) costs
+/// the kernel and the tracer a few microseconds per entry.
+const READ_DUTY_DIVISOR: u32 = 100;
+
 /// Reads the node's conntrack figures every `every` on a thread of its own (a dump of a
 /// large table takes a while, and must not hold up the event path), until the receiver
-/// is dropped. `on_error` hears of each source's first failure.
+/// is dropped; less often when a reading takes longer than a 1/`READ_DUTY_DIVISOR` share
+/// of `every`. `on_error` hears of each source's first failure.
 pub fn watch(
     budget: Option<u32>,
     every: Duration,
@@ -61,6 +73,7 @@ pub fn watch(
         .spawn(move || {
             let mut snat_failed = false;
             loop {
+                let started = Instant::now();
                 let stats = ConntrackStats::read().ok().flatten();
                 let snat = match snat::SnatTable::read(budget) {
                     Ok(table) => Some(table),
@@ -77,10 +90,16 @@ pub fn watch(
                 if sender.send(NodeConntrack { stats, snat }).is_err() {
                     return;
                 }
-                thread::sleep(every);
+                thread::sleep(pause_after(started.elapsed(), every));
             }
         })?;
     Ok(receiver)
+}
+
+/// How long to wait after a reading that took `took`: `every`, or long enough to keep the
+/// reading's share of the time at 1/`READ_DUTY_DIVISOR`.
+fn pause_after(took: Duration, every: Duration) -> Duration {
+    every.max(took.saturating_mul(READ_DUTY_DIVISOR - 1))
 }
 
 /// Node-wide conntrack figures at one moment.
@@ -167,6 +186,16 @@ fn per_cpu_totals(text: &str) -> HashMap<String, u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slow_readings_are_spaced_to_keep_their_share_of_the_time() {
+        let every = Duration::from_secs(10);
+        assert_eq!(pause_after(Duration::from_millis(70), every), every);
+        assert_eq!(
+            pause_after(Duration::from_millis(650), every),
+            Duration::from_millis(64_350)
+        );
+    }
 
     #[test]
     fn sums_per_cpu_columns() {

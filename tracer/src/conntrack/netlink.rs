@@ -36,6 +36,10 @@ const CTA_IP_V6_DST: u16 = 4;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
+const CTA_STATUS_MASK: u16 = 26;
+
+/// `IPS_SRC_NAT` status bit: the entry's source is translated (SNAT or MASQUERADE).
+pub const IPS_SRC_NAT: u32 = 1 << 4;
 
 /// One direction of an entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,13 +58,14 @@ pub struct Entry {
     pub status: u32,
 }
 
-/// Dumps the conntrack table of the caller's network namespace, handing each entry to
-/// `visit` (entries are not collected, so memory does not grow with the table).
-pub fn dump(mut visit: impl FnMut(&Entry)) -> io::Result<()> {
+/// Dumps the entries of the caller's network namespace whose status has every bit of
+/// `status` set, handing each to `visit` (entries are not collected, so memory does not
+/// grow with the table). The kernel filters, so entries left out cost it no message;
+/// kernels without dump filtering by status (`CTA_STATUS_MASK`) send every entry, so
+/// `visit` must still check what it relies on.
+pub fn dump(status: u32, mut visit: impl FnMut(&Entry)) -> io::Result<()> {
     let socket = open()?;
-    let mut request = header(NLM_F_REQUEST | NLM_F_DUMP, 1, libc::AF_UNSPEC as u8);
-    finish(&mut request);
-    send(&socket, &request)?;
+    send(&socket, &dump_request(status))?;
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
         let received = receive(&socket, &mut buffer)?;
@@ -219,6 +224,19 @@ fn put(request: &mut Vec<u8>, kind: u16, fill: impl FnOnce(&mut Vec<u8>)) {
     request[start..start + 2].copy_from_slice(&len.to_ne_bytes());
     request[start + 2..start + 4].copy_from_slice(&kind.to_ne_bytes());
     request.resize(align(request.len()), 0);
+}
+
+/// A dump request for the entries whose status has every bit of `status`.
+fn dump_request(status: u32) -> Vec<u8> {
+    let mut request = header(NLM_F_REQUEST | NLM_F_DUMP, 1, libc::AF_UNSPEC as u8);
+    put(&mut request, CTA_STATUS, |r| {
+        r.extend_from_slice(&status.to_be_bytes())
+    });
+    put(&mut request, CTA_STATUS_MASK, |r| {
+        r.extend_from_slice(&status.to_be_bytes())
+    });
+    finish(&mut request);
+    request
 }
 
 /// A GET request for the entry with this original tuple; `None` when the addresses'
@@ -543,6 +561,34 @@ mod tests {
             let _ = parse_entry(&half[..len]);
         }
         assert_eq!(count, 0);
+    }
+
+    #[test]
+    fn a_dump_request_asks_the_kernel_to_filter_by_status() {
+        let request = dump_request(IPS_SRC_NAT);
+        let message = messages(&request).next().unwrap().unwrap();
+        assert_eq!(
+            (message.kind, message.sequence, message.payload.len()),
+            (0x101, 1, request.len() - NLMSG_HEADER)
+        );
+        assert_eq!(
+            message.payload[..NFGENMSG],
+            [libc::AF_UNSPEC as u8, 0, 0, 0]
+        );
+        let filter: Vec<(u16, Vec<u8>)> = attributes(&message.payload[NFGENMSG..])
+            .map(|(kind, payload)| (kind, payload.to_vec()))
+            .collect();
+        assert_eq!(
+            filter,
+            [
+                (CTA_STATUS, vec![0, 0, 0, 0x10]),
+                (CTA_STATUS_MASK, vec![0, 0, 0, 0x10])
+            ]
+        );
+        assert_eq!(
+            u16::from_ne_bytes([request[6], request[7]]),
+            NLM_F_REQUEST | NLM_F_DUMP
+        );
     }
 
     #[test]

@@ -110,10 +110,10 @@ impl SnatTable {
         }
     }
 
-    /// Dumps the conntrack table of the caller's network namespace.
+    /// Dumps the translated entries of the caller's network namespace's conntrack table.
     pub fn read(budget: Option<u32>) -> io::Result<Self> {
         let mut table = Self::new(local_port_range()?, budget);
-        netlink::dump(|entry| table.add(entry))?;
+        netlink::dump(netlink::IPS_SRC_NAT, |entry| table.add(entry))?;
         Ok(table)
     }
 

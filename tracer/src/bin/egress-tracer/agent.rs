@@ -41,7 +41,8 @@ const EXPIRY_TICK: Duration = Duration::from_millis(200);
 /// How often the cluster model, the kernel's counts and the metrics are refreshed.
 const REFRESH: Duration = Duration::from_secs(1);
 /// How often the node's conntrack counters and SNAT usage are read. The SNAT usage comes
-/// from a dump of the whole conntrack table, which costs in proportion to its size.
+/// from a dump of the translated conntrack entries, which costs in proportion to their
+/// number (`conntrack::watch` reads less often when a dump takes long).
 const CONNTRACK_REFRESH: Duration = Duration::from_secs(10);
 /// How long open HTTP requests may take to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
