@@ -16,7 +16,8 @@
 //! `in-progress`) and counted in [`FlowStats::evicted`].
 
 use std::{
-    collections::VecDeque,
+    collections::{VecDeque, hash_map::Entry},
+    hash::{Hash, Hasher},
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Duration,
@@ -313,7 +314,36 @@ impl IcmpError {
 
 /// The tuple that names a flow in packets: what the first packet carried and what an
 /// ICMP error embeds.
-type FlowKey = (Protocol, SocketAddr, SocketAddr);
+/// A flow's protocol, source and destination, hashed as a few machine words: the derived
+/// hash of two `SocketAddr`s was a tenth of the userspace cost of a connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FlowKey {
+    protocol: Protocol,
+    src: SocketAddr,
+    dst: SocketAddr,
+}
+
+impl FlowKey {
+    fn new(protocol: Protocol, src: SocketAddr, dst: SocketAddr) -> Self {
+        Self { protocol, src, dst }
+    }
+}
+
+impl Hash for FlowKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let address = |addr: SocketAddr| match addr.ip() {
+            IpAddr::V4(v4) => u128::from(v4.to_bits()),
+            IpAddr::V6(v6) => v6.to_bits(),
+        };
+        state.write_u128(address(self.src));
+        state.write_u128(address(self.dst));
+        state.write_u64(
+            u64::from(self.src.port()) << 24
+                | u64::from(self.dst.port()) << 8
+                | u64::from(self.protocol.number()),
+        );
+    }
+}
 
 /// An attempt's place in its arrival-order queue.
 #[derive(Clone, Copy)]
@@ -327,7 +357,7 @@ struct Queued {
 
 impl Queued {
     /// Whether the attempt queued here is still pending.
-    fn is_current(&self, pending: &HashMap<u64, Attempt>, protocol: Protocol) -> bool {
+    fn is_current(&self, pending: &HashMap<u64, Box<Attempt>>, protocol: Protocol) -> bool {
         pending
             .get(&self.cookie)
             .is_some_and(|a| a.protocol == protocol && a.monotonic_ns == self.connected_ns)
@@ -336,7 +366,7 @@ impl Queued {
 
 #[derive(Default)]
 pub struct FlowAssembler {
-    pending: HashMap<u64, Attempt>,
+    pending: HashMap<u64, Box<Attempt>>,
     /// Pending attempts whose first packet was seen, by tuple, for ICMP errors.
     by_tuple: HashMap<FlowKey, u64>,
     /// TCP and UDP attempts, each in arrival order (their waits differ); they may hold
@@ -357,7 +387,7 @@ impl FlowAssembler {
         &mut self,
         event: &ConnectEvent,
         origin: Arc<Origin>,
-        done: &mut Vec<Attempt>,
+        done: &mut Vec<Box<Attempt>>,
     ) {
         let (protocol, tcp) = match event.protocol {
             IPPROTO_TCP => (Protocol::Tcp, Some(TcpHandshake::default())),
@@ -367,7 +397,9 @@ impl FlowAssembler {
         let Some(dst) = socket_addr(&event.dst) else {
             return;
         };
-        let mut attempt = Attempt {
+        // Boxed from the start: an attempt is moved several times on its way to a record,
+        // and it is hundreds of bytes.
+        let mut attempt = Box::new(Attempt {
             monotonic_ns: event.header.ts_ns,
             origin,
             pid: event.pid,
@@ -387,7 +419,7 @@ impl FlowAssembler {
             reply: None,
             snat: None,
             verdict: None,
-        };
+        });
         if self.pending.len() >= MAX_PENDING {
             self.evict_oldest(done);
         }
@@ -405,7 +437,7 @@ impl FlowAssembler {
         }
         if let Some(src) = attempt.src {
             self.by_tuple
-                .insert((protocol, src, attempt.dst), event.sock_cookie);
+                .insert(FlowKey::new(protocol, src, attempt.dst), event.sock_cookie);
         }
         let queued = Queued {
             cookie: event.sock_cookie,
@@ -432,18 +464,20 @@ impl FlowAssembler {
             && earlier != src
         {
             self.by_tuple
-                .remove(&(attempt.protocol, earlier, attempt.dst));
+                .remove(&FlowKey::new(attempt.protocol, earlier, attempt.dst));
         }
         if attempt.protocol == Protocol::Udp {
             attempt.outcome = Outcome::Sent;
         }
-        self.by_tuple
-            .insert((attempt.protocol, src, attempt.dst), event.sock_cookie);
+        self.by_tuple.insert(
+            FlowKey::new(attempt.protocol, src, attempt.dst),
+            event.sock_cookie,
+        );
     }
 
     /// Attributes an ICMP error to the attempt whose packet it embeds. A fatal error
     /// ends a UDP attempt at once; a TCP attempt ends with its socket.
-    pub fn on_icmp_error(&mut self, event: &IcmpErrorEvent, done: &mut Vec<Attempt>) {
+    pub fn on_icmp_error(&mut self, event: &IcmpErrorEvent, done: &mut Vec<Box<Attempt>>) {
         let protocol = match event.protocol {
             IPPROTO_TCP => Protocol::Tcp,
             IPPROTO_UDP => Protocol::Udp,
@@ -458,7 +492,7 @@ impl FlowAssembler {
         };
         let Some((cookie, attempt)) = self
             .by_tuple
-            .get(&(protocol, src, dst))
+            .get(&FlowKey::new(protocol, src, dst))
             .and_then(|cookie| Some((*cookie, self.pending.get_mut(cookie)?)))
         else {
             self.stats.unmatched_icmp += 1;
@@ -500,7 +534,7 @@ impl FlowAssembler {
     }
 
     /// Completes the TCP attempt of this socket, if one is pending.
-    pub fn on_sock_state(&mut self, event: &SockStateEvent, done: &mut Vec<Attempt>) {
+    pub fn on_sock_state(&mut self, event: &SockStateEvent, done: &mut Vec<Box<Attempt>>) {
         let Some(mut attempt) = self.take(event.sock_cookie) else {
             return;
         };
@@ -527,7 +561,7 @@ impl FlowAssembler {
     /// Settles attempts that waited long enough at monotonic time `now_ns`: UDP attempts
     /// after [`UDP_SETTLE`] (silent ones are probes), TCP handshakes beyond
     /// [`MAX_TCP_WAIT`] (emitted as in progress).
-    pub fn expire(&mut self, now_ns: u64, done: &mut Vec<Attempt>) {
+    pub fn expire(&mut self, now_ns: u64, done: &mut Vec<Box<Attempt>>) {
         self.take_older_than(
             Protocol::Udp,
             UDP_SETTLE,
@@ -546,7 +580,7 @@ impl FlowAssembler {
 
     /// Emits everything still pending (at shutdown), oldest first; silent UDP sockets are
     /// counted as probes.
-    pub fn drain(&mut self, done: &mut Vec<Attempt>) {
+    pub fn drain(&mut self, done: &mut Vec<Box<Attempt>>) {
         let cookies: Vec<u64> = self
             .udp_order
             .drain(..)
@@ -566,17 +600,20 @@ impl FlowAssembler {
 
     /// The pending attempt of a socket, if any (to learn a socket's process).
     pub fn pending(&self, cookie: u64) -> Option<&Attempt> {
-        self.pending.get(&cookie)
+        self.pending.get(&cookie).map(Box::as_ref)
     }
 
     /// Removes a pending attempt and its tuple.
-    fn take(&mut self, cookie: u64) -> Option<Attempt> {
+    fn take(&mut self, cookie: u64) -> Option<Box<Attempt>> {
         let attempt = self.pending.remove(&cookie)?;
         if let Some(src) = attempt.src {
-            let key = (attempt.protocol, src, attempt.dst);
             // The tuple may name a newer attempt of another socket by now.
-            if self.by_tuple.get(&key) == Some(&cookie) {
-                self.by_tuple.remove(&key);
+            if let Entry::Occupied(entry) =
+                self.by_tuple
+                    .entry(FlowKey::new(attempt.protocol, src, attempt.dst))
+                && *entry.get() == cookie
+            {
+                entry.remove();
             }
         }
         Some(attempt)
@@ -590,8 +627,8 @@ impl FlowAssembler {
         protocol: Protocol,
         age: Duration,
         now_ns: u64,
-        done: &mut Vec<Attempt>,
-        finish: fn(&mut Self, Attempt, &mut Vec<Attempt>),
+        done: &mut Vec<Box<Attempt>>,
+        finish: fn(&mut Self, Box<Attempt>, &mut Vec<Box<Attempt>>),
     ) {
         loop {
             let order = match protocol {
@@ -625,13 +662,13 @@ impl FlowAssembler {
     }
 
     /// A TCP attempt whose handshake outlived the wait is reported as it is.
-    fn finish_evicted(&mut self, attempt: Attempt, done: &mut Vec<Attempt>) {
+    fn finish_evicted(&mut self, attempt: Box<Attempt>, done: &mut Vec<Box<Attempt>>) {
         self.stats.evicted += 1;
         done.push(attempt);
     }
 
     /// A UDP attempt that never sent was a probe; anything else is reported as it is.
-    fn finish_displaced(&mut self, attempt: Attempt, done: &mut Vec<Attempt>) {
+    fn finish_displaced(&mut self, attempt: Box<Attempt>, done: &mut Vec<Box<Attempt>>) {
         if attempt.protocol == Protocol::Udp && attempt.outcome == Outcome::InProgress {
             self.stats.udp_probes += 1;
         } else {
@@ -640,7 +677,7 @@ impl FlowAssembler {
     }
 
     /// Emits the oldest pending attempt early: the older of the two queues' fronts.
-    fn evict_oldest(&mut self, done: &mut Vec<Attempt>) {
+    fn evict_oldest(&mut self, done: &mut Vec<Box<Attempt>>) {
         let pending = &self.pending;
         let mut oldest: Option<(u64, u64)> = None;
         for (order, protocol) in [
@@ -824,7 +861,7 @@ mod tests {
         assert!(done.is_empty());
         flows.on_sock_state(&state_event, &mut done);
         assert_eq!(done.len(), 1);
-        done.pop().unwrap()
+        *done.pop().unwrap()
     }
 
     #[test]

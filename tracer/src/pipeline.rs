@@ -140,7 +140,7 @@ pub struct Pipeline {
     origins: HashMap<u64, Arc<Origin>>,
     /// The origin of processes outside pods (and of pods not found).
     no_pod: Arc<Origin>,
-    attempts: Vec<Attempt>,
+    attempts: Vec<Box<Attempt>>,
     lookups: Vec<Lookup>,
     stats: PipelineStats,
     /// The latest SNAT port usage of the node.
@@ -410,7 +410,7 @@ impl Pipeline {
                 .flatten();
             attempt.verdict =
                 verdict::of_attempt(&attempt, &self.node, decision.as_ref()).map(Box::new);
-            records.push(Record::Attempt(Box::new(attempt)));
+            records.push(Record::Attempt(attempt));
         }
         for lookup in std::mem::take(&mut self.lookups) {
             let origin = self.origin_of(lookup.cgroup_id);
