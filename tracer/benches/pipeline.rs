@@ -3,10 +3,14 @@
 //! the agent does. Prints JSON: events per second, and the process's resident memory
 //! while 100,000 attempts are held with 10,000 pods in the cluster model.
 //!
-//! `cargo bench -p egress-tracer --bench pipeline -- [--connections N] [--skip-memory]`;
-//! `cargo xtask bench` runs it, and again under callgrind for instruction counts.
+//! `cargo bench -p egress-tracer --bench pipeline -- [--connections N | --lookups N]
+//! [--skip-memory]`: a stream of established TCP connections (three events each), or of
+//! DNS lookups (a query and its answer; the lookups settled and counted as the agent's
+//! ticks do). `cargo xtask bench` runs it, and again under callgrind for instruction
+//! counts.
 
 use std::{
+    mem::offset_of,
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -21,24 +25,33 @@ use egress_tracer::{
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use kube::api::ObjectMeta;
 use tracer_common::{
-    AF_INET, CALL_CONNECT, ConnectEvent, Endpoint, EventHeader, EventKind, FirstPacketEvent,
-    IPPROTO_TCP, SockStateEvent, TCP_ESTABLISHED, TCP_SYN_SENT,
+    AF_INET, CALL_CONNECT, ConnectEvent, DNS_CAPTURE_BYTES, DNS_EGRESS, DNS_INGRESS, DnsEvent,
+    Endpoint, EventHeader, EventKind, FirstPacketEvent, IPPROTO_TCP, IPPROTO_UDP, SockStateEvent,
+    TCP_ESTABLISHED, TCP_SYN_SENT,
 };
 
 fn main() {
     // As the agent does.
     egress_tracer::release_freed_memory_promptly();
-    let mut connections: u64 = 200_000;
+    let mut stream = Stream::Connections(200_000);
     let mut memory = true;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--connections" => {
-                connections = args
-                    .next()
-                    .and_then(|n| n.parse().ok())
-                    .expect("--connections takes a number")
+                stream = Stream::Connections(
+                    args.next()
+                        .and_then(|n| n.parse().ok())
+                        .expect("--connections takes a number"),
+                )
+            }
+            "--lookups" => {
+                stream = Stream::Lookups(
+                    args.next()
+                        .and_then(|n| n.parse().ok())
+                        .expect("--lookups takes a number"),
+                )
             }
             "--skip-memory" => memory = false,
             // What cargo bench passes to every bench target.
@@ -47,9 +60,15 @@ fn main() {
         }
     }
     let cgroups = empty_cgroup_root();
-    let (events, per_second) = throughput(&cgroups, connections);
+    let (records, units): (Vec<Vec<u8>>, _) = match stream {
+        Stream::Connections(n) => ((0..n).flat_map(connection).collect(), "connections"),
+        Stream::Lookups(n) => ((0..n).flat_map(lookup).collect(), "lookups"),
+    };
+    let (events, per_second) = throughput(&cgroups, &records);
     let mut report = serde_json::json!({
-        "connections": connections,
+        units: match stream {
+            Stream::Connections(n) | Stream::Lookups(n) => n,
+        },
         "events": events,
         "events_per_second": per_second,
     });
@@ -58,6 +77,13 @@ fn main() {
     }
     println!("{report}");
     let _ = std::fs::remove_dir_all(&cgroups);
+}
+
+/// What the synthetic events describe, and how many.
+#[derive(Clone, Copy)]
+enum Stream {
+    Connections(u64),
+    Lookups(u64),
 }
 
 /// A cgroup root without cgroups: the events' cgroups are then unknown, as host processes.
@@ -133,9 +159,55 @@ fn connection(n: u64) -> [Vec<u8>; 3] {
     [bytes(&connect), bytes(&first), bytes(&state)]
 }
 
-/// Decodes, assembles, judges and counts `connections` connections; (events, per second).
-fn throughput(cgroups: &Path, connections: u64) -> (u64, f64) {
-    let records: Vec<Vec<u8>> = (0..connections).flat_map(connection).collect();
+/// The ring-buffer records of one DNS lookup over UDP: an A query for one of a hundred
+/// names and its answer, 200 µs later.
+fn lookup(n: u64) -> [Vec<u8>; 2] {
+    let ts = 1_000_000 + n * 10_000;
+    let client = endpoint(Ipv4Addr::new(10, 244, 0, 10), 30_000 + (n % 30_000) as u16);
+    let server = endpoint(Ipv4Addr::new(10, 0, 0, 10), 53);
+    let id = (n % 65_536) as u16;
+    let mut query = Vec::with_capacity(64);
+    query.extend_from_slice(&id.to_be_bytes());
+    // Recursion desired; one question.
+    query.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in [format!("api{}", n % 100).as_str(), "example", "test"] {
+        query.push(label.len() as u8);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let mut answer = query.clone();
+    // A response, recursion available, NOERROR; one answer: the question's name (a
+    // pointer to it), A, IN, TTL 30, an address.
+    answer[2..4].copy_from_slice(&[0x81, 0x80]);
+    answer[6..8].copy_from_slice(&[0, 1]);
+    answer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
+    answer.extend_from_slice(&[203, 0, 113, (n % 100) as u8 + 1]);
+    let message = |kind_ts: u64, direction: u8, payload: &[u8], src, dst| {
+        let mut data = [0u8; DNS_CAPTURE_BYTES];
+        data[..payload.len()].copy_from_slice(payload);
+        bytes(&DnsEvent {
+            header: header(EventKind::Dns, kind_ts),
+            sock_cookie: n + 1,
+            cgroup_id: 7,
+            direction,
+            protocol: IPPROTO_UDP,
+            captured: payload.len() as u16,
+            payload_len: payload.len() as u32,
+            src,
+            dst,
+            data,
+        })
+    };
+    [
+        message(ts, DNS_EGRESS, &query, client, server),
+        message(ts + 200_000, DNS_INGRESS, &answer, server, client),
+    ]
+}
+
+/// Decodes, assembles, judges and counts `records` as the agent does: batches handled,
+/// then the pipeline's clock advanced to the batch's last event, and what settled counted
+/// in the metrics; (events, per second).
+fn throughput(cgroups: &Path, records: &[Vec<u8>]) -> (u64, f64) {
     let names = KernelNames::default();
     let mut pipeline = Pipeline::new(
         CgroupIndex::new(cgroups.to_path_buf()).expect("cgroup index"),
@@ -147,11 +219,22 @@ fn throughput(cgroups: &Path, connections: u64) -> (u64, f64) {
     let mut metrics = Metrics::new(MetricsOptions::default());
     let mut batch = Vec::with_capacity(4096);
     let started = Instant::now();
+    let mut last_ns = 0;
     for chunk in records.chunks(4096) {
         batch.extend(chunk.iter().map(|record| decode(record)));
+        if let Some(record) = chunk.last() {
+            let at = offset_of!(EventHeader, ts_ns);
+            last_ns = u64::from_ne_bytes(record[at..at + 8].try_into().expect("8 bytes"));
+        }
         pipeline.handle(&mut batch, &names);
+        pipeline.tick(last_ns);
+        metrics.queries(&pipeline.take_query_outcomes(), pipeline.cluster());
         metrics.records(&pipeline.take_records(), pipeline.cluster());
     }
+    // Whatever is still settling (the last half second of lookups) counts too.
+    pipeline.tick(last_ns + 10_000_000_000);
+    metrics.queries(&pipeline.take_query_outcomes(), pipeline.cluster());
+    metrics.records(&pipeline.take_records(), pipeline.cluster());
     let elapsed = started.elapsed().as_secs_f64();
     let events = records.len() as u64;
     (events, events as f64 / elapsed)

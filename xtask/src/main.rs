@@ -356,8 +356,9 @@ fn fuzz(root: &Path, seconds: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The userspace pipeline on one thread: events per second and memory, then callgrind's
-/// instruction count per event (the difference of two runs, so fixed costs cancel).
+/// The userspace pipeline on one thread, for a stream of connections and one of DNS
+/// lookups: events per second and memory, then callgrind's instruction count per event
+/// (the difference of two runs, so fixed costs cancel).
 fn pipeline_bench(root: &Path) -> anyhow::Result<()> {
     println!("xtask: cargo bench -p egress-tracer --bench pipeline --no-run");
     let output = Command::new(env!("CARGO"))
@@ -390,23 +391,29 @@ fn pipeline_bench(root: &Path) -> anyhow::Result<()> {
         }
         Ok(serde_json::from_slice(&output.stdout)?)
     };
-    let mut throughputs = Vec::new();
-    let mut report = serde_json::Value::Null;
-    for _ in 0..5 {
-        report = run(&[])?;
-        throughputs.push(report["events_per_second"].as_f64().unwrap_or(0.0));
-    }
-    throughputs.sort_by(f64::total_cmp);
-    let per_second = throughputs[throughputs.len() / 2];
-    let instructions = |connections: u64| -> anyhow::Result<u64> {
+    // Each stream's events per second (median of 5 runs) and the last run's report.
+    let median_rate = |args: &[&str]| -> anyhow::Result<(f64, Vec<f64>, serde_json::Value)> {
+        let mut throughputs = Vec::new();
+        let mut report = serde_json::Value::Null;
+        for _ in 0..5 {
+            report = run(args)?;
+            throughputs.push(report["events_per_second"].as_f64().unwrap_or(0.0));
+        }
+        throughputs.sort_by(f64::total_cmp);
+        Ok((throughputs[throughputs.len() / 2], throughputs, report))
+    };
+    let (per_second, throughputs, report) = median_rate(&[])?;
+    let (dns_per_second, dns_throughputs, _) =
+        median_rate(&["--lookups", "200000", "--skip-memory"])?;
+    let instructions = |stream: &str, count: u64| -> anyhow::Result<u64> {
         let out = root
             .join("target")
-            .join(format!("callgrind-{connections}.out"));
+            .join(format!("callgrind-{stream}-{count}.out"));
         let status = Command::new("valgrind")
             .args(["--tool=callgrind", "--quiet"])
             .arg(format!("--callgrind-out-file={}", out.display()))
             .arg(&executable)
-            .args(["--connections", &connections.to_string(), "--skip-memory"])
+            .args([&format!("--{stream}"), &count.to_string(), "--skip-memory"])
             .stdout(Stdio::null())
             .status()
             .context("cannot run valgrind")?;
@@ -423,8 +430,13 @@ fn pipeline_bench(root: &Path) -> anyhow::Result<()> {
     let events_per_connection =
         report["events"].as_f64().unwrap_or(0.0) / report["connections"].as_f64().unwrap_or(1.0);
     let (small, large) = (10_000u64, 30_000u64);
-    let per_event = (instructions(large)?.saturating_sub(instructions(small)?)) as f64
+    let per_event = (instructions("connections", large)?
+        .saturating_sub(instructions("connections", small)?)) as f64
         / ((large - small) as f64 * events_per_connection);
+    // A lookup is two events: the query and its answer.
+    let dns_per_event = (instructions("lookups", large)?
+        .saturating_sub(instructions("lookups", small)?)) as f64
+        / ((large - small) as f64 * 2.0);
     let rss = report["rss_mib_100k_attempts_10k_pods"]
         .as_f64()
         .unwrap_or(0.0);
@@ -434,6 +446,9 @@ fn pipeline_bench(root: &Path) -> anyhow::Result<()> {
         met(per_second >= 1e6)
     );
     println!("  {per_event:>12.0} instructions/event (callgrind)");
+    println!(
+        "  {dns_per_second:>12.0} DNS events/s (queries and answers, median of 5), {dns_per_event:.0} instructions/event (callgrind)"
+    );
     println!(
         "  {rss:>12.1} MiB resident with 100,000 attempts held and 10,000 pods (target <= 128: {})",
         met(rss <= 128.0)
@@ -450,6 +465,9 @@ fn pipeline_bench(root: &Path) -> anyhow::Result<()> {
         "events_per_second_median": per_second,
         "events_per_second_runs": throughputs,
         "instructions_per_event": per_event,
+        "dns_events_per_second_median": dns_per_second,
+        "dns_events_per_second_runs": dns_throughputs,
+        "dns_instructions_per_event": dns_per_event,
         "rss_mib_100k_attempts_10k_pods": rss,
     });
     std::fs::write(&path, format!("{document:#}\n"))?;
