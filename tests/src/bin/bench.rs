@@ -223,8 +223,31 @@ fn run() -> Result<(), String> {
             result["raw_connect_ratio_per_round"] = json!(raw_connect_rounds);
             result["raw_dns_ratio"] = json!(raw_dns);
             result["raw_dns_ratio_per_round"] = json!(raw_dns_rounds);
+            let own = |of: &[Rate]| of.iter().filter_map(|r| r.watcher_us).collect::<Vec<_>>();
+            let (connect_cpu, dns_cpu) = (own(&connects), own(&queries));
+            let middle = |of: &[f64]| (!of.is_empty()).then(|| median(of));
+            result["watcher_cpu_us_per_connection"] = json!(middle(&connect_cpu));
+            result["watcher_cpu_us_per_connection_per_round"] = json!(connect_cpu);
+            result["watcher_cpu_us_per_query"] = json!(middle(&dns_cpu));
+            result["watcher_cpu_us_per_query_per_round"] = json!(dns_cpu);
         }
         results.push(result);
+    }
+    println!(
+        "{:<22} {:>16} {:>16}   (CPU time of the watcher's own threads per operation, median; the agent's kernel programs run in the load's threads, outside it)",
+        "mode", "µs/connection", "µs/DNS query"
+    );
+    for result in &results[1..] {
+        println!(
+            "{:<22} {:>16.2} {:>16.2}",
+            result["mode"].as_str().unwrap_or("?"),
+            result["watcher_cpu_us_per_connection"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            result["watcher_cpu_us_per_query"]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+        );
     }
     let agent = &results[1];
     let verdicts = [
@@ -287,6 +310,9 @@ fn run() -> Result<(), String> {
 struct Rate {
     per_second: f64,
     steal: f64,
+    /// The watcher's own CPU time (all its threads, user and kernel) per operation, in
+    /// µs; `None` without a watcher.
+    watcher_us: Option<f64>,
 }
 
 impl Rate {
@@ -318,15 +344,37 @@ fn cpu_ticks() -> Result<(u64, u64), String> {
     }
 }
 
-/// Runs a load generator in the pod: its rate, with the CPU time stolen meanwhile.
-fn timed_load(lab: &Lab, what: &str, args: &[String]) -> Result<Rate, String> {
+/// CPU time (ns) the threads of process `pid` have run, from their `schedstat`.
+fn process_cpu_ns(pid: u32) -> Result<u64, String> {
+    let tasks = format!("/proc/{pid}/task");
+    let entries = std::fs::read_dir(&tasks).map_err(|e| format!("{tasks}: {e}"))?;
+    Ok(entries
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|text| text.split_whitespace().next()?.parse::<u64>().ok())
+        .sum())
+}
+
+/// Runs a load generator in the pod: its rate, with the CPU time stolen meanwhile and
+/// the CPU time the watcher (process `watcher`) used per operation.
+fn timed_load(
+    lab: &Lab,
+    what: &str,
+    args: &[String],
+    watcher: Option<u32>,
+) -> Result<Rate, String> {
     let (total_before, steal_before) = cpu_ticks()?;
-    let per_second = load(lab, what, args)?;
+    let watcher_before = watcher.map(process_cpu_ns).transpose()?;
+    let (done, _, seconds) = load_counts(lab, what, args)?;
+    let watcher_after = watcher.map(process_cpu_ns).transpose()?;
     let (total_after, steal_after) = cpu_ticks()?;
     let total = total_after.saturating_sub(total_before);
     let steal = steal_after.saturating_sub(steal_before);
     Ok(Rate {
-        per_second,
+        per_second: done / seconds,
+        watcher_us: watcher_before
+            .zip(watcher_after)
+            .map(|(before, after)| after.saturating_sub(before) as f64 / 1e3 / done.max(1.0)),
         // Capped, so that a run the hypervisor took almost entirely cannot weigh more
         // than ten runs.
         steal: if total == 0 {
@@ -340,12 +388,14 @@ fn timed_load(lab: &Lab, what: &str, args: &[String]) -> Result<Rate, String> {
 /// One run of both loads under `mode`: (connects, DNS queries).
 fn measure(lab: &Lab, mode: Mode, round: usize, options: &Options) -> Result<(Rate, Rate), String> {
     let watcher = start(lab, mode)?;
+    let pid = watcher.as_ref().map(Watcher::pid);
     let connects = timed_load(
         lab,
         "connect-loop",
         &connect_args(options.seconds, LOAD_THREADS),
+        pid,
     )?;
-    let queries = timed_load(lab, "dns-loop", &dns_args(options.seconds))?;
+    let queries = timed_load(lab, "dns-loop", &dns_args(options.seconds), pid)?;
     if let Some(watcher) = watcher {
         watcher.stop()?;
     }
@@ -487,12 +537,6 @@ fn dns_args(seconds: f64) -> Vec<String> {
     ]
 }
 
-/// Runs a load generator in the pod; its rate per second.
-fn load(lab: &Lab, what: &str, args: &[String]) -> Result<f64, String> {
-    let (done, _, seconds) = load_counts(lab, what, args)?;
-    Ok(done / seconds)
-}
-
 /// Runs a load generator in the pod; what it did, failed, and for how long.
 fn load_counts(lab: &Lab, what: &str, args: &[String]) -> Result<(f64, f64, f64), String> {
     let helper = egress_lab::lab_helper().map_err(|e| e.to_string())?;
@@ -521,6 +565,13 @@ enum Watcher {
 }
 
 impl Watcher {
+    fn pid(&self) -> u32 {
+        match self {
+            Watcher::Agent(tracer) => tracer.pid(),
+            Watcher::Process(child) => child.id(),
+        }
+    }
+
     fn stop(self) -> Result<(), String> {
         match self {
             Watcher::Agent(tracer) => tracer

@@ -61,16 +61,24 @@ const READ_DUTY_DIVISOR: u32 = 100;
 /// Reads the node's conntrack figures every `every` on a thread of its own (a dump of a
 /// large table takes a while, and must not hold up the event path), until the receiver
 /// is dropped; less often when a reading takes longer than a 1/`READ_DUTY_DIVISOR` share
-/// of `every`. `on_error` hears of each source's first failure.
+/// of `every`. `in_idle_time`: the thread runs under `SCHED_IDLE`, on CPU time the
+/// node's workloads leave (the agent's background figures; a busy node delays them).
+/// `on_error` hears of each source's first failure.
 pub fn watch(
     budget: Option<u32>,
     every: Duration,
+    in_idle_time: bool,
     on_error: impl Fn(String) + Send + 'static,
 ) -> io::Result<watch::Receiver<NodeConntrack>> {
     let (sender, receiver) = watch::channel(NodeConntrack::default());
     thread::Builder::new()
         .name("conntrack".to_owned())
         .spawn(move || {
+            if in_idle_time && let Err(e) = run_in_idle_time() {
+                on_error(format!(
+                    "the conntrack reader runs at the tracer's priority: cannot set SCHED_IDLE ({e})"
+                ));
+            }
             let mut snat_failed = false;
             loop {
                 let started = Instant::now();
@@ -94,6 +102,16 @@ pub fn watch(
             }
         })?;
     Ok(receiver)
+}
+
+/// Puts the calling thread under `SCHED_IDLE` (no privilege needed).
+fn run_in_idle_time() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain syscall on the calling thread with a valid parameter.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// How long to wait after a reading that took `took`: `every`, or long enough to keep the

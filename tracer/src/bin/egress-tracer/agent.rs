@@ -197,10 +197,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     for warning in capability_warnings(args.no_diagnose) {
         eprintln!("warning: {warning}");
     }
-    let mut node_conntrack = conntrack::watch(args.snat_port_budget, CONNTRACK_REFRESH, |e| {
-        eprintln!("warning: {e}")
-    })
-    .context("cannot start the conntrack reader thread")?;
+    // In idle time: on a node whose CPUs are busy, the SNAT figures can wait; the
+    // workloads should not (a dump of a large table takes tens of milliseconds of CPU).
+    let mut node_conntrack =
+        conntrack::watch(args.snat_port_budget, CONNTRACK_REFRESH, true, |e| {
+            eprintln!("warning: {e}")
+        })
+        .context("cannot start the conntrack reader thread")?;
     shared.set_not_ready((!source.is_synced()).then(|| source.waiting_reason()));
     eprintln!(
         "egress-tracer: tracing every pod on this node (agent); serving on http://{}",

@@ -75,10 +75,12 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let conntrack_at_start = ConntrackStats::read().ok().flatten();
-    let mut node_conntrack = conntrack::watch(args.snat_port_budget, CONNTRACK_REFRESH, |e| {
-        eprintln!("warning: {e}")
-    })
-    .context("cannot start the conntrack reader thread")?;
+    // At the tracer's priority: a short trace needs fresh figures.
+    let mut node_conntrack =
+        conntrack::watch(args.snat_port_budget, CONNTRACK_REFRESH, false, |e| {
+            eprintln!("warning: {e}")
+        })
+        .context("cannot start the conntrack reader thread")?;
     eprintln!("egress-tracer: tracing {scope}; Ctrl-C to stop");
 
     let clock = MonotonicClock::new();
