@@ -39,6 +39,17 @@ pub fn release_freed_memory_promptly() {
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, DELAY_MS) }
 }
 
+/// Puts the calling thread (and threads it starts later) under scheduling `policy`
+/// (`libc::SCHED_BATCH`, `libc::SCHED_IDLE`: neither needs a privilege).
+pub fn schedule_calling_thread(policy: libc::c_int) -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain syscall on the calling thread with a valid parameter.
+    if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 pub mod capture;
 pub mod cluster;
 pub mod conntrack;

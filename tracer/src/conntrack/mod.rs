@@ -74,7 +74,7 @@ pub fn watch(
     thread::Builder::new()
         .name("conntrack".to_owned())
         .spawn(move || {
-            if in_idle_time && let Err(e) = run_in_idle_time() {
+            if in_idle_time && let Err(e) = crate::schedule_calling_thread(libc::SCHED_IDLE) {
                 on_error(format!(
                     "the conntrack reader runs at the tracer's priority: cannot set SCHED_IDLE ({e})"
                 ));
@@ -102,16 +102,6 @@ pub fn watch(
             }
         })?;
     Ok(receiver)
-}
-
-/// Puts the calling thread under `SCHED_IDLE` (no privilege needed).
-fn run_in_idle_time() -> io::Result<()> {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: plain syscall on the calling thread with a valid parameter.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// How long to wait after a reading that took `took`: `every`, or long enough to keep the

@@ -319,12 +319,9 @@ fn parse_ring_buffer_size(text: &str) -> Result<u32, String> {
 /// workloads it observes. A preempted DNS server holds up every client waiting on it;
 /// the tracer's work can wait a few milliseconds.
 fn run_as_batch_work() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: plain syscall on the calling thread with a valid parameter.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
+    if let Err(e) = egress_tracer::schedule_calling_thread(libc::SCHED_BATCH) {
         eprintln!(
-            "egress-tracer: warning: cannot run as SCHED_BATCH ({}); its wakeups may preempt the node's workloads",
-            std::io::Error::last_os_error()
+            "egress-tracer: warning: cannot run as SCHED_BATCH ({e}); its wakeups may preempt the node's workloads"
         );
     }
 }
