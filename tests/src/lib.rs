@@ -63,6 +63,9 @@ pub enum CgroupDriver {
 pub enum Fault {
     /// A node iptables rule that drops the traffic (no NetworkPolicy behind it).
     NodeFirewallDrop { dst: std::net::IpAddr, port: u16 },
+    /// A node iptables rule that drops the answers from `dst:port` (the SYN-ACKs), as a
+    /// firewall that sees only one direction of a flow does.
+    NodeFirewallDropsReplies { dst: std::net::IpAddr, port: u16 },
     /// Packets vanish (an NSG deny, a black-holing firewall).
     SilentDrop { dst: std::net::IpAddr, port: u16 },
     /// The router answers with ICMP destination unreachable, code 13 (communication
@@ -274,12 +277,33 @@ impl Lab {
         const TCP: &[&str] = &["tcp"];
 
         let router = match fault {
-            Fault::NodeFirewallDrop { .. } => self.node_netns(),
+            Fault::NodeFirewallDrop { .. } | Fault::NodeFirewallDropsReplies { .. } => {
+                self.node_netns()
+            }
             _ => self.ns("up"),
         };
         let (dst, port, protocols, action): (IpAddr, u16, &[&str], &[&str]) = match fault {
             Fault::NodeFirewallDrop { dst, port } | Fault::SilentDrop { dst, port } => {
                 (dst, port, TCP, &["-j", "DROP"])
+            }
+            Fault::NodeFirewallDropsReplies { dst, port } => {
+                return run_in(
+                    &router,
+                    iptables_for(dst),
+                    &[
+                        "-I",
+                        "FORWARD",
+                        "-p",
+                        "tcp",
+                        "-s",
+                        &dst.to_string(),
+                        "--sport",
+                        &port.to_string(),
+                        "-j",
+                        "DROP",
+                    ],
+                )
+                .map(drop);
             }
             Fault::AdminProhibited { dst, port } if dst.is_ipv4() => (
                 dst,
@@ -316,11 +340,7 @@ impl Lab {
                 &["-j", "DROP"],
             ),
         };
-        let iptables = if dst.is_ipv4() {
-            "iptables"
-        } else {
-            "ip6tables"
-        };
+        let iptables = iptables_for(dst);
         let (dst, port) = (dst.to_string(), port.to_string());
         for protocol in protocols {
             let mut args = vec![
@@ -1181,4 +1201,13 @@ fn random_uid() -> String {
         &hex[17..20],
         &hex[20..32]
     )
+}
+
+/// The iptables command for `dst`'s family.
+fn iptables_for(dst: std::net::IpAddr) -> &'static str {
+    if dst.is_ipv4() {
+        "iptables"
+    } else {
+        "ip6tables"
+    }
 }

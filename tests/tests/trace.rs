@@ -905,6 +905,45 @@ fn conntrack_insert_failure_is_attributed_to_its_flow() {
 
 #[test]
 #[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn a_dropped_answer_is_attributed_to_its_flow_as_a_reply() {
+    let lab = lab();
+    // The node drops the endpoint's SYN-ACKs on their way back to the pod: a packet that
+    // carries no socket, addressed to the pod once the node undid its NAT.
+    lab.inject(Fault::NodeFirewallDropsReplies {
+        dst: addr::ENDPOINT.into(),
+        port: addr::HTTP_PORT,
+    })
+    .unwrap();
+    let tracer = trace_client(&lab);
+    let (pid, code) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 3);
+    assert_eq!(code, Some(28), "curl should time out");
+    let output = tracer.stop(libc::SIGINT).unwrap();
+    let records = output.records();
+    let record = tcp_record(&records, pid);
+    assert_eq!(record["outcome"], "timeout", "{record}");
+    let drop = &record["drop"];
+    assert_eq!(drop["reason"], "NETFILTER_DROP", "{record}");
+    assert_eq!(drop["direction"], "reply", "{record}");
+    assert_eq!(
+        drop["src"],
+        format!("{}:{}", addr::ENDPOINT, addr::HTTP_PORT),
+        "{record}"
+    );
+    let client_ip = lab.pod("client").ip.to_string();
+    assert_eq!(
+        drop["dst"].as_str().unwrap().split(':').next(),
+        Some(client_ip.as_str()),
+        "{record}"
+    );
+    assert_eq!(
+        record["src"], drop["dst"],
+        "the drop is of this flow: {record}"
+    );
+    assert_verdict(record, "node-firewall", "netfilter-drop", false);
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
 fn snat_exhaustion_is_suspected_when_syns_time_out_near_the_budget() {
     let lab = lab();
     let tracer = Tracer::trace_pod(&lab, "default/client", &["--snat-port-budget", "2"]).unwrap();

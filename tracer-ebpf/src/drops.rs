@@ -3,11 +3,16 @@
 //! Only explicit drop reasons count (above `SKB_DROP_REASON_NOT_SPECIFIED`, whose value
 //! userspace resolves by name from BTF, as they differ between kernels): freeing a
 //! consumed packet is not a drop, nor is a closing socket purging its queues
-//! (`QUEUE_PURGE`, once per connection closed with data unread). The packet is matched to a traced flow by its own tuple
-//! (both directions, in `TRACKED_TUPLES`), or, once NAT rewrote its header, by the
-//! original tuple of its conntrack entry. This sees drops in every network namespace,
-//! including the node's forwarding path: a NetworkPolicy or firewall rule dropping a
-//! pod's packet before SNAT, and conntrack itself dropping it after.
+//! (`QUEUE_PURGE`, once per connection closed with data unread). A packet belongs to a
+//! traced flow when it goes from a traced pod's address (`POD_ADDRESSES`) or, as an
+//! answer, to one: by its own header, or, once NAT rewrote the header, by the original
+//! tuple of its conntrack entry. TCP packets count during the handshake only (a SYN from
+//! the pod, a SYN-ACK or reset to it), as the connection attempt ends there. The event
+//! names the flow by that tuple and userspace finds the attempt; a packet that still
+//! carries its traced socket (dropped on its way out of the pod) names the socket too.
+//! This sees drops in every network namespace, including the node's forwarding path: a
+//! NetworkPolicy or firewall rule dropping a pod's packet before SNAT, and conntrack
+//! itself dropping it after.
 //!
 //! The event carries the packet's conntrack state (no entry, untracked, or the entry's
 //! status bits), which tells userspace whether conntrack dropped it and why: an entry
@@ -19,13 +24,14 @@ use aya_ebpf::{Global, macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::{
     Counter, DROP_CT_ENTRY, DROP_CT_NONE, DROP_CT_UNKNOWN, DROP_CT_UNTRACKED,
     DROP_DIRECTION_ORIGINAL, DROP_DIRECTION_REPLY, DropEvent, DropOffsets, DropReasons, Endpoint,
-    EventKind, FlowTuple,
+    EventKind, FlowTuple, IPPROTO_TCP, TCP_FLAG_RST,
 };
 
 use crate::{
     conntrack::{Attached, attached, flow_key, original, status},
-    maps::{EVENTS, TRACKED_SOCKS, TRACKED_TUPLES, count, header, wakeup},
-    skb::{headers, read, reversed, tuple_at},
+    maps::{EVENTS, TRACKED_SOCKS, count, header, is_pod_address, wakeup},
+    packets::{is_syn, is_syn_ack},
+    skb::{TuplePacket, headers, read, reversed, tuple_at},
 };
 
 /// Set by userspace at load time from the kernel's BTF.
@@ -53,12 +59,7 @@ fn report(skb: *const u8, location: u64, reason: u32) -> Result<(), i32> {
     let Some(packet) = tuple_at(headers(skb)?.network)? else {
         return Ok(());
     };
-    let mut direction = DROP_DIRECTION_ORIGINAL;
-    let mut cookie = traced(&packet, false);
-    if cookie == NOT_TRACED {
-        direction = DROP_DIRECTION_REPLY;
-        cookie = traced(&packet, true);
-    }
+    let mut traced = by_header(&packet);
     let mut ct_status = 0;
     let conntrack = match attached(skb) {
         Err(_) => DROP_CT_UNKNOWN,
@@ -66,30 +67,30 @@ fn report(skb: *const u8, location: u64, reason: u32) -> Result<(), i32> {
         Ok(Attached::Untracked) => DROP_CT_UNTRACKED,
         Ok(Attached::Entry(entry, reply)) => {
             ct_status = status(entry).unwrap_or(0);
-            if cookie == NOT_TRACED {
-                cookie = traced_by_entry(entry);
-                direction = if reply {
-                    DROP_DIRECTION_REPLY
-                } else {
-                    DROP_DIRECTION_ORIGINAL
-                };
+            if traced.is_none() {
+                traced = by_entry(entry, reply, packet.tcp_flags);
             }
             DROP_CT_ENTRY
         }
     };
-    if cookie == NOT_TRACED {
-        direction = DROP_DIRECTION_ORIGINAL;
-        cookie = traced_by_socket(skb);
-    }
-    if cookie == NOT_TRACED {
-        return Ok(());
-    }
+    let mut cookie = NOT_TRACED;
+    let (direction, flow) = match traced {
+        Some(found) => found,
+        None => {
+            cookie = traced_by_socket(skb);
+            if cookie == NOT_TRACED {
+                return Ok(());
+            }
+            (DROP_DIRECTION_ORIGINAL, packet.tuple)
+        }
+    };
     count(Counter::DropSeen);
     let Some(mut entry) = EVENTS.reserve::<DropEvent>(0) else {
         count(Counter::DropLost);
         return Ok(());
     };
     let event = entry.as_mut_ptr();
+    let tuple = &packet.tuple;
     // SAFETY: `event` is the reserved, exclusively owned record; every field is written
     // before it is submitted.
     unsafe {
@@ -98,24 +99,86 @@ fn report(skb: *const u8, location: u64, reason: u32) -> Result<(), i32> {
         addr_of_mut!((*event).location).write(location);
         addr_of_mut!((*event).reason).write(reason);
         addr_of_mut!((*event).direction).write(direction);
-        addr_of_mut!((*event).protocol).write(packet.protocol);
+        addr_of_mut!((*event).protocol).write(tuple.protocol);
         addr_of_mut!((*event).conntrack).write(conntrack);
         addr_of_mut!((*event)._pad).write(0);
-        addr_of_mut!((*event).src).write(Endpoint {
-            family: packet.family,
-            port: packet.src_port,
-            addr: packet.src,
-        });
-        addr_of_mut!((*event).dst).write(Endpoint {
-            family: packet.family,
-            port: packet.dst_port,
-            addr: packet.dst,
-        });
+        addr_of_mut!((*event).src).write(source(tuple));
+        addr_of_mut!((*event).dst).write(destination(tuple));
         addr_of_mut!((*event).ct_status).write(ct_status);
         addr_of_mut!((*event).netns).write(netns_of(skb));
+        addr_of_mut!((*event).flow_src).write(source(&flow));
+        addr_of_mut!((*event).flow_dst).write(destination(&flow));
     }
     entry.submit(wakeup());
     Ok(())
+}
+
+/// Which way a packet of a traced pod's flow went, and the flow as the pod sent it.
+type Traced = Option<(u8, FlowTuple)>;
+
+// The matchers are BPF subprograms (`inline(never)`) so that their tuple copies do not
+// add to `kfree_skb`'s stack frame.
+
+/// A packet whose header names a traced pod: from it, or an answer to it.
+#[inline(never)]
+fn by_header(packet: &TuplePacket) -> Traced {
+    let tuple = &packet.tuple;
+    if sent_by_pod(tuple.protocol, packet.tcp_flags) && is_pod_address(tuple.family, tuple.src) {
+        Some((DROP_DIRECTION_ORIGINAL, *tuple))
+    } else if answers_pod(tuple.protocol, packet.tcp_flags)
+        && is_pod_address(tuple.family, tuple.dst)
+    {
+        Some((DROP_DIRECTION_REPLY, reversed(tuple)))
+    } else {
+        None
+    }
+}
+
+/// A packet NAT already rewrote, by its entry's original tuple (the pod's).
+#[inline(never)]
+fn by_entry(entry: *const u8, reply: bool, tcp_flags: u8) -> Traced {
+    let flow = original(entry).ok().and_then(|tuple| flow_key(&tuple))?;
+    let (direction, counts) = if reply {
+        (DROP_DIRECTION_REPLY, answers_pod(flow.protocol, tcp_flags))
+    } else {
+        (
+            DROP_DIRECTION_ORIGINAL,
+            sent_by_pod(flow.protocol, tcp_flags),
+        )
+    };
+    (counts && is_pod_address(flow.family, flow.src)).then_some((direction, flow))
+}
+
+/// Whether a packet from the pod with these flags is part of an attempt: any UDP
+/// datagram, a TCP SYN.
+#[inline(always)]
+fn sent_by_pod(protocol: u8, tcp_flags: u8) -> bool {
+    protocol != IPPROTO_TCP || is_syn(tcp_flags)
+}
+
+/// Whether a packet to the pod with these flags answers an attempt: any UDP datagram, a
+/// TCP SYN-ACK or reset.
+#[inline(always)]
+fn answers_pod(protocol: u8, tcp_flags: u8) -> bool {
+    protocol != IPPROTO_TCP || is_syn_ack(tcp_flags) || tcp_flags & TCP_FLAG_RST != 0
+}
+
+#[inline(always)]
+fn source(tuple: &FlowTuple) -> Endpoint {
+    Endpoint {
+        family: tuple.family,
+        port: tuple.src_port,
+        addr: tuple.src,
+    }
+}
+
+#[inline(always)]
+fn destination(tuple: &FlowTuple) -> Endpoint {
+    Endpoint {
+        family: tuple.family,
+        port: tuple.dst_port,
+        addr: tuple.dst,
+    }
 }
 
 /// Set by userspace at load time from the kernel's BTF.
@@ -182,33 +245,3 @@ fn netns_of(skb: *const u8) -> u32 {
 
 /// Socket cookies start at 1.
 const NOT_TRACED: u64 = 0;
-
-// The lookups are BPF subprograms (`inline(never)`) so that their tuple copies do not add
-// to `kfree_skb`'s stack frame.
-
-/// The cookie of the traced socket whose flow `tuple` (or, `reversed`, its reply) is.
-#[inline(never)]
-fn traced(tuple: &FlowTuple, reversed_tuple: bool) -> u64 {
-    let found = if reversed_tuple {
-        lookup(&reversed(tuple))
-    } else {
-        lookup(tuple)
-    };
-    found.unwrap_or(NOT_TRACED)
-}
-
-/// A packet NAT already rewrote is matched by its entry's original tuple (the pod's).
-#[inline(never)]
-fn traced_by_entry(entry: *const u8) -> u64 {
-    original(entry)
-        .ok()
-        .and_then(|tuple| flow_key(&tuple))
-        .and_then(|key| lookup(&key))
-        .unwrap_or(NOT_TRACED)
-}
-
-#[inline(always)]
-fn lookup(tuple: &FlowTuple) -> Option<u64> {
-    // SAFETY: the value is copied out at once.
-    unsafe { TRACKED_TUPLES.get(tuple) }.copied()
-}

@@ -5,25 +5,20 @@
 //! the failure; the SYN is the one place where the full tuple is always visible. For UDP
 //! it is the first datagram of a connected socket (or of an unconnected one to a new
 //! destination): proof that the connect was an egress attempt, not an address-selection
-//! probe. The tuple also goes into `TRACKED_TUPLES`,
-//! so drops of the flow's packets can be recognised where the socket is not at hand.
+//! probe. Its source address goes into `POD_ADDRESSES`, so drops of the flow's packets
+//! can be recognised where the socket is not at hand.
 
 use aya_ebpf::{EbpfContext, helpers::bpf_get_socket_cookie, programs::SkBuffContext};
-use tracer_common::{Counter, EventKind, FirstPacketEvent, FlowTuple, IPPROTO_TCP};
+use tracer_common::{Counter, EventKind, FirstPacketEvent, IPPROTO_TCP};
 
 use crate::{
-    maps::{FIRST_PACKET_REPORTED, TRACKED_SOCKS, TRACKED_TUPLES, count, emit, header},
-    packets::Packet,
+    maps::{FIRST_PACKET_REPORTED, TRACKED_SOCKS, count, emit, header, remember_pod_address},
+    packets::{Packet, is_syn},
 };
-
-const TCP_FLAG_SYN: u8 = 0x02;
-const TCP_FLAG_ACK: u8 = 0x10;
 
 #[inline(always)]
 pub fn on_egress(ctx: &SkBuffContext, packet: &Packet) -> Result<(), i64> {
-    if packet.protocol == IPPROTO_TCP
-        && packet.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN
-    {
+    if packet.protocol == IPPROTO_TCP && !is_syn(packet.tcp_flags) {
         return Ok(());
     }
     // SAFETY: the helper takes the program's own context.
@@ -49,17 +44,7 @@ pub fn on_egress(ctx: &SkBuffContext, packet: &Packet) -> Result<(), i64> {
     }
     count(Counter::FirstPacketSeen);
     let (src, dst) = packet.endpoints(ctx)?;
-    let tuple = FlowTuple {
-        family: packet.family,
-        protocol: packet.protocol,
-        _pad: 0,
-        src_port: src.port,
-        dst_port: dst.port,
-        src: src.addr,
-        dst: dst.addr,
-    };
-    // A full map evicts its oldest tuple; a missing tuple only hides this flow's drops.
-    let _ = TRACKED_TUPLES.insert(tuple, cookie, 0);
+    remember_pod_address(src.family, src.addr);
     let event = FirstPacketEvent {
         header: header(EventKind::FirstPacket),
         sock_cookie: cookie,

@@ -26,13 +26,13 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, SkBuffContext},
 };
 use tracer_common::{
-    AF_INET, AF_INET6, Counter, Endpoint, EventKind, FlowTuple, HandshakeKey, HandshakeTotals,
-    IPPROTO_TCP, SockOffsets, SockStateEvent, TCP_CLOSE, TCP_ESTABLISHED, TCP_FLAG_RST,
-    TCP_SYN_SENT, handshake_outcome,
+    AF_INET, AF_INET6, Counter, Endpoint, EventKind, HandshakeKey, HandshakeTotals, IPPROTO_TCP,
+    SockOffsets, SockStateEvent, TCP_CLOSE, TCP_ESTABLISHED, TCP_FLAG_RST, TCP_SYN_SENT,
+    handshake_outcome,
 };
 
 use crate::{
-    maps::{HANDSHAKES, TRACKED_SOCKS, TRACKED_TUPLES, TrackedSocket, count, emit, header},
+    maps::{HANDSHAKES, TRACKED_SOCKS, TrackedSocket, count, emit, header},
     packets::Packet,
 };
 
@@ -84,15 +84,6 @@ pub fn established(
     // The answer comes from the far end: the socket's own tuple is its reverse.
     let (dst, src) = packet.endpoints(ctx)?;
     let _ = TRACKED_SOCKS.remove(cookie);
-    let _ = TRACKED_TUPLES.remove(FlowTuple {
-        family: src.family,
-        protocol: IPPROTO_TCP,
-        _pad: 0,
-        src_port: src.port,
-        dst_port: dst.port,
-        src: src.addr,
-        dst: dst.addr,
-    });
     report(
         cookie,
         &socket,

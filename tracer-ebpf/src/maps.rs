@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tracer_common::{
-    Counter, EventHeader, EventKind, FlowTuple, HANDSHAKE_KEYS, HandshakeKey, HandshakeTotals,
-    RING_BUFFER_BYTES, SETTING_CGROUP_FILTER, SETTINGS_COUNT, SocketDestination,
+    Counter, Endpoint, EventHeader, EventKind, HANDSHAKE_KEYS, HandshakeKey, HandshakeTotals,
+    POD_ADDRESSES_MAX, RING_BUFFER_BYTES, SETTING_CGROUP_FILTER, SETTINGS_COUNT, SocketDestination,
     TRACED_CGROUPS_MAX, TRACKED_SOCKETS, UDP_DESTINATIONS,
 };
 
@@ -55,13 +55,17 @@ pub struct TrackedSocket {
     pub _pad: [u8; 3],
 }
 
-/// Tuples of the traced flows (from each traced socket's first packet) to their socket's
-/// cookie, so hooks that see packets without their socket (forwarding, drops) can tell
-/// traced flows apart. An established TCP flow's entry goes with its handshake; LRU like
-/// [`TRACKED_SOCKS`].
+/// The pod-side addresses of the traced sockets (from each one's first packet, port 0),
+/// so the drop hook, which sees packets without their socket (forwarding, NAT), can tell
+/// the traced pods' packets apart; userspace then finds the attempt by the flow's tuple.
+/// One entry per pod address, written only when missing: no map update per connection.
+/// A host-network pod's address is the node's, so the node's own dropped UDP packets and
+/// TCP handshakes reach userspace too, which finds no attempt for them (late drops).
+/// A common LRU (not per-CPU lists): any CPU may see a pod's first packet, and each CPU's
+/// share of a per-CPU LRU would be small on a large node.
 #[map]
-pub static TRACKED_TUPLES: LruHashMap<FlowTuple, u64> =
-    LruHashMap::with_max_entries(TRACKED_SOCKETS, BPF_F_NO_COMMON_LRU);
+pub static POD_ADDRESSES: LruHashMap<Endpoint, u8> =
+    LruHashMap::with_max_entries(POD_ADDRESSES_MAX, 0);
 
 /// (unconnected UDP socket, destination) pairs already reported by `sendmsg4`/`sendmsg6`.
 #[map]
@@ -123,6 +127,35 @@ pub fn is_traced(cgroup_id: u64) -> bool {
     let filtering = SETTINGS.get(SETTING_CGROUP_FILTER).is_some_and(|v| *v != 0);
     // SAFETY: only existence is checked.
     !filtering || unsafe { TRACED_CGROUPS.get(cgroup_id) }.is_some()
+}
+
+/// Adds the pod-side address of a traced socket's first packet to [`POD_ADDRESSES`],
+/// unless it is there already (the common case: a lookup, no update).
+#[inline(always)]
+pub fn remember_pod_address(family: u16, addr: [u8; 16]) {
+    let key = Endpoint {
+        family,
+        port: 0,
+        addr,
+    };
+    // SAFETY: only existence is checked.
+    if unsafe { POD_ADDRESSES.get(key) }.is_none() {
+        // A full map evicts its least recently used address: that pod's next first packet
+        // adds it again.
+        let _ = POD_ADDRESSES.insert(key, 0, 0);
+    }
+}
+
+/// Whether `addr` is a traced pod's address.
+#[inline(always)]
+pub fn is_pod_address(family: u16, addr: [u8; 16]) -> bool {
+    let key = Endpoint {
+        family,
+        port: 0,
+        addr,
+    };
+    // SAFETY: only existence is checked.
+    unsafe { POD_ADDRESSES.get(key) }.is_some()
 }
 
 pub const FIRST_PACKET_REPORTED: u8 = 1;

@@ -15,6 +15,21 @@ use crate::{dns, first_packet, reply, skb::IPV6_HEADER_LEN};
 
 /// Return value of cgroup_skb programs that lets the packet through.
 const PASS: i32 = 1;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+/// Whether a TCP packet with these flags opens a handshake: a SYN (or its retransmission).
+#[inline(always)]
+pub fn is_syn(tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+}
+
+/// Whether a TCP packet with these flags is a SYN-ACK.
+#[inline(always)]
+pub fn is_syn_ack(tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN | TCP_FLAG_ACK
+}
+
 /// Offset of the data-offset and flags bytes in the TCP header.
 const TCP_DATA_OFFSET_OFFSET: usize = 12;
 const UDP_HEADER_LEN: usize = 8;

@@ -13,18 +13,16 @@ use tracer_common::{AF_INET, IPPROTO_TCP, TCP_FLAG_RST};
 use crate::{
     handshake,
     maps::{FIRST_PACKET_REPORTED, REPLY_REPORTED, TRACKED_SOCKS},
-    packets::{Packet, load},
+    packets::{Packet, is_syn_ack, load},
 };
 
-const TCP_FLAG_SYN: u8 = 0x02;
-const TCP_FLAG_ACK: u8 = 0x10;
 /// Offset of the TTL in an IPv4 header, of the hop limit in an IPv6 header.
 const IPV4_TTL: usize = 8;
 const IPV6_HOP_LIMIT: usize = 7;
 
 #[inline(always)]
 pub fn on_ingress(ctx: &SkBuffContext, packet: &Packet) -> Result<(), i64> {
-    let syn_ack = packet.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN | TCP_FLAG_ACK;
+    let syn_ack = is_syn_ack(packet.tcp_flags);
     if packet.protocol != IPPROTO_TCP || !(syn_ack || packet.tcp_flags & TCP_FLAG_RST != 0) {
         return Ok(());
     }

@@ -41,10 +41,19 @@ pub fn headers(skb: *const u8) -> Result<Headers, i32> {
     })
 }
 
-/// The TCP or UDP tuple of the IP packet at `ip`; `None` for other protocols.
-/// IPv6 extension headers are not followed.
+/// A TCP or UDP packet's tuple, and its TCP flags (0 for UDP).
+pub struct TuplePacket {
+    pub tuple: FlowTuple,
+    pub tcp_flags: u8,
+}
+
+/// Offset of the flags byte in the TCP header.
+const TCP_FLAGS_OFFSET: usize = 13;
+
+/// The TCP or UDP packet at `ip`; `None` for other protocols. IPv6 extension headers are
+/// not followed.
 #[inline(always)]
-pub fn tuple_at(ip: *const u8) -> Result<Option<FlowTuple>, i32> {
+pub fn tuple_at(ip: *const u8) -> Result<Option<TuplePacket>, i32> {
     let first: u8 = read(ip, 0)?;
     let mut tuple = FlowTuple {
         family: 0,
@@ -73,13 +82,15 @@ pub fn tuple_at(ip: *const u8) -> Result<Option<FlowTuple>, i32> {
         }
         _ => return Ok(None),
     };
-    if tuple.protocol != IPPROTO_TCP && tuple.protocol != IPPROTO_UDP {
-        return Ok(None);
-    }
+    let tcp_flags = match tuple.protocol {
+        IPPROTO_TCP => read(ip, ports_at + TCP_FLAGS_OFFSET)?,
+        IPPROTO_UDP => 0,
+        _ => return Ok(None),
+    };
     let ports: [u8; 4] = read(ip, ports_at)?;
     tuple.src_port = u16::from_be_bytes([ports[0], ports[1]]);
     tuple.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
-    Ok(Some(tuple))
+    Ok(Some(TuplePacket { tuple, tcp_flags }))
 }
 
 /// The same flow seen from the other end.

@@ -26,7 +26,7 @@ use std::{
 use foldhash::HashMap;
 use serde::Serialize;
 use tracer_common::{
-    AF_INET6, CALL_SENDMSG, ConnectEvent, FirstPacketEvent, IPPROTO_TCP, IPPROTO_UDP,
+    AF_INET6, CALL_SENDMSG, ConnectEvent, DropEvent, FirstPacketEvent, IPPROTO_TCP, IPPROTO_UDP,
     IcmpErrorEvent, SockStateEvent, TCP_ESTABLISHED, TCP_FLAG_RST, handshake_outcome,
 };
 
@@ -244,7 +244,8 @@ pub struct FlowStats {
     pub udp_probes: u64,
     /// ICMP errors about flows that are not pending attempts (finished, or not traced).
     pub unmatched_icmp: u64,
-    /// Drops of traced flows whose attempt was already reported.
+    /// Drops of traced pods' packets that match no pending attempt: its attempt was
+    /// reported already, or the pod did not open the flow (it answers as a server).
     pub late_drops: u64,
 }
 
@@ -366,7 +367,7 @@ impl Queued {
 #[derive(Default)]
 pub struct FlowAssembler {
     pending: HashMap<u64, Box<Attempt>>,
-    /// Pending attempts whose first packet was seen, by tuple, for ICMP errors.
+    /// Pending attempts whose first packet was seen, by tuple, for ICMP errors and drops.
     by_tuple: HashMap<FlowKey, u64>,
     /// TCP and UDP attempts, each in arrival order (their waits differ); they may hold
     /// places of attempts already completed or displaced, skipped lazily.
@@ -509,17 +510,23 @@ impl FlowAssembler {
         }
     }
 
-    /// Attributes a dropped packet to the attempt of socket `cookie` (the kernel matched
-    /// the packet's tuple to the socket).
-    pub fn on_drop(&mut self, cookie: u64, drop: PacketDrop) {
-        let Some(attempt) = self.pending.get_mut(&cookie) else {
+    /// Attributes a dropped packet (`drop`, described from `event`) to its attempt: the
+    /// socket's, when the kernel knew it, or else the one whose first packet had the
+    /// flow's tuple.
+    pub fn on_drop(&mut self, event: &DropEvent, drop: PacketDrop) {
+        let cookie = if event.sock_cookie != 0 {
+            Some(event.sock_cookie)
+        } else {
+            self.cookie_of_flow(event)
+        };
+        let Some(attempt) = cookie.and_then(|cookie| self.pending.get_mut(&cookie)) else {
             self.stats.late_drops += 1;
             return;
         };
-        // A packet dropped before any cgroup hook saw it still carries the source the
-        // kernel chose (NAT has not rewritten the attempt's own outgoing packets yet).
-        if attempt.src.is_none() && !drop.reply && drop.dst == Some(attempt.dst) {
-            attempt.src = drop.src;
+        // A packet dropped before any cgroup hook saw it (so before its first packet
+        // event) still tells the source the kernel chose.
+        if attempt.src.is_none() && socket_addr(&event.flow_dst) == Some(attempt.dst) {
+            attempt.src = socket_addr(&event.flow_src);
         }
         match &mut attempt.drops {
             Some(drops) => drops.count = drops.count.saturating_add(1),
@@ -530,6 +537,21 @@ impl FlowAssembler {
                 }))
             }
         }
+    }
+
+    /// The socket whose pending attempt's first packet had the dropped packet's flow tuple.
+    fn cookie_of_flow(&self, event: &DropEvent) -> Option<u64> {
+        let protocol = match event.protocol {
+            IPPROTO_TCP => Protocol::Tcp,
+            IPPROTO_UDP => Protocol::Udp,
+            _ => return None,
+        };
+        let key = FlowKey::new(
+            protocol,
+            socket_addr(&event.flow_src)?,
+            socket_addr(&event.flow_dst)?,
+        );
+        self.by_tuple.get(&key).copied()
     }
 
     /// Completes the TCP attempt of this socket, if one is pending.
@@ -1047,24 +1069,54 @@ mod tests {
         assert_eq!(done[0].icmp.unwrap().meaning(), "admin-prohibited");
     }
 
-    #[test]
-    fn drops_are_counted_on_their_attempt() {
-        let mut flows = FlowAssembler::new();
-        let mut done = Vec::new();
-        flows.on_connect(&connect(1, 1_000, IPPROTO_TCP), origin(), &mut done);
-        let drop = PacketDrop {
+    /// A drop event of the attempt to 203.0.113.10:80 from source port `port`, with the
+    /// socket's `cookie` (0: not known to the kernel).
+    fn drop_event(cookie: u64, port: u16) -> DropEvent {
+        DropEvent {
+            header: EventHeader {
+                kind: EventKind::Drop as u32,
+                cpu: 0,
+                ts_ns: 3,
+            },
+            sock_cookie: cookie,
+            location: 0,
+            reason: 0,
+            direction: tracer_common::DROP_DIRECTION_ORIGINAL,
+            protocol: IPPROTO_TCP,
+            conntrack: tracer_common::DROP_CT_ENTRY,
+            _pad: 0,
+            // After SNAT: the packet's own source is the node's.
+            src: endpoint([192, 0, 2, 1], 61_000),
+            dst: endpoint([203, 0, 113, 10], 80),
+            ct_status: 0,
+            netns: 0,
+            flow_src: endpoint([10, 244, 0, 5], port),
+            flow_dst: endpoint([203, 0, 113, 10], 80),
+        }
+    }
+
+    fn netfilter_drop() -> PacketDrop {
+        PacketDrop {
             reason: "NETFILTER_DROP".into(),
             location: "nf_hook_slow+0x9e".into(),
             reply: false,
-            src: Some("10.244.0.5:50000".parse().unwrap()),
+            src: Some("192.0.2.1:61000".parse().unwrap()),
             dst: Some("203.0.113.10:80".parse().unwrap()),
             conntrack: crate::capture::PacketConntrack::Entry { status: 0 },
             netns: None,
             netns_owner: None,
-        };
-        flows.on_drop(1, drop.clone());
-        flows.on_drop(1, drop.clone());
-        flows.on_drop(7, drop.clone());
+        }
+    }
+
+    #[test]
+    fn drops_are_counted_on_their_socket_attempt() {
+        let mut flows = FlowAssembler::new();
+        let mut done = Vec::new();
+        flows.on_connect(&connect(1, 1_000, IPPROTO_TCP), origin(), &mut done);
+        let drop = netfilter_drop();
+        flows.on_drop(&drop_event(1, 50_000), drop.clone());
+        flows.on_drop(&drop_event(1, 50_000), drop.clone());
+        flows.on_drop(&drop_event(7, 50_000), drop.clone());
         flows.on_sock_state(&state(1, 2_000, TCP_CLOSE, 0, 2), &mut done);
         assert_eq!(done[0].outcome, Outcome::Timeout);
         assert_eq!(
@@ -1074,7 +1126,44 @@ mod tests {
                 count: 2
             }))
         );
+        assert_eq!(
+            done[0].src,
+            Some("10.244.0.5:50000".parse().unwrap()),
+            "the flow's source stands in for a first packet not seen"
+        );
         assert_eq!(flows.stats().late_drops, 1);
+    }
+
+    #[test]
+    fn drops_without_a_socket_are_matched_by_the_flow_tuple() {
+        let mut flows = FlowAssembler::new();
+        let mut done = Vec::new();
+        flows.on_connect(&connect(1, 1_000, IPPROTO_TCP), origin(), &mut done);
+        let drop = netfilter_drop();
+        // Before the first packet, no attempt has the tuple.
+        flows.on_drop(&drop_event(0, 50_000), drop.clone());
+        assert_eq!(flows.stats().late_drops, 1);
+        flows.on_first_packet(&first_packet(1, IPPROTO_TCP, 50_000));
+        flows.on_drop(&drop_event(0, 50_000), drop.clone());
+        flows.on_drop(&drop_event(0, 50_001), drop.clone());
+        assert_eq!(
+            flows.stats().late_drops,
+            2,
+            "another source port is another flow"
+        );
+        flows.on_sock_state(&state(1, 2_000, TCP_CLOSE, 0, 2), &mut done);
+        assert_eq!(
+            done[0].drops,
+            Some(Box::new(Drops {
+                first: drop,
+                count: 1
+            }))
+        );
+        assert_eq!(
+            done[0].src,
+            Some("10.244.0.5:50000".parse().unwrap()),
+            "a packet after SNAT does not name the attempt's source"
+        );
     }
 
     #[test]

@@ -277,7 +277,7 @@ impl Pipeline {
                     let mut described = names.describe_drop(&drop);
                     described.netns_owner =
                         described.netns.and_then(|inode| self.netns_owner(inode));
-                    self.flows.on_drop(drop.sock_cookie, described);
+                    self.flows.on_drop(&drop, described);
                 }
                 Ok(KernelEvent::Dns(event)) => self.on_dns(&event),
                 Err(_) => self.stats.decode_errors += 1,

@@ -250,7 +250,9 @@ pub const IPS_CONFIRMED: u32 = 1 << 3;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DropEvent {
     pub header: EventHeader,
-    /// Cookie of the socket whose flow the packet belongs to.
+    /// Cookie of the socket whose flow the packet belongs to, when the packet still
+    /// carried its socket; 0 otherwise (forwarded and incoming packets): userspace then
+    /// finds the flow by [`flow_src`](Self::flow_src) and [`flow_dst`](Self::flow_dst).
     pub sock_cookie: u64,
     /// Code address that dropped it (symbolised through `/proc/kallsyms`).
     pub location: u64,
@@ -269,6 +271,11 @@ pub struct DropEvent {
     pub ct_status: u32,
     /// Inode of the network namespace of the device the packet was on (0: unknown).
     pub netns: u32,
+    /// The flow the packet belongs to, as the pod's socket sent its first packet: the
+    /// source is the pod's side, and neither end has been rewritten by NAT (for a packet
+    /// NAT rewrote, this is its conntrack entry's original tuple).
+    pub flow_src: Endpoint,
+    pub flow_dst: Endpoint,
 }
 
 /// How many bytes of a DNS message the kernel copies (a classic UDP DNS message's limit;
@@ -499,6 +506,9 @@ pub struct SocketDestination {
 
 /// Capacity of the LRU map of sockets whose state changes are reported.
 pub const TRACKED_SOCKETS: u32 = 65_536;
+/// Capacity of the LRU map of the traced pods' addresses (a node's pods, each with an
+/// IPv4 and an IPv6 address, and the node's own addresses for host-network pods).
+pub const POD_ADDRESSES_MAX: u32 = 4096;
 
 /// Key of the `HANDSHAKES` map: the TCP handshakes of traced processes counted in the
 /// kernel per cgroup, destination address and outcome, so connection metrics stay exact
@@ -710,7 +720,7 @@ mod tests {
 
     #[test]
     fn drop_event_layout() {
-        assert_eq!(size_of::<DropEvent>(), 88);
+        assert_eq!(size_of::<DropEvent>(), 128);
         assert_eq!(offset_of!(DropEvent, sock_cookie), 16);
         assert_eq!(offset_of!(DropEvent, location), 24);
         assert_eq!(offset_of!(DropEvent, reason), 32);
@@ -721,6 +731,8 @@ mod tests {
         assert_eq!(offset_of!(DropEvent, dst), 60);
         assert_eq!(offset_of!(DropEvent, ct_status), 80);
         assert_eq!(offset_of!(DropEvent, netns), 84);
+        assert_eq!(offset_of!(DropEvent, flow_src), 88);
+        assert_eq!(offset_of!(DropEvent, flow_dst), 108);
     }
 
     #[test]
