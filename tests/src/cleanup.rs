@@ -153,17 +153,32 @@ fn remove(found: &Leftovers) -> io::Result<()> {
     for cgroup in &found.cgroups {
         kill_cgroup(cgroup)?;
     }
+    // Another run cleaning stale labs at the same time (a test starting in parallel) may
+    // remove any of these first: what is gone meanwhile is no error.
     for netns in &found.netns {
         kill_netns_members(netns);
-        process::run("ip", &["netns", "del", netns])?;
+        if let Err(err) = process::run("ip", &["netns", "del", netns])
+            && Path::new("/run/netns").join(netns).exists()
+        {
+            return Err(err);
+        }
     }
     for cgroup in &found.cgroups {
-        remove_cgroup_tree(cgroup)?;
+        remove_cgroup_tree(cgroup).or_else(unless_gone)?;
     }
     for dir in &found.state_dirs {
-        fs::remove_dir_all(dir)?;
+        fs::remove_dir_all(dir).or_else(unless_gone)?;
     }
     Ok(())
+}
+
+/// `Ok` for an error that says the thing is gone already.
+fn unless_gone(err: io::Error) -> io::Result<()> {
+    if err.kind() == io::ErrorKind::NotFound {
+        Ok(())
+    } else {
+        Err(err)
+    }
 }
 
 /// Ends every process in a cgroup subtree (cgroup.kill, Linux 5.14+) and waits for them.
