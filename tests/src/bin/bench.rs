@@ -10,7 +10,10 @@
 //! Each rate is counted per second of CPU the machine had: on a virtual machine the
 //! hypervisor takes CPU time away (steal, in `/proc/stat`) by amounts that change from
 //! second to second, and a load that needs the whole machine loses as much rate. The
-//! ratios of the raw rates are kept in the JSON too.
+//! ratios of the raw rates are kept in the JSON too. Each watcher's own CPU time per
+//! operation is measured in those runs; its kernel programs' run time per operation (the
+//! kernel's BPF run-time statistics, which cost a little themselves) in one more run of
+//! each load under each watcher.
 //!
 //! Then, with the agent: loss at the lab's full connection rate (events the kernel could
 //! not queue, and whether the connection counters still match what the load made), and a
@@ -248,6 +251,26 @@ fn run() -> Result<(), String> {
                 .as_f64()
                 .unwrap_or(f64::NAN)
         );
+    }
+    println!(
+        "{:<22} {:>16} {:>16}   (the watcher's kernel programs' run time per operation, from the kernel's BPF run-time statistics during a run of each load; a separate run, so that the statistics' own cost stays out of the ratios)",
+        "mode", "µs/connection", "µs/DNS query"
+    );
+    for (index, mode) in modes.iter().enumerate().skip(1) {
+        let cost = kernel_programs_cost(&lab, *mode, &options)?;
+        match cost {
+            Some((connection, query)) => {
+                println!("{:<22} {connection:>16.2} {query:>16.2}", mode.name());
+                results[index]["kernel_programs_us_per_connection"] = json!(connection);
+                results[index]["kernel_programs_us_per_query"] = json!(query);
+            }
+            None => println!(
+                "{:<22} {:>16} {:>16}   (no BPF programs: a packet socket's filter is not counted)",
+                mode.name(),
+                "-",
+                "-"
+            ),
+        }
     }
     let agent = &results[1];
     let verdicts = [
@@ -535,6 +558,124 @@ fn dns_args(seconds: f64) -> Vec<String> {
         "--parallel".into(),
         LOAD_THREADS.to_string(),
     ]
+}
+
+/// The run time of the BPF programs `mode`'s watcher loads, per connection and per DNS
+/// query (µs), over one run of each load; `None` when it loads none (tcpdump).
+fn kernel_programs_cost(
+    lab: &Lab,
+    mode: Mode,
+    options: &Options,
+) -> Result<Option<(f64, f64)>, String> {
+    let before = program_run_times()?;
+    let watcher = start(lab, mode)?;
+    // The programs loaded meanwhile are the watcher's: nothing else here loads any.
+    let ours = |times: &[(u32, u64)]| -> u64 {
+        times
+            .iter()
+            .filter(|(id, _)| !before.iter().any(|(old, _)| old == id))
+            .map(|(_, ns)| ns)
+            .sum()
+    };
+    let measured = (|| {
+        let loaded = settled_program_count(before.len())? > before.len();
+        let stats = RunTimeStats::enable()?;
+        let start = ours(&program_run_times()?);
+        let (connections, _, _) = load_counts(
+            lab,
+            "connect-loop",
+            &connect_args(options.seconds, LOAD_THREADS),
+        )?;
+        let after_connects = ours(&program_run_times()?);
+        let (queries, _, _) = load_counts(lab, "dns-loop", &dns_args(options.seconds))?;
+        let after_queries = ours(&program_run_times()?);
+        drop(stats);
+        Ok::<_, String>(loaded.then(|| {
+            (
+                after_connects.saturating_sub(start) as f64 / 1e3 / connections.max(1.0),
+                after_queries.saturating_sub(after_connects) as f64 / 1e3 / queries.max(1.0),
+            )
+        }))
+    })();
+    if let Some(watcher) = watcher {
+        watcher.stop()?;
+    }
+    measured
+}
+
+/// The number of loaded BPF programs once it stops growing: a watcher may say it is
+/// ready before it has loaded them all (bpftrace announces its probes first). Gives up
+/// after 5 s, when the watcher loads none.
+fn settled_program_count(before: usize) -> Result<usize, String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = before;
+    loop {
+        thread::sleep(Duration::from_millis(200));
+        let now = program_run_times()?.len();
+        if (now > before && now == last) || Instant::now() > deadline {
+            return Ok(now);
+        }
+        last = now;
+    }
+}
+
+/// Each loaded BPF program's id and total run time in ns (0 while run-time statistics
+/// are off), from `bpftool prog show`.
+fn program_run_times() -> Result<Vec<(u32, u64)>, String> {
+    let output = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .map_err(|e| format!("cannot run bpftool: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "bpftool prog show failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    let programs: Vec<Value> = serde_json::from_slice(&output.stdout)
+        .map_err(|e| format!("bpftool prog show printed no JSON list: {e}"))?;
+    Ok(programs
+        .iter()
+        .filter_map(|program| {
+            let id = u32::try_from(program["id"].as_u64()?).ok()?;
+            Some((id, program["run_time_ns"].as_u64().unwrap_or(0)))
+        })
+        .collect())
+}
+
+/// The kernel's BPF run-time statistics, on while this lives: `BPF_ENABLE_STATS` hands
+/// out a file descriptor that keeps them on until it is closed (also when the bench dies),
+/// unlike the `kernel.bpf_stats_enabled` sysctl.
+struct RunTimeStats {
+    _enabled: std::os::fd::OwnedFd,
+}
+
+impl RunTimeStats {
+    fn enable() -> Result<Self, String> {
+        const BPF_ENABLE_STATS: libc::c_long = 32;
+        const BPF_STATS_RUN_TIME: u32 = 0;
+        // `union bpf_attr`'s `enable_stats` member: its `type`, zero-padded.
+        let mut attr = [0u8; 16];
+        attr[..4].copy_from_slice(&BPF_STATS_RUN_TIME.to_ne_bytes());
+        // SAFETY: bpf(2) reads `attr.len()` bytes of `attr`.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_ENABLE_STATS,
+                attr.as_ptr(),
+                attr.len() as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(format!(
+                "BPF_ENABLE_STATS failed: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: a new file descriptor that nothing else owns.
+        let enabled = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) };
+        Ok(Self { _enabled: enabled })
+    }
 }
 
 /// Runs a load generator in the pod; what it did, failed, and for how long.
