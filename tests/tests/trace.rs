@@ -794,6 +794,42 @@ fn cluster_ip_service_is_attributed_to_its_service_and_backend_pod() {
     );
 }
 
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn a_drop_after_a_services_translation_is_attributed_to_its_flow() {
+    let lab = Lab::start(&[
+        PodSpec::new("default", "client", CgroupDriver::Systemd),
+        PodSpec::new("shop", "web", CgroupDriver::Cgroupfs).serving_http(8080),
+    ])
+    .unwrap();
+    let cluster_ip = std::net::Ipv4Addr::new(10, 0, 1, 10);
+    lab.add_cluster_ip_service("shop", "web", cluster_ip, 80, lab.pod("web"), 8080)
+        .unwrap();
+    // The node drops what goes to the backend: after kube-proxy's DNAT, so the dropped
+    // packet names the backend, not the Service address the pod connected to.
+    lab.inject(Fault::NodeFirewallDrop {
+        dst: lab.pod("web").ip.into(),
+        port: 8080,
+    })
+    .unwrap();
+    let tracer = trace_client(&lab);
+    let (pid, code) = curl(&lab, "client", &url(cluster_ip, 80), 3);
+    assert_eq!(code, Some(28), "curl should time out");
+    let records = tracer.stop(libc::SIGINT).unwrap().records();
+    let record = tcp_record(&records, pid);
+    assert_eq!(record["dst"], "10.0.1.10:80", "{record}");
+    assert_eq!(record["outcome"], "timeout", "{record}");
+    let drop = &record["drop"];
+    assert_eq!(drop["reason"], "NETFILTER_DROP", "{record}");
+    assert_eq!(drop["direction"], "original", "{record}");
+    assert_eq!(
+        drop["dst"],
+        format!("{}:8080", lab.pod("web").ip),
+        "{record}"
+    );
+    assert_verdict(record, "node-firewall", "netfilter-drop", false);
+}
+
 /// Idle TCP connections held by a helper process, which is ended (by its PID) on drop.
 struct HeldConnections(std::process::Child);
 

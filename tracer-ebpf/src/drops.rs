@@ -5,8 +5,8 @@
 //! consumed packet is not a drop, nor is a closing socket purging its queues
 //! (`QUEUE_PURGE`, once per connection closed with data unread). A packet belongs to a
 //! traced flow when it goes from a traced pod's address (`POD_ADDRESSES`) or, as an
-//! answer, to one: by its own header, or, once NAT rewrote the header, by the original
-//! tuple of its conntrack entry. TCP packets count during the handshake only (a SYN from
+//! answer, to one: by the original tuple of its conntrack entry, which NAT leaves as the
+//! pod sent it, or without one by its own header. TCP packets count during the handshake only (a SYN from
 //! the pod, a SYN-ACK or reset to it), as the connection attempt ends there. The event
 //! names the flow by that tuple and userspace finds the attempt; a packet that still
 //! carries its traced socket (dropped on its way out of the pod) names the socket too.
@@ -59,7 +59,10 @@ fn report(skb: *const u8, location: u64, reason: u32) -> Result<(), i32> {
     let Some(packet) = tuple_at(headers(skb)?.network)? else {
         return Ok(());
     };
-    let mut traced = by_header(&packet);
+    // A conntrack entry's original tuple is the flow as the pod sent it, whatever NAT did
+    // to this packet (a Service's address translated to a backend's, the pod's source to
+    // the node's); without one, the packet's own header is.
+    let mut traced = None;
     let mut ct_status = 0;
     let conntrack = match attached(skb) {
         Err(_) => DROP_CT_UNKNOWN,
@@ -67,12 +70,13 @@ fn report(skb: *const u8, location: u64, reason: u32) -> Result<(), i32> {
         Ok(Attached::Untracked) => DROP_CT_UNTRACKED,
         Ok(Attached::Entry(entry, reply)) => {
             ct_status = status(entry).unwrap_or(0);
-            if traced.is_none() {
-                traced = by_entry(entry, reply, packet.tcp_flags);
-            }
+            traced = by_entry(entry, reply, packet.tcp_flags);
             DROP_CT_ENTRY
         }
     };
+    if traced.is_none() {
+        traced = by_header(&packet);
+    }
     let mut cookie = NOT_TRACED;
     let (direction, flow) = match traced {
         Some(found) => found,
@@ -134,7 +138,7 @@ fn by_header(packet: &TuplePacket) -> Traced {
     }
 }
 
-/// A packet NAT already rewrote, by its entry's original tuple (the pod's).
+/// A packet with a conntrack entry, by the entry's original tuple (the pod's).
 #[inline(never)]
 fn by_entry(entry: *const u8, reply: bool, tcp_flags: u8) -> Traced {
     let flow = original(entry).ok().and_then(|tuple| flow_key(&tuple))?;
