@@ -78,6 +78,18 @@ fn tcp_record(records: &[Value], pid: u32) -> &Value {
     found[0]
 }
 
+/// Traces the client pod while its curl to `url` times out after `timeout_s`: the single
+/// TCP record of that curl, an attempt that timed out.
+fn timed_out_attempt(lab: &Lab, url: &str, timeout_s: u32) -> Value {
+    let tracer = trace_client(lab);
+    let (pid, code) = curl(lab, "client", url, timeout_s);
+    assert_eq!(code, Some(28), "curl must time out");
+    let records = tracer.stop(libc::SIGINT).unwrap().records();
+    let record = tcp_record(&records, pid).clone();
+    assert_eq!(record["outcome"], "timeout", "{record}");
+    record
+}
+
 /// The verdict's hop, reason and whether it is only likely.
 fn assert_verdict(record: &Value, hop: &str, reason: &str, likely: bool) {
     let verdict = &record["verdict"];
@@ -326,13 +338,8 @@ fn timeout_when_the_upstream_drops_silently() {
         port: addr::HTTP_PORT,
     })
     .unwrap();
-    let tracer = trace_client(&lab);
     // curl gives up after 2 s: the first SYN retransmission happens at 1 s.
-    let (pid, code) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 2);
-    assert_eq!(code, Some(28), "curl must time out");
-    let records = tracer.stop(libc::SIGINT).unwrap().records();
-    let record = tcp_record(&records, pid);
-    assert_eq!(record["outcome"], "timeout");
+    let record = &timed_out_attempt(&lab, &url(addr::ENDPOINT, addr::HTTP_PORT), 2);
     assert_eq!(record["tcp"]["syn_retransmits"], 1);
     assert_eq!(record["tcp"]["closed_by"], "application");
     assert!(record["tcp"].get("error").is_none(), "{record}");
@@ -356,12 +363,7 @@ fn node_firewall_drop_is_reported_with_its_reason_and_tuple() {
         port: addr::HTTP_PORT,
     })
     .unwrap();
-    let tracer = trace_client(&lab);
-    let (pid, code) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 2);
-    assert_eq!(code, Some(28), "curl must time out");
-    let records = tracer.stop(libc::SIGINT).unwrap().records();
-    let record = tcp_record(&records, pid);
-    assert_eq!(record["outcome"], "timeout");
+    let record = &timed_out_attempt(&lab, &url(addr::ENDPOINT, addr::HTTP_PORT), 2);
     assert_eq!(
         record["dst"],
         format!("{}:{}", addr::ENDPOINT, addr::HTTP_PORT)
@@ -406,12 +408,7 @@ fn a_drop_in_the_pods_own_namespace_is_matched_by_its_socket() {
         ],
     )
     .unwrap();
-    let tracer = trace_client(&lab);
-    let (pid, code) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 2);
-    assert_eq!(code, Some(28), "curl must time out");
-    let records = tracer.stop(libc::SIGINT).unwrap().records();
-    let record = tcp_record(&records, pid);
-    assert_eq!(record["outcome"], "timeout", "{record}");
+    let record = &timed_out_attempt(&lab, &url(addr::ENDPOINT, addr::HTTP_PORT), 2);
     let drop = &record["drop"];
     assert_eq!(drop["reason"], "NETFILTER_DROP", "{record}");
     assert_eq!(drop["netns"], "pod:default/client", "{record}");
@@ -812,13 +809,8 @@ fn a_drop_after_a_services_translation_is_attributed_to_its_flow() {
         port: 8080,
     })
     .unwrap();
-    let tracer = trace_client(&lab);
-    let (pid, code) = curl(&lab, "client", &url(cluster_ip, 80), 3);
-    assert_eq!(code, Some(28), "curl should time out");
-    let records = tracer.stop(libc::SIGINT).unwrap().records();
-    let record = tcp_record(&records, pid);
+    let record = &timed_out_attempt(&lab, &url(cluster_ip, 80), 3);
     assert_eq!(record["dst"], "10.0.1.10:80", "{record}");
-    assert_eq!(record["outcome"], "timeout", "{record}");
     let drop = &record["drop"];
     assert_eq!(drop["reason"], "NETFILTER_DROP", "{record}");
     assert_eq!(drop["direction"], "original", "{record}");
@@ -950,13 +942,7 @@ fn a_dropped_answer_is_attributed_to_its_flow_as_a_reply() {
         port: addr::HTTP_PORT,
     })
     .unwrap();
-    let tracer = trace_client(&lab);
-    let (pid, code) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 3);
-    assert_eq!(code, Some(28), "curl should time out");
-    let output = tracer.stop(libc::SIGINT).unwrap();
-    let records = output.records();
-    let record = tcp_record(&records, pid);
-    assert_eq!(record["outcome"], "timeout", "{record}");
+    let record = &timed_out_attempt(&lab, &url(addr::ENDPOINT, addr::HTTP_PORT), 3);
     let drop = &record["drop"];
     assert_eq!(drop["reason"], "NETFILTER_DROP", "{record}");
     assert_eq!(drop["direction"], "reply", "{record}");
