@@ -147,13 +147,16 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     // but not received was lost.
     eprintln!(
         "egress-tracer: {} connects and first sends traced in the kernel, {} received, {} lost; \
-         {} UDP address probes skipped; {} malformed DNS messages; {} events lost in all to a \
-         full ring buffer; {} undecodable; {} attempts emitted before their outcome (limits reached); \
-         {} conntrack lookups of NAT failed",
+         {} UDP address probes skipped; {} dropped packets and {} ICMP errors matched no \
+         pending attempt (late answers, a server's traffic); {} malformed DNS messages; {} \
+         events lost in all to a full ring buffer; {} undecodable; {} attempts emitted before \
+         their outcome (limits reached); {} conntrack lookups of NAT failed",
         counters.connects,
         stats.connects_received,
         counters.connects_lost,
         flows.udp_probes,
+        flows.late_drops,
+        flows.unmatched_icmp,
         dns.malformed,
         counters.lost(),
         stats.decode_errors,
