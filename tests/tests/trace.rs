@@ -760,9 +760,9 @@ fn works_when_started_with_ip_netns_exec() {
     );
 }
 
-#[test]
-#[ignore = "needs root and the node lab: run `cargo xtask test`"]
-fn cluster_ip_service_is_attributed_to_its_service_and_backend_pod() {
+/// A lab with the client and a pod `shop/web` serving HTTP on 8080 behind the ClusterIP
+/// Service `shop/web` (10.0.1.10:80); returns the lab and the Service's address.
+fn lab_with_service() -> (Lab, std::net::Ipv4Addr) {
     let lab = Lab::start(&[
         PodSpec::new("default", "client", CgroupDriver::Systemd),
         PodSpec::new("shop", "web", CgroupDriver::Cgroupfs).serving_http(8080),
@@ -771,6 +771,13 @@ fn cluster_ip_service_is_attributed_to_its_service_and_backend_pod() {
     let cluster_ip = std::net::Ipv4Addr::new(10, 0, 1, 10);
     lab.add_cluster_ip_service("shop", "web", cluster_ip, 80, lab.pod("web"), 8080)
         .unwrap();
+    (lab, cluster_ip)
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn cluster_ip_service_is_attributed_to_its_service_and_backend_pod() {
+    let (lab, cluster_ip) = lab_with_service();
     let tracer = trace_client(&lab);
     let (pid, code) = curl(&lab, "client", &url(cluster_ip, 80), 5);
     assert_eq!(code, Some(0), "the Service must answer");
@@ -794,14 +801,7 @@ fn cluster_ip_service_is_attributed_to_its_service_and_backend_pod() {
 #[test]
 #[ignore = "needs root and the node lab: run `cargo xtask test`"]
 fn a_drop_after_a_services_translation_is_attributed_to_its_flow() {
-    let lab = Lab::start(&[
-        PodSpec::new("default", "client", CgroupDriver::Systemd),
-        PodSpec::new("shop", "web", CgroupDriver::Cgroupfs).serving_http(8080),
-    ])
-    .unwrap();
-    let cluster_ip = std::net::Ipv4Addr::new(10, 0, 1, 10);
-    lab.add_cluster_ip_service("shop", "web", cluster_ip, 80, lab.pod("web"), 8080)
-        .unwrap();
+    let (lab, cluster_ip) = lab_with_service();
     // The node drops what goes to the backend: after kube-proxy's DNAT, so the dropped
     // packet names the backend, not the Service address the pod connected to.
     lab.inject(Fault::NodeFirewallDrop {

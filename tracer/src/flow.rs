@@ -60,6 +60,15 @@ impl Protocol {
             Protocol::Udp => IPPROTO_UDP,
         }
     }
+
+    /// The protocol of an IP protocol number, if it is TCP or UDP.
+    fn of_number(number: u8) -> Option<Self> {
+        match number {
+            IPPROTO_TCP => Some(Protocol::Tcp),
+            IPPROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
 }
 
 /// How an attempt ended.
@@ -478,10 +487,8 @@ impl FlowAssembler {
     /// Attributes an ICMP error to the attempt whose packet it embeds. A fatal error
     /// ends a UDP attempt at once; a TCP attempt ends with its socket.
     pub fn on_icmp_error(&mut self, event: &IcmpErrorEvent, done: &mut Vec<Box<Attempt>>) {
-        let protocol = match event.protocol {
-            IPPROTO_TCP => Protocol::Tcp,
-            IPPROTO_UDP => Protocol::Udp,
-            _ => return,
+        let Some(protocol) = Protocol::of_number(event.protocol) else {
+            return;
         };
         let (Some(src), Some(dst), Some(icmp)) = (
             socket_addr(&event.src),
@@ -541,13 +548,8 @@ impl FlowAssembler {
 
     /// The socket whose pending attempt's first packet had the dropped packet's flow tuple.
     fn cookie_of_flow(&self, event: &DropEvent) -> Option<u64> {
-        let protocol = match event.protocol {
-            IPPROTO_TCP => Protocol::Tcp,
-            IPPROTO_UDP => Protocol::Udp,
-            _ => return None,
-        };
         let key = FlowKey::new(
-            protocol,
+            Protocol::of_number(event.protocol)?,
             socket_addr(&event.flow_src)?,
             socket_addr(&event.flow_dst)?,
         );
