@@ -288,6 +288,51 @@ fn refused_by_the_endpoint() {
 
 #[test]
 #[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn an_established_handshake_counts_the_syns_it_retransmitted() {
+    let lab = lab();
+    let (dst, port) = (addr::ENDPOINT.to_string(), addr::HTTP_PORT.to_string());
+    // The node drops the first SYN only; its retransmission (after 1 s) gets through.
+    lab.run_on_node(
+        "iptables",
+        &[
+            "-I",
+            "FORWARD",
+            "-p",
+            "tcp",
+            "--syn",
+            "-d",
+            &dst,
+            "--dport",
+            &port,
+            "-m",
+            "statistic",
+            "--mode",
+            "nth",
+            "--every",
+            "1000",
+            "--packet",
+            "0",
+            "-j",
+            "DROP",
+        ],
+    )
+    .unwrap();
+    let tracer = trace_client(&lab);
+    let (pid, code) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 5);
+    assert_eq!(code, Some(0));
+    let records = tracer.stop(libc::SIGINT).unwrap().records();
+    let record = tcp_record(&records, pid);
+    assert_eq!(record["outcome"], "established", "{record}");
+    assert_eq!(record["tcp"]["syn_retransmits"], 1, "{record}");
+    assert!(
+        record["tcp"]["handshake_ms"].as_f64().unwrap() >= 1000.0,
+        "{record}"
+    );
+    assert_source_is(record, lab.pod("client").ip);
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
 fn a_firewall_reset_is_told_apart_from_the_endpoints_own_by_its_ttl() {
     let lab = lab();
     const FIREWALLED_PORT: u16 = 8443;

@@ -18,9 +18,7 @@ use tracer_common::{
     EventKind, IPPROTO_TCP, IPPROTO_UDP, SocketDestination,
 };
 
-use crate::maps::{
-    TRACKED_SOCKS, TrackedSocket, UDP_DESTINATIONS_SEEN, count, emit, header, is_traced,
-};
+use crate::maps::{PENDING_UDP_SOCKS, UDP_DESTINATIONS_SEEN, count, emit, header, is_traced};
 
 /// Return value of cgroup sock_addr programs that lets the syscall proceed.
 const ALLOW: i32 = 1;
@@ -106,20 +104,13 @@ fn report(ctx: &SockAddrContext, family: u16, call: u8) {
         return;
     }
     count(Counter::ConnectSeen);
-    // Every attempt starts over: a new connect(), or the first send of an unconnected UDP
-    // socket to another destination (its entry went with its earlier first packet).
-    let socket = TrackedSocket {
-        cgroup_id,
-        protocol,
-        reported: 0,
-        reply_tcp_flags: 0,
-        reply_ttl: 0,
-        syns_sent: 0,
-        _pad: [0; 3],
-    };
-    // Ignore a full map: LRU evicts, and a missing entry only costs the socket's first
-    // packet, reply and handshake count.
-    let _ = TRACKED_SOCKS.insert(sock_cookie, socket, 0);
+    if protocol == IPPROTO_UDP {
+        // Every attempt starts over: a new connect(), or the first send of an unconnected
+        // UDP socket to another destination (its entry went with its earlier first
+        // packet). Ignore a full map: LRU evicts, and a missing entry only costs the
+        // socket's first packet.
+        let _ = PENDING_UDP_SOCKS.insert(sock_cookie, 0, 0);
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let event = ConnectEvent {
         header: header(EventKind::Connect),

@@ -24,14 +24,15 @@ use aya_ebpf::{Global, macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::{
     Counter, DROP_CT_ENTRY, DROP_CT_NONE, DROP_CT_UNKNOWN, DROP_CT_UNTRACKED,
     DROP_DIRECTION_ORIGINAL, DROP_DIRECTION_REPLY, DropEvent, DropOffsets, DropReasons, Endpoint,
-    EventKind, FlowTuple, IPPROTO_TCP, TCP_FLAG_RST,
+    EventKind, FlowTuple, IPPROTO_TCP, TCP_FLAG_RST, TCP_SYN_SENT,
 };
 
 use crate::{
     conntrack::{Attached, attached, flow_key, original, status},
-    maps::{EVENTS, TRACKED_SOCKS, count, header, is_pod_address, wakeup},
+    maps::{EVENTS, PENDING_UDP_SOCKS, count, header, is_pod_address, is_traced_cgroup, wakeup},
     packets::{is_syn, is_syn_ack},
     skb::{TuplePacket, headers, read, reversed, tuple_at},
+    sock,
 };
 
 /// Set by userspace at load time from the kernel's BTF.
@@ -81,7 +82,7 @@ fn report(skb: *const u8, location: u64, reason: u32) -> Result<(), i32> {
     let (direction, flow) = match traced {
         Some(found) => found,
         None => {
-            cookie = traced_by_socket(skb);
+            cookie = traced_by_socket(skb, packet.tuple.protocol);
             if cookie == NOT_TRACED {
                 return Ok(());
             }
@@ -196,10 +197,12 @@ static DROP_OFFSETS: Global<DropOffsets> = Global::new(DropOffsets {
     sk_net: 0,
 });
 
-/// The packet's socket, when it is a traced one: packets dropped on their way out before
-/// the cgroup hooks saw them (a pod's own OUTPUT rules) have no tracked tuple yet.
+/// The packet's socket, when it is a traced one in an attempt (a TCP socket in its
+/// handshake, a UDP socket before its first datagram left): packets dropped on their way
+/// out before the cgroup hooks saw them (a pod's own OUTPUT rules) have no tracked tuple
+/// yet.
 #[inline(never)]
-fn traced_by_socket(skb: *const u8) -> u64 {
+fn traced_by_socket(skb: *const u8, protocol: u8) -> u64 {
     let off = DROP_OFFSETS.load();
     if off.skb_sk == 0 {
         return NOT_TRACED;
@@ -210,15 +213,21 @@ fn traced_by_socket(skb: *const u8) -> u64 {
     if sk == 0 {
         return NOT_TRACED;
     }
-    let Ok(cookie) = read::<u64>(sk as *const u8, off.sk_cookie as usize) else {
+    let sk = sk as *const u8;
+    let Ok(cookie) = read::<u64>(sk, off.sk_cookie as usize) else {
         return NOT_TRACED;
     };
-    // SAFETY: only the presence of the key is used.
-    if cookie != NOT_TRACED && unsafe { TRACKED_SOCKS.get(cookie) }.is_some() {
-        cookie
-    } else {
-        NOT_TRACED
+    if cookie == NOT_TRACED {
+        return NOT_TRACED;
     }
+    let in_attempt = if protocol == IPPROTO_TCP {
+        read::<u8>(sk, sock::offsets().state as usize) == Ok(TCP_SYN_SENT)
+            && is_traced_cgroup(|| sock::cgroup_id(sk))
+    } else {
+        // SAFETY: only the presence of the key is used.
+        unsafe { PENDING_UDP_SOCKS.get(cookie) }.is_some()
+    };
+    if in_attempt { cookie } else { NOT_TRACED }
 }
 
 /// The inode of the network namespace the packet was in when dropped: its device's, or,

@@ -1,56 +1,38 @@
 //! The end of each traced TCP handshake, reported once per `connect()` with its tuple, the
-//! first answer to its SYN (kept by [`reply`](crate::reply)), its error and its SYN
+//! first answer to its SYN (seen by [`reply`](crate::reply)), its error and its SYN
 //! retransmissions:
 //!
 //! - established: at the SYN-ACK, seen by [`reply`](crate::reply) at the socket's cgroup
 //!   ingress (the kernel establishes the socket right after that hook);
 //! - failed: tp_btf `inet_sk_error_report`, when the kernel gives the handshake up (a
 //!   reset, an ICMP error, the SYN retries exhausted) with `sk_err` set;
-//! - abandoned: tp_btf `tcp_destroy_sock`, when the application closes a socket still
-//!   in `SYN_SENT` (a client's own timeout).
+//! - abandoned: tp_btf `tcp_destroy_sock`, when the application closes a socket whose
+//!   handshake never ended (a client's own timeout), or one whose failure the error
+//!   report did not carry.
 //!
-//! Whichever comes first removes the socket from `TRACKED_SOCKS`, so the others find
-//! nothing. The two tracepoints run for every TCP socket of the node, but only on errors
-//! and at destruction: far fewer runs than a hook on every state change, and one lookup
-//! each for sockets that are not traced.
-//!
-//! `struct sock` is read at offsets resolved by userspace from the running kernel's BTF
-//! (`SOCK_OFFSETS`): Rust eBPF has no CO-RE.
+//! The two tracepoints run for every TCP socket of the node, but only on errors and at
+//! destruction, and they keep to plain loads from the socket until it proves to be a
+//! connected one (a cookie and a destination port) that no answer established
+//! (`tcp_sock.rcv_nxt` is 0 from `connect()` until the SYN-ACK). `FAILING_HANDSHAKES`
+//! keeps a failure that the error report made from being reported again at destruction.
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    Global,
-    helpers::bpf_probe_read_kernel,
     macros::btf_tracepoint,
     programs::{BtfTracePointContext, SkBuffContext},
 };
 use tracer_common::{
-    AF_INET, AF_INET6, Counter, Endpoint, EventKind, HandshakeKey, HandshakeTotals, IPPROTO_TCP,
-    SockOffsets, SockStateEvent, TCP_CLOSE, TCP_ESTABLISHED, TCP_FLAG_RST, TCP_SYN_SENT,
-    handshake_outcome,
+    Counter, Endpoint, EventKind, HandshakeKey, HandshakeTotals, IPPROTO_TCP, SockStateEvent,
+    TCP_CLOSE, TCP_ESTABLISHED, TCP_FLAG_RST, TCP_SYN_SENT, handshake_outcome,
 };
 
 use crate::{
-    maps::{HANDSHAKES, TRACKED_SOCKS, TrackedSocket, count, emit, header},
+    maps::{FAILING_HANDSHAKES, FailingHandshake, HANDSHAKES, count, emit, header, is_traced},
     packets::Packet,
+    skb::read,
+    sock,
 };
-
-/// Set by userspace at load time (`EbpfLoader::set_global`).
-#[unsafe(no_mangle)]
-static SOCK_OFFSETS: Global<SockOffsets> = Global::new(SockOffsets {
-    family: 0,
-    num: 0,
-    dport: 0,
-    rcv_saddr: 0,
-    daddr: 0,
-    v6_rcv_saddr: 0,
-    v6_daddr: 0,
-    err: 0,
-    err_soft: 0,
-    total_retrans: 0,
-    cookie: 0,
-});
 
 #[btf_tracepoint(function = "inet_sk_error_report")]
 pub fn inet_sk_error_report(ctx: BtfTracePointContext) -> i32 {
@@ -71,29 +53,29 @@ enum Reporter {
     Destruction,
 }
 
-/// Reports the established handshake of the traced socket `cookie`, whose SYN-ACK
-/// `packet` (arrived with `ttl`) is.
+/// Reports the established handshake of the traced socket `cookie` (connected in
+/// `cgroup_id`), whose SYN-ACK `packet` (arrived with `ttl`) is.
 #[inline(always)]
 pub fn established(
     ctx: &SkBuffContext,
     packet: &Packet,
     cookie: u64,
-    socket: TrackedSocket,
+    cgroup_id: u64,
+    syn_retransmits: u32,
     ttl: u8,
 ) -> Result<(), i64> {
     // The answer comes from the far end: the socket's own tuple is its reverse.
     let (dst, src) = packet.endpoints(ctx)?;
-    let _ = TRACKED_SOCKS.remove(cookie);
     report(
         cookie,
-        &socket,
+        cgroup_id,
         Ending {
             new_state: TCP_ESTABLISHED,
             reply_tcp_flags: packet.tcp_flags,
             reply_ttl: ttl,
             error: 0,
             soft_error: 0,
-            syn_retransmits: u32::from(socket.syns_sent.saturating_sub(1)),
+            syn_retransmits,
         },
         src,
         dst,
@@ -105,30 +87,63 @@ pub fn established(
 #[inline(always)]
 fn handshake_failed(sk: *const c_void, reporter: Reporter) {
     let sk = sk as *const u8;
-    let off = SOCK_OFFSETS.load();
+    let off = sock::offsets();
     // The cookie as a plain load, not `bpf_get_socket_cookie`: that helper gives every
     // socket without one (most of those these tracepoints see: the node's other
     // sockets, servers' accepted ones) a cookie from a counter all CPUs share.
-    // SAFETY: `sk` is the tracepoint's `struct sock *`; the offset is a field of it.
-    let cookie = unsafe { *sk.add(off.cookie as usize).cast::<u64>() };
-    if cookie == 0 {
+    // SAFETY: `sk` is the tracepoint's `struct sock *`; the offsets are fields of it.
+    let (cookie, dport, protocol) = unsafe {
+        (
+            sock::cookie(sk),
+            sock::field::<u16>(sk, off.dport),
+            sock::field::<u16>(sk, off.protocol),
+        )
+    };
+    // No cookie: not a traced process's socket. No destination port: never connected,
+    // or its connect() failed at once (the application got the error).
+    if cookie == 0 || dport == 0 || protocol != u16::from(IPPROTO_TCP) {
         return;
     }
-    // SAFETY: the value is copied out at once.
-    let Some(&socket) = (unsafe { TRACKED_SOCKS.get(cookie) }) else {
+    // `tcp_sock` fields lie beyond the `struct sock` the verifier knows `sk` as: read
+    // with the helper, which fails instead of faulting.
+    let tcp_field = |offset: u32| read::<u32>(sk, offset as usize);
+    if tcp_field(off.rcv_nxt) != Ok(0) {
+        return;
+    }
+    let Some(cgroup_id) = sock::cgroup_id(sk) else {
         return;
     };
-    if socket.protocol != IPPROTO_TCP {
+    if !is_traced(cgroup_id) {
         return;
     }
-    // SAFETY: `sk` is the tracepoint's `struct sock *` and these are fields of it (plain
-    // loads, as in `read_tuple`).
-    let sock_field = |offset: u32| unsafe { *sk.add(offset as usize).cast::<i32>() };
-    let (mut error, soft_error) = (sock_field(off.err), sock_field(off.err_soft));
+    // The SYN's sequence number: nothing acknowledged it.
+    let syn_seq = tcp_field(off.snd_una).unwrap_or(0);
+    // SAFETY: the value is copied out at once.
+    let failing = unsafe { FAILING_HANDSHAKES.get(cookie) }
+        .copied()
+        .filter(|known| known.syn_seq == syn_seq)
+        .unwrap_or(FailingHandshake {
+            syn_seq,
+            reply_tcp_flags: 0,
+            reply_ttl: 0,
+            reported: 0,
+            _pad: 0,
+        });
+    if failing.reported != 0 {
+        let _ = FAILING_HANDSHAKES.remove(cookie);
+        return;
+    }
+    // SAFETY: `sk` is the tracepoint's `struct sock *` and these are fields of it.
+    let (mut error, soft_error) = unsafe {
+        (
+            sock::field::<i32>(sk, off.err),
+            sock::field::<i32>(sk, off.err_soft),
+        )
+    };
     // A reset answering the SYN fails the handshake with ECONNREFUSED, which the
     // application may have read (and so cleared) before these hooks run: woken by the
     // socket's close, it can read before the error report is made.
-    if error == 0 && socket.reply_tcp_flags & TCP_FLAG_RST != 0 {
+    if error == 0 && failing.reply_tcp_flags & TCP_FLAG_RST != 0 {
         error = ECONNREFUSED;
     }
     // An error report without an error in the socket (as for ICMP errors on this
@@ -137,31 +152,34 @@ fn handshake_failed(sk: *const c_void, reporter: Reporter) {
     if reporter == Reporter::ErrorReport && error == 0 && soft_error == 0 {
         return;
     }
-    let _ = TRACKED_SOCKS.remove(cookie);
-    // `total_retrans` is a field of `struct tcp_sock`, beyond the `struct sock` the
-    // verifier knows `sk` as: read with the helper, which fails instead of faulting (a
-    // failed read leaves it 0, "not known").
-    // SAFETY: as above.
-    let syn_retransmits =
-        unsafe { bpf_probe_read_kernel(sk.add(off.total_retrans as usize) as *const u32) }
-            .unwrap_or(0);
     // A failed socket may have released its port already: userspace then keeps the
     // source its first packet showed.
-    let (src, dst) = read_tuple(sk);
+    // SAFETY: as above.
+    let (src, dst) = unsafe { sock::tuple(sk) };
     report(
         cookie,
-        &socket,
+        cgroup_id,
         Ending {
             new_state: TCP_CLOSE,
-            reply_tcp_flags: socket.reply_tcp_flags,
-            reply_ttl: socket.reply_ttl,
+            reply_tcp_flags: failing.reply_tcp_flags,
+            reply_ttl: failing.reply_ttl,
             error,
             soft_error,
-            syn_retransmits,
+            // A failed read leaves it 0, "not known".
+            syn_retransmits: tcp_field(off.total_retrans).unwrap_or(0),
         },
         src,
         dst,
     );
+    if reporter == Reporter::ErrorReport {
+        let reported = FailingHandshake {
+            reported: 1,
+            ..failing
+        };
+        let _ = FAILING_HANDSHAKES.insert(cookie, reported, 0);
+    } else {
+        let _ = FAILING_HANDSHAKES.remove(cookie);
+    }
 }
 
 /// How a handshake ended, as its [`SockStateEvent`] tells.
@@ -175,7 +193,7 @@ struct Ending {
 }
 
 #[inline(always)]
-fn report(cookie: u64, socket: &TrackedSocket, ending: Ending, src: Endpoint, dst: Endpoint) {
+fn report(cookie: u64, cgroup_id: u64, ending: Ending, src: Endpoint, dst: Endpoint) {
     count(Counter::SockStateSeen);
     let event = SockStateEvent {
         header: header(EventKind::SockState),
@@ -190,7 +208,7 @@ fn report(cookie: u64, socket: &TrackedSocket, ending: Ending, src: Endpoint, ds
         src,
         dst,
     };
-    count_handshake(socket.cgroup_id, &event);
+    count_handshake(cgroup_id, &event);
     if emit(event).is_err() {
         count(Counter::SockStateLost);
     }
@@ -240,49 +258,3 @@ fn count_handshake(cgroup_id: u64, event: &SockStateEvent) {
 const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = -17;
 const ECONNREFUSED: i32 = 111;
-
-/// The tuple from `struct sock_common`, read with plain loads: the verifier knows `sk`'s
-/// type from the tracepoint's BTF, checks each constant offset (the frozen
-/// `SOCK_OFFSETS`) against it, and makes the loads fault-safe, without a helper call each.
-#[inline(always)]
-fn read_tuple(sk: *const u8) -> (Endpoint, Endpoint) {
-    let off = SOCK_OFFSETS.load();
-    // SAFETY: `sk` is the tracepoint's `struct sock *`; every offset is a field of it.
-    unsafe {
-        let field = |offset: u32| sk.add(offset as usize);
-        let family = *field(off.family).cast::<u16>();
-        let mut src = Endpoint {
-            family,
-            port: *field(off.num).cast::<u16>(),
-            addr: [0; 16],
-        };
-        let mut dst = Endpoint {
-            family,
-            port: u16::from_be(*field(off.dport).cast::<u16>()),
-            addr: [0; 16],
-        };
-        if family == AF_INET {
-            src.addr[..4].copy_from_slice(&(*field(off.rcv_saddr).cast::<u32>()).to_ne_bytes());
-            dst.addr[..4].copy_from_slice(&(*field(off.daddr).cast::<u32>()).to_ne_bytes());
-        } else if family == AF_INET6 {
-            src.addr = ipv6(field(off.v6_rcv_saddr));
-            dst.addr = ipv6(field(off.v6_daddr));
-        }
-        (src, dst)
-    }
-}
-
-/// A `struct in6_addr` in 32-bit loads (its alignment).
-///
-/// # Safety
-/// `at` is a `struct in6_addr` field of the tracepoint's `struct sock`.
-#[inline(always)]
-unsafe fn ipv6(at: *const u8) -> [u8; 16] {
-    let mut addr = [0u8; 16];
-    for word in 0..4 {
-        // SAFETY: per the contract, within the field.
-        let value = unsafe { *at.add(word * 4).cast::<u32>() };
-        addr[word * 4..word * 4 + 4].copy_from_slice(&value.to_ne_bytes());
-    }
-    addr
-}

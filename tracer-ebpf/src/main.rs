@@ -12,8 +12,9 @@
 //!   errors that explain failed attempts.
 //! - [`drops`]: tp_btf `kfree_skb`, packets of traced flows dropped, with the reason.
 //!
-//! [`skb`] reads packets from `struct sk_buff` pointers for the tracing programs, and
-//! [`conntrack`] the conntrack entries they carry. (What NAT made of a flow, userspace
+//! [`skb`] reads packets from `struct sk_buff` pointers for the tracing programs,
+//! [`sock`] sockets from `struct sock` pointers, and [`conntrack`] the conntrack entries
+//! packets carry. (What NAT made of a flow, userspace
 //! reads from the flow's conntrack entry over ctnetlink: once per flow, not per packet.)
 //!
 //! All of them write to the ring buffer and counters in [`maps`]. Event layouts live in
@@ -43,6 +44,8 @@ mod packets;
 mod reply;
 #[cfg(target_arch = "bpf")]
 mod skb;
+#[cfg(target_arch = "bpf")]
+mod sock;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tracer_common::{
-    Counter, Endpoint, EventHeader, EventKind, HANDSHAKE_KEYS, HandshakeKey, HandshakeTotals,
-    POD_ADDRESSES_MAX, RING_BUFFER_BYTES, SETTING_CGROUP_FILTER, SETTINGS_COUNT, SocketDestination,
-    TRACED_CGROUPS_MAX, TRACKED_SOCKETS, UDP_DESTINATIONS,
+    Counter, Endpoint, EventHeader, EventKind, FAILING_HANDSHAKES_MAX, HANDSHAKE_KEYS,
+    HandshakeKey, HandshakeTotals, PENDING_UDP_SOCKETS, POD_ADDRESSES_MAX, RING_BUFFER_BYTES,
+    SETTING_CGROUP_FILTER, SETTINGS_COUNT, SocketDestination, TRACED_CGROUPS_MAX, UDP_DESTINATIONS,
 };
 
 /// LRU maps keep one LRU list per CPU: no lock shared between CPUs on the connect and
@@ -23,36 +23,37 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
-/// Cookies of the sockets whose `connect()` was reported; the first-packet and handshake
-/// hooks only report these. A TCP socket's entry goes when its handshake ends, a UDP
-/// socket's with its first packet; LRU so that sockets that never get there (a UDP
-/// connect that only selects an address) cannot fill it.
+/// Connected UDP sockets of traced processes whose first datagram has not left yet (the
+/// first-packet hook reports it and removes the entry). LRU so that sockets that never
+/// send (a UDP connect that only selects an address) cannot fill it. TCP sockets need no
+/// entry: the kernel's own socket tells what the hooks need (its state, whether a SYN is
+/// the first, its retransmissions, its cgroup), which spares every connection a map
+/// insert and delete.
 #[map]
-pub static TRACKED_SOCKS: LruHashMap<u64, TrackedSocket> =
-    LruHashMap::with_max_entries(TRACKED_SOCKETS, BPF_F_NO_COMMON_LRU);
+pub static PENDING_UDP_SOCKS: LruHashMap<u64, u8> =
+    LruHashMap::with_max_entries(PENDING_UDP_SOCKETS, BPF_F_NO_COMMON_LRU);
 
-/// A traced socket's entry in [`TRACKED_SOCKS`].
+/// TCP handshakes on their way to failing, by socket cookie: answered by a reset (whose
+/// flags and TTL the failure report carries), or reported failed already (so that the
+/// socket's destruction does not report it again). Only failing handshakes have an entry;
+/// LRU so that sockets that are never destroyed cannot fill it.
+#[map]
+pub static FAILING_HANDSHAKES: LruHashMap<u64, FailingHandshake> =
+    LruHashMap::with_max_entries(FAILING_HANDSHAKES_MAX, 0);
+
+/// An entry of [`FAILING_HANDSHAKES`].
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct TrackedSocket {
-    /// The cgroup that connected it, for counting its handshake: the handshake ends in
-    /// softirq context, where the current cgroup is not the socket's.
-    pub cgroup_id: u64,
-    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
-    pub protocol: u8,
-    /// Flags of what was reported already ([`FIRST_PACKET_REPORTED`],
-    /// [`REPLY_REPORTED`]); 0 is nothing yet.
-    pub reported: u8,
-    /// The first answer to the socket's SYN, for its [`SockStateEvent`]: its TCP flags
-    /// (0 until one arrives) and TTL.
-    ///
-    /// [`SockStateEvent`]: tracer_common::SockStateEvent
+pub struct FailingHandshake {
+    /// The handshake's SYN sequence number: a socket can `connect()` again after a
+    /// failure, and an entry holds for one handshake only.
+    pub syn_seq: u32,
+    /// The reset's TCP flags (0 if none arrived) and TTL.
     pub reply_tcp_flags: u8,
     pub reply_ttl: u8,
-    /// SYNs that left the socket's cgroup (saturating): its retransmissions when the
-    /// handshake succeeds.
-    pub syns_sent: u8,
-    pub _pad: [u8; 3],
+    /// Whether the failure was reported.
+    pub reported: u8,
+    pub _pad: u8,
 }
 
 /// The pod-side addresses of the traced sockets (from each one's first packet, port 0),
@@ -124,9 +125,16 @@ pub fn emit<T: 'static>(event: T) -> Result<(), ()> {
 /// Whether processes in `cgroup_id` are traced.
 #[inline(always)]
 pub fn is_traced(cgroup_id: u64) -> bool {
+    is_traced_cgroup(|| Some(cgroup_id))
+}
+
+/// Whether processes in the cgroup `cgroup_id` finds are traced; `cgroup_id` is only
+/// called when tracing some pods only (`None`: not traced).
+#[inline(always)]
+pub fn is_traced_cgroup(cgroup_id: impl FnOnce() -> Option<u64>) -> bool {
     let filtering = SETTINGS.get(SETTING_CGROUP_FILTER).is_some_and(|v| *v != 0);
     // SAFETY: only existence is checked.
-    !filtering || unsafe { TRACED_CGROUPS.get(cgroup_id) }.is_some()
+    !filtering || cgroup_id().is_some_and(|id| unsafe { TRACED_CGROUPS.get(id) }.is_some())
 }
 
 /// Adds the pod-side address of a traced socket's first packet to [`POD_ADDRESSES`],
@@ -157,9 +165,6 @@ pub fn is_pod_address(family: u16, addr: [u8; 16]) -> bool {
     // SAFETY: only existence is checked.
     unsafe { POD_ADDRESSES.get(key) }.is_some()
 }
-
-pub const FIRST_PACKET_REPORTED: u8 = 1;
-pub const REPLY_REPORTED: u8 = 2;
 
 #[inline(always)]
 pub fn count(counter: Counter) {

@@ -6,7 +6,12 @@
 //! header; IPv6 extension headers before the transport header are not followed
 //! (connection openings and DNS do not carry them in practice).
 
-use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
+use aya_ebpf::{
+    bindings::{bpf_sock, bpf_tcp_sock},
+    helpers::bpf_tcp_sock,
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+};
 use tracer_common::{
     AF_INET, AF_INET6, DNS_EGRESS, DNS_INGRESS, Endpoint, IPPROTO_TCP, IPPROTO_UDP,
 };
@@ -120,6 +125,23 @@ fn parse(ctx: &SkBuffContext) -> Result<Option<Packet>, i64> {
         src_port: u16::from_be_bytes([ports[0], ports[1]]),
         dst_port: u16::from_be_bytes([ports[2], ports[3]]),
     }))
+}
+
+/// The packet's socket (the sender's on egress, the receiver's on ingress), if any.
+#[inline(always)]
+pub fn socket(ctx: &SkBuffContext) -> Option<&bpf_sock> {
+    // SAFETY: the context pointer is valid for the duration of the program; the verifier
+    // checks the socket pointer for null before use, as done here.
+    unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk.as_ref() }
+}
+
+/// The kernel's TCP view of `sk`; `None` unless it is a TCP socket past `listen()` or
+/// `connect()` (a full socket, not a request or time-wait one).
+#[inline(always)]
+pub fn tcp_socket(sk: &bpf_sock) -> Option<&bpf_tcp_sock> {
+    // SAFETY: `sk` is the packet's socket; the helper returns null for anything but a
+    // full TCP socket.
+    unsafe { bpf_tcp_sock(sk as *const bpf_sock as *mut bpf_sock).as_ref() }
 }
 
 /// `T` at `offset` from the network header. Headers are in the packet's linear data in

@@ -425,6 +425,20 @@ pub struct SockOffsets {
     /// `struct sock.__sk_common.skc_cookie`: the socket's cookie, 0 until something asked
     /// for it (as `connect4` did for every traced socket).
     pub cookie: u32,
+    /// `struct sock.__sk_common.skc_state` (one byte).
+    pub state: u32,
+    /// `struct sock.sk_protocol` (two bytes).
+    pub protocol: u32,
+    /// `struct tcp_sock.rcv_nxt`: 0 from `connect()` until an answer to the SYN
+    /// establishes the connection.
+    pub rcv_nxt: u32,
+    /// `struct tcp_sock.snd_una`: the SYN's sequence number until it is acknowledged.
+    pub snd_una: u32,
+    /// `struct sock.sk_cgrp_data.cgroup`, `struct cgroup.kn` and `struct kernfs_node.id`:
+    /// the cgroup id of the socket's creator, as `bpf_get_current_cgroup_id` gives it.
+    pub cgroup: u32,
+    pub cgroup_kn: u32,
+    pub kn_id: u32,
 }
 
 /// Indexes of the per-CPU `COUNTERS` array. Counted in the kernel so that totals stay
@@ -504,8 +518,11 @@ pub struct SocketDestination {
     pub _pad: [u8; 4],
 }
 
-/// Capacity of the LRU map of sockets whose state changes are reported.
-pub const TRACKED_SOCKETS: u32 = 65_536;
+/// Capacity of the LRU map of connected UDP sockets whose first datagram is awaited.
+pub const PENDING_UDP_SOCKETS: u32 = 65_536;
+/// Capacity of the LRU map of failing TCP handshakes (answered by a reset, or reported
+/// failed before the socket's destruction).
+pub const FAILING_HANDSHAKES_MAX: u32 = 16_384;
 /// Capacity of the LRU map of the traced pods' addresses (a node's pods, each with an
 /// IPv4 and an IPv6 address, and the node's own addresses for host-network pods).
 pub const POD_ADDRESSES_MAX: u32 = 4096;
@@ -782,7 +799,11 @@ mod tests {
 
     #[test]
     fn sock_offsets_layout() {
-        assert_eq!(size_of::<SockOffsets>(), 44);
+        assert_eq!(size_of::<SockOffsets>(), 72);
+        assert_eq!(offset_of!(SockOffsets, state), 44);
+        assert_eq!(offset_of!(SockOffsets, rcv_nxt), 52);
+        assert_eq!(offset_of!(SockOffsets, snd_una), 56);
+        assert_eq!(offset_of!(SockOffsets, kn_id), 68);
         assert_eq!(offset_of!(SockOffsets, v6_daddr), 24);
         assert_eq!(offset_of!(SockOffsets, total_retrans), 36);
         assert_eq!(offset_of!(SockOffsets, cookie), 40);

@@ -84,8 +84,8 @@ impl KernelBtf {
         Ok(bits / 8)
     }
 
-    /// Offsets of the `struct sock` and `struct tcp_sock` fields the handshake
-    /// tracepoints read.
+    /// Offsets of the `struct sock` and `struct tcp_sock` fields the handshake and drop
+    /// tracepoints read, and of the path from a socket to its cgroup's id.
     pub fn sock_offsets(&self) -> Result<SockOffsets, BtfError> {
         let field = |name| self.offset_of("sock", &["__sk_common", name]);
         // tcp_sock starts with its inet_connection_sock, which starts with the sock.
@@ -101,6 +101,13 @@ impl KernelBtf {
             err_soft: self.offset_of("sock", &["sk_err_soft"])?,
             total_retrans: self.offset_of("tcp_sock", &["total_retrans"])?,
             cookie: field("skc_cookie")?,
+            state: field("skc_state")?,
+            protocol: self.offset_of("sock", &["sk_protocol"])?,
+            rcv_nxt: self.offset_of("tcp_sock", &["rcv_nxt"])?,
+            snd_una: self.offset_of("tcp_sock", &["snd_una"])?,
+            cgroup: self.offset_of("sock", &["sk_cgrp_data", "cgroup"])?,
+            cgroup_kn: self.offset_of("cgroup", &["kn"])?,
+            kn_id: self.offset_of("kernfs_node", &["id"])?,
         })
     }
 
@@ -247,6 +254,10 @@ mod tests {
         assert!(off.err > 136 && off.err_soft > 136, "{off:?}");
         assert!(off.total_retrans > off.err, "{off:?}");
         assert!(off.cookie > off.v6_rcv_saddr && off.cookie < 136, "{off:?}");
+        // skc_state follows skc_family and skc_reuse bits in the same word.
+        assert_eq!(off.state, off.family + 2, "{off:?}");
+        assert!(off.protocol > 136 && off.rcv_nxt > off.err, "{off:?}");
+        assert!(off.cgroup > 136, "{off:?}");
     }
 
     #[test]
