@@ -76,6 +76,12 @@ struct Options {
     out: PathBuf,
 }
 
+/// The pause between starting a watcher and measuring: what leaving a watcher on costs is
+/// measured once it has started, not its start (bpftrace attaches its probes after it
+/// says so; the agent reads the node's conntrack table once on start, then every 10 s at
+/// most 1% of a CPU). Untraced runs pause the same, so every run starts alike.
+const WATCHER_SETTLE: Duration = Duration::from_secs(2);
+
 /// Load threads for the loss run: more than `LOAD_THREADS`, the most the lab can carry.
 const LOSS_THREADS: u32 = 8;
 /// The soak's steady load (connections and lookups per second) and RSS sampling.
@@ -411,6 +417,7 @@ fn timed_load(
 /// One run of both loads under `mode`: (connects, DNS queries).
 fn measure(lab: &Lab, mode: Mode, round: usize, options: &Options) -> Result<(Rate, Rate), String> {
     let watcher = start(lab, mode)?;
+    thread::sleep(WATCHER_SETTLE);
     let pid = watcher.as_ref().map(Watcher::pid);
     let connects = timed_load(
         lab,
