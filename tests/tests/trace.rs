@@ -333,6 +333,28 @@ fn an_established_handshake_counts_the_syns_it_retransmitted() {
 
 #[test]
 #[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn a_connect_that_fails_before_its_syn_is_reported_as_aborted() {
+    let lab = lab();
+    let route = format!("{}/32", addr::ENDPOINT);
+    // connect() finds no route and fails at once: no SYN, no port, no destination kept.
+    lab.run_in_pod_netns(
+        lab.pod("client"),
+        "ip",
+        &["route", "add", "unreachable", &route],
+    )
+    .unwrap();
+    let tracer = trace_client(&lab);
+    let (pid, code) = curl(&lab, "client", &url(addr::ENDPOINT, addr::HTTP_PORT), 5);
+    assert_eq!(code, Some(7), "curl must fail to connect");
+    let records = tracer.stop(libc::SIGINT).unwrap().records();
+    let record = tcp_record(&records, pid);
+    assert_eq!(record["outcome"], "aborted", "{record}");
+    assert_eq!(record["tcp"]["closed_by"], "application", "{record}");
+    assert!(record["src"].is_null(), "{record}");
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
 fn a_firewall_reset_is_told_apart_from_the_endpoints_own_by_its_ttl() {
     let lab = lab();
     const FIREWALLED_PORT: u16 = 8443;

@@ -12,7 +12,7 @@
 //!
 //! The two tracepoints run for every TCP socket of the node, but only on errors and at
 //! destruction, and they keep to plain loads from the socket until it proves to be a
-//! connected one (a cookie and a destination port) that no answer established
+//! traced client's (a cookie, and not a listening or bound one) that no answer established
 //! (`tcp_sock.rcv_nxt` is 0 from `connect()` until the SYN-ACK). `FAILING_HANDSHAKES`
 //! keeps a failure that the error report made from being reported again at destruction.
 
@@ -92,16 +92,19 @@ fn handshake_failed(sk: *const c_void, reporter: Reporter) {
     // socket without one (most of those these tracepoints see: the node's other
     // sockets, servers' accepted ones) a cookie from a counter all CPUs share.
     // SAFETY: `sk` is the tracepoint's `struct sock *`; the offsets are fields of it.
-    let (cookie, dport, protocol) = unsafe {
+    let (cookie, local_port, dport, protocol) = unsafe {
         (
             sock::cookie(sk),
+            sock::field::<u16>(sk, off.num),
             sock::field::<u16>(sk, off.dport),
             sock::field::<u16>(sk, off.protocol),
         )
     };
-    // No cookie: not a traced process's socket. No destination port: never connected,
-    // or its connect() failed at once (the application got the error).
-    if cookie == 0 || dport == 0 || protocol != u16::from(IPPROTO_TCP) {
+    // No cookie: not a traced process's socket. A local port but no destination: a
+    // listening or bound socket that never connected. (A connect() that failed before
+    // sending, for want of a route or a free port, leaves neither: reported, as the
+    // application gave it up.)
+    if cookie == 0 || (dport == 0 && local_port != 0) || protocol != u16::from(IPPROTO_TCP) {
         return;
     }
     // `tcp_sock` fields lie beyond the `struct sock` the verifier knows `sk` as: read
