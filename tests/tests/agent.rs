@@ -2,7 +2,7 @@
 //! API and its follow stream, SIGTERM, and a ring buffer too small for the traffic.
 //! Needs root.
 
-use std::time::Duration;
+use std::{process::Command, time::Duration};
 
 use egress_lab::{
     CgroupDriver, Lab, PodSpec, addresses as addr,
@@ -740,4 +740,49 @@ fn a_stalled_follower_holds_up_neither_the_agent_nor_other_clients() {
     assert!(agent.stop(libc::SIGTERM).unwrap().status.success());
     let _ = stalled.kill();
     let _ = stalled.wait();
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn the_nodes_own_failed_handshakes_are_not_counted_even_with_a_socket_cookie() {
+    let lab = Lab::start(&[PodSpec::new("default", "client", CgroupDriver::Systemd)]).unwrap();
+    // An unused address of the node's subnet (VNet class, which no other test of this
+    // file connects to: they run in parallel, and each one's agent sees every lab's pods,
+    // as unknown pods): its neighbour never answers, and connects to it time out.
+    let silent = std::net::Ipv4Addr::new(10, 224, 0, 99);
+    let agent = start_agent(&lab, &[]);
+    let url = format!("http://{silent}:{}/", addr::HTTP_PORT);
+    // A node process (outside the pod cgroups) connects; `ss -e` gives its socket a
+    // cookie, as a CNI's BPF programs or any sock_diag user do.
+    let mut command = Command::new("curl");
+    command.args(["-s", "-4", "-m", "2", "-o", "/dev/null", &url]);
+    let mut node_curl = lab.spawn_on_node(command).unwrap();
+    let cookie_given = wait_until(Duration::from_secs(2), || {
+        lab.run_on_node("ss", &["-tnHe", "state", "syn-sent"])
+            .is_ok_and(|out| out.contains(" sk:"))
+    });
+    assert!(cookie_given, "the node's SYN_SENT socket never showed");
+    assert_eq!(node_curl.wait().unwrap().code(), Some(28));
+    // The pod's own failed attempt is counted: the failure hooks are working. (It times
+    // out, or fails at once if the node has given the neighbour up meanwhile.)
+    let code = curl(&lab, "client", &url);
+    assert!(matches!(code, Some(7 | 28)), "curl: {code:?}");
+    let vnet_failures = |pod: &str| -> Vec<(String, f64)> {
+        agent::metrics(&lab)
+            .unwrap()
+            .into_iter()
+            .filter(|(k, _)| {
+                k.starts_with("egress_connections_total{")
+                    && k.contains(&format!(",pod=\"{pod}\","))
+                    && k.contains("dst_class=\"vnet\"")
+            })
+            .collect()
+    };
+    assert!(
+        wait_until(METRICS_WAIT, || vnet_failures("client").len() == 1),
+        "{:#?}",
+        agent::metrics(&lab)
+    );
+    assert_eq!(vnet_failures(""), []);
+    assert!(agent.stop(libc::SIGTERM).unwrap().status.success());
 }

@@ -29,7 +29,7 @@ use tracer_common::{
 
 use crate::{
     conntrack::{Attached, attached, flow_key, original, status},
-    maps::{EVENTS, PENDING_UDP_SOCKS, count, header, is_pod_address, is_traced_cgroup, wakeup},
+    maps::{EVENTS, PENDING_UDP_SOCKS, count, header, is_pod_address, is_traced, wakeup},
     packets::{is_syn, is_syn_ack},
     skb::{TuplePacket, headers, read, reversed, tuple_at},
     sock,
@@ -222,7 +222,7 @@ fn traced_by_socket(skb: *const u8, protocol: u8) -> u64 {
     }
     let in_attempt = if protocol == IPPROTO_TCP {
         read::<u8>(sk, sock::offsets().state as usize) == Ok(TCP_SYN_SENT)
-            && is_traced_cgroup(|| sock::cgroup_id(sk))
+            && sock::pod_cgroup_id(sk).is_some_and(is_traced)
     } else {
         // SAFETY: only the presence of the key is used.
         unsafe { PENDING_UDP_SOCKS.get(cookie) }.is_some()

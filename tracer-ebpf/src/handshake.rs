@@ -12,8 +12,10 @@
 //!
 //! The two tracepoints run for every TCP socket of the node, but only on errors and at
 //! destruction, and they keep to plain loads from the socket until it proves to be a
-//! traced client's (a cookie, and not a listening or bound one) that no answer established
-//! (`tcp_sock.rcv_nxt` is 0 from `connect()` until the SYN-ACK). `FAILING_HANDSHAKES`
+//! client's (a cookie, and not a listening or bound one) that no answer established
+//! (`tcp_sock.rcv_nxt` is 0 from `connect()` until the SYN-ACK), then check that it is a
+//! pod's (its cgroup below a pod cgroup root: other BPF programs, such as a CNI's, and
+//! `ss` give the node's own sockets cookies too). `FAILING_HANDSHAKES`
 //! keeps a failure that the error report made from being reported again at destruction.
 
 use core::ffi::c_void;
@@ -100,7 +102,7 @@ fn handshake_failed(sk: *const c_void, reporter: Reporter) {
             sock::field::<u16>(sk, off.protocol),
         )
     };
-    // No cookie: not a traced process's socket. A local port but no destination: a
+    // No cookie: not a socket whose connect() a hook saw. A local port but no destination: a
     // listening or bound socket that never connected. (A connect() that failed before
     // sending, for want of a route or a free port, leaves neither: reported, as the
     // application gave it up.)
@@ -113,7 +115,8 @@ fn handshake_failed(sk: *const c_void, reporter: Reporter) {
     if tcp_field(off.rcv_nxt) != Ok(0) {
         return;
     }
-    let Some(cgroup_id) = sock::cgroup_id(sk) else {
+    // Not a pod's socket: the node's own.
+    let Some(cgroup_id) = sock::pod_cgroup_id(sk) else {
         return;
     };
     if !is_traced(cgroup_id) {

@@ -7,8 +7,9 @@ use aya_ebpf::{
 };
 use tracer_common::{
     Counter, Endpoint, EventHeader, EventKind, FAILING_HANDSHAKES_MAX, HANDSHAKE_KEYS,
-    HandshakeKey, HandshakeTotals, PENDING_UDP_SOCKETS, POD_ADDRESSES_MAX, RING_BUFFER_BYTES,
-    SETTING_CGROUP_FILTER, SETTINGS_COUNT, SocketDestination, TRACED_CGROUPS_MAX, UDP_DESTINATIONS,
+    HandshakeKey, HandshakeTotals, PENDING_UDP_SOCKETS, POD_ADDRESSES_MAX, POD_CGROUP_ROOTS_MAX,
+    RING_BUFFER_BYTES, SETTING_CGROUP_FILTER, SETTINGS_COUNT, SocketDestination,
+    TRACED_CGROUPS_MAX, UDP_DESTINATIONS,
 };
 
 /// LRU maps keep one LRU list per CPU: no lock shared between CPUs on the connect and
@@ -83,6 +84,12 @@ pub static HANDSHAKES: PerCpuHashMap<HandshakeKey, HandshakeTotals> =
 /// Runtime settings written by userspace, indexed by `SETTING_*`.
 #[map]
 pub static SETTINGS: Array<u32> = Array::with_max_entries(SETTINGS_COUNT, 0);
+
+/// The cgroups the programs are attached to (kubelet's pod cgroup roots), by id. The
+/// tracepoints run for every socket of the node: they take a socket for a pod's only
+/// when its cgroup lies below one of these.
+#[map]
+pub static POD_CGROUP_ROOTS: HashMap<u64, u8> = HashMap::with_max_entries(POD_CGROUP_ROOTS_MAX, 0);
 
 /// cgroup ids of the traced pods' containers, when tracing only some pods: the kernel-side
 /// filter that keeps other pods' traffic from costing more than a lookup.

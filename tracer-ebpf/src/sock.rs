@@ -9,7 +9,7 @@
 use aya_ebpf::Global;
 use tracer_common::{AF_INET, AF_INET6, Endpoint, SockOffsets};
 
-use crate::skb::read;
+use crate::{maps::POD_CGROUP_ROOTS, skb::read};
 
 /// Set by userspace at load time (`EbpfLoader::set_global`).
 #[unsafe(no_mangle)]
@@ -32,6 +32,8 @@ static SOCK_OFFSETS: Global<SockOffsets> = Global::new(SockOffsets {
     cgroup: 0,
     cgroup_kn: 0,
     kn_id: 0,
+    cgroup_level: 0,
+    cgroup_ancestors: 0,
 });
 
 #[inline(always)]
@@ -61,20 +63,42 @@ pub unsafe fn cookie(sk: *const u8) -> u64 {
     unsafe { field(sk, offsets().cookie) }
 }
 
-/// The id of the cgroup the socket's creator was in (`sk->sk_cgrp_data.cgroup->kn->id`,
-/// which `bpf_get_current_cgroup_id` gives in that process); `None` if unreadable.
+/// cgroup levels walked down from the root looking for a pod cgroup root: kubelet's sit
+/// a few levels down, and the verifier needs a bound.
+const MAX_CGROUP_DEPTH: usize = 16;
+
+/// The id of the cgroup the socket's creator was in (`bpf_get_current_cgroup_id` in that
+/// process), when that cgroup lies below one of `POD_CGROUP_ROOTS`; `None` for the
+/// node's own sockets, or if unreadable.
 #[inline(always)]
-pub fn cgroup_id(sk: *const u8) -> Option<u64> {
+pub fn pod_cgroup_id(sk: *const u8) -> Option<u64> {
     let off = offsets();
     let cgroup: u64 = read(sk, off.cgroup as usize).ok()?;
     if cgroup == 0 {
         return None;
     }
-    let kn: u64 = read(cgroup as *const u8, off.cgroup_kn as usize).ok()?;
-    if kn == 0 {
-        return None;
+    let cgroup = cgroup as *const u8;
+    let level: i32 = read(cgroup, off.cgroup_level as usize).ok()?;
+    let id_of = |cgroup: u64| -> Option<u64> {
+        let kn: u64 = read(cgroup as *const u8, off.cgroup_kn as usize).ok()?;
+        if kn == 0 {
+            return None;
+        }
+        read(kn as *const u8, off.kn_id as usize).ok()
+    };
+    // `ancestors[level]` is the cgroup itself.
+    for depth in 0..MAX_CGROUP_DEPTH {
+        if depth as i32 > level {
+            return None;
+        }
+        let at = off.cgroup_ancestors as usize + depth * size_of::<u64>();
+        let ancestor: u64 = read(cgroup, at).ok()?;
+        // SAFETY: only existence is checked.
+        if ancestor != 0 && unsafe { POD_CGROUP_ROOTS.get(id_of(ancestor)?) }.is_some() {
+            return id_of(cgroup as u64);
+        }
     }
-    read(kn as *const u8, off.kn_id as usize).ok()
+    None
 }
 
 /// The tuple from `struct sock_common`, by plain loads.

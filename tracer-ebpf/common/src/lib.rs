@@ -439,6 +439,10 @@ pub struct SockOffsets {
     pub cgroup: u32,
     pub cgroup_kn: u32,
     pub kn_id: u32,
+    /// `struct cgroup.level` and `struct cgroup.ancestors`: the cgroup's depth, and its
+    /// ancestors from the root down to itself, to tell a pod's socket from the node's.
+    pub cgroup_level: u32,
+    pub cgroup_ancestors: u32,
 }
 
 /// Indexes of the per-CPU `COUNTERS` array. Counted in the kernel so that totals stay
@@ -520,6 +524,8 @@ pub struct SocketDestination {
 
 /// Capacity of the LRU map of connected UDP sockets whose first datagram is awaited.
 pub const PENDING_UDP_SOCKETS: u32 = 65_536;
+/// Capacity of the map of the pod cgroup roots the programs are attached to.
+pub const POD_CGROUP_ROOTS_MAX: u32 = 16;
 /// Capacity of the LRU map of failing TCP handshakes (answered by a reset, or reported
 /// failed before the socket's destruction).
 pub const FAILING_HANDSHAKES_MAX: u32 = 16_384;
@@ -799,7 +805,8 @@ mod tests {
 
     #[test]
     fn sock_offsets_layout() {
-        assert_eq!(size_of::<SockOffsets>(), 72);
+        assert_eq!(size_of::<SockOffsets>(), 80);
+        assert_eq!(offset_of!(SockOffsets, cgroup_ancestors), 76);
         assert_eq!(offset_of!(SockOffsets, state), 44);
         assert_eq!(offset_of!(SockOffsets, rcv_nxt), 52);
         assert_eq!(offset_of!(SockOffsets, snd_una), 56);

@@ -108,6 +108,8 @@ impl KernelBtf {
             cgroup: self.offset_of("sock", &["sk_cgrp_data", "cgroup"])?,
             cgroup_kn: self.offset_of("cgroup", &["kn"])?,
             kn_id: self.offset_of("kernfs_node", &["id"])?,
+            cgroup_level: self.offset_of("cgroup", &["level"])?,
+            cgroup_ancestors: self.offset_of("cgroup", &["ancestors"])?,
         })
     }
 
@@ -258,6 +260,8 @@ mod tests {
         assert_eq!(off.state, off.family + 2, "{off:?}");
         assert!(off.protocol > 136 && off.rcv_nxt > off.err, "{off:?}");
         assert!(off.cgroup > 136, "{off:?}");
+        // ancestors is struct cgroup's last member, a flexible array.
+        assert!(off.cgroup_ancestors > off.cgroup_level, "{off:?}");
     }
 
     #[test]

@@ -13,7 +13,10 @@ use std::{
     collections::HashMap,
     fs::File,
     io,
-    os::fd::{AsFd, AsRawFd},
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::fs::MetadataExt,
+    },
     path::PathBuf,
 };
 
@@ -397,7 +400,8 @@ impl Capture {
                 true,
             )
             .load(KERNEL_OBJECT)?;
-        // The filter is in place before any program is attached.
+        // The filters are in place before any program is attached.
+        mark_pod_cgroup_roots(&mut ebpf, &cgroups)?;
         if let Some(cgroups) = &options.only_cgroups {
             trace_only_cgroups(&mut ebpf, cgroups)?;
         }
@@ -733,6 +737,20 @@ fn attach_skb(
             })
         })
         .map_err(|source| CaptureError::Hook { hook, source })
+}
+
+/// Tells the tracepoints which cgroups the hooks are attached to (a cgroup's id is its
+/// directory's inode number), so that they leave the node's own sockets alone.
+fn mark_pod_cgroup_roots(ebpf: &mut Ebpf, cgroups: &[File]) -> Result<(), CaptureError> {
+    let map = ebpf
+        .map_mut("POD_CGROUP_ROOTS")
+        .ok_or(CaptureError::MissingPart("map POD_CGROUP_ROOTS"))?;
+    let mut roots: aya::maps::HashMap<_, u64, u8> = aya::maps::HashMap::try_from(map)?;
+    for cgroup in cgroups {
+        let id = cgroup.metadata().map_err(CaptureError::Cgroup)?.ino();
+        roots.insert(id, 1, 0)?;
+    }
+    Ok(())
 }
 
 fn trace_only_cgroups(ebpf: &mut Ebpf, cgroup_ids: &[u64]) -> Result<(), CaptureError> {
