@@ -524,8 +524,9 @@ pub struct SocketDestination {
 
 /// Capacity of the LRU map of connected UDP sockets whose first datagram is awaited.
 pub const PENDING_UDP_SOCKETS: u32 = 65_536;
-/// Capacity of the map of the pod cgroup roots the programs are attached to.
-pub const POD_CGROUP_ROOTS_MAX: u32 = 16;
+/// Capacity of the map of the pod cgroup roots the programs are attached to (a node has
+/// one or two; test labs running side by side add theirs).
+pub const POD_CGROUP_ROOTS_MAX: u32 = 64;
 /// Capacity of the LRU map of failing TCP handshakes (answered by a reset, or reported
 /// failed before the socket's destruction).
 pub const FAILING_HANDSHAKES_MAX: u32 = 16_384;
