@@ -742,25 +742,26 @@ fn attach_skb(
 /// Tells the tracepoints which cgroups the hooks are attached to (a cgroup's id is its
 /// directory's inode number), so that they leave the node's own sockets alone.
 fn mark_pod_cgroup_roots(ebpf: &mut Ebpf, cgroups: &[File]) -> Result<(), CaptureError> {
-    let map = ebpf
-        .map_mut("POD_CGROUP_ROOTS")
-        .ok_or(CaptureError::MissingPart("map POD_CGROUP_ROOTS"))?;
-    let mut roots: aya::maps::HashMap<_, u64, u8> = aya::maps::HashMap::try_from(map)?;
-    for cgroup in cgroups {
-        let id = cgroup.metadata().map_err(CaptureError::Cgroup)?.ino();
-        roots.insert(id, 1, 0)?;
+    let ids = cgroups
+        .iter()
+        .map(|cgroup| cgroup.metadata().map(|m| m.ino()))
+        .collect::<io::Result<Vec<u64>>>()
+        .map_err(CaptureError::Cgroup)?;
+    insert_cgroup_ids(ebpf, "POD_CGROUP_ROOTS", &ids)
+}
+
+/// Adds `ids` to the cgroup-id set `map` (a hash map whose keys alone count).
+fn insert_cgroup_ids(ebpf: &mut Ebpf, map: &'static str, ids: &[u64]) -> Result<(), CaptureError> {
+    let map = ebpf.map_mut(map).ok_or(CaptureError::MissingPart(map))?;
+    let mut set: aya::maps::HashMap<_, u64, u8> = aya::maps::HashMap::try_from(map)?;
+    for id in ids {
+        set.insert(id, 1, 0)?;
     }
     Ok(())
 }
 
 fn trace_only_cgroups(ebpf: &mut Ebpf, cgroup_ids: &[u64]) -> Result<(), CaptureError> {
-    let map = ebpf
-        .map_mut("TRACED_CGROUPS")
-        .ok_or(CaptureError::MissingPart("map TRACED_CGROUPS"))?;
-    let mut traced: aya::maps::HashMap<_, u64, u8> = aya::maps::HashMap::try_from(map)?;
-    for id in cgroup_ids {
-        traced.insert(id, 1, 0)?;
-    }
+    insert_cgroup_ids(ebpf, "TRACED_CGROUPS", cgroup_ids)?;
     let map = ebpf
         .map_mut("SETTINGS")
         .ok_or(CaptureError::MissingPart("map SETTINGS"))?;
