@@ -135,8 +135,8 @@ pub fn socket(ctx: &SkBuffContext) -> Option<&bpf_sock> {
     unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk.as_ref() }
 }
 
-/// The kernel's TCP view of `sk`; `None` unless it is a TCP socket past `listen()` or
-/// `connect()` (a full socket, not a request or time-wait one).
+/// The kernel's TCP view of `sk`; `None` unless it is a full TCP socket (not a request
+/// or time-wait one).
 #[inline(always)]
 pub fn tcp_socket(sk: &bpf_sock) -> Option<&bpf_tcp_sock> {
     // SAFETY: `sk` is the packet's socket; the helper returns null for anything but a
