@@ -86,7 +86,7 @@ pub fn resolver_config(resolv_conf: &str) -> Resolver {
 
 /// The name an application asked for, given a query name and the search list: the
 /// query name without the first search domain it ends with.
-pub fn base_name(qname: &str, search: &[String]) -> String {
+pub fn base_name<'a>(qname: &'a str, search: &[String]) -> &'a str {
     search
         .iter()
         .find_map(|domain| {
@@ -96,7 +96,6 @@ pub fn base_name(qname: &str, search: &[String]) -> String {
                 .filter(|base| !base.is_empty())
         })
         .unwrap_or(qname)
-        .to_owned()
 }
 
 /// One DNS message seen by the kernel, with what the tracer knows of its sender.
@@ -201,6 +200,17 @@ type QueryKey = (bool, SocketAddr, SocketAddr, u16);
 /// (cgroup, base name); shared by the lookup's queries and the lookup order.
 type LookupKey = (u64, Arc<str>);
 
+/// A [`LookupKey`] borrowed from a query, to find its open lookup without allocating; it
+/// hashes as the tuple does.
+#[derive(Hash)]
+struct LookupRef<'a>(u64, &'a str);
+
+impl hashbrown::Equivalent<LookupKey> for LookupRef<'_> {
+    fn equivalent(&self, key: &LookupKey) -> bool {
+        self.0 == key.0 && self.1 == &*key.1
+    }
+}
+
 struct OpenLookup {
     lookup: Lookup,
     outstanding: u32,
@@ -226,7 +236,7 @@ pub struct DnsTracker {
     timeout: Duration,
     pending: HashMap<QueryKey, PendingQuery>,
     pending_order: VecDeque<QueryKey>,
-    lookups: HashMap<LookupKey, OpenLookup>,
+    lookups: hashbrown::HashMap<LookupKey, OpenLookup, foldhash::fast::RandomState>,
     lookup_order: VecDeque<LookupKey>,
     names: HashMap<(u64, IpAddr), String>,
     names_order: VecDeque<(u64, IpAddr)>,
@@ -312,11 +322,18 @@ impl DnsTracker {
         done: &mut Vec<Lookup>,
     ) {
         let base = base_name(&question.name, &resolver.search);
-        let lookup_key: LookupKey = (seen.cgroup_id, Arc::from(base.as_str()));
-        if !self.lookups.contains_key(&lookup_key) {
+        // Nothing is allocated for a query of a lookup already open (most of them).
+        let open_key = self
+            .lookups
+            .get_key_value(&LookupRef(seen.cgroup_id, base))
+            .map(|(key, _)| key.clone());
+        let lookup_key = if let Some(key) = open_key {
+            key
+        } else {
             if self.lookups.len() >= MAX_LOOKUPS {
                 self.evict_lookup(done);
             }
+            let lookup_key: LookupKey = (seen.cgroup_id, Arc::from(base));
             self.lookup_order.push_back(lookup_key.clone());
             self.lookups.insert(
                 lookup_key.clone(),
@@ -325,7 +342,7 @@ impl DnsTracker {
                         first_ns: seen.monotonic_ns,
                         cgroup_id: seen.cgroup_id,
                         process: seen.process.clone(),
-                        name: base,
+                        name: base.to_owned(),
                         queried: Vec::new(),
                         qtypes: BTreeSet::new(),
                         result: LookupResult::Timeout,
@@ -345,7 +362,8 @@ impl DnsTracker {
                     malformed: false,
                 },
             );
-        }
+            lookup_key
+        };
         let open = self.lookups.get_mut(&lookup_key).expect("inserted above");
         if !open.lookup.queried.contains(&question.name) {
             open.lookup.queried.push(question.name.clone());
@@ -404,7 +422,7 @@ impl DnsTracker {
                         &mut self.names,
                         &mut self.names_order,
                         (seen.cgroup_id, ip),
-                        question.name.clone(),
+                        &question.name,
                     );
                 }
             }
@@ -542,9 +560,15 @@ fn remember(
     names: &mut HashMap<(u64, IpAddr), String>,
     order: &mut VecDeque<(u64, IpAddr)>,
     key: (u64, IpAddr),
-    name: String,
+    name: &str,
 ) {
-    if names.insert(key, name).is_none() {
+    // Allocates only for an address new to the cgroup or named anew.
+    if let Some(known) = names.get_mut(&key) {
+        if known != name {
+            name.clone_into(known);
+        }
+    } else {
+        names.insert(key, name.to_owned());
         order.push_back(key);
         if names.len() > MAX_NAMES
             && let Some(oldest) = order.pop_front()

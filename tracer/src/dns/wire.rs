@@ -105,6 +105,8 @@ const TYPE_CNAME: u16 = 5;
 const TYPE_AAAA: u16 = 28;
 /// Longest name on the wire, length bytes included (RFC 1035 2.3.4).
 const MAX_NAME_LEN: usize = 255;
+/// Room for the text of most names (longer ones grow once).
+const NAME_CAPACITY: usize = 64;
 /// The two top bits of a label length byte that make it a compression pointer.
 const POINTER: u8 = 0xc0;
 
@@ -244,23 +246,18 @@ impl Reader<'_> {
 /// The (possibly compressed) name at `start`: its text, lowercase and without the
 /// trailing dot (empty unless `keep`), and where the record continues after it.
 fn read_name(message: &[u8], start: usize, keep: bool) -> Result<(String, usize), DnsError> {
-    if !keep {
-        return Ok((String::new(), walk_name(message, start, |_| {})?));
-    }
-    // Written here in one pass, then allocated once at its length: a name has at most
-    // 255 bytes of labels, each escaped to at most 4 characters.
-    let mut text = [0u8; MAX_NAME_LEN * 4];
-    let mut length = 0;
+    // Most names fit: one allocation, and the text is not copied or validated again.
+    let mut text = if keep {
+        String::with_capacity(NAME_CAPACITY)
+    } else {
+        String::new()
+    };
     let end = walk_name(message, start, |label| {
-        if length > 0 {
-            text[length] = b'.';
-            length += 1;
+        if keep {
+            push_label(&mut text, label);
         }
-        length += write_label(&mut text[length..], label);
     })?;
-    // Only printable ASCII was written.
-    let text = std::str::from_utf8(&text[..length]).map_err(|_| DnsError::Malformed("a name"))?;
-    Ok((text.to_owned(), end))
+    Ok((text, end))
 }
 
 /// Calls `on_label` with each label of the name at `start`, in order; returns where the
@@ -314,38 +311,30 @@ fn walk_name(
     }
 }
 
-/// Whether `byte` stands for itself in a name's text (see [`write_label`]).
+/// Whether `byte` stands for itself in a name's text (see [`push_label`]).
 fn is_plain(byte: u8) -> bool {
     matches!(byte, 0x21..=0x7e) && byte != b'.' && byte != b'\\'
 }
 
-/// Writes a label as dig prints it, lowercased, at the start of `out` (which has room for
-/// four characters per byte); returns the length written. `.`, `\` and unprintable
-/// bytes are escaped (`\DDD`). Labels without any (nearly all) are copied whole: byte by
-/// byte, names were most of the userspace cost of a DNS message (callgrind).
-fn write_label(out: &mut [u8], label: &[u8]) -> usize {
-    if label.iter().all(|&byte| is_plain(byte)) {
-        let written = &mut out[..label.len()];
-        written.copy_from_slice(label);
-        written.make_ascii_lowercase();
-        return label.len();
+/// Appends a label as dig prints it, lowercased, after a dot unless it is the first:
+/// `.`, `\` and unprintable bytes are escaped (`\DDD`).
+fn push_label(text: &mut String, label: &[u8]) {
+    if !text.is_empty() {
+        text.push('.');
     }
-    let mut length = 0;
     for &byte in label {
-        let escaped: &[u8] = match byte {
-            b'.' | b'\\' => &[b'\\', byte],
-            0x21..=0x7e => &[byte.to_ascii_lowercase()],
-            _ => &[
-                b'\\',
-                b'0' + byte / 100,
-                b'0' + byte / 10 % 10,
-                b'0' + byte % 10,
-            ],
-        };
-        out[length..length + escaped.len()].copy_from_slice(escaped);
-        length += escaped.len();
+        if is_plain(byte) {
+            text.push(char::from(byte.to_ascii_lowercase()));
+        } else if byte == b'.' || byte == b'\\' {
+            text.push('\\');
+            text.push(char::from(byte));
+        } else {
+            text.push('\\');
+            for digit in [byte / 100, byte / 10 % 10, byte % 10] {
+                text.push(char::from(b'0' + digit));
+            }
+        }
     }
-    length
 }
 
 /// The mnemonic of a record type, as dig prints it.
