@@ -19,12 +19,17 @@
 //! not queue, and whether the connection counters still match what the load made), and a
 //! churn soak (`--soak` seconds of steady connections and lookups) that samples the
 //! agent's RSS.
+//!
+//! SIGINT or SIGTERM stops it after the current run, and its lab is removed.
 
 use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
     process::{Child, Command, ExitCode, Stdio},
-    sync::mpsc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -90,7 +95,33 @@ const SOAK_SAMPLE: Duration = Duration::from_secs(10);
 /// RSS samples before this are start-up (the maps and caches filling), not drift.
 const SOAK_WARM_UP: Duration = Duration::from_secs(60);
 
+/// Set by SIGINT or SIGTERM: the bench stops at the next run and drops its lab (which
+/// removes it) instead of dying with it in place.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+fn stop_on_signals() {
+    let handler = on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+}
+
+fn unless_interrupted() -> Result<(), String> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        Err("interrupted; the lab is removed".into())
+    } else {
+        Ok(())
+    }
+}
+
 fn main() -> ExitCode {
+    stop_on_signals();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -416,19 +447,25 @@ fn timed_load(
 
 /// One run of both loads under `mode`: (connects, DNS queries).
 fn measure(lab: &Lab, mode: Mode, round: usize, options: &Options) -> Result<(Rate, Rate), String> {
+    unless_interrupted()?;
     let watcher = start(lab, mode)?;
     thread::sleep(WATCHER_SETTLE);
     let pid = watcher.as_ref().map(Watcher::pid);
-    let connects = timed_load(
+    let loads = timed_load(
         lab,
         "connect-loop",
         &connect_args(options.seconds, LOAD_THREADS),
         pid,
-    )?;
-    let queries = timed_load(lab, "dns-loop", &dns_args(options.seconds), pid)?;
+    )
+    .and_then(|connects| {
+        let queries = timed_load(lab, "dns-loop", &dns_args(options.seconds), pid)?;
+        Ok((connects, queries))
+    });
+    // Stopped whatever the loads did: a watcher left running would skew every later run.
     if let Some(watcher) = watcher {
         watcher.stop()?;
     }
+    let (connects, queries) = loads?;
     eprintln!(
         "bench: round {} {:<22} {:>9.0} connects/s ({:.0}% stolen) {:>9.0} queries/s ({:.0}% stolen)",
         round + 1,
@@ -444,6 +481,7 @@ fn measure(lab: &Lab, mode: Mode, round: usize, options: &Options) -> Result<(Ra
 /// The agent under the most connections the lab carries: what it lost, and whether the
 /// exact counters match the connections the load made.
 fn loss_at_full_rate(lab: &Lab, seconds: f64) -> Result<Value, String> {
+    unless_interrupted()?;
     let agent = start_agent(lab)?;
     let args = connect_args(seconds, LOSS_THREADS);
     let (made, _, elapsed) = load_counts(lab, "connect-loop", &args)?;
@@ -477,6 +515,7 @@ fn loss_at_full_rate(lab: &Lab, seconds: f64) -> Result<Value, String> {
 /// The agent under steady connection and lookup churn for `seconds`: its RSS every
 /// `SOAK_SAMPLE`.
 fn churn_soak(lab: &Lab, seconds: u64) -> Result<Value, String> {
+    unless_interrupted()?;
     let agent = start_agent(lab)?;
     let helper = egress_lab::lab_helper().map_err(|e| e.to_string())?;
     let helper = helper.to_str().unwrap_or("lab");
@@ -513,6 +552,7 @@ fn churn_soak(lab: &Lab, seconds: u64) -> Result<Value, String> {
     let start = Instant::now();
     let mut samples = Vec::new();
     while start.elapsed() < Duration::from_secs(seconds) {
+        unless_interrupted()?;
         thread::sleep(SOAK_SAMPLE);
         samples.push((start.elapsed().as_secs(), rss_kib(agent.pid())?));
     }
@@ -574,6 +614,7 @@ fn kernel_programs_cost(
     mode: Mode,
     options: &Options,
 ) -> Result<Option<(f64, f64)>, String> {
+    unless_interrupted()?;
     let before = program_run_times()?;
     let watcher = start(lab, mode)?;
     // The programs loaded meanwhile are the watcher's: nothing else here loads any.
