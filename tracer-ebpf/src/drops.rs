@@ -193,7 +193,6 @@ static DROP_OFFSETS: Global<DropOffsets> = Global::new(DropOffsets {
     dev_net: 0,
     net_inum: 0,
     skb_sk: 0,
-    sk_cookie: 0,
     sk_net: 0,
 });
 
@@ -214,7 +213,7 @@ fn traced_by_socket(skb: *const u8, protocol: u8) -> u64 {
         return NOT_TRACED;
     }
     let sk = sk as *const u8;
-    let Ok(cookie) = read::<u64>(sk, off.sk_cookie as usize) else {
+    let Ok(cookie) = read::<u64>(sk, sock::offsets().cookie as usize) else {
         return NOT_TRACED;
     };
     if cookie == NOT_TRACED {

@@ -358,9 +358,9 @@ pub struct DropReasons {
 }
 
 /// What the drop program reads beyond the packet, resolved from BTF at load time: the
-/// network namespace (`skb->dev->nd_net.net->ns.inum`) and the socket's cookie
-/// (`skb->sk->__sk_common.skc_cookie`, for packets dropped before they reached the
-/// cgroup hooks). All zero when not resolvable: neither is reported.
+/// network namespace (`skb->dev->nd_net.net->ns.inum`) and the packet's socket
+/// (`skb->sk`, whose cookie, at [`SockOffsets::cookie`], names packets dropped before
+/// they reached the cgroup hooks). All zero when not resolvable: neither is reported.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DropOffsets {
@@ -372,8 +372,6 @@ pub struct DropOffsets {
     pub net_inum: u32,
     /// `sk_buff.sk`.
     pub skb_sk: u32,
-    /// `sock.__sk_common.skc_cookie`.
-    pub sk_cookie: u32,
     /// `sock.__sk_common.skc_net.net`: the namespace of packets without a device yet.
     pub sk_net: u32,
 }
@@ -799,7 +797,8 @@ mod tests {
         assert_eq!(size_of::<DropReasons>(), 8);
         assert_eq!(offset_of!(DropReasons, queue_purge), 4);
         assert_eq!(size_of::<SkbOffsets>(), 16);
-        assert_eq!(size_of::<DropOffsets>(), 24);
+        assert_eq!(size_of::<DropOffsets>(), 20);
+        assert_eq!(offset_of!(DropOffsets, sk_net), 16);
         assert_eq!(size_of::<IcmpReceivers>(), 32);
         assert_eq!(offset_of!(IcmpReceivers, icmpv6_rcv_end), 24);
     }

@@ -130,7 +130,6 @@ impl KernelBtf {
             dev_net: self.offset_of("net_device", &["nd_net", "net"])?,
             net_inum: self.offset_of("net", &["ns", "inum"])?,
             skb_sk: self.offset_of("sk_buff", &["sk"])?,
-            sk_cookie: self.offset_of("sock", &["__sk_common", "skc_cookie"])?,
             sk_net: self.offset_of("sock", &["__sk_common", "skc_net", "net"])?,
         })
     }
