@@ -2,7 +2,7 @@
 //! record from a mismatched kernel object is reported, never misread.
 
 use std::{
-    mem::{MaybeUninit, offset_of, size_of},
+    mem::{offset_of, size_of},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
@@ -87,23 +87,24 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
             if record.len() != size_of::<DnsEvent>() {
                 return Err(wrong_length(size_of::<DnsEvent>()));
             }
-            // Only what the kernel wrote is read: the fields and the captured prefix of
-            // `data`. Copying the whole record would pull its stale rest (most of its
-            // 592 bytes) from memory for every message.
-            let data_at = offset_of!(DnsEvent, data);
-            let event: DnsEvent = read_prefix(record, data_at);
-            let message = record[data_at..]
-                .get(..usize::from(event.captured))
-                .ok_or(DecodeError::DnsOverlong(event.captured))?;
+            // Only what the kernel wrote is read, field by field, and the captured prefix
+            // of `data`: copying the whole record (or zeroing a `DnsEvent` to copy into)
+            // would touch most of its 512 bytes of data for every message.
+            let field = |offset: usize| record.get(offset..).unwrap_or_default();
+            let wrong = || wrong_length(size_of::<DnsEvent>());
+            let captured: u16 = read(field(offset_of!(DnsEvent, captured))).ok_or_else(wrong)?;
+            let message = field(offset_of!(DnsEvent, data))
+                .get(..usize::from(captured))
+                .ok_or(DecodeError::DnsOverlong(captured))?;
             Ok(KernelEvent::Dns(DnsCapture {
-                header: event.header,
-                sock_cookie: event.sock_cookie,
-                cgroup_id: event.cgroup_id,
-                direction: event.direction,
-                protocol: event.protocol,
-                payload_len: event.payload_len,
-                src: event.src,
-                dst: event.dst,
+                header,
+                sock_cookie: read(field(offset_of!(DnsEvent, sock_cookie))).ok_or_else(wrong)?,
+                cgroup_id: read(field(offset_of!(DnsEvent, cgroup_id))).ok_or_else(wrong)?,
+                direction: read(field(offset_of!(DnsEvent, direction))).ok_or_else(wrong)?,
+                protocol: read(field(offset_of!(DnsEvent, protocol))).ok_or_else(wrong)?,
+                payload_len: read(field(offset_of!(DnsEvent, payload_len))).ok_or_else(wrong)?,
+                src: read(field(offset_of!(DnsEvent, src))).ok_or_else(wrong)?,
+                dst: read(field(offset_of!(DnsEvent, dst))).ok_or_else(wrong)?,
                 message: message.to_vec(),
             }))
         }
@@ -114,18 +115,6 @@ fn exact<T: aya::Pod>(record: &[u8]) -> Option<T> {
     (record.len() == size_of::<T>())
         .then(|| read(record))
         .flatten()
-}
-
-/// `T` from the first `len` bytes of `bytes`, the rest of it zeroed.
-fn read_prefix<T: aya::Pod>(bytes: &[u8], len: usize) -> T {
-    let len = len.min(size_of::<T>()).min(bytes.len());
-    let mut value = MaybeUninit::<T>::zeroed();
-    // SAFETY: `len` is within both `bytes` and `T`; a zeroed `T: Pod` with any bytes
-    // copied over it is a valid `T`.
-    unsafe {
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), value.as_mut_ptr().cast::<u8>(), len);
-        value.assume_init()
-    }
 }
 
 fn read<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
