@@ -20,7 +20,8 @@
 //! churn soak (`--soak` seconds of steady connections and lookups) that samples the
 //! agent's RSS.
 //!
-//! SIGINT or SIGTERM stops it after the current run, and its lab is removed.
+//! SIGINT or SIGTERM stops it, and its lab is removed: at once when the loads get the
+//! signal too (Ctrl-C), else before the next run.
 
 use std::{
     io::{BufRead, BufReader},
