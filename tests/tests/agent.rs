@@ -786,3 +786,99 @@ fn the_nodes_own_failed_handshakes_are_not_counted_even_with_a_socket_cookie() {
     assert_eq!(vnet_failures(""), []);
     assert!(agent.stop(libc::SIGTERM).unwrap().status.success());
 }
+
+/// Runs `lab dns-loop SERVER NAME --seconds S` in default/client: (answered, failed).
+fn dns_loop(lab: &Lab, server: &str, name: &str, seconds: &str) -> (f64, f64) {
+    let helper = egress_lab::lab_helper().unwrap();
+    let output = lab
+        .output_in_pod(
+            lab.pod("client"),
+            helper.to_str().unwrap(),
+            &["dns-loop", server, name, "--seconds", seconds],
+        )
+        .unwrap();
+    let fields: Vec<f64> = output
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    match fields.as_slice() {
+        [answered, failed, _] => (*answered, *failed),
+        _ => panic!("dns-loop printed {output:?}"),
+    }
+}
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn dns_summaries_keep_query_counts_durations_and_timeouts_exact() {
+    let lab = Lab::start(&[PodSpec::new("default", "client", CgroupDriver::Systemd)]).unwrap();
+    let upstream = addr::UPSTREAM_DNS.to_string();
+    // One period for the whole test: every repeat is summarised.
+    let _agent = start_agent(
+        &lab,
+        &[
+            "--dns-summary-period",
+            "1h",
+            "--dns-timeout",
+            "2s",
+            "--upstream-dns",
+            &upstream,
+        ],
+    );
+    let labels = |rcode: &str, server: &str| {
+        series(
+            "egress_dns_queries_total",
+            &[
+                ("namespace", "default"),
+                ("pod", "client"),
+                ("rcode", rcode),
+                ("qtype", "A"),
+                ("server", server),
+            ],
+        )
+    };
+    let wait =
+        |series: &str, expected: f64| agent::wait_for_metric(&lab, series, expected, METRICS_WAIT);
+
+    // Thousands of identical exchanges: each counted, with its duration.
+    let cluster_dns = addr::CLUSTER_DNS.to_string();
+    let (answered, failed) = dns_loop(&lab, &cluster_dns, addr::ENDPOINT_NAME, "1");
+    assert_eq!(failed, 0.0);
+    assert!(answered > 100.0, "{answered}");
+    assert_eq!(wait(&labels("NOERROR", "cluster"), answered), answered);
+    let durations = series(
+        "egress_dns_duration_seconds_count",
+        &[
+            ("namespace", "default"),
+            ("pod", "client"),
+            ("server", "cluster"),
+        ],
+    );
+    assert_eq!(wait(&durations, answered), answered);
+    // The flows hold the exchanges that were sent, far fewer than were made.
+    let lookups = flows(&lab, "pod=default/client&since=2000-01-01T00:00:00Z");
+    let resolved: Vec<&Value> = lookups
+        .iter()
+        .filter(|r| r["dns"]["name"] == addr::ENDPOINT_NAME && r["outcome"] == "resolved")
+        .collect();
+    assert!(
+        !resolved.is_empty() && (resolved.len() as f64) < answered / 10.0,
+        "{} lookups for {answered} exchanges",
+        resolved.len()
+    );
+
+    // Unanswered: the first query is sent, the repeats are held back in the kernel,
+    // and the agent times each out (after --dns-timeout) and counts it.
+    lab.inject(egress_lab::Fault::UpstreamDnsUnreachable)
+        .unwrap();
+    let (answered, failed) = dns_loop(&lab, &upstream, addr::ENDPOINT_NAME, "3");
+    assert_eq!((answered, failed >= 2.0), (0.0, true), "{failed}");
+    let timeouts = labels("TIMEOUT", "upstream");
+    assert_eq!(wait(&timeouts, failed), failed);
+    let timed_out = flows(&lab, "pod=default/client&since=2000-01-01T00:00:00Z");
+    assert!(
+        timed_out.iter().any(|r| r["outcome"] == "timeout"
+            && r["dns"]["name"] == addr::ENDPOINT_NAME
+            && r["dns"]["server"] == format!("{upstream}:53")),
+        "{timed_out:#?}"
+    );
+}

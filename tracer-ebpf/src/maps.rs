@@ -6,10 +6,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tracer_common::{
-    Counter, Endpoint, EventHeader, EventKind, FAILING_HANDSHAKES_MAX, HANDSHAKE_KEYS,
-    HandshakeKey, HandshakeTotals, PENDING_UDP_SOCKETS, POD_ADDRESSES_MAX, POD_CGROUP_ROOTS_MAX,
-    RING_BUFFER_BYTES, SETTING_CGROUP_FILTER, SETTINGS_COUNT, SocketDestination,
-    TRACED_CGROUPS_MAX, UDP_DESTINATIONS,
+    Counter, DNS_CAPTURE_BYTES, DNS_HELD_MAX, DNS_RECENT_MAX, DNS_REPEAT_KEYS, DnsHeld, DnsHeldKey,
+    DnsRecentKey, DnsRepeatKey, DnsRepeatTotals, Endpoint, EventHeader, EventKind,
+    FAILING_HANDSHAKES_MAX, HANDSHAKE_KEYS, HandshakeKey, HandshakeTotals, PENDING_UDP_SOCKETS,
+    POD_ADDRESSES_MAX, POD_CGROUP_ROOTS_MAX, RING_BUFFER_BYTES, SETTING_CGROUP_FILTER,
+    SETTING_DNS_SUMMARY_MS, SETTINGS_COUNT, SocketDestination, TRACED_CGROUPS_MAX,
+    UDP_DESTINATIONS,
 };
 
 /// LRU maps keep one LRU list per CPU: no lock shared between CPUs on the connect and
@@ -81,6 +83,29 @@ pub static UDP_DESTINATIONS_SEEN: LruHashMap<SocketDestination, u8> =
 pub static HANDSHAKES: PerCpuHashMap<HandshakeKey, HandshakeTotals> =
     PerCpuHashMap::with_max_entries(HANDSHAKE_KEYS, 0);
 
+/// DNS summaries (see `tracer_common::DnsRecentKey`): the messages each cgroup had sent to
+/// userspace, with the period they were last sent in. LRU: an evicted message is sent
+/// again, which costs only the saving.
+#[map]
+pub static DNS_RECENT: LruHashMap<DnsRecentKey, u64> =
+    LruHashMap::with_max_entries(DNS_RECENT_MAX, 0);
+
+/// Queries held back until their response (see `tracer_common::DnsHeld`).
+#[map]
+pub static DNS_HELD: HashMap<DnsHeldKey, DnsHeld> = HashMap::with_max_entries(DNS_HELD_MAX, 0);
+
+/// Repeated DNS exchanges counted instead of sent (see `tracer_common::DnsRepeatKey`).
+/// Per CPU, so that counting needs no atomics: only the ingress program adds, in softirq
+/// context, where it cannot interrupt itself.
+#[map]
+pub static DNS_REPEATS: PerCpuHashMap<DnsRepeatKey, DnsRepeatTotals> =
+    PerCpuHashMap::with_max_entries(DNS_REPEAT_KEYS, 0);
+
+/// A DNS message's bytes, for hashing (too large for the stack).
+#[map]
+pub static DNS_SCRATCH: PerCpuArray<[u64; DNS_CAPTURE_BYTES / 8]> =
+    PerCpuArray::with_max_entries(1, 0);
+
 /// Runtime settings written by userspace, indexed by `SETTING_*`.
 #[map]
 pub static SETTINGS: Array<u32> = Array::with_max_entries(SETTINGS_COUNT, 0);
@@ -127,6 +152,14 @@ pub fn emit<T: 'static>(event: T) -> Result<(), ()> {
     entry.write(event);
     entry.submit(wakeup());
     Ok(())
+}
+
+/// The length of a DNS summary period in nanoseconds; 0 when summaries are off.
+#[inline(always)]
+pub fn dns_summary_period_ns() -> u64 {
+    SETTINGS
+        .get(SETTING_DNS_SUMMARY_MS)
+        .map_or(0, |ms| u64::from(*ms) * 1_000_000)
 }
 
 /// Whether processes in `cgroup_id` are traced.

@@ -213,6 +213,7 @@ fn lookup(n: u64, messages: &[(Vec<u8>, Vec<u8>)]) -> [Vec<u8>; 2] {
             payload_len: payload.len() as u32,
             src,
             dst,
+            query_ns: 0,
             data,
         })
     };

@@ -8,13 +8,13 @@
 use std::{fs, io, os::unix::fs::MetadataExt, sync::Arc, time::Duration};
 
 use foldhash::{HashMap, HashSet};
-use tracer_common::IPPROTO_TCP;
+use tracer_common::{DnsHeld, DnsHeldKey, IPPROTO_TCP, dns_message_hash};
 
 use crate::{
     capture::{DecodeError, DnsCapture, KernelEvent, KernelNames, NetnsOwner, socket_addr},
     cluster::{ClusterState, PodInfo, cgroups::CgroupIndex},
     conntrack::{Translation, netlink, snat::SnatTable},
-    dns::{self, DnsTracker, Lookup, QueryOutcome, Resolver, SeenMessage},
+    dns::{self, DnsTracker, HeldQuery, Lookup, QueryOutcome, Resolver, SeenMessage},
     flow::{Attempt, ContainerRef, FlowAssembler, Origin, Protocol, ServiceTarget},
     policy::{self, Decision, Flow},
     verdict::{self, Hop, NodeFacts, Verdict},
@@ -151,6 +151,8 @@ pub struct Pipeline {
     own_netns: Option<u64>,
     /// Hops to destinations, from the SYN-ACKs of connections to them.
     endpoint_hops: HashMap<std::net::IpAddr, u8>,
+    /// The kernel summarises repeated DNS exchanges (see [`dns`]).
+    dns_summaries: bool,
 }
 
 impl Pipeline {
@@ -180,7 +182,15 @@ impl Pipeline {
             node: NodeFacts::of_this_node(),
             own_netns: fs::metadata("/proc/self/ns/net").ok().map(|m| m.ino()),
             endpoint_hops: HashMap::default(),
+            dns_summaries: false,
         }
+    }
+
+    /// The kernel summarises repeated DNS exchanges (`CaptureOptions::dns_summary_period`):
+    /// the queries it sends are remembered by hash, to account for those it holds back.
+    pub fn with_dns_summaries(mut self) -> Self {
+        self.dns_summaries = true;
+        self
     }
 
     /// Uses `resolver` for DNS messages of these cgroups instead of reading it from the
@@ -329,6 +339,9 @@ impl Pipeline {
             dst,
             process,
             message: dns::parse(payload, framed, cut),
+            hash: (self.dns_summaries && !tcp)
+                .then(|| dns_message_hash(payload, event.payload_len)),
+            query_ns: (event.query_ns != 0).then_some(event.query_ns),
         };
         // Borrowed from the cache, not cloned: this runs for every DNS message.
         let fallback;
@@ -340,6 +353,61 @@ impl Pipeline {
             }
         };
         self.dns.on_message(seen, resolver, &mut self.lookups);
+    }
+
+    /// Whether the response to a query the kernel held back is overdue at `now_ns`.
+    pub fn held_dns_query_overdue(&mut self, held: &DnsHeld, now_ns: u64) -> bool {
+        let origin = self.origin_of(held.cgroup_id);
+        let deadline = match self.resolvers.get(&held.cgroup_id) {
+            Some(resolver) => self.dns.deadline_ns(held.sent_ns, resolver),
+            None => self
+                .dns
+                .deadline_ns(held.sent_ns, &default_resolver(&origin)),
+        };
+        now_ns >= deadline
+    }
+
+    /// Queries the kernel held back that got no response in time (taken from the kernel
+    /// with `Capture::take_overdue_dns_queries`).
+    pub fn held_dns_queries_timed_out(&mut self, taken: &[(DnsHeldKey, DnsHeld)]) {
+        for (key, held) in taken {
+            let (Some(client), Some(server)) =
+                (socket_addr(&held.client), socket_addr(&held.server))
+            else {
+                continue;
+            };
+            let origin = self.origin_of(held.cgroup_id);
+            if !self.wanted(&origin) {
+                continue;
+            }
+            let query = HeldQuery {
+                sent_ns: held.sent_ns,
+                cgroup_id: held.cgroup_id,
+                sock_cookie: key.sock_cookie,
+                // The kernel keeps the id's bytes as they are on the wire.
+                id: u16::from_be_bytes(key.id.to_ne_bytes()),
+                query_hash: held.query_hash,
+                client,
+                server,
+            };
+            let fallback;
+            let resolver = match self.resolvers.get(&held.cgroup_id) {
+                Some(resolver) => resolver,
+                None => {
+                    fallback = default_resolver(&origin);
+                    &fallback
+                }
+            };
+            self.dns
+                .held_query_timed_out(&query, resolver, &mut self.lookups);
+        }
+    }
+
+    /// The type of the query with this hash that `cgroup_id` sent, if remembered.
+    pub fn dns_query_type(&self, cgroup_id: u64, query_hash: u64) -> Option<&str> {
+        self.dns
+            .question(cgroup_id, query_hash)
+            .map(|question| question.qtype.as_ref())
     }
 
     /// Settles what waited long enough, at monotonic time `now_ns`.

@@ -77,7 +77,7 @@ pub struct EventHeader {
 
 /// One end of a flow.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Endpoint {
     /// [`AF_INET`] or [`AF_INET6`]; 0 when unknown.
     pub family: u16,
@@ -306,7 +306,135 @@ pub struct DnsEvent {
     pub payload_len: u32,
     pub src: Endpoint,
     pub dst: Endpoint,
+    /// For a response to a query the kernel held back (see [`DnsHeld`]): when that query
+    /// left (`bpf_ktime_get_ns`); 0 otherwise.
+    pub query_ns: u64,
     pub data: [u8; DNS_CAPTURE_BYTES],
+}
+
+/// DNS summaries: within one period (`SETTING_DNS_SUMMARY_MS`), a UDP exchange of a cgroup
+/// whose query and response repeat ones the kernel already sent in that period is counted
+/// in `DNS_REPEATS` instead of being sent; a query is held back in `DNS_HELD` until its
+/// response shows whether the exchange repeats. Messages are compared by
+/// [`dns_message_hash`].
+///
+/// Key of the LRU map `DNS_RECENT`: a message (by hash) that a cgroup sent or received;
+/// the value is the period in which the kernel last sent it to userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DnsRecentKey {
+    pub cgroup_id: u64,
+    pub hash: u64,
+}
+
+/// Capacity of `DNS_RECENT` (messages of all pods sent in the current period).
+pub const DNS_RECENT_MAX: u32 = 65_536;
+
+/// Key of `DNS_HELD`: a query held back, by its socket and DNS id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DnsHeldKey {
+    pub sock_cookie: u64,
+    pub id: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Value of `DNS_HELD`. Its response removes the entry; userspace removes entries whose
+/// response is overdue (the query timed out), and whoever removes an entry accounts for
+/// the query.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsHeld {
+    pub sent_ns: u64,
+    pub cgroup_id: u64,
+    /// [`dns_message_hash`] of the query: the same query was sent to userspace in the
+    /// period (that is why it is held), which learned its question from it.
+    pub query_hash: u64,
+    pub client: Endpoint,
+    pub server: Endpoint,
+}
+
+/// Capacity of `DNS_HELD` (not LRU: an eviction would lose a query; when it is full,
+/// queries are sent instead).
+pub const DNS_HELD_MAX: u32 = 16_384;
+
+/// Key of `DNS_REPEATS`: repeated exchanges counted per cgroup, query, server, response
+/// code and duration bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DnsRepeatKey {
+    pub cgroup_id: u64,
+    pub query_hash: u64,
+    pub server: Endpoint,
+    /// The response's RCODE (the low 4 bits of its fourth byte).
+    pub rcode: u8,
+    /// The exchange's duration as a bucket of the `egress_dns_duration_seconds`
+    /// histogram (see [`dns_duration_bucket`]).
+    pub bucket: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Upper bound of the first duration bucket; bucket `i` ends at this `<< i`, and the last
+/// one is unbounded (the buckets of the `egress_dns_duration_seconds` histogram).
+pub const DNS_DURATION_FIRST_BOUND_NS: u64 = 500_000;
+/// Number of duration buckets, the unbounded one included.
+pub const DNS_DURATION_BUCKETS: usize = 17;
+
+/// Value of `DNS_REPEATS` (per CPU, totals since the key was added; userspace sums the
+/// CPUs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsRepeatTotals {
+    pub exchanges: u64,
+    /// The exchanges' durations added up.
+    pub duration_ns: u64,
+}
+
+/// Capacity of `DNS_REPEATS` (not LRU: when it is full, exchanges are sent instead);
+/// userspace removes keys that stay idle.
+pub const DNS_REPEAT_KEYS: u32 = 16_384;
+
+/// The duration bucket of `duration_ns` (see [`DnsRepeatKey::bucket`]).
+#[inline(always)]
+pub fn dns_duration_bucket(duration_ns: u64) -> usize {
+    let mut bucket = 0;
+    while bucket < DNS_DURATION_BUCKETS - 1 && duration_ns > DNS_DURATION_FIRST_BOUND_NS << bucket {
+        bucket += 1;
+    }
+    bucket
+}
+
+/// Most bytes of a message [`dns_message_hash`] reads after the 2-byte id: those of a
+/// captured message.
+pub const DNS_HASH_BYTES: usize = DNS_CAPTURE_BYTES - 2;
+
+/// One step of [`dns_message_hash`]: mixes in 8 bytes of the message (little-endian,
+/// zero-padded at the end). FNV-1a's multiplication over words, with a rotation so that
+/// the high bits of a word reach every bit of the hash; not collision-resistant against
+/// a pod that crafts messages, which could at worst hide its own repeats.
+#[inline(always)]
+pub fn dns_hash_step(hash: u64, word: u64) -> u64 {
+    (hash ^ word)
+        .wrapping_mul(0x0000_0100_0000_01b3)
+        .rotate_left(29)
+}
+
+/// Where [`dns_message_hash`] starts.
+pub const DNS_HASH_SEED: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Hash of a DNS message without its id (`message[2..]`, at most [`DNS_HASH_BYTES`]
+/// of it) and with the payload's full length: two messages that differ only in their
+/// id hash the same. The kernel computes the same over the packet.
+pub fn dns_message_hash(message: &[u8], payload_len: u32) -> u64 {
+    let body = message.get(2..).unwrap_or_default();
+    let body = &body[..body.len().min(DNS_HASH_BYTES)];
+    let mut hash = DNS_HASH_SEED;
+    for chunk in body.chunks(8) {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        hash = dns_hash_step(hash, u64::from_le_bytes(word));
+    }
+    dns_hash_step(hash, u64::from(payload_len))
 }
 
 /// Where a packet's conntrack entry and its tuples are, resolved from BTF at load time
@@ -501,8 +629,11 @@ impl Counter {
 /// Index in the `SETTINGS` array: 1 when only the cgroups in `TRACED_CGROUPS` are traced
 /// (tracing one pod), 0 when every process is.
 pub const SETTING_CGROUP_FILTER: u32 = 0;
+/// Index in the `SETTINGS` array: the length of a DNS summary period in milliseconds (see
+/// [`DnsRecentKey`]); 0 sends every DNS message.
+pub const SETTING_DNS_SUMMARY_MS: u32 = 1;
 /// Number of entries in the `SETTINGS` array.
-pub const SETTINGS_COUNT: u32 = 1;
+pub const SETTINGS_COUNT: u32 = 2;
 /// Capacity of the `TRACED_CGROUPS` map (cgroups of the traced pods).
 pub const TRACED_CGROUPS_MAX: u32 = 4096;
 
@@ -624,6 +755,11 @@ mod user {
     unsafe impl aya::Pod for super::DnsEvent {}
     unsafe impl aya::Pod for super::HandshakeKey {}
     unsafe impl aya::Pod for super::HandshakeTotals {}
+    unsafe impl aya::Pod for super::DnsRecentKey {}
+    unsafe impl aya::Pod for super::DnsHeldKey {}
+    unsafe impl aya::Pod for super::DnsHeld {}
+    unsafe impl aya::Pod for super::DnsRepeatKey {}
+    unsafe impl aya::Pod for super::DnsRepeatTotals {}
     unsafe impl aya::Pod for super::ConntrackOffsets {}
     unsafe impl aya::Pod for super::DropReasons {}
     unsafe impl aya::Pod for super::FlowTuple {}
@@ -759,7 +895,7 @@ mod tests {
 
     #[test]
     fn dns_event_layout() {
-        assert_eq!(size_of::<DnsEvent>(), 592);
+        assert_eq!(size_of::<DnsEvent>(), 600);
         assert_eq!(offset_of!(DnsEvent, sock_cookie), 16);
         assert_eq!(offset_of!(DnsEvent, cgroup_id), 24);
         assert_eq!(offset_of!(DnsEvent, direction), 32);
@@ -768,7 +904,67 @@ mod tests {
         assert_eq!(offset_of!(DnsEvent, payload_len), 36);
         assert_eq!(offset_of!(DnsEvent, src), 40);
         assert_eq!(offset_of!(DnsEvent, dst), 60);
-        assert_eq!(offset_of!(DnsEvent, data), 80);
+        assert_eq!(offset_of!(DnsEvent, query_ns), 80);
+        assert_eq!(offset_of!(DnsEvent, data), 88);
+    }
+
+    #[test]
+    fn dns_summary_maps_layout() {
+        assert_eq!(size_of::<DnsRecentKey>(), 16);
+        assert_eq!(offset_of!(DnsRecentKey, hash), 8);
+        assert_eq!(size_of::<DnsHeldKey>(), 16);
+        assert_eq!(offset_of!(DnsHeldKey, id), 8);
+        assert_eq!(size_of::<DnsHeld>(), 64);
+        assert_eq!(offset_of!(DnsHeld, cgroup_id), 8);
+        assert_eq!(offset_of!(DnsHeld, query_hash), 16);
+        assert_eq!(offset_of!(DnsHeld, client), 24);
+        assert_eq!(offset_of!(DnsHeld, server), 44);
+        assert_eq!(size_of::<DnsRepeatKey>(), 40);
+        assert_eq!(offset_of!(DnsRepeatKey, query_hash), 8);
+        assert_eq!(offset_of!(DnsRepeatKey, server), 16);
+        assert_eq!(offset_of!(DnsRepeatKey, rcode), 36);
+        assert_eq!(offset_of!(DnsRepeatKey, bucket), 37);
+        assert_eq!(size_of::<DnsRepeatTotals>(), 16);
+        assert_eq!(offset_of!(DnsRepeatTotals, duration_ns), 8);
+    }
+
+    #[test]
+    fn dns_duration_buckets_match_the_histogram() {
+        assert_eq!(dns_duration_bucket(0), 0);
+        assert_eq!(dns_duration_bucket(500_000), 0);
+        assert_eq!(dns_duration_bucket(500_001), 1);
+        assert_eq!(dns_duration_bucket(1_000_000), 1);
+        assert_eq!(dns_duration_bucket(3_000_000), 3);
+        assert_eq!(dns_duration_bucket(500_000 << 15), 15);
+        assert_eq!(dns_duration_bucket((500_000 << 15) + 1), 16);
+        assert_eq!(dns_duration_bucket(u64::MAX), 16);
+    }
+
+    #[test]
+    fn dns_hash_ignores_the_id_and_sees_every_byte() {
+        let query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03api\x07example\x04test\x00\x00\x01\x00\x01";
+        let mut other_id = *query;
+        other_id[..2].copy_from_slice(&[0xab, 0xcd]);
+        let len = query.len() as u32;
+        assert_eq!(
+            dns_message_hash(query, len),
+            dns_message_hash(&other_id, len)
+        );
+        // Every byte after the id matters, the zero-padded tail's included.
+        for at in 2..query.len() {
+            let mut changed = *query;
+            changed[at] ^= 0x80;
+            assert_ne!(
+                dns_message_hash(query, len),
+                dns_message_hash(&changed, len),
+                "byte {at}"
+            );
+        }
+        // So does the payload's length beyond what was read.
+        assert_ne!(
+            dns_message_hash(query, len),
+            dns_message_hash(query, len + 1)
+        );
     }
 
     #[test]

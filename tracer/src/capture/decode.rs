@@ -39,6 +39,8 @@ pub struct DnsCapture {
     pub payload_len: u32,
     pub src: Endpoint,
     pub dst: Endpoint,
+    /// For a response to a query the kernel held back: when that query left; else 0.
+    pub query_ns: u64,
     pub message: Vec<u8>,
 }
 
@@ -105,6 +107,7 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
                 payload_len: read(field(offset_of!(DnsEvent, payload_len))).ok_or_else(wrong)?,
                 src: read(field(offset_of!(DnsEvent, src))).ok_or_else(wrong)?,
                 dst: read(field(offset_of!(DnsEvent, dst))).ok_or_else(wrong)?,
+                query_ns: read(field(offset_of!(DnsEvent, query_ns))).ok_or_else(wrong)?,
                 message: message.to_vec(),
             }))
         }
@@ -252,6 +255,7 @@ mod tests {
             payload_len: 700,
             src: Endpoint::UNKNOWN,
             dst: connect_fixture().dst,
+            query_ns: 5,
             data,
         };
         let Ok(KernelEvent::Dns(capture)) = decode(&bytes_of(&event)) else {
@@ -265,7 +269,10 @@ mod tests {
             ),
             (&b"query"[..], 700, 99)
         );
-        assert_eq!((capture.cgroup_id, capture.dst), (7, connect_fixture().dst));
+        assert_eq!(
+            (capture.cgroup_id, capture.dst, capture.query_ns),
+            (7, connect_fixture().dst, 5)
+        );
         assert_eq!(
             (
                 capture.header,
@@ -285,7 +292,7 @@ mod tests {
             Err(DecodeError::WrongLength {
                 kind: EventKind::Dns,
                 got: 100,
-                expected: 592
+                expected: 600
             })
         );
         event.captured = DNS_CAPTURE_BYTES as u16 + 1;

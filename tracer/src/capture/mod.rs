@@ -30,8 +30,9 @@ use aya::{
 };
 use tokio::io::unix::AsyncFd;
 use tracer_common::{
-    ConntrackOffsets, Counter, DropEvent, DropOffsets, DropReasons, HandshakeKey, HandshakeTotals,
-    IcmpReceivers, SETTING_CGROUP_FILTER,
+    ConntrackOffsets, Counter, DnsHeld, DnsHeldKey, DnsRepeatKey, DnsRepeatTotals, DropEvent,
+    DropOffsets, DropReasons, HandshakeKey, HandshakeTotals, IcmpReceivers, SETTING_CGROUP_FILTER,
+    SETTING_DNS_SUMMARY_MS,
 };
 
 pub use btf::{BtfError, KernelBtf};
@@ -99,6 +100,8 @@ pub enum CaptureError {
     Map(#[from] aya::maps::MapError),
     #[error("waiting for kernel events failed: {0}")]
     Io(#[from] io::Error),
+    #[error("a DNS summary period of {0:?} is not between 1 ms and 49 days")]
+    BadDnsSummaryPeriod(std::time::Duration),
 }
 
 impl CaptureError {
@@ -300,6 +303,10 @@ pub struct CaptureOptions {
     /// Size of the event ring buffer in bytes (a power of two, at least a page); `None`
     /// keeps the built-in [`tracer_common::RING_BUFFER_BYTES`].
     pub ring_buffer_bytes: Option<u32>,
+    /// DNS summaries' period (see [`tracer_common::DnsRecentKey`]): repeats of a UDP
+    /// exchange sent in the same period are only counted ([`Capture::dns_repeats`]).
+    /// `None` sends every DNS message.
+    pub dns_summary_period: Option<std::time::Duration>,
 }
 
 impl Default for CaptureOptions {
@@ -308,6 +315,7 @@ impl Default for CaptureOptions {
             kernel_btf: PathBuf::from(node::KERNEL_BTF),
             only_cgroups: None,
             ring_buffer_bytes: None,
+            dns_summary_period: None,
         }
     }
 }
@@ -404,6 +412,13 @@ impl Capture {
         mark_pod_cgroup_roots(&mut ebpf, &cgroups)?;
         if let Some(cgroups) = &options.only_cgroups {
             trace_only_cgroups(&mut ebpf, cgroups)?;
+        }
+        if let Some(period) = options.dns_summary_period {
+            let milliseconds = u32::try_from(period.as_millis())
+                .ok()
+                .filter(|ms| *ms > 0)
+                .ok_or(CaptureError::BadDnsSummaryPeriod(period))?;
+            setting(&mut ebpf, SETTING_DNS_SUMMARY_MS, milliseconds)?;
         }
         attach_sock_addr(&mut ebpf, "connect4", &cgroups)?;
         if let Err(e) = attach_sock_addr(&mut ebpf, "connect6", &cgroups) {
@@ -630,11 +645,76 @@ impl Capture {
 
     /// Removes handshake keys that stay idle, so the map keeps room for new ones.
     pub fn forget_handshakes(&mut self, keys: &[HandshakeKey]) -> Result<(), CaptureError> {
+        self.forget::<HandshakeKey, HandshakeTotals>("HANDSHAKES", keys)
+    }
+
+    /// The kernel's counts of the DNS exchanges it summarised (summed over CPUs).
+    pub fn dns_repeats(&self) -> Result<Vec<(DnsRepeatKey, DnsRepeatTotals)>, CaptureError> {
         let map = self
             .ebpf
-            .map_mut("HANDSHAKES")
-            .ok_or(CaptureError::MissingPart("map HANDSHAKES"))?;
-        let mut map = PerCpuHashMap::<_, HandshakeKey, HandshakeTotals>::try_from(map)?;
+            .map("DNS_REPEATS")
+            .ok_or(CaptureError::MissingPart("map DNS_REPEATS"))?;
+        let map = PerCpuHashMap::<_, DnsRepeatKey, DnsRepeatTotals>::try_from(map)?;
+        map.iter()
+            .map(|entry| {
+                let (key, per_cpu) = entry?;
+                let totals =
+                    per_cpu
+                        .iter()
+                        .fold(DnsRepeatTotals::default(), |sum, cpu| DnsRepeatTotals {
+                            exchanges: sum.exchanges + cpu.exchanges,
+                            duration_ns: sum.duration_ns + cpu.duration_ns,
+                        });
+                Ok((key, totals))
+            })
+            .collect()
+    }
+
+    /// Removes summarised-exchange keys that stay idle.
+    pub fn forget_dns_repeats(&mut self, keys: &[DnsRepeatKey]) -> Result<(), CaptureError> {
+        self.forget::<DnsRepeatKey, DnsRepeatTotals>("DNS_REPEATS", keys)
+    }
+
+    /// Removes the queries the kernel held back for which `overdue` holds (their response
+    /// did not come in time), and returns those: the ones whose response removed them in
+    /// the meantime are the kernel's to account for, and are not returned.
+    pub fn take_overdue_dns_queries(
+        &mut self,
+        mut overdue: impl FnMut(&DnsHeld) -> bool,
+    ) -> Result<Vec<(DnsHeldKey, DnsHeld)>, CaptureError> {
+        let map = self
+            .ebpf
+            .map_mut("DNS_HELD")
+            .ok_or(CaptureError::MissingPart("map DNS_HELD"))?;
+        let mut map = aya::maps::HashMap::<_, DnsHeldKey, DnsHeld>::try_from(map)?;
+        let mut candidates = Vec::new();
+        for entry in map.iter() {
+            let (key, held) = entry?;
+            if overdue(&held) {
+                candidates.push((key, held));
+            }
+        }
+        let mut taken = Vec::with_capacity(candidates.len());
+        for (key, held) in candidates {
+            match map.remove(&key) {
+                Ok(()) => taken.push((key, held)),
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(taken)
+    }
+
+    fn forget<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        keys: &[K],
+    ) -> Result<(), CaptureError> {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(CaptureError::MissingPart(name))?;
+        let mut map = PerCpuHashMap::<_, K, V>::try_from(map)?;
         for key in keys {
             match map.remove(key) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
@@ -762,11 +842,16 @@ fn insert_cgroup_ids(ebpf: &mut Ebpf, map: &'static str, ids: &[u64]) -> Result<
 
 fn trace_only_cgroups(ebpf: &mut Ebpf, cgroup_ids: &[u64]) -> Result<(), CaptureError> {
     insert_cgroup_ids(ebpf, "TRACED_CGROUPS", cgroup_ids)?;
+    setting(ebpf, SETTING_CGROUP_FILTER, 1)
+}
+
+/// Writes entry `index` (a `SETTING_*`) of the programs' `SETTINGS`.
+fn setting(ebpf: &mut Ebpf, index: u32, value: u32) -> Result<(), CaptureError> {
     let map = ebpf
         .map_mut("SETTINGS")
         .ok_or(CaptureError::MissingPart("map SETTINGS"))?;
     let mut settings: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map)?;
-    settings.set(SETTING_CGROUP_FILTER, 1, 0)?;
+    settings.set(index, value, 0)?;
     Ok(())
 }
 

@@ -9,8 +9,16 @@
 //! pod's search list; the lookup is reported once, [`LOOKUP_SETTLE`] after its last query
 //! was answered or timed out.
 //!
-//! Everything is bounded: [`MAX_PENDING_QUERIES`], [`MAX_LOOKUPS`] and
-//! [`MAX_NAMES`] entries at most, the oldest evicted first and counted.
+//! With DNS summaries on, the kernel holds back the queries that repeat one it sent in the
+//! current period, and counts their exchanges when the response repeats too. The tracker
+//! then meets a held query only when it turns out differently: its response arrives with
+//! the query's time ([`SeenMessage::query_ns`]), or it times out
+//! ([`DnsTracker::held_query_timed_out`]); either way the question is known from the
+//! query the kernel sent, by its hash ([`SeenMessage::hash`]).
+//!
+//! Everything is bounded: [`MAX_PENDING_QUERIES`], [`MAX_LOOKUPS`], [`MAX_NAMES`] and
+//! [`MAX_QUESTIONS`] entries at most, the oldest evicted first and counted (questions are
+//! forgotten all at once).
 
 use std::{
     borrow::Cow,
@@ -23,7 +31,7 @@ use std::{
 use foldhash::HashMap;
 use serde::Serialize;
 
-pub use wire::{Answer, AnswerValue, DnsError, DnsMessage, Question, parse};
+pub use wire::{Answer, AnswerValue, DnsError, DnsMessage, Question, parse, rcode_name};
 
 mod wire;
 
@@ -35,6 +43,8 @@ pub const MAX_PENDING_QUERIES: usize = 65_536;
 pub const MAX_LOOKUPS: usize = 16_384;
 /// Most remembered (cgroup, address) → name answers.
 pub const MAX_NAMES: usize = 65_536;
+/// Most remembered (cgroup, query hash) → question entries.
+pub const MAX_QUESTIONS: usize = 65_536;
 
 fn normalize(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
@@ -111,6 +121,22 @@ pub struct SeenMessage {
     pub process: Option<(u32, String)>,
     /// The parsed message, or why it could not be parsed.
     pub message: Result<DnsMessage, DnsError>,
+    /// With DNS summaries on, the UDP message's `tracer_common::dns_message_hash`.
+    pub hash: Option<u64>,
+    /// A response to a query the kernel held back: when that query left.
+    pub query_ns: Option<u64>,
+}
+
+/// A query the kernel held back (`tracer_common::DnsHeld`), as userspace took it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldQuery {
+    pub sent_ns: u64,
+    pub cgroup_id: u64,
+    pub sock_cookie: u64,
+    pub id: u16,
+    pub query_hash: u64,
+    pub client: SocketAddr,
+    pub server: SocketAddr,
 }
 
 /// How a lookup ended.
@@ -243,6 +269,8 @@ pub struct DnsTracker {
     stats: DnsStats,
     /// Each query's end, when asked for (see [`DnsTracker::with_query_outcomes`]).
     query_outcomes: Option<Vec<QueryOutcome>>,
+    /// The questions of the queries that came with a hash, by (cgroup, hash).
+    questions: HashMap<(u64, u64), Question>,
 }
 
 impl DnsTracker {
@@ -307,10 +335,79 @@ impl DnsTracker {
             }
         };
         if message.is_response {
+            if let (Some(query_ns), Some(question)) = (seen.query_ns, &message.question) {
+                // The query was held back: it is the one this response answers.
+                let query = SeenMessage {
+                    monotonic_ns: query_ns,
+                    src: seen.dst,
+                    dst: seen.src,
+                    process: seen.process.clone(),
+                    message: Err(DnsError::Empty),
+                    hash: None,
+                    query_ns: None,
+                    ..seen
+                };
+                self.on_query(&query, message.id, question.clone(), resolver, done);
+            }
             self.on_response(&seen, message);
         } else if let Some(question) = message.question {
+            if let Some(hash) = seen.hash {
+                let key = (seen.cgroup_id, hash);
+                if !self.questions.contains_key(&key) {
+                    if self.questions.len() >= MAX_QUESTIONS {
+                        self.questions.clear();
+                    }
+                    self.questions.insert(key, question.clone());
+                }
+            }
             self.on_query(&seen, message.id, question, resolver, done);
         }
+    }
+
+    /// The question of the query with this hash that `cgroup_id` sent, if remembered.
+    pub fn question(&self, cgroup_id: u64, hash: u64) -> Option<&Question> {
+        self.questions.get(&(cgroup_id, hash))
+    }
+
+    /// A query the kernel held back got no response in time. Known by its hash, it joins
+    /// its lookup as a query sent at `sent_ns` and times out at the next
+    /// [`expire`](Self::expire); otherwise only its end is counted (type `unknown`).
+    pub fn held_query_timed_out(
+        &mut self,
+        held: &HeldQuery,
+        resolver: &Resolver,
+        done: &mut Vec<Lookup>,
+    ) {
+        let Some(question) = self.question(held.cgroup_id, held.query_hash).cloned() else {
+            if let Some(outcomes) = self.query_outcomes.as_mut() {
+                outcomes.push(QueryOutcome {
+                    cgroup_id: held.cgroup_id,
+                    server: held.server.ip(),
+                    qtype: Cow::Borrowed("unknown"),
+                    rcode: None,
+                    duration: resolver.timeout.unwrap_or(self.timeout),
+                });
+            }
+            return;
+        };
+        let query = SeenMessage {
+            monotonic_ns: held.sent_ns,
+            cgroup_id: held.cgroup_id,
+            sock_cookie: held.sock_cookie,
+            tcp: false,
+            src: held.client,
+            dst: held.server,
+            process: None,
+            message: Err(DnsError::Empty),
+            hash: None,
+            query_ns: None,
+        };
+        self.on_query(&query, held.id, question, resolver, done);
+    }
+
+    /// When a query sent at `sent_ns` by a process with this resolver times out.
+    pub fn deadline_ns(&self, sent_ns: u64, resolver: &Resolver) -> u64 {
+        sent_ns + resolver.timeout.unwrap_or(self.timeout).as_nanos() as u64
     }
 
     fn on_query(
@@ -379,8 +476,7 @@ impl DnsTracker {
             key,
             PendingQuery {
                 sent_ns: seen.monotonic_ns,
-                deadline_ns: seen.monotonic_ns
-                    + resolver.timeout.unwrap_or(self.timeout).as_nanos() as u64,
+                deadline_ns: self.deadline_ns(seen.monotonic_ns, resolver),
                 qtype: question.qtype,
                 lookup: lookup_key,
             },
@@ -663,6 +759,8 @@ mod tests {
             dst: dst.parse().unwrap(),
             process: Some((100, "curl".into())),
             message: parse(&bytes, false, false),
+            hash: None,
+            query_ns: None,
         }
     }
 
@@ -726,6 +824,101 @@ mod tests {
         assert_eq!(lookup.rcode.as_deref(), Some("NXDOMAIN"));
         assert_eq!(lookup.server, SERVER.parse().unwrap());
         assert_eq!(lookup.duration, Some(Duration::from_millis(31)));
+    }
+
+    #[test]
+    fn a_response_to_a_held_query_brings_its_query() {
+        let mut dns = DnsTracker::new(Duration::from_secs(5)).with_query_outcomes();
+        let mut done = Vec::new();
+        let mut response = seen(
+            12 * MS,
+            SERVER,
+            CLIENT,
+            message(7, RESPONSE, "api.example.test", A, &[[203, 0, 113, 10]]),
+        );
+        response.query_ns = Some(10 * MS);
+        dns.on_message(response, &search(), &mut done);
+        dns.expire(12 * MS + LOOKUP_SETTLE.as_nanos() as u64, &mut done);
+        assert_eq!(dns.stats().unmatched_responses, 0);
+        assert_eq!(done.len(), 1);
+        let lookup = &done[0];
+        assert_eq!(
+            (lookup.name.as_str(), lookup.result, lookup.first_ns),
+            ("api.example.test", LookupResult::Resolved, 10 * MS)
+        );
+        assert_eq!(
+            (lookup.client, lookup.server),
+            (CLIENT.parse().unwrap(), SERVER.parse().unwrap())
+        );
+        assert_eq!(lookup.duration, Some(Duration::from_millis(2)));
+        assert_eq!(
+            dns.take_query_outcomes(),
+            [QueryOutcome {
+                cgroup_id: 42,
+                server: "10.0.0.10".parse().unwrap(),
+                qtype: "A".into(),
+                rcode: Some("NOERROR".into()),
+                duration: Duration::from_millis(2),
+            }]
+        );
+    }
+
+    #[test]
+    fn a_held_query_that_timed_out_is_known_by_its_hash() {
+        let mut dns = DnsTracker::new(Duration::from_secs(5)).with_query_outcomes();
+        let mut done = Vec::new();
+        let mut query = seen(
+            0,
+            CLIENT,
+            SERVER,
+            message(1, QUERY, "api.example.test", A, &[]),
+        );
+        query.hash = Some(0xfeed);
+        dns.on_message(query, &search(), &mut done);
+        assert_eq!(
+            dns.question(42, 0xfeed)
+                .map(|q| (q.name.as_str(), q.qtype.as_ref())),
+            Some(("api.example.test", "A"))
+        );
+        assert_eq!(dns.question(43, 0xfeed), None);
+        dns.expire(5_000 * MS, &mut done);
+        dns.expire(5_000 * MS + LOOKUP_SETTLE.as_nanos() as u64, &mut done);
+        assert_eq!(done.len(), 1);
+        dns.take_query_outcomes();
+        done.clear();
+
+        let held = |query_hash| HeldQuery {
+            sent_ns: 6_000 * MS,
+            cgroup_id: 42,
+            sock_cookie: 5,
+            id: 2,
+            query_hash,
+            client: CLIENT.parse().unwrap(),
+            server: SERVER.parse().unwrap(),
+        };
+        let resolver = resolver_config("options timeout:2");
+        assert_eq!(dns.deadline_ns(6_000 * MS, &resolver), 8_000 * MS);
+        dns.held_query_timed_out(&held(0xfeed), &resolver, &mut done);
+        dns.expire(8_000 * MS + LOOKUP_SETTLE.as_nanos() as u64, &mut done);
+        assert_eq!(done.len(), 1);
+        assert_eq!(
+            (done[0].name.as_str(), done[0].result, done[0].timeouts),
+            ("api.example.test", LookupResult::Timeout, 1)
+        );
+        // Unknown (its question forgotten): only its end is counted.
+        dns.held_query_timed_out(&held(0xbad), &resolver, &mut done);
+        let outcomes = dns.take_query_outcomes();
+        assert_eq!(
+            outcomes
+                .iter()
+                .map(|o| (o.qtype.as_ref(), o.rcode.is_none(), o.duration))
+                .collect::<Vec<_>>(),
+            [
+                ("A", true, Duration::from_secs(2)),
+                ("unknown", true, Duration::from_secs(2))
+            ]
+        );
+        assert_eq!(done.len(), 1);
     }
 
     #[test]

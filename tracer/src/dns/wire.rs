@@ -362,7 +362,7 @@ fn type_name(code: u16) -> Cow<'static, str> {
 }
 
 /// The RFC mnemonic of a response code (`NXDOMAIN`), as dig prints it.
-fn rcode_name(code: u16) -> Cow<'static, str> {
+pub fn rcode_name(code: u16) -> Cow<'static, str> {
     let name = match code {
         0 => "NOERROR",
         1 => "FORMERR",

@@ -78,6 +78,22 @@ pub struct AgentArgs {
     /// How long a DNS query may wait when the pod's resolv.conf sets no `timeout:`.
     #[arg(long, value_name = "D", value_parser = parse_duration, default_value = "5s")]
     dns_timeout: Duration,
+    /// DNS summaries: within each period, a pod's UDP DNS exchange that repeats one
+    /// already reported in the period (the same query, the same response) is counted in
+    /// the kernel instead of being sent to the agent. The metrics still count every
+    /// query, its response code and duration, and timeouts; the flows API reports the
+    /// first of the repeated lookups of each period. Between 1ms and 1h.
+    #[arg(
+        long,
+        value_name = "D",
+        value_parser = parse_dns_summary_period,
+        default_value = "1s",
+        conflicts_with = "no_dns_summary"
+    )]
+    dns_summary_period: Duration,
+    /// Send every DNS message to the agent (costs a node with busy resolvers more CPU).
+    #[arg(long)]
+    no_dns_summary: bool,
     /// Size of the kernel's event ring buffer in bytes (see `trace --help`).
     #[arg(long, value_name = "BYTES", value_parser = parse_ring_buffer_size)]
     ring_buffer_size: Option<u32>,
@@ -185,6 +201,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read cgroups under {}", cgroup_root.display()))?;
     let mut pipeline =
         Pipeline::new(cgroups, cluster, None, args.dns_timeout).with_query_outcomes();
+    if !args.no_dns_summary {
+        pipeline = pipeline.with_dns_summaries();
+    }
     if let Err(e) = pipeline.look_up_nat(NatLookups::Failed) {
         eprintln!("warning: {e}");
     }
@@ -192,6 +211,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         kernel_btf: args.btf.clone(),
         only_cgroups: None,
         ring_buffer_bytes: args.ring_buffer_size,
+        dns_summary_period: (!args.no_dns_summary).then_some(args.dns_summary_period),
     })?;
     crate::report_capture(&capture);
     for warning in capability_warnings(args.no_diagnose) {
@@ -296,6 +316,14 @@ fn api_access(args: &AgentArgs) -> anyhow::Result<ApiAccess> {
     Ok(ApiAccess::Refused(reason))
 }
 
+fn parse_dns_summary_period(text: &str) -> Result<Duration, String> {
+    let period = parse_duration(text)?;
+    if period < Duration::from_millis(1) || period > Duration::from_secs(3600) {
+        return Err("must be between 1ms and 1h".into());
+    }
+    Ok(period)
+}
+
 /// Name of the abstract Unix socket that marks a node's agent.
 const AGENT_SOCKET: &[u8] = b"egress-tracer-agent";
 
@@ -386,7 +414,8 @@ fn publish(shared: &Shared, pipeline: &mut Pipeline, clock: MonotonicClock) {
     }
 }
 
-/// Reads what the kernel counted (events, losses, handshakes) into the metrics.
+/// Reads what the kernel counted (events, losses, handshakes, summarised DNS exchanges)
+/// into the metrics, and takes the held DNS queries whose response is overdue.
 fn count_in_kernel(
     shared: &Shared,
     capture: &mut Capture,
@@ -398,12 +427,28 @@ fn count_in_kernel(
     let handshakes = capture
         .handshakes()
         .context("cannot read the kernel's handshake counts")?;
+    let dns_repeats = capture
+        .dns_repeats()
+        .context("cannot read the kernel's DNS summaries")?;
+    let now_ns = node::monotonic_now().as_nanos() as u64;
+    let overdue = capture
+        .take_overdue_dns_queries(|held| pipeline.held_dns_query_overdue(held, now_ns))
+        .context("cannot read the DNS queries the kernel held back")?;
+    pipeline.held_dns_queries_timed_out(&overdue);
     let mut origins: HashMap<u64, Arc<Origin>> = HashMap::new();
-    for (key, _) in &handshakes {
+    let cgroups = handshakes.iter().map(|(key, _)| key.cgroup_id);
+    for cgroup in cgroups.chain(dns_repeats.iter().map(|(key, _)| key.cgroup_id)) {
         origins
-            .entry(key.cgroup_id)
-            .or_insert_with(|| pipeline.origin_of(key.cgroup_id));
+            .entry(cgroup)
+            .or_insert_with(|| pipeline.origin_of(cgroup));
     }
+    let qtypes: HashMap<(u64, u64), String> = dns_repeats
+        .iter()
+        .filter_map(|(key, _)| {
+            let qtype = pipeline.dns_query_type(key.cgroup_id, key.query_hash)?;
+            Some(((key.cgroup_id, key.query_hash), qtype.to_owned()))
+        })
+        .collect();
     let mut metrics = shared.metrics.lock().expect("not poisoned");
     metrics.kernel(&counters);
     let idle = metrics.handshakes(
@@ -416,6 +461,18 @@ fn count_in_kernel(
             .forget_handshakes(&idle)
             .context("cannot remove idle handshake counts")?;
         metrics.forgotten(&idle);
+    }
+    let idle = metrics.dns_repeats(
+        &dns_repeats,
+        |cgroup| origins.get(&cgroup).cloned().unwrap_or_default(),
+        |cgroup, hash| qtypes.get(&(cgroup, hash)).cloned(),
+        pipeline.cluster(),
+    );
+    if !idle.is_empty() {
+        capture
+            .forget_dns_repeats(&idle)
+            .context("cannot remove idle DNS summaries")?;
+        metrics.forgotten_dns_repeats(&idle);
     }
     Ok(())
 }

@@ -161,6 +161,7 @@ pub async fn examine(
         kernel_btf: request.btf.clone(),
         only_cgroups: Some(pod_cgroups.clone()),
         ring_buffer_bytes: None,
+        dns_summary_period: None,
     })?;
     crate::report_capture(&capture);
     let mut pipeline = Pipeline::new(cgroups, cluster, Some(&pod), dns_timeout);

@@ -66,6 +66,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         kernel_btf: args.btf.clone(),
         only_cgroups,
         ring_buffer_bytes: args.ring_buffer_size,
+        // A trace shows every lookup.
+        dns_summary_period: None,
     })?;
     crate::report_capture(&capture);
     let scope = target

@@ -18,6 +18,7 @@ use std::{
 };
 
 use foldhash::{HashMap, HashSet};
+use histogram::BucketedHistogram;
 use prometheus_client::{
     encoding::text,
     metrics::{
@@ -29,21 +30,28 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tracer_common::{AF_INET, HandshakeKey, HandshakeTotals};
+use tracer_common::{
+    AF_INET, DNS_DURATION_BUCKETS, DNS_DURATION_FIRST_BOUND_NS, DnsRepeatKey, DnsRepeatTotals,
+    HandshakeKey, HandshakeTotals,
+};
 
 use crate::{
     capture::KernelCounters,
+    capture::socket_addr,
     cluster::ClusterState,
     conntrack::{ConntrackStats, NodeConntrack},
-    dns::{LookupResult, QueryOutcome},
+    dns::{LookupResult, QueryOutcome, rcode_name},
     flow::{Origin, Outcome, Protocol},
     pipeline::Record,
     verdict::{Hop, Verdict},
 };
 
+mod histogram;
+
 /// How long the series of a pod that left the node are kept.
 pub const PRUNE_AFTER: Duration = Duration::from_secs(300);
-/// Handshake keys unchanged for this many reads are removed from the kernel map.
+/// Handshake and DNS summary keys unchanged for this many reads are removed from the
+/// kernel map.
 const IDLE_READS_BEFORE_FORGET: u32 = 30;
 
 /// A label set: `namespace` (and `pod`) first, then the metric's own labels.
@@ -126,7 +134,7 @@ pub struct Metrics {
     connections: Family<Labels, Counter>,
     connect_duration: Family<Labels, Histogram>,
     dns_queries: Family<Labels, Counter>,
-    dns_duration: Family<Labels, Histogram>,
+    dns_duration: Family<Labels, BucketedHistogram>,
     dns_timeouts: Family<Labels, Counter>,
     drops: Family<Labels, Counter>,
     syn_retransmits: Family<Labels, Counter>,
@@ -146,6 +154,7 @@ pub struct Metrics {
     kernel_seen: KernelCounters,
     conntrack_seen: Option<ConntrackStats>,
     handshakes_seen: HashMap<HandshakeKey, (HandshakeTotals, u32)>,
+    dns_repeats_seen: HashMap<DnsRepeatKey, (DnsRepeatTotals, u32)>,
 }
 
 impl Metrics {
@@ -171,7 +180,7 @@ impl Metrics {
             dns_queries.clone(),
         );
         let dns_duration =
-            Family::<Labels, Histogram>::new_with_constructor(dns_buckets as fn() -> _);
+            Family::<Labels, BucketedHistogram>::new_with_constructor(dns_buckets as fn() -> _);
         registry.register(
             "egress_dns_duration_seconds",
             "Time from a DNS query to its response",
@@ -282,6 +291,7 @@ impl Metrics {
             kernel_seen: KernelCounters::default(),
             conntrack_seen: None,
             handshakes_seen: HashMap::default(),
+            dns_repeats_seen: HashMap::default(),
         }
     }
 
@@ -462,6 +472,66 @@ impl Metrics {
         idle
     }
 
+    /// Adds the DNS exchanges the kernel summarised since the last call to the DNS query
+    /// counters and durations (`qtype_of`: the type of a cgroup's query by hash), and
+    /// returns the keys idle long enough to be removed from the kernel map (call
+    /// [`forgotten_dns_repeats`](Self::forgotten_dns_repeats) once they are).
+    pub fn dns_repeats(
+        &mut self,
+        totals: &[(DnsRepeatKey, DnsRepeatTotals)],
+        mut origin_of: impl FnMut(u64) -> Arc<Origin>,
+        mut qtype_of: impl FnMut(u64, u64) -> Option<String>,
+        cluster: &ClusterState,
+    ) -> Vec<DnsRepeatKey> {
+        let mut idle = Vec::new();
+        for (key, now) in totals {
+            let (before, idle_reads) = self
+                .dns_repeats_seen
+                .entry(*key)
+                .or_insert((DnsRepeatTotals::default(), 0));
+            let exchanges = now.exchanges.saturating_sub(before.exchanges);
+            let duration_ns = now.duration_ns.saturating_sub(before.duration_ns);
+            *before = *now;
+            if exchanges == 0 {
+                *idle_reads += 1;
+                if *idle_reads >= IDLE_READS_BEFORE_FORGET {
+                    idle.push(*key);
+                }
+                continue;
+            }
+            *idle_reads = 0;
+            let Some(server) = socket_addr(&key.server) else {
+                continue;
+            };
+            let origin = origin_of(key.cgroup_id);
+            let qtype = qtype_of(key.cgroup_id, key.query_hash);
+            let qtype = qtype.as_deref().map_or("unknown", bounded_qtype);
+            let rcode = bounded_rcode(&rcode_name(key.rcode.into()));
+            let server = self.server_class(server.ip(), cluster);
+            let labels = self.labels(
+                &origin,
+                [("rcode", rcode), ("qtype", qtype), ("server", server)],
+            );
+            self.touch(PerPod::DnsQueries, &origin, &labels);
+            self.dns_queries.get_or_create(&labels).inc_by(exchanges);
+            let labels = self.labels(&origin, [("server", server)]);
+            self.touch(PerPod::DnsDuration, &origin, &labels);
+            self.dns_duration.get_or_create(&labels).add_bucketed(
+                key.bucket.into(),
+                exchanges,
+                duration_ns as f64 / 1e9,
+            );
+        }
+        idle
+    }
+
+    /// The keys [`dns_repeats`](Self::dns_repeats) returned are gone from the kernel map.
+    pub fn forgotten_dns_repeats(&mut self, keys: &[DnsRepeatKey]) {
+        for key in keys {
+            self.dns_repeats_seen.remove(key);
+        }
+    }
+
     /// The keys [`handshakes`](Self::handshakes) returned are gone from the kernel map.
     pub fn forgotten(&mut self, keys: &[HandshakeKey]) {
         for key in keys {
@@ -639,9 +709,11 @@ fn connect_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 18))
 }
 
-fn dns_buckets() -> Histogram {
-    // 0.5 ms to about 16 s.
-    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+fn dns_buckets() -> BucketedHistogram {
+    // 0.5 ms to about 16 s, the buckets the kernel counts summarised exchanges in.
+    BucketedHistogram::new(
+        (0..DNS_DURATION_BUCKETS - 1).map(|i| (DNS_DURATION_FIRST_BOUND_NS << i) as f64 / 1e9),
+    )
 }
 
 /// The `rcode` label of a query that got no response.
@@ -791,6 +863,91 @@ mod tests {
         // A key made again after removal counts from zero, on top of what was counted.
         metrics.handshakes(&[(key(HANDSHAKE_REFUSED), totals(1, 0))], web, &cluster);
         assert_eq!(value(&metrics, refused), Some(3.0));
+    }
+
+    #[test]
+    fn kernel_dns_summaries_add_to_the_query_counts_and_durations() {
+        let mut metrics = metrics(true);
+        let cluster = ClusterState::default();
+        let web = |_| origin("shop/web");
+        let key = |rcode: u8, bucket: u8| DnsRepeatKey {
+            cgroup_id: 1,
+            query_hash: 0xfeed,
+            server: tracer_common::Endpoint {
+                family: AF_INET,
+                port: 53,
+                addr: [192, 0, 2, 53, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            },
+            rcode,
+            bucket,
+            _pad: [0; 2],
+        };
+        let totals = |exchanges, duration_ns| DnsRepeatTotals {
+            exchanges,
+            duration_ns,
+        };
+        let qtype_of = |cgroup, hash| (cgroup == 1 && hash == 0xfeed).then(|| "AAAA".to_owned());
+        metrics.queries(
+            &[(
+                QueryOutcome {
+                    cgroup_id: 1,
+                    server: "192.0.2.53".parse().unwrap(),
+                    qtype: "AAAA".into(),
+                    rcode: Some("NOERROR".into()),
+                    duration: Duration::from_micros(400),
+                },
+                origin("shop/web"),
+            )],
+            &cluster,
+        );
+        // 4 exchanges of 0.5-1 ms (bucket 1), 2 answered NXDOMAIN in 2-4 ms (bucket 3).
+        let read = [
+            (key(0, 1), totals(4, 3_000_000)),
+            (key(3, 3), totals(2, 5_000_000)),
+        ];
+        assert!(
+            metrics
+                .dns_repeats(&read, web, qtype_of, &cluster)
+                .is_empty()
+        );
+        let noerror = "egress_dns_queries_total{namespace=\"shop\",pod=\"web\",rcode=\"NOERROR\",qtype=\"AAAA\",server=\"upstream\"}";
+        let nxdomain = "egress_dns_queries_total{namespace=\"shop\",pod=\"web\",rcode=\"NXDOMAIN\",qtype=\"AAAA\",server=\"upstream\"}";
+        let duration = |part: &str| {
+            format!(
+                "egress_dns_duration_seconds_{part}{{namespace=\"shop\",pod=\"web\",server=\"upstream\""
+            )
+        };
+        assert_eq!(value(&metrics, noerror), Some(5.0));
+        assert_eq!(value(&metrics, nxdomain), Some(2.0));
+        assert_eq!(value(&metrics, &(duration("count") + "}")), Some(7.0));
+        let sum = value(&metrics, &(duration("sum") + "}")).unwrap();
+        assert!((sum - 0.0084).abs() < 1e-9, "{sum}");
+        for (le, count) in [
+            ("0.0005", 1.0),
+            ("0.001", 5.0),
+            ("0.002", 5.0),
+            ("0.004", 7.0),
+        ] {
+            let bucket = format!(
+                "egress_dns_duration_seconds_bucket{{le=\"{le}\",namespace=\"shop\",pod=\"web\",server=\"upstream\"}}"
+            );
+            assert_eq!(value(&metrics, &bucket), Some(count), "{bucket}");
+        }
+        // Only what was added since the last read counts; a forgotten query type is
+        // `unknown`.
+        let read = [
+            (key(0, 1), totals(5, 3_700_000)),
+            (key(3, 3), totals(2, 5_000_000)),
+        ];
+        metrics.dns_repeats(&read, web, |_, _| None, &cluster);
+        assert_eq!(value(&metrics, noerror), Some(5.0));
+        let unknown = "egress_dns_queries_total{namespace=\"shop\",pod=\"web\",rcode=\"NOERROR\",qtype=\"unknown\",server=\"upstream\"}";
+        assert_eq!(value(&metrics, unknown), Some(1.0));
+        let mut idle = Vec::new();
+        for _ in 0..IDLE_READS_BEFORE_FORGET {
+            idle = metrics.dns_repeats(&read, web, qtype_of, &cluster);
+        }
+        assert_eq!(idle, [key(0, 1), key(3, 3)]);
     }
 
     #[test]
