@@ -8,7 +8,7 @@
 use std::{fs, io, os::unix::fs::MetadataExt, sync::Arc, time::Duration};
 
 use foldhash::{HashMap, HashSet};
-use tracer_common::{DnsHeld, DnsHeldKey, IPPROTO_TCP, dns_message_hash};
+use tracer_common::{DNS_EGRESS, DnsHeld, DnsHeldKey, IPPROTO_TCP, dns_message_hash};
 
 use crate::{
     capture::{DecodeError, DnsCapture, KernelEvent, KernelNames, NetnsOwner, socket_addr},

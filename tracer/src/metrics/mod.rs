@@ -732,9 +732,12 @@ fn bounded_rcode(rcode: &str) -> &'static str {
     KNOWN.into_iter().find(|k| *k == rcode).unwrap_or("OTHER")
 }
 
+/// A query type as a label: a common type, `unknown` (a query the kernel summarised whose
+/// question the agent no longer remembers), else `OTHER`.
 fn bounded_qtype(qtype: &str) -> &'static str {
-    const KNOWN: [&str; 12] = [
+    const KNOWN: [&str; 13] = [
         "A", "AAAA", "CNAME", "SRV", "PTR", "MX", "TXT", "NS", "SOA", "HTTPS", "SVCB", "ANY",
+        "unknown",
     ];
     KNOWN.into_iter().find(|k| *k == qtype).unwrap_or("OTHER")
 }
