@@ -85,11 +85,7 @@ pub fn on_packet(ctx: &SkBuffContext, packet: &Packet, direction: u8) -> Result<
                 server: dst,
             };
             // A full map, or a retransmission (the same id on the same socket), is sent.
-            if repeated
-                && DNS_HELD
-                    .insert(held_key, held, BPF_NOEXIST as u64)
-                    .is_ok()
-            {
+            if repeated && DNS_HELD.insert(held_key, held, BPF_NOEXIST as u64).is_ok() {
                 return Ok(());
             }
         // SAFETY: the value is copied out at once.

@@ -339,7 +339,8 @@ impl Pipeline {
             dst,
             process,
             message: dns::parse(payload, framed, cut),
-            hash: (self.dns_summaries && !tcp)
+            // Only queries': a held query's question is found by its hash.
+            hash: (self.dns_summaries && !tcp && event.direction == DNS_EGRESS)
                 .then(|| dns_message_hash(payload, event.payload_len)),
             query_ns: (event.query_ns != 0).then_some(event.query_ns),
         };
