@@ -5,7 +5,7 @@
 //! (Sockets that carried DNS and were never reported as attempts, like TCP ones, are
 //! forgotten once [`MAX_REMEMBERED`] is reached.)
 
-use std::{fs, io, os::unix::fs::MetadataExt, sync::Arc, time::Duration};
+use std::{borrow::Cow, fs, io, os::unix::fs::MetadataExt, sync::Arc, time::Duration};
 
 use foldhash::{HashMap, HashSet};
 use tracer_common::{DNS_EGRESS, DnsHeld, DnsHeldKey, IPPROTO_TCP, dns_message_hash};
@@ -344,28 +344,15 @@ impl Pipeline {
                 .then(|| dns_message_hash(payload, event.payload_len)),
             query_ns: (event.query_ns != 0).then_some(event.query_ns),
         };
-        // Borrowed from the cache, not cloned: this runs for every DNS message.
-        let fallback;
-        let resolver = match self.resolvers.get(&event.cgroup_id) {
-            Some(resolver) => resolver,
-            None => {
-                fallback = default_resolver(&origin);
-                &fallback
-            }
-        };
-        self.dns.on_message(seen, resolver, &mut self.lookups);
+        let resolver = resolver_of(&self.resolvers, event.cgroup_id, &origin);
+        self.dns.on_message(seen, &resolver, &mut self.lookups);
     }
 
     /// Whether the response to a query the kernel held back is overdue at `now_ns`.
     pub fn held_dns_query_overdue(&mut self, held: &DnsHeld, now_ns: u64) -> bool {
         let origin = self.origin_of(held.cgroup_id);
-        let deadline = match self.resolvers.get(&held.cgroup_id) {
-            Some(resolver) => self.dns.deadline_ns(held.sent_ns, resolver),
-            None => self
-                .dns
-                .deadline_ns(held.sent_ns, &default_resolver(&origin)),
-        };
-        now_ns >= deadline
+        let resolver = resolver_of(&self.resolvers, held.cgroup_id, &origin);
+        now_ns >= self.dns.deadline_ns(held.sent_ns, &resolver)
     }
 
     /// Queries the kernel held back that got no response in time (taken from the kernel
@@ -391,16 +378,9 @@ impl Pipeline {
                 client,
                 server,
             };
-            let fallback;
-            let resolver = match self.resolvers.get(&held.cgroup_id) {
-                Some(resolver) => resolver,
-                None => {
-                    fallback = default_resolver(&origin);
-                    &fallback
-                }
-            };
+            let resolver = resolver_of(&self.resolvers, held.cgroup_id, &origin);
             self.dns
-                .held_query_timed_out(&query, resolver, &mut self.lookups);
+                .held_query_timed_out(&query, &resolver, &mut self.lookups);
         }
     }
 
@@ -587,6 +567,19 @@ impl Pipeline {
         }
         self.resolvers
             .insert(cgroup_id, dns::resolver_config(&text));
+    }
+}
+
+/// The resolver configuration of `cgroup_id`: the one read from its pod (borrowed, not
+/// cloned: this runs for every DNS message), else the default for its namespace.
+fn resolver_of<'a>(
+    resolvers: &'a HashMap<u64, Resolver>,
+    cgroup_id: u64,
+    origin: &Origin,
+) -> Cow<'a, Resolver> {
+    match resolvers.get(&cgroup_id) {
+        Some(resolver) => Cow::Borrowed(resolver),
+        None => Cow::Owned(default_resolver(origin)),
     }
 }
 

@@ -623,24 +623,7 @@ impl Capture {
 
     /// The kernel's handshake counts (summed over CPUs), exact even when events were lost.
     pub fn handshakes(&self) -> Result<Vec<(HandshakeKey, HandshakeTotals)>, CaptureError> {
-        let map = self
-            .ebpf
-            .map("HANDSHAKES")
-            .ok_or(CaptureError::MissingPart("map HANDSHAKES"))?;
-        let map = PerCpuHashMap::<_, HandshakeKey, HandshakeTotals>::try_from(map)?;
-        map.iter()
-            .map(|entry| {
-                let (key, per_cpu) = entry?;
-                let totals =
-                    per_cpu
-                        .iter()
-                        .fold(HandshakeTotals::default(), |sum, cpu| HandshakeTotals {
-                            handshakes: sum.handshakes + cpu.handshakes,
-                            syn_retransmits: sum.syn_retransmits + cpu.syn_retransmits,
-                        });
-                Ok((key, totals))
-            })
-            .collect()
+        self.totals("HANDSHAKES")
     }
 
     /// Removes handshake keys that stay idle, so the map keeps room for new ones.
@@ -650,29 +633,30 @@ impl Capture {
 
     /// The kernel's counts of the DNS exchanges it summarised (summed over CPUs).
     pub fn dns_repeats(&self) -> Result<Vec<(DnsRepeatKey, DnsRepeatTotals)>, CaptureError> {
-        let map = self
-            .ebpf
-            .map("DNS_REPEATS")
-            .ok_or(CaptureError::MissingPart("map DNS_REPEATS"))?;
-        let map = PerCpuHashMap::<_, DnsRepeatKey, DnsRepeatTotals>::try_from(map)?;
-        map.iter()
-            .map(|entry| {
-                let (key, per_cpu) = entry?;
-                let totals =
-                    per_cpu
-                        .iter()
-                        .fold(DnsRepeatTotals::default(), |sum, cpu| DnsRepeatTotals {
-                            exchanges: sum.exchanges + cpu.exchanges,
-                            duration_ns: sum.duration_ns + cpu.duration_ns,
-                        });
-                Ok((key, totals))
-            })
-            .collect()
+        self.totals("DNS_REPEATS")
     }
 
     /// Removes summarised-exchange keys that stay idle.
     pub fn forget_dns_repeats(&mut self, keys: &[DnsRepeatKey]) -> Result<(), CaptureError> {
         self.forget::<DnsRepeatKey, DnsRepeatTotals>("DNS_REPEATS", keys)
+    }
+
+    /// Every key of the per-CPU map `name`, with its totals summed over the CPUs.
+    fn totals<K: aya::Pod, V: Totals>(
+        &self,
+        name: &'static str,
+    ) -> Result<Vec<(K, V)>, CaptureError> {
+        let map = self.ebpf.map(name).ok_or(CaptureError::MissingPart(name))?;
+        let map = PerCpuHashMap::<_, K, V>::try_from(map)?;
+        map.iter()
+            .map(|entry| {
+                let (key, per_cpu) = entry?;
+                Ok((
+                    key,
+                    per_cpu.iter().fold(V::default(), |sum, cpu| sum.plus(cpu)),
+                ))
+            })
+            .collect()
     }
 
     /// Removes the queries the kernel held back for which `overdue` holds (their response
@@ -722,6 +706,55 @@ impl Capture {
             }
         }
         Ok(())
+    }
+}
+
+/// Counts the kernel keeps per key (and CPU) in a map, which only ever grow.
+pub trait Totals: aya::Pod + Default {
+    fn plus(&self, other: &Self) -> Self;
+    /// What was added since `earlier` (a key removed and made again counts from zero).
+    fn since(&self, earlier: &Self) -> Self;
+    /// Whether nothing was counted.
+    fn is_zero(&self) -> bool;
+}
+
+impl Totals for HandshakeTotals {
+    fn plus(&self, other: &Self) -> Self {
+        Self {
+            handshakes: self.handshakes + other.handshakes,
+            syn_retransmits: self.syn_retransmits + other.syn_retransmits,
+        }
+    }
+
+    fn since(&self, earlier: &Self) -> Self {
+        Self {
+            handshakes: self.handshakes.saturating_sub(earlier.handshakes),
+            syn_retransmits: self.syn_retransmits.saturating_sub(earlier.syn_retransmits),
+        }
+    }
+
+    fn is_zero(&self) -> bool {
+        self.handshakes == 0
+    }
+}
+
+impl Totals for DnsRepeatTotals {
+    fn plus(&self, other: &Self) -> Self {
+        Self {
+            exchanges: self.exchanges + other.exchanges,
+            duration_ns: self.duration_ns + other.duration_ns,
+        }
+    }
+
+    fn since(&self, earlier: &Self) -> Self {
+        Self {
+            exchanges: self.exchanges.saturating_sub(earlier.exchanges),
+            duration_ns: self.duration_ns.saturating_sub(earlier.duration_ns),
+        }
+    }
+
+    fn is_zero(&self) -> bool {
+        self.exchanges == 0
     }
 }
 

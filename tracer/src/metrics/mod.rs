@@ -36,8 +36,7 @@ use tracer_common::{
 };
 
 use crate::{
-    capture::KernelCounters,
-    capture::socket_addr,
+    capture::{KernelCounters, Totals, socket_addr},
     cluster::ClusterState,
     conntrack::{ConntrackStats, NodeConntrack},
     dns::{LookupResult, QueryOutcome, rcode_name},
@@ -153,8 +152,8 @@ pub struct Metrics {
     missing_since: HashMap<String, Instant>,
     kernel_seen: KernelCounters,
     conntrack_seen: Option<ConntrackStats>,
-    handshakes_seen: HashMap<HandshakeKey, (HandshakeTotals, u32)>,
-    dns_repeats_seen: HashMap<DnsRepeatKey, (DnsRepeatTotals, u32)>,
+    handshakes_seen: TotalsSeen<HandshakeKey, HandshakeTotals>,
+    dns_repeats_seen: TotalsSeen<DnsRepeatKey, DnsRepeatTotals>,
 }
 
 impl Metrics {
@@ -290,8 +289,8 @@ impl Metrics {
             missing_since: HashMap::default(),
             kernel_seen: KernelCounters::default(),
             conntrack_seen: None,
-            handshakes_seen: HashMap::default(),
-            dns_repeats_seen: HashMap::default(),
+            handshakes_seen: TotalsSeen::default(),
+            dns_repeats_seen: TotalsSeen::default(),
         }
     }
 
@@ -437,21 +436,9 @@ impl Metrics {
     ) -> Vec<HandshakeKey> {
         let mut idle = Vec::new();
         for (key, now) in totals {
-            let (before, idle_reads) = self
-                .handshakes_seen
-                .entry(*key)
-                .or_insert((HandshakeTotals::default(), 0));
-            let handshakes = now.handshakes.saturating_sub(before.handshakes);
-            let retransmits = now.syn_retransmits.saturating_sub(before.syn_retransmits);
-            *before = *now;
-            if handshakes == 0 {
-                *idle_reads += 1;
-                if *idle_reads >= IDLE_READS_BEFORE_FORGET {
-                    idle.push(*key);
-                }
+            let Some(added) = self.handshakes_seen.added(*key, now, &mut idle) else {
                 continue;
-            }
-            *idle_reads = 0;
+            };
             let origin = origin_of(key.cgroup_id);
             let class = DstClass::of(handshake_address(key), cluster);
             let outcome = Outcome::of_handshake(key.outcome).as_str();
@@ -460,13 +447,15 @@ impl Metrics {
                 [("outcome", outcome), ("dst_class", class.as_str())],
             );
             self.touch(PerPod::Connections, &origin, &labels);
-            self.connections.get_or_create(&labels).inc_by(handshakes);
-            if retransmits > 0 {
+            self.connections
+                .get_or_create(&labels)
+                .inc_by(added.handshakes);
+            if added.syn_retransmits > 0 {
                 let labels = self.labels(&origin, []);
                 self.touch(PerPod::SynRetransmits, &origin, &labels);
                 self.syn_retransmits
                     .get_or_create(&labels)
-                    .inc_by(retransmits);
+                    .inc_by(added.syn_retransmits);
             }
         }
         idle
@@ -485,21 +474,9 @@ impl Metrics {
     ) -> Vec<DnsRepeatKey> {
         let mut idle = Vec::new();
         for (key, now) in totals {
-            let (before, idle_reads) = self
-                .dns_repeats_seen
-                .entry(*key)
-                .or_insert((DnsRepeatTotals::default(), 0));
-            let exchanges = now.exchanges.saturating_sub(before.exchanges);
-            let duration_ns = now.duration_ns.saturating_sub(before.duration_ns);
-            *before = *now;
-            if exchanges == 0 {
-                *idle_reads += 1;
-                if *idle_reads >= IDLE_READS_BEFORE_FORGET {
-                    idle.push(*key);
-                }
+            let Some(added) = self.dns_repeats_seen.added(*key, now, &mut idle) else {
                 continue;
-            }
-            *idle_reads = 0;
+            };
             let Some(server) = socket_addr(&key.server) else {
                 continue;
             };
@@ -513,13 +490,15 @@ impl Metrics {
                 [("rcode", rcode), ("qtype", qtype), ("server", server)],
             );
             self.touch(PerPod::DnsQueries, &origin, &labels);
-            self.dns_queries.get_or_create(&labels).inc_by(exchanges);
+            self.dns_queries
+                .get_or_create(&labels)
+                .inc_by(added.exchanges);
             let labels = self.labels(&origin, [("server", server)]);
             self.touch(PerPod::DnsDuration, &origin, &labels);
             self.dns_duration.get_or_create(&labels).add_bucketed(
                 key.bucket.into(),
-                exchanges,
-                duration_ns as f64 / 1e9,
+                added.exchanges,
+                added.duration_ns as f64 / 1e9,
             );
         }
         idle
@@ -527,16 +506,12 @@ impl Metrics {
 
     /// The keys [`dns_repeats`](Self::dns_repeats) returned are gone from the kernel map.
     pub fn forgotten_dns_repeats(&mut self, keys: &[DnsRepeatKey]) {
-        for key in keys {
-            self.dns_repeats_seen.remove(key);
-        }
+        self.dns_repeats_seen.forget(keys);
     }
 
     /// The keys [`handshakes`](Self::handshakes) returned are gone from the kernel map.
     pub fn forgotten(&mut self, keys: &[HandshakeKey]) {
-        for key in keys {
-            self.handshakes_seen.remove(key);
-        }
+        self.handshakes_seen.forget(keys);
     }
 
     /// The kernel's event counters (totals since the programs were loaded).
@@ -701,6 +676,45 @@ fn handshake_address(key: &HandshakeKey) -> IpAddr {
         IpAddr::from([a, b, c, d])
     } else {
         IpAddr::from(key.addr)
+    }
+}
+
+/// The kernel's totals per key as last read, and for how many reads each stayed the same.
+struct TotalsSeen<K, V> {
+    seen: HashMap<K, (V, u32)>,
+}
+
+impl<K, V> Default for TotalsSeen<K, V> {
+    fn default() -> Self {
+        Self {
+            seen: HashMap::default(),
+        }
+    }
+}
+
+impl<K: Copy + Eq + std::hash::Hash, V: Totals> TotalsSeen<K, V> {
+    /// What `now` adds to the last read of `key`; `None` when nothing, and `key` goes
+    /// into `idle` once it has stayed the same for [`IDLE_READS_BEFORE_FORGET`] reads.
+    fn added(&mut self, key: K, now: &V, idle: &mut Vec<K>) -> Option<V> {
+        let (before, idle_reads) = self.seen.entry(key).or_insert((V::default(), 0));
+        let added = now.since(before);
+        *before = *now;
+        if added.is_zero() {
+            *idle_reads += 1;
+            if *idle_reads >= IDLE_READS_BEFORE_FORGET {
+                idle.push(key);
+            }
+            return None;
+        }
+        *idle_reads = 0;
+        Some(added)
+    }
+
+    /// The keys are gone from the kernel map: a key made again counts from zero.
+    fn forget(&mut self, keys: &[K]) {
+        for key in keys {
+            self.seen.remove(key);
+        }
     }
 }
 
