@@ -88,8 +88,7 @@ pub fn on_packet(ctx: &SkBuffContext, packet: &Packet, direction: u8) -> Result<
             if repeated && DNS_HELD.insert(held_key, held, BPF_NOEXIST as u64).is_ok() {
                 return Ok(());
             }
-        // SAFETY: the value is copied out at once.
-        } else if let Some(held) = unsafe { DNS_HELD.get(held_key) }.copied() {
+        } else if let Some(held) = held_query(held_key) {
             // Whoever removes the entry accounts for the query: userspace removes it when
             // the response is overdue, and then this response is a late one.
             if DNS_HELD.remove(held_key).is_ok() {
@@ -141,6 +140,13 @@ pub fn on_packet(ctx: &SkBuffContext, packet: &Packet, direction: u8) -> Result<
         let _ = DNS_RECENT.insert(recent, period, 0);
     }
     Ok(())
+}
+
+/// The query held back under `key`, copied out.
+#[inline(always)]
+fn held_query(key: DnsHeldKey) -> Option<DnsHeld> {
+    // SAFETY: the value is copied out at once.
+    unsafe { DNS_HELD.get(key) }.copied()
 }
 
 /// `tracer_common::dns_message_hash` of the UDP payload at `payload` (at least
