@@ -1,5 +1,6 @@
 //! `egress-tracer agent` in the node lab: exact metrics while traffic plays, the flows
-//! API and its follow stream, SIGTERM, and a ring buffer too small for the traffic.
+//! API and its follow stream, SIGTERM, a ring buffer too small for the traffic, and DNS
+//! summaries.
 //! Needs root.
 
 use std::{process::Command, time::Duration};
