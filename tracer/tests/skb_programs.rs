@@ -6,13 +6,13 @@
 
 use aya::{
     Ebpf,
-    maps::RingBuf,
+    maps::{Array, HashMap, RingBuf},
     programs::{CgroupSkb, TestRun, TestRunOptions},
 };
 use egress_tracer::capture::KERNEL_OBJECT;
 use tracer_common::{
-    AF_INET, DNS_CAPTURE_BYTES, DNS_EGRESS, DNS_INGRESS, DnsEvent, EventHeader, EventKind,
-    IPPROTO_TCP, IPPROTO_UDP,
+    AF_INET, DNS_CAPTURE_BYTES, DNS_EGRESS, DNS_INGRESS, DnsEvent, DnsHeld, DnsHeldKey,
+    EventHeader, EventKind, IPPROTO_TCP, IPPROTO_UDP, SETTING_DNS_SUMMARY_MS, dns_message_hash,
 };
 
 const PASS: u32 = 1;
@@ -22,6 +22,19 @@ fn load(program: &str) -> Ebpf {
     let skb: &mut CgroupSkb = ebpf.program_mut(program).unwrap().try_into().unwrap();
     skb.load().expect("the verifier accepts the program");
     ebpf
+}
+
+/// Turns DNS summaries on, with a period no test outlasts.
+fn summarise_dns(ebpf: &mut Ebpf) {
+    let mut settings: Array<_, u32> = Array::try_from(ebpf.map_mut("SETTINGS").unwrap()).unwrap();
+    settings.set(SETTING_DNS_SUMMARY_MS, 3_600_000, 0).unwrap();
+}
+
+/// The queries the programs held back.
+fn held(ebpf: &Ebpf) -> Vec<DnsHeld> {
+    let map: HashMap<_, DnsHeldKey, DnsHeld> =
+        HashMap::try_from(ebpf.map("DNS_HELD").unwrap()).unwrap();
+    map.iter().map(|entry| entry.unwrap().1).collect()
 }
 
 /// Runs `program` on `frame`; returns its verdict and the events it wrote.
@@ -143,6 +156,47 @@ fn long_dns_message_is_cut_to_the_capture_size() {
 
 #[test]
 #[ignore = "needs root: run `cargo xtask test`"]
+fn a_repeated_query_is_held_back_under_the_hash_userspace_computes() {
+    let mut ebpf = load("skb_egress");
+    summarise_dns(&mut ebpf);
+    let mut long = dns_query();
+    long.resize(1400, 0xab);
+    for query in [dns_query(), long] {
+        let frame = ethernet(
+            ETH_P_IP,
+            &ipv4(IPPROTO_UDP, POD, CLUSTER_DNS, &udp(40000, 53, &query)),
+        );
+        let mut repeat = frame.clone();
+        // Another DNS id: the same query to the summaries.
+        let id_at = frame.len() - query.len();
+        repeat[id_at..id_at + 2].copy_from_slice(&[0xab, 0xcd]);
+        let (verdict, events) = run(&mut ebpf, "skb_egress", &frame);
+        assert_eq!((verdict, events.len()), (PASS, 1));
+        let sent = dns_event(&events[0]);
+        let captured = &sent.data[..usize::from(sent.captured)];
+        let before = held(&ebpf).len();
+        let (verdict, events) = run(&mut ebpf, "skb_egress", &repeat);
+        assert_eq!((verdict, events.len()), (PASS, 0), "{} bytes", query.len());
+        let held = held(&ebpf);
+        assert_eq!(held.len(), before + 1);
+        let entry = held
+            .iter()
+            .find(|h| h.query_hash == dns_message_hash(captured, sent.payload_len))
+            .unwrap_or_else(|| panic!("{} bytes: {held:?}", query.len()));
+        assert_eq!(
+            (entry.client.port, &entry.client.addr[..4]),
+            (40000, &POD[..])
+        );
+        assert_eq!(
+            (entry.server.port, &entry.server.addr[..4]),
+            (53, &CLUSTER_DNS[..])
+        );
+        assert_eq!(entry.cgroup_id, sent.cgroup_id);
+    }
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
 fn malformed_and_truncated_packets_pass_untouched_and_report_nothing() {
     let mut ebpf = load("skb_egress");
     let query = dns_query();
@@ -190,6 +244,13 @@ fn malformed_and_truncated_packets_pass_untouched_and_report_nothing() {
 #[ignore = "needs root: run `cargo xtask test`"]
 fn random_frames_never_change_a_verdict_or_overrun_the_capture() {
     let mut ebpf = load("skb_egress");
+    random_frames(&mut ebpf);
+    // Again through the summaries' hashing and held queries.
+    summarise_dns(&mut ebpf);
+    random_frames(&mut ebpf);
+}
+
+fn random_frames(ebpf: &mut Ebpf) {
     // xorshift64: reproducible without a dependency.
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
@@ -208,7 +269,7 @@ fn random_frames_never_change_a_verdict_or_overrun_the_capture() {
             frame[14 + 9] = IPPROTO_UDP;
             frame[14 + 22..14 + 24].copy_from_slice(&53u16.to_be_bytes());
         }
-        let (verdict, events) = run(&mut ebpf, "skb_egress", &frame);
+        let (verdict, events) = run(ebpf, "skb_egress", &frame);
         assert_eq!(verdict, PASS, "round {round}");
         for event in events {
             let event = dns_event(&event);
