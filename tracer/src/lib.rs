@@ -25,16 +25,17 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Makes the allocator return freed memory to the system after 10 ms. mimalloc's default
-/// waits a second, which under the agent's churn held tens of MiB more than it used
-/// (`cargo xtask bench`: 100k attempts held took 157 MiB instead of 108); no wait at all
-/// returns and faults the same pages in again all the time (the pipeline bench made
-/// 2.09 M events/s with no wait, 3.03 M with 10 ms). Binaries call this first.
+/// Makes the allocator return freed memory to the system after 250 ms. mimalloc's default
+/// waits a second, which under the agent's churn held a third more than it used (the
+/// pipeline bench's 100k attempts: 99 MiB against 71); 10 ms returned and faulted the
+/// same pages in again so often that page faults took a fifth of the agent's CPU under
+/// connection load (perf; 1.08-1.21 us of agent CPU per connection against 0.86-0.90 at
+/// 250 ms, same memory). Binaries call this first.
 pub fn release_freed_memory_promptly() {
     /// `mi_option_purge_delay` in mimalloc.h (in milliseconds); the Rust binding does
     /// not name it.
     const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    const DELAY_MS: std::ffi::c_long = 10;
+    const DELAY_MS: std::ffi::c_long = 250;
     // SAFETY: sets a process-wide option; mimalloc reads options atomically.
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, DELAY_MS) }
 }
