@@ -6,7 +6,9 @@
 //! egress-tracer agent, tcpdump writing the pod's traffic to a file (the troubleshooting
 //! guide's packet capture) and, where it runs, a bpftrace script that counts the same
 //! events. Every traced run is bracketed by untraced runs and divided by their mean rate;
-//! the modes' order rotates every round, and the table shows the median of the rounds.
+//! the modes' order rotates every round, and the table shows the median of the rounds,
+//! with a 95% confidence interval of that median (from the rounds' order statistics: how
+//! far the rounds' scatter leaves the median from the true ratio).
 //! Each rate is counted per second of CPU the machine had: on a virtual machine the
 //! hypervisor takes CPU time away (steal, in `/proc/stat`) by amounts that change from
 //! second to second, and a load that needs the whole machine loses as much rate. The
@@ -257,8 +259,10 @@ fn run() -> Result<(), String> {
                 mode.name()
             );
             result["connect_ratio"] = json!(connect);
+            result["connect_ratio_interval"] = json!(median_interval(&connect_rounds));
             result["connect_ratio_per_round"] = json!(connect_rounds);
             result["dns_ratio"] = json!(dns);
+            result["dns_ratio_interval"] = json!(median_interval(&dns_rounds));
             result["dns_ratio_per_round"] = json!(dns_rounds);
             result["raw_connect_ratio"] = json!(raw_connect);
             result["raw_connect_ratio_per_round"] = json!(raw_connect_rounds);
@@ -273,6 +277,18 @@ fn run() -> Result<(), String> {
             result["watcher_cpu_us_per_query_per_round"] = json!(dns_cpu);
         }
         results.push(result);
+    }
+    println!(
+        "{:<22} {:>16} {:>16}   (95% confidence interval of each median above, from the order statistics of its rounds; none below 6 rounds)",
+        "mode", "connect+close", "DNS queries"
+    );
+    for result in &results[1..] {
+        println!(
+            "{:<22} {:>16} {:>16}",
+            result["mode"].as_str().unwrap_or("?"),
+            interval_text(&result["connect_ratio_interval"]),
+            interval_text(&result["dns_ratio_interval"]),
+        );
     }
     println!(
         "{:<22} {:>16} {:>16}   (CPU time of the watcher's own threads per operation, median; the agent's kernel programs run in the load's threads, outside it)",
@@ -312,20 +328,30 @@ fn run() -> Result<(), String> {
     }
     let agent = &results[1];
     let verdicts = [
-        (
-            "agent connect ratio >= 0.95",
-            agent["connect_ratio"].as_f64() >= Some(0.95),
-        ),
-        (
-            "agent DNS ratio >= 0.97",
-            agent["dns_ratio"].as_f64() >= Some(0.97),
-        ),
+        ("agent connect ratio >= 0.95", "connect_ratio", 0.95),
+        ("agent DNS ratio >= 0.97", "dns_ratio", 0.97),
     ];
     for note in &notes {
         println!("note: {note}");
     }
-    for (target, met) in verdicts {
-        println!("target {target}: {}", if met { "met" } else { "NOT met" });
+    for (target, field, bound) in verdicts {
+        let met = agent[field].as_f64() >= Some(bound);
+        let interval = &agent[format!("{field}_interval")];
+        // Whether the rounds' scatter leaves the verdict open.
+        let open = interval[0].as_f64() < Some(bound) && interval[1].as_f64() >= Some(bound);
+        println!(
+            "target {target}: {}{}",
+            if met { "met" } else { "NOT met" },
+            if open {
+                format!(
+                    " (median {:.3}; its 95% interval {} includes {bound})",
+                    agent[field].as_f64().unwrap_or(f64::NAN),
+                    interval_text(interval)
+                )
+            } else {
+                String::new()
+            }
+        );
     }
     for other in &results[2..] {
         let cheaper = agent["connect_ratio"].as_f64() > other["connect_ratio"].as_f64()
@@ -897,6 +923,42 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// `lo-hi` of a JSON interval, `-` for none.
+fn interval_text(interval: &Value) -> String {
+    match (interval[0].as_f64(), interval[1].as_f64()) {
+        (Some(lo), Some(hi)) => format!("{lo:.3}-{hi:.3}"),
+        _ => "-".into(),
+    }
+}
+
+/// A 95% confidence interval of the median of `values`, free of any assumption about
+/// their distribution: the k-th smallest and k-th largest value, for the largest k that
+/// leaves at most 2.5% probability on each side (each value falls below the true median
+/// with probability one half). `None` for fewer than 6 values, which no such pair covers.
+/// What it tells: whether a median's distance from a target is more than the rounds'
+/// scatter.
+fn median_interval(values: &[f64]) -> Option<(f64, f64)> {
+    let n = values.len();
+    // P(at most j of the n values fall below the median), cumulated.
+    let mut below = 0.0;
+    let mut ways = 1.0;
+    let mut k = 0;
+    for j in 0..n {
+        below += ways / 2f64.powi(n as i32);
+        if below > 0.025 {
+            break;
+        }
+        k = j + 1;
+        ways = ways * (n - j) as f64 / (j + 1) as f64;
+    }
+    if k == 0 {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    Some((sorted[k - 1], sorted[n - k]))
+}
+
 fn write_results(
     options: &Options,
     results: &[Value],
@@ -923,4 +985,26 @@ fn write_results(
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     println!("results: {}", path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_interval_takes_the_order_statistics_of_a_95_percent_interval() {
+        // Fewer than six rounds: even the smallest and largest cover only 1 - 2/2^5.
+        assert_eq!(median_interval(&[1.0, 2.0, 3.0, 4.0, 5.0]), None);
+        // Six: 1 - 2/64 = 96.9%, the extremes.
+        assert_eq!(
+            median_interval(&[6.0, 1.0, 5.0, 2.0, 4.0, 3.0]),
+            Some((1.0, 6.0))
+        );
+        // Fifteen: the 4th and 12th (P(at most 3 below) = 1.76%, at most 4: 5.9%).
+        let fifteen: Vec<f64> = (1..=15).rev().map(f64::from).collect();
+        assert_eq!(median_interval(&fifteen), Some((4.0, 12.0)));
+        // Twenty: the 6th and 15th (2.07%; at most 6 below: 5.8%).
+        let twenty: Vec<f64> = (1..=20).map(f64::from).collect();
+        assert_eq!(median_interval(&twenty), Some((6.0, 15.0)));
+    }
 }
