@@ -278,34 +278,29 @@ fn run() -> Result<(), String> {
         }
         results.push(result);
     }
-    println!(
-        "{:<22} {:>16} {:>16}   (95% confidence interval of each median above, from the order statistics of its rounds; none below 6 rounds)",
-        "mode", "connect+close", "DNS queries"
+    print_per_watcher(
+        &results[1..],
+        ("connect+close", "DNS queries"),
+        "95% confidence interval of each median above, from the order statistics of its rounds; none below 6 rounds",
+        |result| {
+            (
+                interval_text(&result["connect_ratio_interval"]),
+                interval_text(&result["dns_ratio_interval"]),
+            )
+        },
     );
-    for result in &results[1..] {
-        println!(
-            "{:<22} {:>16} {:>16}",
-            result["mode"].as_str().unwrap_or("?"),
-            interval_text(&result["connect_ratio_interval"]),
-            interval_text(&result["dns_ratio_interval"]),
-        );
-    }
-    println!(
-        "{:<22} {:>16} {:>16}   (CPU time of the watcher's own threads per operation, median; the agent's kernel programs run in the load's threads, outside it)",
-        "mode", "µs/connection", "µs/DNS query"
+    print_per_watcher(
+        &results[1..],
+        ("µs/connection", "µs/DNS query"),
+        "CPU time of the watcher's own threads per operation, median; the agent's kernel programs run in the load's threads, outside it",
+        |result| {
+            let us = |field: &str| format!("{:.2}", result[field].as_f64().unwrap_or(f64::NAN));
+            (
+                us("watcher_cpu_us_per_connection"),
+                us("watcher_cpu_us_per_query"),
+            )
+        },
     );
-    for result in &results[1..] {
-        println!(
-            "{:<22} {:>16.2} {:>16.2}",
-            result["mode"].as_str().unwrap_or("?"),
-            result["watcher_cpu_us_per_connection"]
-                .as_f64()
-                .unwrap_or(f64::NAN),
-            result["watcher_cpu_us_per_query"]
-                .as_f64()
-                .unwrap_or(f64::NAN)
-        );
-    }
     println!(
         "{:<22} {:>16} {:>16}   (the watcher's kernel programs' run time per operation, from the kernel's BPF run-time statistics during a run of each load; a separate run, so that the statistics' own cost stays out of the ratios)",
         "mode", "µs/connection", "µs/DNS query"
@@ -920,6 +915,24 @@ fn median(values: &[f64]) -> f64 {
         sorted[middle]
     } else {
         (sorted[middle - 1] + sorted[middle]) / 2.0
+    }
+}
+
+/// A table of one line per watcher: its mode and the two cells `cells` makes of its
+/// result.
+fn print_per_watcher(
+    results: &[Value],
+    (connect, dns): (&str, &str),
+    about: &str,
+    cells: impl Fn(&Value) -> (String, String),
+) {
+    println!("{:<22} {connect:>16} {dns:>16}   ({about})", "mode");
+    for result in results {
+        let (connect, dns) = cells(result);
+        println!(
+            "{:<22} {connect:>16} {dns:>16}",
+            result["mode"].as_str().unwrap_or("?")
+        );
     }
 }
 
