@@ -46,6 +46,10 @@ enum Task {
         /// Length of the agent's churn soak (RSS sampled every 10 s), in seconds; 0 skips it.
         #[arg(long, default_value_t = 600)]
         soak: u64,
+        /// Instead of measuring: the rounds of earlier runs' kernel-*.json files taken
+        /// together, median and 95% interval per mode (no root needed).
+        #[arg(long, num_args = 1.., value_name = "RESULTS")]
+        pool: Vec<PathBuf>,
     },
     /// Run every cargo-fuzz target in tracer/fuzz (DNS parser, event decoder, manifest
     /// loader) and report how many inputs each ran without a crash.
@@ -73,7 +77,9 @@ fn main() -> anyhow::Result<()> {
             rounds,
             seconds,
             soak,
-        } => bench(&root, rounds, seconds, soak),
+            pool,
+        } if pool.is_empty() => bench(&root, rounds, seconds, soak),
+        Task::Bench { pool, .. } => pool_results(&root, &pool),
         Task::Fuzz { seconds } => fuzz(&root, seconds),
     }
 }
@@ -300,6 +306,28 @@ fn bench(root: &Path, rounds: usize, seconds: f64, soak: u64) -> anyhow::Result<
         bail!("the kernel benchmark failed ({status})");
     }
     pipeline_bench(root)
+}
+
+/// Pools earlier kernel bench results with the bench binary's `--pool`.
+fn pool_results(root: &Path, files: &[PathBuf]) -> anyhow::Result<()> {
+    let mut args = vec![
+        "run",
+        "--release",
+        "-q",
+        "-p",
+        "egress-lab",
+        "--bin",
+        "bench",
+        "--",
+        "--pool",
+    ];
+    for file in files {
+        args.push(
+            file.to_str()
+                .with_context(|| format!("{}: not a UTF-8 path", file.display()))?,
+        );
+    }
+    cargo(root, &args, &[])
 }
 
 /// The fuzz targets, in the order the README lists them.

@@ -125,7 +125,12 @@ fn unless_interrupted() -> Result<(), String> {
 
 fn main() -> ExitCode {
     stop_on_signals();
-    match run() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let outcome = match args.split_first() {
+        Some((flag, files)) if flag == "--pool" => pool(files),
+        _ => run(),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bench: {e}");
@@ -385,6 +390,59 @@ fn run() -> Result<(), String> {
         &notes,
         json!({ "loss": loss, "soak": soak }),
     )
+}
+
+/// `--pool RESULTS...`: the rounds of earlier runs' JSON files taken together, per mode:
+/// the median of the pooled per-round ratios and its 95% interval (one file gives that
+/// run's own figures, intervals included for runs from before they were printed).
+fn pool(files: &[String]) -> Result<(), String> {
+    if files.is_empty() {
+        return Err("--pool takes one or more bench/results/kernel-*.json files".into());
+    }
+    // mode -> (connect ratios, DNS ratios), in the order the modes first appear.
+    let mut pooled: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
+        let run: Value = serde_json::from_str(&text).map_err(|e| format!("{file}: {e}"))?;
+        let results = run["results"]
+            .as_array()
+            .ok_or_else(|| format!("{file}: no results (not a kernel bench file?)"))?;
+        for result in results.iter().skip(1) {
+            let mode = result["mode"].as_str().unwrap_or("?").to_string();
+            let rounds = |field: &str| -> Vec<f64> {
+                result[field]
+                    .as_array()
+                    .map(|values| values.iter().filter_map(Value::as_f64).collect())
+                    .unwrap_or_default()
+            };
+            let index = match pooled.iter().position(|(known, ..)| *known == mode) {
+                Some(index) => index,
+                None => {
+                    pooled.push((mode, Vec::new(), Vec::new()));
+                    pooled.len() - 1
+                }
+            };
+            pooled[index].1.extend(rounds("connect_ratio_per_round"));
+            pooled[index].2.extend(rounds("dns_ratio_per_round"));
+        }
+    }
+    println!(
+        "{:<22} {:>7} {:>24} {:>24}   (median of the pooled rounds, and its 95% interval)",
+        "mode", "rounds", "connect+close", "DNS queries"
+    );
+    for (mode, connects, queries) in &pooled {
+        let cell = |of: &[f64]| {
+            let interval = json!(median_interval(of));
+            format!("{:.3} ({})", median(of), interval_text(&interval))
+        };
+        println!(
+            "{mode:<22} {:>7} {:>24} {:>24}",
+            connects.len(),
+            cell(connects),
+            cell(queries)
+        );
+    }
+    Ok(())
 }
 
 /// A load's rate over one run, and the share of the machine's CPU time stolen meanwhile.
