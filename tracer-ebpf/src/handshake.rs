@@ -135,8 +135,13 @@ fn handshake_failed(sk: *const c_void, reporter: Reporter) {
             reported: 0,
             _pad: 0,
         });
+    // Reported already. The error report can come again for the same socket (a second
+    // ICMP error, for a retransmitted SYN, or `tcp_disconnect()`): only the socket's
+    // destruction ends the entry, or the destruction would report the failure again.
     if failing.reported != 0 {
-        let _ = FAILING_HANDSHAKES.remove(cookie);
+        if reporter == Reporter::Destruction {
+            let _ = FAILING_HANDSHAKES.remove(cookie);
+        }
         return;
     }
     // SAFETY: `sk` is the tracepoint's `struct sock *` and these are fields of it.

@@ -4,18 +4,30 @@
 //!   its first SYN, and ends when its socket leaves `SYN_SENT`; that transition says how
 //!   it ended ([`Outcome`]).
 //! - A UDP attempt starts with its `connect()` and is an attempt once its first datagram
-//!   leaves; it is reported [`UDP_SETTLE`] after the connect, or at once when an ICMP error
-//!   answers it. A connected UDP socket that sent nothing by then was an address-selection
-//!   probe (`getaddrinfo` makes those) and is counted, not reported.
+//!   leaves; it is reported [`UDP_SETTLE`] after the connect, or sooner when a fatal ICMP
+//!   error answers it. A connected UDP socket that sent nothing by then was an
+//!   address-selection probe (`getaddrinfo` makes those) and is counted, not reported.
 //! - An unconnected UDP socket's first send to a destination is an attempt of its own,
 //!   reported like a connected socket's.
-//! - ICMP errors are matched to attempts by the tuple their embedded header carries.
+//! - ICMP errors and drops of forwarded packets are matched to attempts by the tuple their
+//!   packet carries.
+//!
+//! A record does not depend on the order in which its evidence arrives. The kernel does
+//! not report it in one order: a socket whose SYN an ICMP error rejects is closed inside
+//! `icmp_rcv()` before the ICMP event is taken, unless the application held the socket's
+//! lock at that moment. So a failed attempt is held for [`EVIDENCE_WAIT`] of kernel time
+//! after its ending, measured against how far the events have been read
+//! ([`FlowAssembler::expire`]), and judged only when it leaves; of several ICMP errors or
+//! drops the earliest is kept. Evidence naming a tuple that no attempt has yet waits as
+//! long for it. Successful attempts are reported at once.
 //!
 //! Memory is bounded: at most [`MAX_PENDING`] attempts wait, and none longer than
 //! [`MAX_TCP_WAIT`]; beyond either limit an attempt is emitted early (outcome
-//! `in-progress`) and counted in [`FlowStats::evicted`].
+//! `in-progress`) and counted in [`FlowStats::evicted`]. At most [`MAX_UNMATCHED`]
+//! unmatched pieces of evidence wait; beyond that they are counted at once.
 
 use std::{
+    cmp::Reverse,
     collections::{VecDeque, hash_map::Entry},
     hash::{Hash, Hasher},
     net::{IpAddr, SocketAddr},
@@ -44,6 +56,12 @@ pub const UDP_SETTLE: Duration = Duration::from_secs(1);
 pub const MAX_TCP_WAIT: Duration = Duration::from_secs(300);
 /// Most attempts held at once.
 pub const MAX_PENDING: usize = 65_536;
+/// How long, in kernel time, a failed attempt waits after its ending for evidence still
+/// on its way (an ICMP error taken after the socket closed, a retransmission dropped on
+/// another CPU: microseconds apart in practice).
+pub const EVIDENCE_WAIT: Duration = Duration::from_millis(250);
+/// Most ICMP errors and drops held while no attempt has their tuple.
+pub const MAX_UNMATCHED: usize = 4_096;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -354,7 +372,7 @@ impl Hash for FlowKey {
     }
 }
 
-/// An attempt's place in its arrival-order queue.
+/// An attempt's place in an arrival-order queue.
 #[derive(Clone, Copy)]
 struct Queued {
     cookie: u64,
@@ -366,22 +384,60 @@ struct Queued {
 
 impl Queued {
     /// Whether the attempt queued here is still pending.
-    fn is_current(&self, pending: &HashMap<u64, Box<Attempt>>, protocol: Protocol) -> bool {
-        pending
-            .get(&self.cookie)
-            .is_some_and(|a| a.protocol == protocol && a.monotonic_ns == self.connected_ns)
+    fn is_current(&self, pending: &HashMap<u64, Pending>, protocol: Protocol) -> bool {
+        pending.get(&self.cookie).is_some_and(|p| {
+            p.attempt.protocol == protocol && p.attempt.monotonic_ns == self.connected_ns
+        })
     }
+}
+
+/// A failed attempt's place in the queue of those waiting for late evidence.
+#[derive(Clone, Copy)]
+struct Release {
+    at_ns: u64,
+    place: Queued,
+}
+
+/// A pending attempt and what the assembler keeps beside it.
+struct Pending {
+    attempt: Box<Attempt>,
+    /// Kernel times of the ICMP error and of the first drop kept in `attempt`: of several,
+    /// the earliest is kept, whatever order their events arrive in.
+    icmp_ns: u64,
+    first_drop_ns: u64,
+    /// Whether the attempt has ended (it is judged when it leaves the assembler), and
+    /// the socket's end of its TCP handshake (a UDP attempt ends with its ICMP error).
+    ended: bool,
+    handshake: Option<Box<SockStateEvent>>,
+}
+
+/// Evidence that names a flow no pending attempt has yet.
+enum Evidence {
+    Icmp(IcmpError),
+    Drop(PacketDrop),
+}
+
+/// Evidence held until an attempt with its flow's tuple appears.
+struct Unmatched {
+    ts_ns: u64,
+    evidence: Evidence,
 }
 
 #[derive(Default)]
 pub struct FlowAssembler {
-    pending: HashMap<u64, Box<Attempt>>,
-    /// Pending attempts whose first packet was seen, by tuple, for ICMP errors and drops.
+    pending: HashMap<u64, Pending>,
+    /// Pending attempts whose source is known, by tuple, for ICMP errors and drops.
     by_tuple: HashMap<FlowKey, u64>,
     /// TCP and UDP attempts, each in arrival order (their waits differ); they may hold
     /// places of attempts already completed or displaced, skipped lazily.
     tcp_order: VecDeque<Queued>,
     udp_order: VecDeque<Queued>,
+    /// Failed attempts waiting for evidence still on its way, in the order they ended.
+    releases: VecDeque<Release>,
+    /// ICMP errors and socket-less drops whose tuple no attempt has yet, and their order.
+    unmatched: HashMap<FlowKey, Vec<Unmatched>>,
+    unmatched_order: VecDeque<(u64, FlowKey)>,
+    unmatched_held: usize,
     stats: FlowStats,
 }
 
@@ -444,29 +500,41 @@ impl FlowAssembler {
             // Reported from inside sendmsg(): the datagram is on its way.
             attempt.outcome = Outcome::Sent;
         }
-        if let Some(src) = attempt.src {
-            self.by_tuple
-                .insert(FlowKey::new(protocol, src, attempt.dst), event.sock_cookie);
-        }
+        let key = attempt
+            .src
+            .map(|src| FlowKey::new(protocol, src, attempt.dst));
         let queued = Queued {
             cookie: event.sock_cookie,
             connected_ns: attempt.monotonic_ns,
         };
-        self.pending.insert(event.sock_cookie, attempt);
+        self.pending.insert(
+            event.sock_cookie,
+            Pending {
+                attempt,
+                icmp_ns: 0,
+                first_drop_ns: 0,
+                ended: false,
+                handshake: None,
+            },
+        );
         match protocol {
             Protocol::Tcp => self.tcp_order.push_back(queued),
             Protocol::Udp => self.udp_order.push_back(queued),
+        }
+        if let Some(key) = key {
+            self.learn_tuple(key, event.sock_cookie);
         }
     }
 
     /// Records the source of an attempt; for UDP it makes the connect an attempt.
     pub fn on_first_packet(&mut self, event: &FirstPacketEvent) {
-        let Some(attempt) = self.pending.get_mut(&event.sock_cookie) else {
+        let Some(pending) = self.pending.get_mut(&event.sock_cookie) else {
             return;
         };
         let Some(src) = socket_addr(&event.src) else {
             return;
         };
+        let attempt = &mut pending.attempt;
         // A source learnt before (the socket's earlier attempt) that the packet
         // contradicts no longer names this attempt.
         if let Some(earlier) = attempt.src.replace(src)
@@ -475,18 +543,16 @@ impl FlowAssembler {
             self.by_tuple
                 .remove(&FlowKey::new(attempt.protocol, earlier, attempt.dst));
         }
-        if attempt.protocol == Protocol::Udp {
+        if attempt.protocol == Protocol::Udp && attempt.outcome == Outcome::InProgress {
             attempt.outcome = Outcome::Sent;
         }
-        self.by_tuple.insert(
-            FlowKey::new(attempt.protocol, src, attempt.dst),
-            event.sock_cookie,
-        );
+        let key = FlowKey::new(attempt.protocol, src, attempt.dst);
+        self.learn_tuple(key, event.sock_cookie);
     }
 
-    /// Attributes an ICMP error to the attempt whose packet it embeds. A fatal error
-    /// ends a UDP attempt at once; a TCP attempt ends with its socket.
-    pub fn on_icmp_error(&mut self, event: &IcmpErrorEvent, done: &mut Vec<Box<Attempt>>) {
+    /// Attributes an ICMP error to the attempt whose packet it embeds. A fatal error ends
+    /// a UDP attempt; a TCP attempt ends with its socket.
+    pub fn on_icmp_error(&mut self, event: &IcmpErrorEvent) {
         let Some(protocol) = Protocol::of_number(event.protocol) else {
             return;
         };
@@ -497,112 +563,128 @@ impl FlowAssembler {
         ) else {
             return;
         };
-        let Some((cookie, attempt)) = self
-            .by_tuple
-            .get(&FlowKey::new(protocol, src, dst))
-            .and_then(|cookie| Some((*cookie, self.pending.get_mut(cookie)?)))
-        else {
-            self.stats.unmatched_icmp += 1;
-            return;
-        };
-        attempt.icmp = Some(icmp);
-        if protocol == Protocol::Udp && icmp.is_fatal() {
-            let mut attempt = self.take(cookie).expect("present");
-            attempt.outcome = if icmp.is_port_unreachable() {
-                Outcome::Refused
-            } else {
-                Outcome::Unreachable
-            };
-            done.push(attempt);
+        let key = FlowKey::new(protocol, src, dst);
+        match self.by_tuple.get(&key) {
+            Some(&cookie) => self.add_icmp(cookie, icmp, event.header.ts_ns),
+            None => self.hold_unmatched(key, event.header.ts_ns, Evidence::Icmp(icmp)),
         }
     }
 
     /// Attributes a dropped packet (`drop`, described from `event`) to its attempt: the
-    /// socket's, when the kernel knew it, or else the one whose first packet had the
-    /// flow's tuple.
+    /// socket's, when the kernel knew it, or else the one whose source had the flow's
+    /// tuple.
     pub fn on_drop(&mut self, event: &DropEvent, drop: PacketDrop) {
-        let cookie = if event.sock_cookie != 0 {
-            Some(event.sock_cookie)
-        } else {
-            self.cookie_of_flow(event)
-        };
-        let Some(attempt) = cookie.and_then(|cookie| self.pending.get_mut(&cookie)) else {
+        let ts_ns = event.header.ts_ns;
+        if event.sock_cookie != 0 {
+            // A socket's packet leaves after its connect: no attempt means a late drop.
+            let Some(pending) = self.pending.get_mut(&event.sock_cookie) else {
+                self.stats.late_drops += 1;
+                return;
+            };
+            // A packet dropped before any cgroup hook saw it (so before its first packet
+            // event) still tells the source the kernel chose.
+            let attempt = &pending.attempt;
+            if attempt.src.is_none()
+                && socket_addr(&event.flow_dst) == Some(attempt.dst)
+                && let Some(src) = socket_addr(&event.flow_src)
+            {
+                let key = FlowKey::new(attempt.protocol, src, attempt.dst);
+                pending.attempt.src = Some(src);
+                keep_drop(pending, drop, ts_ns);
+                self.learn_tuple(key, event.sock_cookie);
+            } else {
+                keep_drop(pending, drop, ts_ns);
+            }
+            return;
+        }
+        let Some(key) = Protocol::of_number(event.protocol).and_then(|protocol| {
+            Some(FlowKey::new(
+                protocol,
+                socket_addr(&event.flow_src)?,
+                socket_addr(&event.flow_dst)?,
+            ))
+        }) else {
             self.stats.late_drops += 1;
             return;
         };
-        // A packet dropped before any cgroup hook saw it (so before its first packet
-        // event) still tells the source the kernel chose.
-        if attempt.src.is_none() && socket_addr(&event.flow_dst) == Some(attempt.dst) {
-            attempt.src = socket_addr(&event.flow_src);
-        }
-        match &mut attempt.drops {
-            Some(drops) => drops.count = drops.count.saturating_add(1),
-            None => {
-                attempt.drops = Some(Box::new(Drops {
-                    first: drop,
-                    count: 1,
-                }))
+        match self.by_tuple.get(&key) {
+            Some(cookie) => {
+                let pending = self.pending.get_mut(cookie).expect("tuples name pending");
+                keep_drop(pending, drop, ts_ns);
             }
+            None => self.hold_unmatched(key, ts_ns, Evidence::Drop(drop)),
         }
     }
 
-    /// The socket whose pending attempt's first packet had the dropped packet's flow tuple.
-    fn cookie_of_flow(&self, event: &DropEvent) -> Option<u64> {
-        let key = FlowKey::new(
-            Protocol::of_number(event.protocol)?,
-            socket_addr(&event.flow_src)?,
-            socket_addr(&event.flow_dst)?,
-        );
-        self.by_tuple.get(&key).copied()
-    }
-
-    /// Completes the TCP attempt of this socket, if one is pending.
+    /// Ends the TCP attempt of this socket, if one is pending: an established one is
+    /// reported at once, a failed one after [`EVIDENCE_WAIT`].
     pub fn on_sock_state(&mut self, event: &SockStateEvent, done: &mut Vec<Box<Attempt>>) {
-        let Some(mut attempt) = self.take(event.sock_cookie) else {
+        let Some(pending) = self.pending.get_mut(&event.sock_cookie) else {
             return;
         };
         // The socket's own tuple stands in when no SYN was seen (that hook is optional).
         // A failed socket has already released its port when it reaches CLOSE, so port 0
         // means "not known", not port 0.
-        if attempt.src.is_none() {
-            attempt.src = socket_addr(&event.src).filter(|src| src.port() != 0);
+        let attempt = &mut pending.attempt;
+        let learnt = match socket_addr(&event.src) {
+            Some(src) if attempt.src.is_none() && src.port() != 0 => {
+                attempt.src = Some(src);
+                Some(FlowKey::new(attempt.protocol, src, attempt.dst))
+            }
+            _ => None,
+        };
+        // The kernel reports a handshake's end once; should it repeat, the first stands.
+        if !pending.ended {
+            pending.handshake = Some(Box::new(*event));
+            self.end(event.sock_cookie, event.header.ts_ns);
         }
-        // Flags 0: nothing answered the SYN.
-        if event.reply_tcp_flags != 0 {
-            attempt.reply = Some(HandshakeReply {
-                ttl: event.reply_ttl,
-                reset: event.reply_tcp_flags & TCP_FLAG_RST != 0,
-                endpoint_hops: None,
-            });
+        if let Some(key) = learnt {
+            self.learn_tuple(key, event.sock_cookie);
         }
-        let (outcome, handshake) = judge_handshake(event, attempt.monotonic_ns, attempt.icmp);
-        attempt.outcome = outcome;
-        attempt.tcp = Some(handshake);
-        done.push(attempt);
+        if event.new_state == TCP_ESTABLISHED
+            && let Some(attempt) = self.take(event.sock_cookie)
+        {
+            done.push(attempt);
+        }
     }
 
-    /// Settles attempts that waited long enough at monotonic time `now_ns`: UDP attempts
-    /// after [`UDP_SETTLE`] (silent ones are probes), TCP handshakes beyond
-    /// [`MAX_TCP_WAIT`] (emitted as in progress).
-    pub fn expire(&mut self, now_ns: u64, done: &mut Vec<Box<Attempt>>) {
+    /// Settles what waited long enough, where `read_ns` is the kernel time
+    /// (`CLOCK_MONOTONIC`) up to which every event has been handed to the assembler:
+    /// failed attempts whose evidence had [`EVIDENCE_WAIT`] to arrive, UDP attempts after
+    /// [`UDP_SETTLE`] (silent ones are probes), TCP handshakes beyond [`MAX_TCP_WAIT`]
+    /// (emitted as in progress).
+    pub fn expire(&mut self, read_ns: u64, done: &mut Vec<Box<Attempt>>) {
+        while let Some(release) = self.releases.front().copied() {
+            if release.at_ns > read_ns {
+                break;
+            }
+            self.releases.pop_front();
+            // The attempt may have left already (displaced by its socket's next one).
+            if release.place.is_current(&self.pending, Protocol::Tcp)
+                || release.place.is_current(&self.pending, Protocol::Udp)
+            {
+                done.extend(self.take(release.place.cookie));
+            }
+        }
+        self.expire_unmatched(read_ns);
         self.take_older_than(
             Protocol::Udp,
             UDP_SETTLE,
-            now_ns,
+            read_ns,
             done,
             Self::finish_displaced,
         );
         self.take_older_than(
             Protocol::Tcp,
             MAX_TCP_WAIT,
-            now_ns,
+            read_ns,
             done,
             Self::finish_evicted,
         );
     }
 
     /// Emits everything still pending (at shutdown), oldest first; silent UDP sockets are
-    /// counted as probes.
+    /// counted as probes, evidence that matched no attempt as unmatched.
     pub fn drain(&mut self, done: &mut Vec<Box<Attempt>>) {
         let cookies: Vec<u64> = self
             .udp_order
@@ -615,6 +697,8 @@ impl FlowAssembler {
                 self.finish_displaced(attempt, done);
             }
         }
+        self.releases.clear();
+        self.expire_unmatched(u64::MAX);
     }
 
     pub fn stats(&self) -> FlowStats {
@@ -623,12 +707,132 @@ impl FlowAssembler {
 
     /// The pending attempt of a socket, if any (to learn a socket's process).
     pub fn pending(&self, cookie: u64) -> Option<&Attempt> {
-        self.pending.get(&cookie).map(Box::as_ref)
+        self.pending.get(&cookie).map(|p| p.attempt.as_ref())
     }
 
-    /// Removes a pending attempt and its tuple.
+    /// Marks the attempt of `cookie` ended at kernel time `at_ns`; a failure is released
+    /// once the events up to [`EVIDENCE_WAIT`] later have been read.
+    fn end(&mut self, cookie: u64, at_ns: u64) {
+        let Some(pending) = self.pending.get_mut(&cookie) else {
+            return;
+        };
+        pending.ended = true;
+        self.releases.push_back(Release {
+            at_ns: at_ns.saturating_add(EVIDENCE_WAIT.as_nanos() as u64),
+            place: Queued {
+                cookie,
+                connected_ns: pending.attempt.monotonic_ns,
+            },
+        });
+        // Places of attempts that left early (displaced, established) are bounded too.
+        if self.releases.len() > 2 * MAX_PENDING {
+            let pending = &self.pending;
+            self.releases
+                .retain(|release| pending.get(&release.place.cookie).is_some_and(|p| p.ended));
+        }
+    }
+
+    /// Keeps an ICMP error of the attempt of `cookie`; a fatal one ends a UDP attempt.
+    fn add_icmp(&mut self, cookie: u64, icmp: IcmpError, ts_ns: u64) {
+        let Some(pending) = self.pending.get_mut(&cookie) else {
+            return;
+        };
+        // A fatal error outweighs a path-MTU hint; of equals, the earlier.
+        let outweighs = pending.attempt.icmp.is_none_or(|kept| {
+            (icmp.is_fatal(), Reverse(ts_ns)) > (kept.is_fatal(), Reverse(pending.icmp_ns))
+        });
+        if outweighs {
+            pending.attempt.icmp = Some(icmp);
+            pending.icmp_ns = ts_ns;
+        }
+        if pending.attempt.protocol == Protocol::Udp && icmp.is_fatal() && !pending.ended {
+            self.end(cookie, ts_ns);
+        }
+    }
+
+    /// Files the tuple of the attempt of `cookie`, and gives it the evidence that waited
+    /// for that tuple.
+    fn learn_tuple(&mut self, key: FlowKey, cookie: u64) {
+        self.by_tuple.insert(key, cookie);
+        if self.unmatched.is_empty() {
+            return;
+        }
+        let Some(held) = self.unmatched.remove(&key) else {
+            return;
+        };
+        self.unmatched_held -= held.len();
+        for Unmatched { ts_ns, evidence } in held {
+            match evidence {
+                Evidence::Icmp(icmp) => self.add_icmp(cookie, icmp, ts_ns),
+                Evidence::Drop(drop) => {
+                    if let Some(pending) = self.pending.get_mut(&cookie) {
+                        keep_drop(pending, drop, ts_ns);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Holds evidence whose tuple no attempt has yet (its attempt's source may still be
+    /// on its way), for [`EVIDENCE_WAIT`]; beyond [`MAX_UNMATCHED`] it is counted at once.
+    fn hold_unmatched(&mut self, key: FlowKey, ts_ns: u64, evidence: Evidence) {
+        if self.unmatched_held >= MAX_UNMATCHED {
+            self.count_unmatched(&evidence);
+            return;
+        }
+        self.unmatched
+            .entry(key)
+            .or_default()
+            .push(Unmatched { ts_ns, evidence });
+        self.unmatched_held += 1;
+        self.unmatched_order.push_back((ts_ns, key));
+        if self.unmatched_order.len() > 2 * MAX_UNMATCHED {
+            let unmatched = &self.unmatched;
+            self.unmatched_order
+                .retain(|(_, key)| unmatched.contains_key(key));
+        }
+    }
+
+    /// Counts the held evidence whose wait ended by `read_ns`.
+    fn expire_unmatched(&mut self, read_ns: u64) {
+        let wait = EVIDENCE_WAIT.as_nanos() as u64;
+        while let Some(&(ts_ns, key)) = self.unmatched_order.front() {
+            if ts_ns.saturating_add(wait) > read_ns {
+                break;
+            }
+            self.unmatched_order.pop_front();
+            let Entry::Occupied(mut entry) = self.unmatched.entry(key) else {
+                continue;
+            };
+            let (expired, kept): (Vec<_>, Vec<_>) = std::mem::take(entry.get_mut())
+                .into_iter()
+                .partition(|held| held.ts_ns.saturating_add(wait) <= read_ns);
+            if kept.is_empty() {
+                entry.remove();
+            } else {
+                *entry.get_mut() = kept;
+            }
+            self.unmatched_held -= expired.len();
+            for held in expired {
+                self.count_unmatched(&held.evidence);
+            }
+        }
+    }
+
+    fn count_unmatched(&mut self, evidence: &Evidence) {
+        match evidence {
+            Evidence::Icmp(_) => self.stats.unmatched_icmp += 1,
+            Evidence::Drop(_) => self.stats.late_drops += 1,
+        }
+    }
+
+    /// Removes a pending attempt and its tuple, judged on all its evidence.
     fn take(&mut self, cookie: u64) -> Option<Box<Attempt>> {
-        let attempt = self.pending.remove(&cookie)?;
+        let Pending {
+            mut attempt,
+            handshake,
+            ..
+        } = self.pending.remove(&cookie)?;
         if let Some(src) = attempt.src {
             // The tuple may name a newer attempt of another socket by now.
             if let Entry::Occupied(entry) =
@@ -639,12 +843,39 @@ impl FlowAssembler {
                 entry.remove();
             }
         }
+        match handshake {
+            Some(handshake) => {
+                // Flags 0: nothing answered the SYN.
+                if handshake.reply_tcp_flags != 0 {
+                    attempt.reply = Some(HandshakeReply {
+                        ttl: handshake.reply_ttl,
+                        reset: handshake.reply_tcp_flags & TCP_FLAG_RST != 0,
+                        endpoint_hops: None,
+                    });
+                }
+                let (outcome, tcp) =
+                    judge_handshake(&handshake, attempt.monotonic_ns, attempt.icmp);
+                attempt.outcome = outcome;
+                attempt.tcp = Some(tcp);
+            }
+            None if attempt.protocol == Protocol::Udp => {
+                if let Some(icmp) = attempt.icmp.filter(IcmpError::is_fatal) {
+                    attempt.outcome = if icmp.is_port_unreachable() {
+                        Outcome::Refused
+                    } else {
+                        Outcome::Unreachable
+                    };
+                }
+            }
+            None => {}
+        }
         Some(attempt)
     }
 
     /// Removes the attempts of `protocol` connected at least `age` before `now_ns` and
-    /// hands each to `finish`. Straight into `done`: a busy node expires thousands of UDP
-    /// attempts per tick, and a vector of them built per call is memory faulted in anew.
+    /// hands each to `finish`; those that ended wait for their release instead. Straight
+    /// into `done`: a busy node expires thousands of UDP attempts per tick, and a vector
+    /// of them built per call is memory faulted in anew.
     fn take_older_than(
         &mut self,
         protocol: Protocol,
@@ -668,7 +899,11 @@ impl FlowAssembler {
                 break;
             }
             order.pop_front();
-            if current && let Some(attempt) = self.take(queued.cookie) {
+            let ended = self.pending.get(&queued.cookie).is_some_and(|p| p.ended);
+            if current
+                && !ended
+                && let Some(attempt) = self.take(queued.cookie)
+            {
                 finish(self, attempt, done);
             }
         }
@@ -720,6 +955,26 @@ impl FlowAssembler {
         if let Some(attempt) = oldest.and_then(|(cookie, _)| self.take(cookie)) {
             self.stats.evicted += 1;
             done.push(attempt);
+        }
+    }
+}
+
+/// Counts a dropped packet of an attempt, keeping the earliest in detail.
+fn keep_drop(pending: &mut Pending, drop: PacketDrop, ts_ns: u64) {
+    match &mut pending.attempt.drops {
+        Some(drops) => {
+            drops.count = drops.count.saturating_add(1);
+            if ts_ns < pending.first_drop_ns {
+                drops.first = drop;
+                pending.first_drop_ns = ts_ns;
+            }
+        }
+        None => {
+            pending.attempt.drops = Some(Box::new(Drops {
+                first: drop,
+                count: 1,
+            }));
+            pending.first_drop_ns = ts_ns;
         }
     }
 }
@@ -875,7 +1130,10 @@ mod tests {
         })
     }
 
-    /// Runs connect → first SYN → state change and returns the one attempt.
+    const WAIT_NS: u64 = EVIDENCE_WAIT.as_nanos() as u64;
+
+    /// Runs connect → first SYN → state change and returns the one attempt, once its
+    /// evidence had time to arrive.
     fn tcp_attempt(state_event: SockStateEvent) -> Attempt {
         let mut flows = FlowAssembler::new();
         let mut done = Vec::new();
@@ -883,6 +1141,7 @@ mod tests {
         flows.on_first_packet(&first_packet(1, IPPROTO_TCP, 50_000));
         assert!(done.is_empty());
         flows.on_sock_state(&state_event, &mut done);
+        flows.expire(state_event.header.ts_ns + WAIT_NS, &mut done);
         assert_eq!(done.len(), 1);
         *done.pop().unwrap()
     }
@@ -959,6 +1218,12 @@ mod tests {
         flows.on_connect(&connect(2, 1, IPPROTO_TCP), origin(), &mut done);
         flows.on_sock_state(&state(1, 2, TCP_ESTABLISHED, 0, 0), &mut done);
         flows.on_sock_state(&state(2, 2, TCP_CLOSE, 111, 0), &mut done);
+        assert_eq!(
+            done.len(),
+            1,
+            "an established handshake is reported at once"
+        );
+        flows.expire(2 + WAIT_NS, &mut done);
         assert_eq!(done[0].src, Some("10.244.0.5:41234".parse().unwrap()));
         assert_eq!(done[1].src, None);
     }
@@ -1035,19 +1300,30 @@ mod tests {
     }
 
     #[test]
-    fn icmp_port_unreachable_refuses_a_udp_attempt_at_once() {
+    fn icmp_port_unreachable_refuses_a_udp_attempt_before_it_settles() {
         let mut flows = FlowAssembler::new();
         let mut done = Vec::new();
         flows.on_connect(&connect(1, 1_000, IPPROTO_UDP), origin(), &mut done);
         flows.on_first_packet(&first_packet(1, IPPROTO_UDP, 40_000));
-        flows.on_icmp_error(&icmp(40_000, IPPROTO_UDP, 3, 3), &mut done);
+        flows.on_icmp_error(&icmp(40_000, IPPROTO_UDP, 3, 3));
+        flows.expire(3 + WAIT_NS - 1, &mut done);
+        assert!(
+            done.is_empty(),
+            "a drop of the datagram may still be on its way"
+        );
+        flows.expire(3 + WAIT_NS, &mut done);
         assert_eq!(done.len(), 1);
         assert_eq!(done[0].outcome, Outcome::Refused);
         let icmp_error = done[0].icmp.unwrap();
         assert_eq!(icmp_error.meaning(), "port-unreachable");
         assert_eq!(icmp_error.sender, "198.51.100.1".parse::<IpAddr>().unwrap());
-        // The attempt is gone: a repeated error no longer matches anything.
-        flows.on_icmp_error(&icmp(40_000, IPPROTO_UDP, 3, 3), &mut done);
+        // The attempt is gone: a repeated error waits for an attempt with its tuple, then
+        // is counted as matching none.
+        let mut late = icmp(40_000, IPPROTO_UDP, 3, 3);
+        late.header.ts_ns = 10 * WAIT_NS;
+        flows.on_icmp_error(&late);
+        assert_eq!(flows.stats().unmatched_icmp, 0);
+        flows.expire(11 * WAIT_NS, &mut done);
         assert_eq!((done.len(), flows.stats().unmatched_icmp), (1, 1));
     }
 
@@ -1057,16 +1333,18 @@ mod tests {
         let mut done = Vec::new();
         flows.on_connect(&connect(1, 1_000, IPPROTO_TCP), origin(), &mut done);
         flows.on_first_packet(&first_packet(1, IPPROTO_TCP, 50_000));
-        flows.on_icmp_error(&icmp(40_000, IPPROTO_TCP, 3, 13), &mut done);
+        flows.on_icmp_error(&icmp(40_000, IPPROTO_TCP, 3, 13));
+        flows.on_icmp_error(&icmp(50_000, IPPROTO_TCP, 3, 13));
+        flows.expire(3 + WAIT_NS, &mut done);
+        assert!(done.is_empty(), "TCP attempts end with their socket");
         assert_eq!(
             flows.stats().unmatched_icmp,
             1,
             "wrong source port must not match"
         );
-        flows.on_icmp_error(&icmp(50_000, IPPROTO_TCP, 3, 13), &mut done);
-        assert!(done.is_empty(), "TCP attempts end with their socket");
         // The application read the error with SO_ERROR and closed: no error left on it.
         flows.on_sock_state(&state(1, 2_000, TCP_CLOSE, 0, 0), &mut done);
+        flows.expire(2_000 + WAIT_NS, &mut done);
         assert_eq!(done[0].outcome, Outcome::Unreachable);
         assert_eq!(done[0].icmp.unwrap().meaning(), "admin-prohibited");
     }
@@ -1120,6 +1398,7 @@ mod tests {
         flows.on_drop(&drop_event(1, 50_000), drop.clone());
         flows.on_drop(&drop_event(7, 50_000), drop.clone());
         flows.on_sock_state(&state(1, 2_000, TCP_CLOSE, 0, 2), &mut done);
+        flows.expire(2_000 + WAIT_NS, &mut done);
         assert_eq!(done[0].outcome, Outcome::Timeout);
         assert_eq!(
             done[0].drops,
@@ -1142,23 +1421,23 @@ mod tests {
         let mut done = Vec::new();
         flows.on_connect(&connect(1, 1_000, IPPROTO_TCP), origin(), &mut done);
         let drop = netfilter_drop();
-        // Before the first packet, no attempt has the tuple.
+        // Before the first packet no attempt has the tuple: the drop waits for one.
         flows.on_drop(&drop_event(0, 50_000), drop.clone());
-        assert_eq!(flows.stats().late_drops, 1);
         flows.on_first_packet(&first_packet(1, IPPROTO_TCP, 50_000));
         flows.on_drop(&drop_event(0, 50_000), drop.clone());
         flows.on_drop(&drop_event(0, 50_001), drop.clone());
+        flows.on_sock_state(&state(1, 2_000, TCP_CLOSE, 0, 2), &mut done);
+        flows.expire(2_000 + WAIT_NS, &mut done);
         assert_eq!(
             flows.stats().late_drops,
-            2,
+            1,
             "another source port is another flow"
         );
-        flows.on_sock_state(&state(1, 2_000, TCP_CLOSE, 0, 2), &mut done);
         assert_eq!(
             done[0].drops,
             Some(Box::new(Drops {
                 first: drop,
-                count: 1
+                count: 2
             }))
         );
         assert_eq!(
@@ -1166,6 +1445,236 @@ mod tests {
             Some("10.244.0.5:50000".parse().unwrap()),
             "a packet after SNAT does not name the attempt's source"
         );
+    }
+
+    /// One kernel event of an attempt after its connect, as the pipeline hands it over.
+    #[derive(Clone)]
+    enum Event {
+        First(FirstPacketEvent),
+        State(SockStateEvent),
+        Icmp(IcmpErrorEvent),
+        Drop(DropEvent, PacketDrop),
+    }
+
+    impl Event {
+        fn ts_ns(&self) -> u64 {
+            match self {
+                Event::First(e) => e.header.ts_ns,
+                Event::State(e) => e.header.ts_ns,
+                Event::Icmp(e) => e.header.ts_ns,
+                Event::Drop(e, _) => e.header.ts_ns,
+            }
+        }
+
+        fn feed(&self, flows: &mut FlowAssembler, done: &mut Vec<Box<Attempt>>) {
+            match self {
+                Event::First(e) => flows.on_first_packet(e),
+                Event::State(e) => flows.on_sock_state(e, done),
+                Event::Icmp(e) => flows.on_icmp_error(e),
+                Event::Drop(e, drop) => flows.on_drop(e, drop.clone()),
+            }
+        }
+    }
+
+    /// Every order of `items` (Heap's algorithm).
+    fn permutations<T: Clone>(items: &[T]) -> Vec<Vec<T>> {
+        fn permute<T: Clone>(k: usize, items: &mut Vec<T>, out: &mut Vec<Vec<T>>) {
+            if k <= 1 {
+                out.push(items.clone());
+                return;
+            }
+            for i in 0..k {
+                permute(k - 1, items, out);
+                let swap = if k % 2 == 0 { i } else { 0 };
+                items.swap(swap, k - 1);
+            }
+        }
+        let mut out = Vec::new();
+        permute(items.len(), &mut items.to_vec(), &mut out);
+        out
+    }
+
+    /// Feeds the events after `connect` in every order, telling the assembler after each
+    /// one how far the events were read (just short of the earliest not yet fed: what
+    /// `Capture::read_until_ns` guarantees), and checks that every order gives the same
+    /// one record and the same counts. Returns that record.
+    fn in_every_order(connect: ConnectEvent, events: &[Event]) -> Attempt {
+        let orders = permutations(events);
+        let mut records = Vec::new();
+        for order in &orders {
+            let mut flows = FlowAssembler::new();
+            let mut done = Vec::new();
+            flows.on_connect(&connect, origin(), &mut done);
+            for (fed, event) in order.iter().enumerate() {
+                event.feed(&mut flows, &mut done);
+                let unread = order[fed + 1..].iter().map(Event::ts_ns).min();
+                if let Some(earliest) = unread {
+                    flows.expire(earliest - 1, &mut done);
+                }
+            }
+            let last = events.iter().map(Event::ts_ns).max().unwrap();
+            flows.expire(last + WAIT_NS, &mut done);
+            assert_eq!(done.len(), 1, "one record in every order");
+            assert_eq!(flows.stats(), FlowStats::default());
+            records.push(done.pop().unwrap());
+        }
+        for record in &records[1..] {
+            assert_eq!(record, &records[0]);
+        }
+        assert_eq!(records.len(), (1..=events.len()).product::<usize>());
+        *records.swap_remove(0)
+    }
+
+    fn at<T>(mut event: T, ts_ns: u64, header: impl Fn(&mut T) -> &mut EventHeader) -> T {
+        header(&mut event).ts_ns = ts_ns;
+        event
+    }
+
+    fn first_at(ts_ns: u64, protocol: u8, port: u16) -> Event {
+        Event::First(at(first_packet(1, protocol, port), ts_ns, |e| {
+            &mut e.header
+        }))
+    }
+
+    fn icmp_at(ts_ns: u64, protocol: u8, (icmp_type, code): (u8, u8), sender: [u8; 4]) -> Event {
+        let mut event = at(icmp(50_000, protocol, icmp_type, code), ts_ns, |e| {
+            &mut e.header
+        });
+        event.sender = endpoint(sender, 0);
+        Event::Icmp(event)
+    }
+
+    fn closed_at(ts_ns: u64, error: i32, retransmits: u32) -> SockStateEvent {
+        state(1, ts_ns, TCP_CLOSE, error, retransmits)
+    }
+
+    #[test]
+    fn a_syn_rejected_with_admin_prohibited_is_judged_alike_in_every_order() {
+        // The kernel closes the socket inside icmp_rcv() (EHOSTUNREACH) before the ICMP
+        // event is taken, unless the application holds the socket's lock at that moment.
+        let record = in_every_order(
+            connect(1, 1_000, IPPROTO_TCP),
+            &[
+                first_at(1_100, IPPROTO_TCP, 50_000),
+                Event::State(closed_at(5_000_000, 113, 0)),
+                icmp_at(5_000_400, IPPROTO_TCP, (3, 13), [198, 51, 100, 1]),
+            ],
+        );
+        assert_eq!(record.outcome, Outcome::Unreachable);
+        let icmp = record.icmp.unwrap();
+        assert_eq!(
+            (icmp.meaning(), icmp.sender),
+            ("admin-prohibited", IpAddr::from([198, 51, 100, 1]))
+        );
+        let tcp = record.tcp.unwrap();
+        assert_eq!((tcp.errno, tcp.closed_by_application), (Some(113), false));
+        assert_eq!(record.src, Some("10.244.0.5:50000".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_syn_the_node_cannot_route_is_judged_alike_in_every_order() {
+        let record = in_every_order(
+            connect(1, 1_000, IPPROTO_TCP),
+            &[
+                first_at(1_100, IPPROTO_TCP, 50_000),
+                icmp_at(1_900, IPPROTO_TCP, (3, 1), [10, 224, 0, 1]),
+                Event::State(closed_at(1_800, 113, 0)),
+            ],
+        );
+        assert_eq!(record.outcome, Outcome::Unreachable);
+        let icmp = record.icmp.unwrap();
+        assert_eq!(
+            (icmp.meaning(), icmp.sender),
+            ("host-unreachable", IpAddr::from([10, 224, 0, 1]))
+        );
+    }
+
+    #[test]
+    fn of_two_icmp_errors_the_fatal_one_is_kept_in_every_order() {
+        let record = in_every_order(
+            connect(1, 1_000, IPPROTO_TCP),
+            &[
+                first_at(1_100, IPPROTO_TCP, 50_000),
+                icmp_at(2_000, IPPROTO_TCP, (3, 4), [198, 51, 100, 7]),
+                icmp_at(3_000, IPPROTO_TCP, (3, 13), [198, 51, 100, 1]),
+                icmp_at(4_000, IPPROTO_TCP, (3, 13), [198, 51, 100, 2]),
+                Event::State(closed_at(3_500, 113, 0)),
+            ],
+        );
+        let icmp = record.icmp.unwrap();
+        assert_eq!(
+            (icmp.meaning(), icmp.sender),
+            ("admin-prohibited", IpAddr::from([198, 51, 100, 1]))
+        );
+    }
+
+    #[test]
+    fn a_reset_is_judged_alike_in_every_order() {
+        let mut reset = closed_at(3_000, 111, 0);
+        reset.reply_tcp_flags = TCP_FLAG_RST | 0x10;
+        reset.reply_ttl = 63;
+        let record = in_every_order(
+            connect(1, 1_000, IPPROTO_TCP),
+            &[first_at(1_100, IPPROTO_TCP, 50_000), Event::State(reset)],
+        );
+        assert_eq!(record.outcome, Outcome::Refused);
+        assert_eq!(record.reply.map(|r| (r.reset, r.ttl)), Some((true, 63)));
+    }
+
+    #[test]
+    fn syns_dropped_by_the_node_are_judged_alike_in_every_order() {
+        // The SYN and two retransmissions dropped where they were forwarded (no socket:
+        // matched by tuple), then the application gave up.
+        let dropped = |ts_ns: u64, location: &str| {
+            let event = at(drop_event(0, 50_000), ts_ns, |e| &mut e.header);
+            let drop = PacketDrop {
+                location: location.into(),
+                ..netfilter_drop()
+            };
+            Event::Drop(event, drop)
+        };
+        let record = in_every_order(
+            connect(1, 1_000, IPPROTO_TCP),
+            &[
+                first_at(1_100, IPPROTO_TCP, 50_000),
+                dropped(1_200, "nf_hook_slow+0x1"),
+                dropped(1_000_001_200, "nf_hook_slow+0x2"),
+                dropped(3_000_001_200, "nf_hook_slow+0x3"),
+                Event::State(closed_at(5_000_000_000, 0, 2)),
+            ],
+        );
+        assert_eq!(record.outcome, Outcome::Timeout);
+        let drops = record.drops.unwrap();
+        assert_eq!(
+            (drops.count, drops.first.location.as_str()),
+            (3, "nf_hook_slow+0x1")
+        );
+    }
+
+    #[test]
+    fn a_datagram_refused_or_rejected_is_judged_alike_in_every_order() {
+        let record = in_every_order(
+            connect(1, 1_000, IPPROTO_UDP),
+            &[
+                first_at(1_100, IPPROTO_UDP, 50_000),
+                icmp_at(1_500, IPPROTO_UDP, (3, 3), [203, 0, 113, 10]),
+            ],
+        );
+        assert_eq!(record.outcome, Outcome::Refused);
+        // A node rule that rejects: the datagram dropped, an ICMP error from the node.
+        let mut dropped = at(drop_event(0, 50_000), 1_300, |e| &mut e.header);
+        dropped.protocol = IPPROTO_UDP;
+        let record = in_every_order(
+            connect(1, 1_000, IPPROTO_UDP),
+            &[
+                first_at(1_100, IPPROTO_UDP, 50_000),
+                Event::Drop(dropped, netfilter_drop()),
+                icmp_at(1_500, IPPROTO_UDP, (3, 13), [10, 224, 0, 1]),
+            ],
+        );
+        assert_eq!(record.outcome, Outcome::Unreachable);
+        assert_eq!(record.drops.map(|d| d.count), Some(1));
+        assert_eq!(record.icmp.map(|i| i.meaning()), Some("admin-prohibited"));
     }
 
     #[test]

@@ -277,9 +277,7 @@ impl Pipeline {
                     }
                 }
                 Ok(KernelEvent::FirstPacket(packet)) => self.flows.on_first_packet(&packet),
-                Ok(KernelEvent::IcmpError(error)) => {
-                    self.flows.on_icmp_error(&error, &mut self.attempts)
-                }
+                Ok(KernelEvent::IcmpError(error)) => self.flows.on_icmp_error(&error),
                 Ok(KernelEvent::SockState(state)) => {
                     self.flows.on_sock_state(&state, &mut self.attempts)
                 }
@@ -391,10 +389,12 @@ impl Pipeline {
             .map(|question| question.qtype.as_ref())
     }
 
-    /// Settles what waited long enough, at monotonic time `now_ns`.
-    pub fn tick(&mut self, now_ns: u64) {
-        self.flows.expire(now_ns, &mut self.attempts);
-        self.dns.expire(now_ns, &mut self.lookups);
+    /// Settles what waited long enough, where `read_ns` is the kernel time up to which
+    /// every event has been handled (`Capture::read_until_ns`): not the clock, so that
+    /// what a record holds does not depend on how late its events were read.
+    pub fn tick(&mut self, read_ns: u64) {
+        self.flows.expire(read_ns, &mut self.attempts);
+        self.dns.expire(read_ns, &mut self.lookups);
     }
 
     /// Settles everything still open (at shutdown).

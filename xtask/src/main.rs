@@ -25,7 +25,13 @@ enum Task {
     /// Build the kernel programs, the tracer and the lab.
     Build,
     /// Setup, build, unit tests, then the privileged lab tests (needs root).
-    Test,
+    Test {
+        /// Runs the lab tests (the scenario library among them) this many times in a row,
+        /// stopping at the first round with a failure: a verdict that holds only
+        /// sometimes is a bug.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+        repeat: u32,
+    },
     /// Formatting and clippy, warnings as errors.
     Lint,
     /// Build a node lab, trace a pod while it connects, print the records, tear down.
@@ -69,7 +75,7 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             build(&root)
         }
-        Task::Test => test(&root),
+        Task::Test { repeat } => test(&root, repeat),
         Task::Lint => lint(&root),
         Task::Demo => demo(&root),
         Task::LabClean => lab_clean(),
@@ -174,17 +180,17 @@ fn cargo_test(
     Ok(())
 }
 
-fn test(root: &Path) -> anyhow::Result<()> {
+fn test(root: &Path, repeat: u32) -> anyhow::Result<()> {
     setup::run()?;
     build(root)?;
     let mut totals = TestTotals::default();
-    let result = run_tests(root, &mut totals);
+    let result = run_tests(root, repeat, &mut totals);
     // The closing line CI reads; the privileged tests are counted only when they ran.
     println!("xtask: {} passed, {} failed", totals.passed, totals.failed);
     result
 }
 
-fn run_tests(root: &Path, totals: &mut TestTotals) -> anyhow::Result<()> {
+fn run_tests(root: &Path, repeat: u32, totals: &mut TestTotals) -> anyhow::Result<()> {
     cargo_test(root, &["--workspace"], &[], totals)?;
     if !is_root() {
         bail!(
@@ -194,12 +200,24 @@ fn run_tests(root: &Path, totals: &mut TestTotals) -> anyhow::Result<()> {
     }
     // Lab tests are #[ignore]d in plain `cargo test`; here they run, with the binaries
     // just built. They may run in parallel: every lab has its own name prefix.
-    cargo_test(
-        root,
-        &["--workspace", "--", "--ignored"],
-        &binaries(root),
-        totals,
-    )?;
+    for round in 1..=repeat {
+        let mut lab = TestTotals::default();
+        let result = cargo_test(
+            root,
+            &["--workspace", "--", "--ignored"],
+            &binaries(root),
+            &mut lab,
+        );
+        if repeat > 1 {
+            println!(
+                "xtask: lab round {round} of {repeat}: {} passed, {} failed",
+                lab.passed, lab.failed
+            );
+        }
+        totals.passed += lab.passed;
+        totals.failed += lab.failed;
+        result.with_context(|| format!("lab round {round} of {repeat} failed"))?;
+    }
     // The test processes have exited: any lab of theirs still here leaked. (Labs of
     // other runs on the machine have live owners and do not count.)
     let leaked = egress_lab::stale_labs();

@@ -60,6 +60,11 @@ pub enum DecodeError {
     },
 }
 
+/// The kernel time a record's program took (its header's), if it has a header.
+pub(super) fn event_time(record: &[u8]) -> Option<u64> {
+    read::<EventHeader>(record).map(|header| header.ts_ns)
+}
+
 pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
     let header: EventHeader = read(record).ok_or(DecodeError::NoHeader(record.len()))?;
     let kind = EventKind::from_raw(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;

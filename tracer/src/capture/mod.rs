@@ -61,6 +61,10 @@ const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50)
 /// caller's other work (signals, timers).
 const MAX_BATCH: usize = 4096;
 
+/// How long after taking its event's time a program may still be reserving the event in
+/// the ring: microseconds, unless it was preempted.
+const RESERVE_SLACK_NS: u64 = 10_000_000;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
     #[error(
@@ -186,6 +190,23 @@ pub struct Capture {
     warnings: Vec<String>,
     traced_cgroups: Vec<PathBuf>,
     names: KernelNames,
+    read_until: ReadUntil,
+}
+
+/// How far the ring has been read, in kernel time: the clock read before the last read
+/// that emptied the ring (the ring holds events in the order they were reserved), or,
+/// while it never empties, the newest event's time less [`RESERVE_SLACK_NS`].
+#[derive(Clone, Copy, Default)]
+struct ReadUntil {
+    emptied_ns: u64,
+    newest_event_ns: u64,
+}
+
+impl ReadUntil {
+    fn ns(&self) -> u64 {
+        self.emptied_ns
+            .max(self.newest_event_ns.saturating_sub(RESERVE_SLACK_NS))
+    }
 }
 
 /// Names for the numbers kernel events carry (none known by default, as without BTF and
@@ -509,7 +530,15 @@ impl Capture {
                 drop_reasons,
                 kallsyms,
             },
+            read_until: ReadUntil::default(),
         })
+    }
+
+    /// The kernel time (`CLOCK_MONOTONIC` nanoseconds) before which every event the
+    /// programs made has been read: what settles time-bound decisions (the assembler's
+    /// waits, DNS timeouts) whatever the reader's delays and wherever a batch ended.
+    pub fn read_until_ns(&self) -> u64 {
+        self.read_until.ns()
     }
 
     /// Restricts tracing, in the kernel, to processes in these cgroups (adding to any set
@@ -542,11 +571,11 @@ impl Capture {
         out: &mut Vec<Result<KernelEvent, DecodeError>>,
     ) -> Result<(), CaptureError> {
         let Ok(guard) = tokio::time::timeout(DRAIN_INTERVAL, self.ring.readable_mut()).await else {
-            drain(self.ring.get_mut(), out);
+            drain(self.ring.get_mut(), out, MAX_BATCH, &mut self.read_until);
             return Ok(());
         };
         let mut guard = guard?;
-        if drain(guard.get_inner_mut(), out) < MAX_BATCH {
+        if drain(guard.get_inner_mut(), out, MAX_BATCH, &mut self.read_until) < MAX_BATCH {
             guard.clear_ready();
         }
         Ok(())
@@ -555,10 +584,7 @@ impl Capture {
     /// Reads every event already in the ring buffer without waiting (at shutdown, so the
     /// events of the last moments are not lost).
     pub fn read_available(&mut self, out: &mut Vec<Result<KernelEvent, DecodeError>>) {
-        let ring = self.ring.get_mut();
-        while let Some(item) = ring.next() {
-            out.push(decode(&item));
-        }
+        drain(self.ring.get_mut(), out, usize::MAX, &mut self.read_until);
     }
 
     /// Sums the per-CPU kernel counters.
@@ -758,11 +784,24 @@ impl Totals for DnsRepeatTotals {
     }
 }
 
-/// Appends up to [`MAX_BATCH`] events from the ring to `out`; how many.
-fn drain(ring: &mut RingBuf<MapData>, out: &mut Vec<Result<KernelEvent, DecodeError>>) -> usize {
+/// Appends up to `most` events from the ring to `out`, and moves `read_until` on; how
+/// many.
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    out: &mut Vec<Result<KernelEvent, DecodeError>>,
+    most: usize,
+    read_until: &mut ReadUntil,
+) -> usize {
+    let started_ns = node::monotonic_now().as_nanos() as u64;
     let mut drained = 0;
-    while drained < MAX_BATCH {
-        let Some(item) = ring.next() else { break };
+    while drained < most {
+        let Some(item) = ring.next() else {
+            read_until.emptied_ns = started_ns;
+            break;
+        };
+        if let Some(ts_ns) = decode::event_time(&item) {
+            read_until.newest_event_ns = read_until.newest_event_ns.max(ts_ns);
+        }
         out.push(decode(&item));
         drained += 1;
     }

@@ -238,7 +238,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         tokio::select! {
             read = capture.read_batch(&mut events) => read?,
             _ = tick.tick() => {
-                pipeline.tick(node::monotonic_now().as_nanos() as u64);
+                pipeline.tick(capture.read_until_ns());
                 shared.store.lock().expect("not poisoned").expire(SystemTime::now());
             }
             _ = refresh.tick() => {

@@ -244,7 +244,7 @@ pub async fn examine(
     capture.read_available(&mut events);
     pipeline.handle(&mut events, capture.names());
     // The probe waited out its DNS timeouts: those queries are timed out now.
-    pipeline.tick(node::monotonic_now().as_nanos() as u64);
+    pipeline.tick(capture.read_until_ns());
     pipeline.finish();
     records.extend(pipeline.take_records());
 

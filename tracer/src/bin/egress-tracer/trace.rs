@@ -97,7 +97,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             read = capture.read_batch(&mut events) => read?,
-            _ = tick.tick() => pipeline.tick(node::monotonic_now().as_nanos() as u64),
+            _ = tick.tick() => pipeline.tick(capture.read_until_ns()),
             _ = refresh.tick() => {
                 if let Some(state) = source.refresh() {
                     pipeline.set_cluster(state);
