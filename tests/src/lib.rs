@@ -9,7 +9,7 @@
 //!                    └─ kube-dns ── dns netns 10.0.0.10 (dnsmasq → 192.0.2.53)
 //! ```
 //!
-//! Rules this crate keeps (see `shared/design/lab.md`): nothing touches the root network
+//! Rules this crate keeps (see `docs/lab.md`): nothing touches the root network
 //! namespace; only documentation ranges stand for public addresses; every object carries a
 //! per-run prefix; [`Lab`] tears everything down on drop (including on panic), and
 //! [`clean_leftovers`] removes what a killed run left behind.
@@ -66,7 +66,7 @@ pub enum Fault {
     /// A node iptables rule that drops the answers from `dst:port` (the SYN-ACKs), as a
     /// firewall that sees only one direction of a flow does.
     NodeFirewallDropsReplies { dst: std::net::IpAddr, port: u16 },
-    /// Packets vanish (an NSG deny, a black-holing firewall).
+    /// TCP and UDP packets to `dst:port` vanish (an NSG deny, a black-holing firewall).
     SilentDrop { dst: std::net::IpAddr, port: u16 },
     /// The router answers with ICMP destination unreachable, code 13 (communication
     /// administratively prohibited), or its ICMPv6 equivalent.
@@ -283,9 +283,8 @@ impl Lab {
             _ => self.ns("up"),
         };
         let (dst, port, protocols, action): (IpAddr, u16, &[&str], &[&str]) = match fault {
-            Fault::NodeFirewallDrop { dst, port } | Fault::SilentDrop { dst, port } => {
-                (dst, port, TCP, &["-j", "DROP"])
-            }
+            Fault::NodeFirewallDrop { dst, port } => (dst, port, TCP, &["-j", "DROP"]),
+            Fault::SilentDrop { dst, port } => (dst, port, &["tcp", "udp"], &["-j", "DROP"]),
             Fault::NodeFirewallDropsReplies { dst, port } => {
                 return run_in(
                     &router,

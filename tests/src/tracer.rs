@@ -119,24 +119,21 @@ impl Tracer {
     ) -> io::Result<Diagnosis> {
         let state = lab.cluster_state();
         let node = lab.node_netns();
+        // The lab's upstream DNS, unless the test names another.
         let upstream = crate::addresses::UPSTREAM_DNS.to_string();
+        let default_upstream: &[&str] = if extra.contains(&"--upstream-dns") {
+            &[]
+        } else {
+            &["--upstream-dns", &upstream]
+        };
         let started = Instant::now();
         let output = Command::new("ip")
             .args(["netns", "exec", &node])
             .arg(tracer_binary()?)
             .args(["diagnose", "--cluster-state"])
             .arg(&state)
-            .args([
-                "--node-name",
-                &node,
-                "--pod",
-                pod,
-                target,
-                "--upstream-dns",
-                &upstream,
-                "-o",
-                format,
-            ])
+            .args(["--node-name", &node, "--pod", pod, target, "-o", format])
+            .args(default_upstream)
             .args(extra)
             .stdin(Stdio::null())
             .output()?;

@@ -15,6 +15,8 @@ use serde_json::{Value, json};
 /// The resolver options of every scenario's pod: a 1 s DNS timeout keeps DNS failures
 /// quick.
 const RESOLVER: &str = "ndots:5 timeout:1 attempts:1";
+/// A DNS server address where queries vanish (a fault drops them).
+const SILENT_DNS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 99);
 /// diagnose's connect timeout.
 const CONNECT_TIMEOUT_S: u64 = 2;
 
@@ -25,8 +27,9 @@ struct Scenario {
     setup: fn(&Lab),
     /// What an ordinary client in the pod runs (curl's arguments).
     client: &'static [&'static str],
-    /// The target diagnose is given.
+    /// The target diagnose is given, and its other arguments.
     target: &'static str,
+    diagnose_args: &'static [&'static str],
     /// (hop, reason) of trace's record of the client's failing step.
     trace: (&'static str, &'static str),
     /// (hop, reason) of diagnose's verdict.
@@ -55,6 +58,7 @@ fn scenarios() -> Vec<Scenario> {
             setup: no_setup,
             client: &["http://api.example.test/"],
             target: "http://api.example.test/",
+            diagnose_args: &[],
             trace: ("none", "ok"),
             diagnose: ("none", "ok"),
             evidence: "HEAD / answered 200",
@@ -65,6 +69,24 @@ fn scenarios() -> Vec<Scenario> {
             setup: no_setup,
             client: &["http://missing.example.test/"],
             target: "http://missing.example.test/",
+            diagnose_args: &[],
+            trace: ("dns", "nxdomain"),
+            diagnose: ("dns", "nxdomain"),
+            evidence: "every query answered NXDOMAIN",
+        },
+        Scenario {
+            name: "DNS NXDOMAIN while the upstream server asked directly is silent",
+            env: &[],
+            setup: |lab| {
+                lab.inject(Fault::SilentDrop {
+                    dst: SILENT_DNS.into(),
+                    port: 53,
+                })
+                .unwrap()
+            },
+            client: &["http://missing.example.test/"],
+            target: "http://missing.example.test/",
+            diagnose_args: &["--upstream-dns", "192.0.2.99"],
             trace: ("dns", "nxdomain"),
             diagnose: ("dns", "nxdomain"),
             evidence: "every query answered NXDOMAIN",
@@ -75,6 +97,7 @@ fn scenarios() -> Vec<Scenario> {
             setup: no_setup,
             client: &["http://www.servfail.test/"],
             target: "http://www.servfail.test/",
+            diagnose_args: &[],
             trace: ("dns", "servfail"),
             diagnose: ("dns", "servfail"),
             evidence: "SERVFAIL (RCODE 2)",
@@ -85,6 +108,7 @@ fn scenarios() -> Vec<Scenario> {
             setup: |lab| lab.inject(Fault::UpstreamDnsUnreachable).unwrap(),
             client: &["http://api.example.test/"],
             target: "http://api.example.test/",
+            diagnose_args: &[],
             trace: ("dns", "timeout"),
             diagnose: ("dns", "timeout"),
             evidence: "got no response within the resolver timeout",
@@ -102,6 +126,7 @@ fn scenarios() -> Vec<Scenario> {
             },
             client: &["http://api.example.test/"],
             target: "http://api.example.test/",
+            diagnose_args: &[],
             trace: ("network-policy", "denied"),
             diagnose: ("network-policy", "denied"),
             evidence: "no egress rule allows UDP 53 to 10.0.0.10",
@@ -119,6 +144,7 @@ fn scenarios() -> Vec<Scenario> {
             },
             client: &["http://api.example.test/"],
             target: "http://api.example.test/",
+            diagnose_args: &[],
             trace: ("network-policy", "denied"),
             diagnose: ("network-policy", "denied"),
             evidence: "no egress rule allows TCP 80 to 203.0.113.10",
@@ -135,6 +161,7 @@ fn scenarios() -> Vec<Scenario> {
             },
             client: &["http://api.example.test/"],
             target: "http://api.example.test/",
+            diagnose_args: &[],
             trace: ("node-firewall", "netfilter-drop"),
             diagnose: ("node-firewall", "netfilter-drop"),
             evidence: "with reason NETFILTER_DROP",
@@ -150,6 +177,7 @@ fn scenarios() -> Vec<Scenario> {
             },
             client: &["http://api.example.test/"],
             target: "http://api.example.test/",
+            diagnose_args: &[],
             trace: ("routing", "no-route"),
             diagnose: ("routing", "no-route"),
             evidence: "is an address of the node itself",
@@ -166,6 +194,7 @@ fn scenarios() -> Vec<Scenario> {
             },
             client: &["http://api.example.test/"],
             target: "http://api.example.test/",
+            diagnose_args: &[],
             trace: ("upstream", "silent-drop"),
             diagnose: ("upstream", "silent-drop"),
             evidence: "the SYN left the node translated to 10.224.0.4",
@@ -182,6 +211,7 @@ fn scenarios() -> Vec<Scenario> {
             },
             client: &["http://api.example.test/"],
             target: "http://api.example.test/",
+            diagnose_args: &[],
             trace: ("upstream", "icmp-admin-prohibited"),
             diagnose: ("upstream", "icmp-admin-prohibited"),
             evidence: "(type 3 code 13) from 10.224.0.1",
@@ -204,6 +234,7 @@ fn scenarios() -> Vec<Scenario> {
                 "http://api.example.test:8443/",
             ],
             target: "http://api.example.test:8443/",
+            diagnose_args: &[],
             trace: ("upstream", "reset"),
             diagnose: ("upstream", "reset"),
             evidence: "the reset was forged on the path",
@@ -218,6 +249,7 @@ fn scenarios() -> Vec<Scenario> {
                 "https://api.example.test/",
             ],
             target: "https://api.example.test/",
+            diagnose_args: &[],
             trace: ("none", "ok"),
             diagnose: ("proxy", "http-403"),
             evidence: "answered 403 to CONNECT api.example.test:443",
@@ -228,6 +260,7 @@ fn scenarios() -> Vec<Scenario> {
             setup: no_setup,
             client: &["http://api.example.test:81/"],
             target: "http://api.example.test:81/",
+            diagnose_args: &[],
             trace: ("endpoint", "refused"),
             diagnose: ("endpoint", "refused"),
             evidence: "the SYN was answered with a TCP reset",
@@ -238,6 +271,7 @@ fn scenarios() -> Vec<Scenario> {
             setup: no_setup,
             client: &["https://api.example.test:80/"],
             target: "https://api.example.test:80/",
+            diagnose_args: &[],
             trace: ("none", "ok"),
             diagnose: ("endpoint", "tls-failed"),
             evidence: "TLS handshake with api.example.test failed",
@@ -248,6 +282,7 @@ fn scenarios() -> Vec<Scenario> {
             setup: no_setup,
             client: &["http://api.example.test:8503/"],
             target: "http://api.example.test:8503/",
+            diagnose_args: &[],
             trace: ("none", "ok"),
             diagnose: ("endpoint", "http-503"),
             evidence: "HEAD / answered 503",
@@ -334,13 +369,9 @@ fn every_scenario_gets_its_verdict_from_trace_and_from_diagnose() {
         );
 
         let timeout = format!("{CONNECT_TIMEOUT_S}s");
-        let diagnosis = Tracer::diagnose(
-            &lab,
-            "default/client",
-            scenario.target,
-            &["--timeout", &timeout],
-        )
-        .unwrap();
+        let mut args = vec!["--timeout", &timeout];
+        args.extend_from_slice(scenario.diagnose_args);
+        let diagnosis = Tracer::diagnose(&lab, "default/client", scenario.target, &args).unwrap();
         check_diagnosis(&scenario, &diagnosis);
     }
 }

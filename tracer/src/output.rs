@@ -1,6 +1,6 @@
 //! Renders attempts for people (`-o table`) and programs (`-o json`, NDJSON).
 //!
-//! The JSON field names follow the output contract in `shared/design/hops.md`.
+//! The JSON field names follow the output contract in `docs/hops.md`.
 
 use std::{
     io::{self, Write},

@@ -1,4 +1,4 @@
-//! Which hop stopped an attempt, and why: the verdicts of `shared/design/hops.md`.
+//! Which hop stopped an attempt, and why: the verdicts of `docs/hops.md`.
 //!
 //! A verdict names a hop and a reason (exact strings, [`Hop`] and the `reason` field), the
 //! facts it rests on (`evidence`, each saying where it was seen) and what to run next. When

@@ -1,6 +1,6 @@
 //! `cargo xtask setup`: installs what is missing, and says so. Safe to run again.
 //!
-//! What and why (versions from `shared/design/toolchain.md`):
+//! What and why (versions from `docs/toolchain.md`):
 //! - the nightly toolchain's `rust-src`, to build `core` for the BPF target, and clippy;
 //! - LLVM 22 development files, which bpf-linker 0.13 links against;
 //! - bpf-linker 0.13.0, which links the kernel programs;

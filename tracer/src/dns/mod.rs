@@ -224,16 +224,19 @@ pub struct QueryOutcome {
 /// (protocol is TCP, client, server, DNS id).
 type QueryKey = (bool, SocketAddr, SocketAddr, u16);
 /// (cgroup, base name); shared by the lookup's queries and the lookup order.
-type LookupKey = (u64, Arc<str>);
+/// A lookup's cgroup, the server it asked when that is not one of the resolver's own
+/// nameservers (a direct question, such as `dig @server`, is a lookup of its own), and
+/// its base name.
+type LookupKey = (u64, Option<IpAddr>, Arc<str>);
 
 /// A [`LookupKey`] borrowed from a query, to find its open lookup without allocating; it
 /// hashes as the tuple does.
 #[derive(Hash)]
-struct LookupRef<'a>(u64, &'a str);
+struct LookupRef<'a>(u64, Option<IpAddr>, &'a str);
 
 impl hashbrown::Equivalent<LookupKey> for LookupRef<'_> {
     fn equivalent(&self, key: &LookupKey) -> bool {
-        self.0 == key.0 && self.1 == &*key.1
+        self.0 == key.0 && self.1 == key.1 && self.2 == &*key.2
     }
 }
 
@@ -419,10 +422,14 @@ impl DnsTracker {
         done: &mut Vec<Lookup>,
     ) {
         let base = base_name(&question.name, &resolver.search);
+        // Without the resolver's nameservers (resolv.conf unread), every server is its.
+        let server = seen.dst.ip();
+        let direct = (!resolver.nameservers.is_empty() && !resolver.nameservers.contains(&server))
+            .then_some(server);
         // Nothing is allocated for a query of a lookup already open (most of them).
         let open_key = self
             .lookups
-            .get_key_value(&LookupRef(seen.cgroup_id, base))
+            .get_key_value(&LookupRef(seen.cgroup_id, direct, base))
             .map(|(key, _)| key.clone());
         let lookup_key = if let Some(key) = open_key {
             key
@@ -430,7 +437,7 @@ impl DnsTracker {
             if self.lookups.len() >= MAX_LOOKUPS {
                 self.evict_lookup(done);
             }
-            let lookup_key: LookupKey = (seen.cgroup_id, Arc::from(base));
+            let lookup_key: LookupKey = (seen.cgroup_id, direct, Arc::from(base));
             self.lookup_order.push_back(lookup_key.clone());
             self.lookups.insert(
                 lookup_key.clone(),
@@ -824,6 +831,37 @@ mod tests {
         assert_eq!(lookup.rcode.as_deref(), Some("NXDOMAIN"));
         assert_eq!(lookup.server, SERVER.parse().unwrap());
         assert_eq!(lookup.duration, Some(Duration::from_millis(31)));
+    }
+
+    #[test]
+    fn a_question_to_a_server_outside_the_resolver_is_a_lookup_of_its_own() {
+        // diagnose asks the pod's nameserver and, at the same time, an upstream server
+        // directly: the name does not exist, and the upstream server is silent.
+        let mut dns = DnsTracker::new(Duration::from_secs(1));
+        let mut done = Vec::new();
+        let resolver = resolver_config("nameserver 10.0.0.10\noptions timeout:1");
+        const UPSTREAM: &str = "192.0.2.99:53";
+        let name = "missing.example.test";
+        for message_seen in [
+            seen(0, CLIENT, SERVER, message(1, QUERY, name, A, &[])),
+            seen(0, CLIENT, UPSTREAM, message(2, QUERY, name, A, &[])),
+            seen(MS, SERVER, CLIENT, message(1, NXDOMAIN, name, A, &[])),
+        ] {
+            dns.on_message(message_seen, &resolver, &mut done);
+        }
+        dns.expire(1_000 * MS + LOOKUP_SETTLE.as_nanos() as u64, &mut done);
+        done.sort_by_key(|lookup| lookup.server);
+        let found: Vec<_> = done
+            .iter()
+            .map(|l| (l.name.as_str(), l.server.to_string(), l.result))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (name, SERVER.to_owned(), LookupResult::Nxdomain),
+                (name, UPSTREAM.to_owned(), LookupResult::Timeout),
+            ]
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@ use egress_tracer::{
         probe::{self, Resolution},
         target::Target,
     },
-    dns::{Lookup, resolver_config},
+    dns::resolver_config,
     flow::Attempt,
     node,
     output::Format,
@@ -37,7 +37,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::{DiagnoseArgs, ProbeArgs, UsageError, cluster_source, remote};
 
-/// The `diagnose -o json` object (shared/design/hops.md).
+/// The `diagnose -o json` object (docs/hops.md).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     pub pod: String,
@@ -266,25 +266,20 @@ pub async fn examine(
         progress(&check);
         node_checks.push(check);
     }
-    // The lookup of the target's name. The direct question upstream runs at the same
-    // time for the same name, so the tracker may group it into the same lookup; the one
-    // through the pod's own nameserver is preferred when they are apart.
-    let lookups: Vec<(&Lookup, &Verdict)> = records
-        .iter()
-        .filter_map(|record| match record {
-            Record::Lookup {
-                lookup, verdict, ..
-            } if lookup.name.trim_end_matches('.') == target.host.trim_end_matches('.') => {
-                Some((lookup.as_ref(), verdict.as_ref()))
-            }
-            _ => None,
-        })
-        .collect();
-    let lookup_verdict = lookups
-        .iter()
-        .find(|(lookup, _)| resolver.nameservers.first() == Some(&lookup.server.ip()))
-        .or(lookups.first())
-        .map(|(_, verdict)| *verdict);
+    // The pod's own lookup of the target's name, through its nameservers, decides. The
+    // direct question to the upstream server is a lookup of its own (the tracker keeps
+    // questions to servers outside the resolver's apart): evidence beside it, in its check.
+    let lookup_verdict = records.iter().find_map(|record| match record {
+        Record::Lookup {
+            lookup, verdict, ..
+        } if lookup.name.trim_end_matches('.') == target.host.trim_end_matches('.')
+            && (resolver.nameservers.is_empty()
+                || resolver.nameservers.contains(&lookup.server.ip())) =>
+        {
+            Some(verdict.as_ref())
+        }
+        _ => None,
+    });
     let probe_attempts: Vec<&Attempt> = records
         .iter()
         .filter_map(|record| match record {
