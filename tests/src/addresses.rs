@@ -19,12 +19,21 @@ pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x224, 0, 0, 0, 0, 4)
 /// The upstream router on the node's subnet (Azure's default gateway).
 pub const UPSTREAM_NODE_SIDE: Ipv4Addr = Ipv4Addr::new(10, 224, 0, 1);
 pub const UPSTREAM_NODE_SIDE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x224, 0, 0, 0, 0, 1);
-/// The upstream router towards the internet.
+/// The upstream router (router 1) towards router 2.
 pub const UPSTREAM_INET_SIDE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 pub const UPSTREAM_INET_SIDE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x1, 0, 0, 0, 0, 1);
-/// The internet host's own address on that link.
-pub const INTERNET_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
-pub const INTERNET_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x1, 0, 0, 0, 0, 2);
+/// Router 2, between router 1 and the internet (a firewall or peering hop): its address
+/// towards router 1, the one its ICMP errors to the node come from.
+pub const ROUTER2: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+pub const ROUTER2_6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x1, 0, 0, 0, 0, 2);
+/// Router 2's address towards the internet host.
+pub const ROUTER2_INET_SIDE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 129);
+pub const ROUTER2_INET_SIDE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x2, 0, 0, 0, 0, 1);
+/// The internet host's own address on its link to router 2.
+pub const INTERNET_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 130);
+pub const INTERNET_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x2, 0, 0, 0, 0, 2);
+/// An address on the internet side where nothing answers (router 2 may reset it).
+pub const NOBODY: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 99);
 
 /// The HTTP endpoint pods try to reach, and its DNS name.
 pub const ENDPOINT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);

@@ -3,9 +3,9 @@
 //! ```text
 //!  pod netns ──veth──┐
 //!  pod netns ──veth──┤ cni0 (10.244.0.1)
-//!                    node netns ── eth0 10.224.0.4 ──── upstream netns ──── internet netns
-//!                    │  MASQUERADE, policy rules          (router; faults      203.0.113.10 HTTP
-//!                    │                                     go here)            192.0.2.53 DNS
+//!                    node netns ── eth0 10.224.0.4 ── upstream netns ── router 2 ── internet netns
+//!                    │  MASQUERADE, policy rules       (router 1; faults  (up2)    203.0.113.10 HTTP
+//!                    │                                  go here)                   192.0.2.53 DNS
 //!                    └─ kube-dns ── dns netns 10.0.0.10 (dnsmasq → 192.0.2.53)
 //! ```
 //!
@@ -77,6 +77,16 @@ pub enum Fault {
     UpstreamDnsUnreachable,
     /// The node has no route to `dst` (an `unreachable` route in its table).
     NoRoute { dst: std::net::IpAddr },
+    /// Router 2 answers every TCP SYN to `dst` with a reset of its own (a firewall that
+    /// rejects), whatever the port: nothing else answers at `dst`.
+    Router2ResetsAll { dst: std::net::Ipv4Addr },
+    /// Router 2 drops TCP to `dst:port` before routing it, so it answers nothing, not even
+    /// expired probes (as a cloud firewall or NSG that does not decrement the TTL).
+    Router2SilentDrop { dst: std::net::Ipv4Addr, port: u16 },
+    /// A tc program on every pod's host-side veth (the way an eBPF CNI such as Cilium
+    /// enforces NetworkPolicies) drops IPv4 TCP to `dst:port`: the kernel reports drop
+    /// reason `TC_INGRESS`, and no netfilter rule is involved.
+    EbpfDrop { dst: std::net::Ipv4Addr, port: u16 },
     /// The node translates TCP to `dst:port` to a single source port, so a second
     /// concurrent flow clashes with the first and conntrack fails to insert it.
     SnatSinglePort { dst: std::net::IpAddr, port: u16 },
@@ -276,6 +286,52 @@ impl Lab {
         use std::net::IpAddr;
         const TCP: &[&str] = &["tcp"];
 
+        match fault {
+            Fault::EbpfDrop { dst, port } => return self.attach_tc_drop(dst, port),
+            Fault::Router2ResetsAll { dst } => {
+                let dst = dst.to_string();
+                return run_in(
+                    &self.ns("up2"),
+                    "iptables",
+                    &[
+                        "-I",
+                        "FORWARD",
+                        "-p",
+                        "tcp",
+                        "-d",
+                        &dst,
+                        "-j",
+                        "REJECT",
+                        "--reject-with",
+                        "tcp-reset",
+                    ],
+                )
+                .map(drop);
+            }
+            Fault::Router2SilentDrop { dst, port } => {
+                let (dst, port) = (dst.to_string(), port.to_string());
+                return run_in(
+                    &self.ns("up2"),
+                    "iptables",
+                    &[
+                        "-t",
+                        "raw",
+                        "-I",
+                        "PREROUTING",
+                        "-p",
+                        "tcp",
+                        "-d",
+                        &dst,
+                        "--dport",
+                        &port,
+                        "-j",
+                        "DROP",
+                    ],
+                )
+                .map(drop);
+            }
+            _ => {}
+        }
         let router = match fault {
             Fault::NodeFirewallDrop { .. } | Fault::NodeFirewallDropsReplies { .. } => {
                 self.node_netns()
@@ -323,6 +379,9 @@ impl Lab {
                 &["-j", "REJECT", "--reject-with", "tcp-reset"],
             ),
             Fault::SnatSinglePort { dst, port } => return self.snat_to_single_port(dst, port),
+            Fault::EbpfDrop { .. }
+            | Fault::Router2ResetsAll { .. }
+            | Fault::Router2SilentDrop { .. } => unreachable!("handled above"),
             Fault::NoRoute { dst } => {
                 let prefix = if dst.is_ipv4() { 32 } else { 128 };
                 return run_in(
@@ -510,6 +569,12 @@ impl Lab {
             let args: Vec<&str> = rule.iter().map(String::as_str).collect();
             self.run_on_node("iptables", &args)?;
         }
+        self.publish_network_policies(policies)
+    }
+
+    /// Adds NetworkPolicy manifests to the cluster state only, without enforcing them in
+    /// iptables: an eBPF CNI's enforcement ([`Fault::EbpfDrop`]) stands in for them.
+    pub fn publish_network_policies(&self, policies: &[serde_json::Value]) -> io::Result<()> {
         for policy in policies {
             let name = policy["metadata"]["name"].as_str().unwrap_or("policy");
             let namespace = policy["metadata"]["namespace"]
@@ -577,12 +642,14 @@ impl Lab {
     fn build_network(&mut self) -> io::Result<()> {
         let node = self.add_netns("node")?;
         let up = self.add_netns("up")?;
+        let up2 = self.add_netns("up2")?;
         let inet = self.add_netns("inet")?;
         let dns = self.add_netns("dns")?;
 
         // Links are created inside the namespaces (`ip -n`), never in the root namespace.
         veth(&node, "eth0", &up, "eth-node")?;
-        veth(&up, "eth-inet", &inet, "eth0")?;
+        veth(&up, "eth-inet", &up2, "eth-r1")?;
+        veth(&up2, "eth-inet", &inet, "eth0")?;
         veth(&node, "kube-dns", &dns, "eth0")?;
         ip(&node, &["link", "add", "cni0", "type", "bridge"])?;
         ip(&node, &["link", "set", "cni0", "up"])?;
@@ -630,45 +697,59 @@ impl Lab {
             "eth-node",
             &format!("{}/64", addr::UPSTREAM_NODE_SIDE6),
         )?;
-        addr_add(&up, "eth-inet", &format!("{}/24", addr::UPSTREAM_INET_SIDE))?;
+        addr_add(&up, "eth-inet", &format!("{}/25", addr::UPSTREAM_INET_SIDE))?;
         addr_add(
             &up,
             "eth-inet",
             &format!("{}/64", addr::UPSTREAM_INET_SIDE6),
         )?;
+        addr_add(&up2, "eth-r1", &format!("{}/25", addr::ROUTER2))?;
+        addr_add(&up2, "eth-r1", &format!("{}/64", addr::ROUTER2_6))?;
+        addr_add(&up2, "eth-inet", &format!("{}/25", addr::ROUTER2_INET_SIDE))?;
+        addr_add(
+            &up2,
+            "eth-inet",
+            &format!("{}/64", addr::ROUTER2_INET_SIDE6),
+        )?;
+        // Router 1 reaches the internet's prefixes through router 2, which reaches them
+        // on its link to the internet host and everything else back through router 1.
+        let (router2, router2_6) = (addr::ROUTER2.to_string(), addr::ROUTER2_6.to_string());
+        let (internet, internet6) = (
+            addr::INTERNET_IP.to_string(),
+            addr::INTERNET_IP6.to_string(),
+        );
+        for (router, via, via6) in [(&up, &router2, &router2_6), (&up2, &internet, &internet6)] {
+            for prefix in ["203.0.113.0/24", "192.0.2.0/24"] {
+                ip(router, &["route", "add", prefix, "via", via])?;
+            }
+            ip(
+                router,
+                &["-6", "route", "add", "2001:db8:10::/48", "via", via6],
+            )?;
+        }
         ip(
-            &up,
+            &up2,
             &[
                 "route",
                 "add",
-                "203.0.113.0/24",
+                "default",
                 "via",
-                &addr::INTERNET_IP.to_string(),
+                &addr::UPSTREAM_INET_SIDE.to_string(),
             ],
         )?;
         ip(
-            &up,
-            &[
-                "route",
-                "add",
-                "192.0.2.0/24",
-                "via",
-                &addr::INTERNET_IP.to_string(),
-            ],
-        )?;
-        ip(
-            &up,
+            &up2,
             &[
                 "-6",
                 "route",
                 "add",
-                "2001:db8:10::/48",
+                "default",
                 "via",
-                &addr::INTERNET_IP6.to_string(),
+                &addr::UPSTREAM_INET_SIDE6.to_string(),
             ],
         )?;
 
-        addr_add(&inet, "eth0", &format!("{}/24", addr::INTERNET_IP))?;
+        addr_add(&inet, "eth0", &format!("{}/25", addr::INTERNET_IP))?;
         addr_add(&inet, "eth0", &format!("{}/64", addr::INTERNET_IP6))?;
         addr_add(&inet, "lo", &format!("{}/32", addr::ENDPOINT))?;
         addr_add(&inet, "lo", &format!("{}/128", addr::ENDPOINT6))?;
@@ -681,7 +762,7 @@ impl Lab {
                 "add",
                 "default",
                 "via",
-                &addr::UPSTREAM_INET_SIDE.to_string(),
+                &addr::ROUTER2_INET_SIDE.to_string(),
             ],
         )?;
         ip(
@@ -692,7 +773,7 @@ impl Lab {
                 "add",
                 "default",
                 "via",
-                &addr::UPSTREAM_INET_SIDE6.to_string(),
+                &addr::ROUTER2_INET_SIDE6.to_string(),
             ],
         )?;
 
@@ -712,7 +793,7 @@ impl Lab {
             ],
         )?;
 
-        for router in [&node, &up] {
+        for router in [&node, &up, &up2] {
             sysctl(router, "net/ipv4/ip_forward", "1")?;
             sysctl(router, "net/ipv6/conf/all/forwarding", "1")?;
         }
@@ -859,6 +940,52 @@ impl Lab {
             },
         )?;
         self.children.push(child);
+        Ok(())
+    }
+
+    /// Builds `bpf/tc_drop.c` with clang for `dst:port` and attaches it at tc ingress of
+    /// every pod's host-side veth (gone with the node's namespace at teardown).
+    fn attach_tc_drop(&self, dst: std::net::Ipv4Addr, port: u16) -> io::Result<()> {
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("bpf/tc_drop.c");
+        let object = self.state_dir.join("tc_drop.o");
+        run(
+            "clang-22",
+            &[
+                "-O2",
+                "-target",
+                "bpf",
+                // Debian keeps `asm/` of the kernel's headers under the multiarch directory.
+                "-I/usr/include/x86_64-linux-gnu",
+                &format!("-DDROP_ADDR={:#x}", u32::from(dst)),
+                &format!("-DDROP_PORT={port}"),
+                "-c",
+                &source.to_string_lossy(),
+                "-o",
+                &object.to_string_lossy(),
+            ],
+        )?;
+        let node = self.node_netns();
+        for index in 0..self.pods.len() {
+            let veth = format!("veth{index}");
+            run_in(&node, "tc", &["qdisc", "add", "dev", &veth, "clsact"])?;
+            run_in(
+                &node,
+                "tc",
+                &[
+                    "filter",
+                    "add",
+                    "dev",
+                    &veth,
+                    "ingress",
+                    "bpf",
+                    "direct-action",
+                    "obj",
+                    &object.to_string_lossy(),
+                    "sec",
+                    "tc",
+                ],
+            )?;
+        }
         Ok(())
     }
 

@@ -36,6 +36,8 @@ struct Scenario {
     diagnose: (&'static str, &'static str),
     /// A fact diagnose's evidence must state.
     evidence: &'static str,
+    /// What diagnose's summary must say, if anything in particular.
+    summary: &'static str,
 }
 
 fn no_setup(_: &Lab) {}
@@ -62,6 +64,7 @@ fn scenarios() -> Vec<Scenario> {
             trace: ("none", "ok"),
             diagnose: ("none", "ok"),
             evidence: "HEAD / answered 200",
+            summary: "",
         },
         Scenario {
             name: "DNS NXDOMAIN",
@@ -73,6 +76,7 @@ fn scenarios() -> Vec<Scenario> {
             trace: ("dns", "nxdomain"),
             diagnose: ("dns", "nxdomain"),
             evidence: "every query answered NXDOMAIN",
+            summary: "",
         },
         Scenario {
             name: "DNS NXDOMAIN while the upstream server asked directly is silent",
@@ -90,6 +94,7 @@ fn scenarios() -> Vec<Scenario> {
             trace: ("dns", "nxdomain"),
             diagnose: ("dns", "nxdomain"),
             evidence: "every query answered NXDOMAIN",
+            summary: "",
         },
         Scenario {
             name: "DNS SERVFAIL",
@@ -101,6 +106,7 @@ fn scenarios() -> Vec<Scenario> {
             trace: ("dns", "servfail"),
             diagnose: ("dns", "servfail"),
             evidence: "SERVFAIL (RCODE 2)",
+            summary: "",
         },
         Scenario {
             name: "upstream DNS unreachable",
@@ -112,6 +118,7 @@ fn scenarios() -> Vec<Scenario> {
             trace: ("dns", "timeout"),
             diagnose: ("dns", "timeout"),
             evidence: "got no response within the resolver timeout",
+            summary: "",
         },
         Scenario {
             name: "NetworkPolicy denies DNS",
@@ -130,6 +137,7 @@ fn scenarios() -> Vec<Scenario> {
             trace: ("network-policy", "denied"),
             diagnose: ("network-policy", "denied"),
             evidence: "no egress rule allows UDP 53 to 10.0.0.10",
+            summary: "",
         },
         Scenario {
             name: "NetworkPolicy denies the endpoint (ipBlock except)",
@@ -148,6 +156,7 @@ fn scenarios() -> Vec<Scenario> {
             trace: ("network-policy", "denied"),
             diagnose: ("network-policy", "denied"),
             evidence: "no egress rule allows TCP 80 to 203.0.113.10",
+            summary: "",
         },
         Scenario {
             name: "node iptables drop that is no policy",
@@ -165,6 +174,53 @@ fn scenarios() -> Vec<Scenario> {
             trace: ("node-firewall", "netfilter-drop"),
             diagnose: ("node-firewall", "netfilter-drop"),
             evidence: "with reason NETFILTER_DROP",
+            summary: "",
+        },
+        Scenario {
+            name: "an eBPF CNI drops what a NetworkPolicy denies",
+            env: &[],
+            setup: |lab| {
+                // The policy is only known to the cluster; the tc program enforces it.
+                lab.publish_network_policies(&[json!({
+                    "apiVersion": "networking.k8s.io/v1",
+                    "kind": "NetworkPolicy",
+                    "metadata": {"name": "no-endpoint", "namespace": "default"},
+                    "spec": {"podSelector": {}, "policyTypes": ["Egress"],
+                             "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0",
+                                                             "except": ["203.0.113.0/24"]}}]}]},
+                })])
+                .unwrap();
+                lab.inject(Fault::EbpfDrop {
+                    dst: addr::ENDPOINT,
+                    port: addr::HTTP_PORT,
+                })
+                .unwrap()
+            },
+            client: &["http://api.example.test/"],
+            target: "http://api.example.test/",
+            diagnose_args: &[],
+            trace: ("network-policy", "denied"),
+            diagnose: ("network-policy", "denied"),
+            evidence: "with reason TC_INGRESS",
+            summary: "",
+        },
+        Scenario {
+            name: "an eBPF program drops with no policy behind it",
+            env: &[],
+            setup: |lab| {
+                lab.inject(Fault::EbpfDrop {
+                    dst: addr::ENDPOINT,
+                    port: addr::HTTP_PORT,
+                })
+                .unwrap()
+            },
+            client: &["http://api.example.test/"],
+            target: "http://api.example.test/",
+            diagnose_args: &[],
+            trace: ("node-firewall", "ebpf-drop"),
+            diagnose: ("node-firewall", "ebpf-drop"),
+            evidence: "a tc program's verdict (TC_ACT_SHOT)",
+            summary: "",
         },
         Scenario {
             name: "no route on the node",
@@ -181,6 +237,7 @@ fn scenarios() -> Vec<Scenario> {
             trace: ("routing", "no-route"),
             diagnose: ("routing", "no-route"),
             evidence: "is an address of the node itself",
+            summary: "",
         },
         Scenario {
             name: "upstream silent drop (NSG)",
@@ -198,6 +255,7 @@ fn scenarios() -> Vec<Scenario> {
             trace: ("upstream", "silent-drop"),
             diagnose: ("upstream", "silent-drop"),
             evidence: "the SYN left the node translated to 10.224.0.4",
+            summary: "",
         },
         Scenario {
             name: "upstream ICMP admin-prohibited",
@@ -215,6 +273,7 @@ fn scenarios() -> Vec<Scenario> {
             trace: ("upstream", "icmp-admin-prohibited"),
             diagnose: ("upstream", "icmp-admin-prohibited"),
             evidence: "(type 3 code 13) from 10.224.0.1",
+            summary: "(hop 2 of the path)",
         },
         Scenario {
             name: "upstream reset by a firewall",
@@ -237,7 +296,43 @@ fn scenarios() -> Vec<Scenario> {
             diagnose_args: &[],
             trace: ("upstream", "reset"),
             diagnose: ("upstream", "reset"),
-            evidence: "the reset was forged on the path",
+            evidence: "it was sent on the path, not by the endpoint",
+            summary: "10.224.0.1 (hop 2) reset the connection",
+        },
+        Scenario {
+            name: "a router two hops out resets every connection to an address",
+            env: &[],
+            setup: |lab| {
+                lab.inject(Fault::Router2ResetsAll { dst: addr::NOBODY })
+                    .unwrap()
+            },
+            client: &["http://203.0.113.99/"],
+            target: "http://203.0.113.99/",
+            diagnose_args: &[],
+            // Passively, without an earlier connection to compare with, a reset is the
+            // endpoint's as far as trace can tell.
+            trace: ("endpoint", "refused"),
+            diagnose: ("upstream", "reset"),
+            evidence: "it was sent on the path, not by the endpoint",
+            summary: "198.51.100.2 (hop 3) reset the connection",
+        },
+        Scenario {
+            name: "a silent drop at router 2 (answers no probe)",
+            env: &[],
+            setup: |lab| {
+                lab.inject(Fault::Router2SilentDrop {
+                    dst: addr::ENDPOINT,
+                    port: addr::HTTP_PORT,
+                })
+                .unwrap()
+            },
+            client: &["http://api.example.test/"],
+            target: "http://api.example.test/",
+            diagnose_args: &[],
+            trace: ("upstream", "silent-drop"),
+            diagnose: ("upstream", "silent-drop"),
+            evidence: "the SYN left the node translated to 10.224.0.4",
+            summary: "passed 10.224.0.1 at hop 2; nothing answered beyond it",
         },
         Scenario {
             name: "a proxy that answers 403 to CONNECT",
@@ -253,6 +348,7 @@ fn scenarios() -> Vec<Scenario> {
             trace: ("none", "ok"),
             diagnose: ("proxy", "http-403"),
             evidence: "answered 403 to CONNECT api.example.test:443",
+            summary: "",
         },
         Scenario {
             name: "the endpoint's port is closed",
@@ -264,6 +360,7 @@ fn scenarios() -> Vec<Scenario> {
             trace: ("endpoint", "refused"),
             diagnose: ("endpoint", "refused"),
             evidence: "the SYN was answered with a TCP reset",
+            summary: "",
         },
         Scenario {
             name: "the endpoint does not speak TLS",
@@ -275,6 +372,7 @@ fn scenarios() -> Vec<Scenario> {
             trace: ("none", "ok"),
             diagnose: ("endpoint", "tls-failed"),
             evidence: "TLS handshake with api.example.test failed",
+            summary: "",
         },
         Scenario {
             name: "the endpoint answers HTTP 503",
@@ -286,6 +384,7 @@ fn scenarios() -> Vec<Scenario> {
             trace: ("none", "ok"),
             diagnose: ("endpoint", "http-503"),
             evidence: "HEAD / answered 503",
+            summary: "",
         },
     ]
 }
@@ -327,10 +426,17 @@ fn check_diagnosis(scenario: &Scenario, diagnosis: &Diagnosis) {
         verdict["evidence"].to_string().contains(scenario.evidence),
         "{context}"
     );
+    assert!(
+        verdict["summary"]
+            .as_str()
+            .is_some_and(|summary| summary.contains(scenario.summary)),
+        "{context}"
+    );
     let expected_exit = if scenario.diagnose.0 == "none" { 0 } else { 1 };
     assert_eq!(diagnosis.status.code(), Some(expected_exit), "{context}");
-    // Within the DNS timeout + the connect timeout + 2 s (process start included).
-    let budget = Duration::from_secs(1 + CONNECT_TIMEOUT_S + 2);
+    // Within the DNS timeout + the connect timeout + 3 s (the path probe of a failed
+    // connection, at most the connect timeout, and the process's start included).
+    let budget = Duration::from_secs(1 + CONNECT_TIMEOUT_S + 3);
     assert!(
         diagnosis.elapsed <= budget,
         "{}: took {:?}, more than {budget:?}",

@@ -494,20 +494,29 @@ fn of_drop(drops: &Drops, target: Target<'_>, node: &NodeFacts) -> Verdict {
             "`ip route get` on the node for the destination; check the node's route table (UDR)",
         );
     }
-    let verdict = Verdict::new(
+    if drop.reason.starts_with("TC_") {
+        // An eBPF dataplane (Cilium, Azure CNI powered by Cilium) enforces policies in tc
+        // programs on the pods' veths, not in netfilter.
+        return Verdict::new(
+            Hop::NodeFirewall,
+            "ebpf-drop",
+            format!("a tc (eBPF) program on the node dropped the traffic to {target}"),
+        )
+        .evidence(seen)
+        .evidence("a tc program's verdict (TC_ACT_SHOT): with an eBPF CNI this is its policy enforcement or its own checks")
+        .next("the CNI's own drop log (e.g. `cilium monitor --type drop`, `hubble observe --verdict DROPPED`)")
+        .next(format!(
+            "`tc filter show dev <the pod's host-side veth> ingress` on the node; `bpftool net` lists every attached program"
+        ));
+    }
+    Verdict::new(
         Hop::NodeFirewall,
         "netfilter-drop",
         format!("the node dropped the traffic to {target}"),
     )
     .likely()
-    .evidence(seen);
-    if drop.reason.starts_with("TC_") {
-        verdict
-            .evidence("a tc (eBPF) program dropped it: with an eBPF CNI this is usually its policy enforcement")
-            .next("check the CNI's own drop log (e.g. `cilium monitor --type drop`)")
-    } else {
-        verdict.next("look up the drop reason in the kernel's `enum skb_drop_reason`")
-    }
+    .evidence(seen)
+    .next("look up the drop reason in the kernel's `enum skb_drop_reason`")
 }
 
 fn of_icmp(icmp: &IcmpError, attempt: &Attempt, target: Target<'_>, node: &NodeFacts) -> Verdict {
@@ -1224,6 +1233,28 @@ mod tests {
                 .last()
                 .unwrap()
                 .contains("a NetworkPolicy denies this flow")
+        );
+    }
+
+    #[test]
+    fn a_tc_programs_drop_is_the_policy_that_explains_it_else_the_node_firewall() {
+        // An eBPF CNI enforces policies in tc programs on the pods' veths.
+        let a = dropped("tcf_classify+0x2c", "TC_INGRESS", PacketConntrack::None);
+        let verdict = of_attempt(&a, &NodeFacts::default(), Some(&denial())).unwrap();
+        assert_eq!(hop_reason(&verdict), (Hop::NetworkPolicy, "denied", false));
+        assert_eq!(verdict.policy.as_deref(), Some("shop/deny-egress"));
+        assert!(verdict.evidence[1].contains("with reason TC_INGRESS"));
+        let verdict = of_attempt(&a, &NodeFacts::default(), None).unwrap();
+        assert_eq!(
+            hop_reason(&verdict),
+            (Hop::NodeFirewall, "ebpf-drop", false)
+        );
+        assert!(verdict.evidence[1].contains("a tc program's verdict (TC_ACT_SHOT)"));
+        let a = dropped("tcx_run+0x1", "TC_EGRESS", PacketConntrack::None);
+        let verdict = judge(&a, &NodeFacts::default()).unwrap();
+        assert_eq!(
+            hop_reason(&verdict),
+            (Hop::NodeFirewall, "ebpf-drop", false)
         );
     }
 

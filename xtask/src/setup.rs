@@ -5,14 +5,15 @@
 //! - LLVM 22 development files, which bpf-linker 0.13 links against;
 //! - bpf-linker 0.13.0, which links the kernel programs;
 //! - the Debian tools the node lab drives (iproute2, iptables, nftables, conntrack,
-//!   dnsmasq, curl, bpftool, tcpdump, ping, setpriv).
+//!   dnsmasq, curl, bpftool, tcpdump, ping, setpriv), and clang 22 with the kernel's
+//!   headers for the lab's stand-in of an eBPF CNI (a tc program that drops).
 
 use std::process::Command;
 
 use anyhow::{Context, bail};
 
 /// Debian packages: (package, why).
-const PACKAGES: [(&str, &str); 13] = [
+const PACKAGES: [(&str, &str); 15] = [
     ("llvm-22-dev", "bpf-linker links against LLVM 22"),
     (
         "libpolly-22-dev",
@@ -29,6 +30,14 @@ const PACKAGES: [(&str, &str); 13] = [
     ("iputils-ping", "reachability checks in the lab"),
     ("util-linux", "setpriv, to test unprivileged runs"),
     ("libc-bin", "getent, the lab's DNS readiness check"),
+    (
+        "clang-22",
+        "builds the lab's tc program standing in for an eBPF CNI",
+    ),
+    (
+        "linux-libc-dev",
+        "the kernel headers that tc program includes",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

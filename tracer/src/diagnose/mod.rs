@@ -9,6 +9,7 @@
 //! node, the NetworkPolicy decision) and the kernel's records of the probe's traffic;
 //! [`conclude`] turns them into the verdict, preferring the kernel's evidence.
 
+pub mod path;
 pub mod probe;
 pub mod target;
 
@@ -121,6 +122,9 @@ pub struct Facts {
     pub proxy: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_status: Option<u16>,
+    /// The TTL-limited probes of a failed connection's path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path: Vec<path::Hop>,
 }
 
 /// One check as the probe reports it (a JSON line on its standard output).
@@ -258,6 +262,10 @@ pub fn run_probe(plan: &Plan, out: &mut impl Write) -> io::Result<()> {
         .iter()
         .find(|c| c.result == "refused")
         .map(|c| c.address);
+    let failed = connects
+        .iter()
+        .find(|c| c.result != "established")
+        .map(|c| c.address);
     emit(
         Check::new("tcp-connect", status, detail),
         Facts {
@@ -266,6 +274,30 @@ pub fn run_probe(plan: &Plan, out: &mut impl Write) -> io::Result<()> {
         },
     )?;
     let Some(mut stream) = stream else {
+        // Where on the path it stops: SYNs with TTL 1, 2, 3… to the first address that
+        // failed, within one connect timeout (at most 3 s).
+        if let Some(failed) = failed {
+            let hops = path::trace(failed, path::MAX_HOPS, connect_timeout)?;
+            let reached = hops
+                .last()
+                .is_some_and(|h| h.answer == path::Answer::SynAck);
+            emit(
+                Check::new(
+                    "path",
+                    if reached { Status::Pass } else { Status::Fail },
+                    format!(
+                        "SYNs to {} with TTL 1 to {}:\n{}",
+                        failed,
+                        hops.len(),
+                        path::describe(&hops)
+                    ),
+                ),
+                Facts {
+                    path: hops,
+                    ..Facts::default()
+                },
+            )?;
+        }
         // A reset: a connection to another port of the same address shows how far away
         // the endpoint itself is (the kernel records the TTL of its answer), so a reset
         // forged on the path can be told from the endpoint's own.
@@ -458,6 +490,8 @@ pub struct Observed<'a> {
     pub lookup_verdict: Option<&'a Verdict>,
     /// The kernel's verdict on the probe's failed connection, if there was one.
     pub connect_verdict: Option<&'a Verdict>,
+    /// The sender of the ICMP error that ended that connection, if one did.
+    pub connect_icmp_sender: Option<IpAddr>,
     /// Checks made from the node (DNS from the node, the NetworkPolicy decision).
     pub node_checks: &'a [Check],
     /// What the NetworkPolicies decide for DNS from the pod to its nameserver.
@@ -534,16 +568,44 @@ pub fn conclude(target: &Target, observed: &Observed<'_>) -> Verdict {
         );
         return with_checks(verdict);
     }
-    if line("tcp-connect").is_some_and(|l| l.check.status == Status::Fail) {
-        if let Some(verdict) = observed.connect_verdict.filter(|v| v.hop != Hop::None) {
-            return with_checks(verdict.clone());
+    if let Some(connect) = line("tcp-connect").filter(|l| l.check.status == Status::Fail) {
+        let hops = line("path").map_or(&[][..], |l| l.facts.path.as_slice());
+        let failed = connect
+            .facts
+            .connects
+            .iter()
+            .find(|c| c.result != "established")
+            .map(|c| c.address.ip());
+        let reading = failed.map(|ip| path::read(hops, ip));
+        if let Some((hop, device)) = reading.and_then(|r| r.forged_reset) {
+            return with_checks(forged_reset(target, hop, device));
         }
-        let mut verdict = Verdict::for_check(
-            Hop::Upstream,
-            "silent-drop",
-            format!("no connection to {}", target.input),
-        );
-        verdict.likely = true;
+        let mut verdict = match observed.connect_verdict.filter(|v| v.hop != Hop::None) {
+            Some(verdict) => verdict.clone(),
+            None => {
+                let mut verdict = Verdict::for_check(
+                    Hop::Upstream,
+                    "silent-drop",
+                    format!("no connection to {}", target.input),
+                );
+                verdict.likely = true;
+                verdict
+            }
+        };
+        if verdict.reason == "silent-drop"
+            && let Some((hop, address)) = reading.and_then(|r| r.last_answer)
+        {
+            verdict.summary = format!(
+                "{}; passed {address} at hop {hop}; nothing answered beyond it",
+                verdict.summary
+            );
+        }
+        if let Some(hop) = observed
+            .connect_icmp_sender
+            .and_then(|sender| path::hop_of(hops, sender))
+        {
+            verdict.summary = format!("{} (hop {hop} of the path)", verdict.summary);
+        }
         return with_checks(verdict);
     }
     if line("tls").is_some_and(|l| l.check.status == Status::Fail) {
@@ -576,6 +638,31 @@ pub fn conclude(target: &Target, observed: &Observed<'_>) -> Verdict {
     ))
 }
 
+/// A reset that came back from closer than the target: the device at `hop` sent it.
+fn forged_reset(target: &Target, hop: u8, device: Option<IpAddr>) -> Verdict {
+    let who = device.map_or_else(
+        || format!("the device at hop {hop}"),
+        |ip| format!("{ip} (hop {hop})"),
+    );
+    let mut verdict = Verdict::for_check(
+        Hop::Upstream,
+        "reset",
+        format!(
+            "{who} reset the connection to {}, before the endpoint",
+            target.input
+        ),
+    );
+    verdict.evidence.push(format!(
+        "the path probe's reset came back over {} router(s) while the SYN it answered needed more hops: it was sent on the path, not by the endpoint",
+        hop - 1
+    ));
+    verdict.next_steps.push(format!(
+        "the firewall or proxy at {} rejects this port: Azure Firewall / NVA rules, NSG flow logs",
+        device.map_or_else(|| format!("hop {hop}"), |ip| ip.to_string())
+    ));
+    verdict
+}
+
 fn status_word(status: Status) -> &'static str {
     match status {
         Status::Pass => "passed",
@@ -604,6 +691,7 @@ mod tests {
                 probe: lines,
                 lookup_verdict: None,
                 connect_verdict: connect,
+                connect_icmp_sender: None,
                 node_checks: &[],
                 dns_policy: None,
             },
@@ -690,6 +778,91 @@ mod tests {
         assert_eq!(
             (verdict.hop, verdict.reason.as_ref(), verdict.likely),
             (Hop::Upstream, "silent-drop", true)
+        );
+    }
+
+    fn path_hop(ttl: u8, answer: path::Answer, from: Option<&str>, reply_ttl: u8) -> path::Hop {
+        path::Hop {
+            ttl,
+            answer,
+            from: from.map(|f| f.parse().unwrap()),
+            icmp_type: None,
+            icmp_code: None,
+            reply_ttl: Some(reply_ttl),
+            src: None,
+        }
+    }
+
+    fn failed_connect(result: &str) -> ProbeLine {
+        line(
+            "tcp-connect",
+            Status::Fail,
+            Facts {
+                connects: vec![Connect {
+                    address: "203.0.113.99:443".parse().unwrap(),
+                    result: result.into(),
+                    error: None,
+                    millis: 2,
+                }],
+                ..Facts::default()
+            },
+        )
+    }
+
+    fn path_line(hops: Vec<path::Hop>) -> ProbeLine {
+        line(
+            "path",
+            Status::Fail,
+            Facts {
+                path: hops,
+                ..Facts::default()
+            },
+        )
+    }
+
+    #[test]
+    fn the_path_probe_places_a_forged_reset_and_a_silent_drop() {
+        use path::Answer::{Nothing, Reset, TimeExceeded};
+        let router = |ttl, from| path_hop(ttl, TimeExceeded, Some(from), 250);
+        let forged = [
+            failed_connect("refused"),
+            path_line(vec![
+                router(1, "10.244.0.1"),
+                router(2, "10.224.0.1"),
+                router(3, "198.51.100.2"),
+                path_hop(4, Reset, Some("203.0.113.99"), 62),
+            ]),
+        ];
+        // The kernel alone (no earlier connection) could only call it the endpoint's.
+        let kernel = Verdict::for_check(Hop::Endpoint, "refused", "refused".into());
+        let verdict = conclude_for("203.0.113.99:443", &forged, Some(&kernel));
+        assert_eq!(
+            (verdict.hop, verdict.reason.as_ref()),
+            (Hop::Upstream, "reset")
+        );
+        assert!(
+            verdict
+                .summary
+                .starts_with("198.51.100.2 (hop 3) reset the connection")
+        );
+
+        let silent = [
+            failed_connect("timeout"),
+            path_line(vec![
+                router(1, "10.244.0.1"),
+                router(2, "10.224.0.1"),
+                path_hop(3, Nothing, None, 0),
+            ]),
+        ];
+        let kernel = Verdict::for_check(Hop::Upstream, "silent-drop", "nothing answered".into());
+        let verdict = conclude_for("203.0.113.99:443", &silent, Some(&kernel));
+        assert_eq!(
+            (verdict.hop, verdict.reason.as_ref()),
+            (Hop::Upstream, "silent-drop")
+        );
+        assert_eq!(
+            verdict.summary,
+            "nothing answered; passed 10.224.0.1 at hop 2; nothing answered beyond it"
         );
     }
 }

@@ -20,7 +20,7 @@ use egress_tracer::{
     capture::{Capture, CaptureOptions},
     cluster::{ClusterState, PodInfo, cgroups::CgroupIndex},
     diagnose::{
-        self, Check, Observed, Plan, ProbeLine, Status,
+        self, Check, Observed, Plan, ProbeLine, Status, path,
         probe::{self, Resolution},
         target::Target,
     },
@@ -214,7 +214,10 @@ pub async fn examine(
                 Some(line) => {
                     let parsed: ProbeLine = serde_json::from_str(&line)
                         .with_context(|| format!("the probe said something unexpected: {line}"))?;
-                    progress(&parsed.check);
+                    // The path is told once the kernel's records give its answers' TTLs.
+                    if parsed.check.id != "path" {
+                        progress(&parsed.check);
+                    }
                     probe_lines.push(parsed);
                 }
                 None => break,
@@ -287,12 +290,19 @@ pub async fn examine(
             _ => None,
         })
         .collect();
-    let connect_verdict = judge_reset_by_reference(&probe_attempts, target.port).or_else(|| {
-        probe_attempts
-            .iter()
-            .find(|attempt| attempt.dst.port() == target.port)
-            .and_then(|attempt| attempt.verdict.as_deref().cloned())
-    });
+    if let Some(line) = probe_lines.iter_mut().find(|line| line.check.id == "path") {
+        complete_path(line, &probe_attempts);
+        progress(&line.check);
+    }
+    // The connection the checklist made is the first to the target's port; the path
+    // probe's came after it.
+    let connection = probe_attempts
+        .iter()
+        .filter(|attempt| attempt.dst.port() == target.port)
+        .min_by_key(|attempt| attempt.monotonic_ns);
+    let connect_verdict = judge_reset_by_reference(&probe_attempts, target.port)
+        .or_else(|| connection.and_then(|attempt| attempt.verdict.as_deref().cloned()));
+    let connect_icmp_sender = connection.and_then(|attempt| attempt.icmp.map(|icmp| icmp.sender));
     // DNS from the pod to its nameserver, as the NetworkPolicies see it.
     let dns_policy = resolver.nameservers.first().map(|server| {
         policy::decide(
@@ -311,6 +321,7 @@ pub async fn examine(
             probe: &probe_lines,
             lookup_verdict,
             connect_verdict: connect_verdict.as_ref(),
+            connect_icmp_sender,
             dns_policy: dns_policy.as_ref(),
             node_checks: &node_checks,
         },
@@ -328,12 +339,39 @@ pub async fn examine(
     })
 }
 
+/// Gives the path probe's resets and SYN-ACKs the TTL they arrived with, from the kernel's
+/// record of each probe connection (joined by source address), and tells the hops.
+fn complete_path(line: &mut ProbeLine, attempts: &[&Attempt]) {
+    for hop in &mut line.facts.path {
+        if hop.reply_ttl.is_none()
+            && let Some(src) = hop.src
+        {
+            hop.reply_ttl = attempts
+                .iter()
+                .find(|attempt| attempt.src == Some(src))
+                .and_then(|attempt| attempt.reply)
+                .map(|reply| reply.ttl);
+        }
+    }
+    let first = line
+        .check
+        .detail
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    line.check.detail = format!("{first}\n{}", path::describe(&line.facts.path));
+}
+
 /// The verdict on a reset connection, judged again with the path length the reference
 /// connection to the same address showed (the pipeline judged it before that connection).
 fn judge_reset_by_reference(attempts: &[&Attempt], port: u16) -> Option<Verdict> {
+    // The checklist's own connection: the path probe's came after it.
     let reset = attempts
         .iter()
-        .find(|a| a.dst.port() == port && a.reply.is_some_and(|r| r.reset))?;
+        .filter(|a| a.dst.port() == port)
+        .min_by_key(|a| a.monotonic_ns)
+        .filter(|a| a.reply.is_some_and(|r| r.reset))?;
     let reference_hops = attempts
         .iter()
         .filter(|a| a.dst.ip() == reset.dst.ip() && a.dst.port() != port)
@@ -417,7 +455,9 @@ fn print_check(check: &Check, tty: bool) {
     } else {
         mark.to_owned()
     };
-    println!("  {mark} {:<15} {}", check.id, check.detail);
+    // Lines after the first (the path's hops) under the first's text.
+    let detail = check.detail.replace('\n', &format!("\n{:23}", ""));
+    println!("  {mark} {:<15} {detail}", check.id);
 }
 
 fn print_verdict(out: &mut impl Write, verdict: &Verdict) -> io::Result<()> {
