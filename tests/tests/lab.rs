@@ -47,7 +47,8 @@ fn teardown_leaves_nothing_behind() {
     let id = lab.id().to_owned();
     let pids: Vec<u32> = lab.pods().iter().map(|p| p.pid).collect();
     let before = leftovers_of(Some(&id)).unwrap();
-    assert_eq!(before.netns.len(), 6, "{before:?}");
+    // node, router 1, router 2, internet, cluster DNS and the two pods.
+    assert_eq!(before.netns.len(), 7, "{before:?}");
     assert_eq!(before.cgroups.len(), 1);
     assert_eq!(before.state_dirs.len(), 1);
     drop(lab);
@@ -93,7 +94,7 @@ fn a_killed_runs_lab_is_removed_by_the_next_run() {
     up.kill().unwrap();
     up.wait().unwrap();
     let left = leftovers_of(Some(&id)).unwrap();
-    assert_eq!((left.netns.len(), left.cgroups.len()), (6, 1), "{left:?}");
+    assert_eq!((left.netns.len(), left.cgroups.len()), (7, 1), "{left:?}");
     egress_lab::clean_stale().unwrap();
     assert!(leftovers_of(Some(&id)).unwrap().is_empty());
 }
