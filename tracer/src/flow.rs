@@ -1453,7 +1453,7 @@ mod tests {
         First(FirstPacketEvent),
         State(SockStateEvent),
         Icmp(IcmpErrorEvent),
-        Drop(DropEvent, PacketDrop),
+        Drop(Box<(DropEvent, PacketDrop)>),
     }
 
     impl Event {
@@ -1462,7 +1462,7 @@ mod tests {
                 Event::First(e) => e.header.ts_ns,
                 Event::State(e) => e.header.ts_ns,
                 Event::Icmp(e) => e.header.ts_ns,
-                Event::Drop(e, _) => e.header.ts_ns,
+                Event::Drop(drop) => drop.0.header.ts_ns,
             }
         }
 
@@ -1471,7 +1471,7 @@ mod tests {
                 Event::First(e) => flows.on_first_packet(e),
                 Event::State(e) => flows.on_sock_state(e, done),
                 Event::Icmp(e) => flows.on_icmp_error(e),
-                Event::Drop(e, drop) => flows.on_drop(e, drop.clone()),
+                Event::Drop(drop) => flows.on_drop(&drop.0, drop.1.clone()),
             }
         }
     }
@@ -1485,7 +1485,7 @@ mod tests {
             }
             for i in 0..k {
                 permute(k - 1, items, out);
-                let swap = if k % 2 == 0 { i } else { 0 };
+                let swap = if k.is_multiple_of(2) { i } else { 0 };
                 items.swap(swap, k - 1);
             }
         }
@@ -1631,7 +1631,7 @@ mod tests {
                 location: location.into(),
                 ..netfilter_drop()
             };
-            Event::Drop(event, drop)
+            Event::Drop(Box::new((event, drop)))
         };
         let record = in_every_order(
             connect(1, 1_000, IPPROTO_TCP),
@@ -1668,7 +1668,7 @@ mod tests {
             connect(1, 1_000, IPPROTO_UDP),
             &[
                 first_at(1_100, IPPROTO_UDP, 50_000),
-                Event::Drop(dropped, netfilter_drop()),
+                Event::Drop(Box::new((dropped, netfilter_drop()))),
                 icmp_at(1_500, IPPROTO_UDP, (3, 13), [10, 224, 0, 1]),
             ],
         );

@@ -505,9 +505,7 @@ fn of_drop(drops: &Drops, target: Target<'_>, node: &NodeFacts) -> Verdict {
         .evidence(seen)
         .evidence("a tc program's verdict (TC_ACT_SHOT): with an eBPF CNI this is its policy enforcement or its own checks")
         .next("the CNI's own drop log (e.g. `cilium monitor --type drop`, `hubble observe --verdict DROPPED`)")
-        .next(format!(
-            "`tc filter show dev <the pod's host-side veth> ingress` on the node; `bpftool net` lists every attached program"
-        ));
+        .next("`tc filter show dev <the pod's host-side veth> ingress` on the node; `bpftool net` lists every attached program");
     }
     Verdict::new(
         Hop::NodeFirewall,
