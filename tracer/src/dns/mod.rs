@@ -22,7 +22,8 @@
 
 use std::{
     borrow::Cow,
-    collections::{BTreeSet, VecDeque},
+    cmp::Reverse,
+    collections::{BTreeSet, BinaryHeap, VecDeque},
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Duration,
@@ -45,6 +46,8 @@ pub const MAX_LOOKUPS: usize = 16_384;
 pub const MAX_NAMES: usize = 65_536;
 /// Most remembered (cgroup, query hash) → question entries.
 pub const MAX_QUESTIONS: usize = 65_536;
+/// The longest `options timeout:` the resolver (glibc's, musl's) honours.
+pub const MAX_RESOLVER_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn normalize(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
@@ -77,10 +80,15 @@ pub fn resolver_config(resolv_conf: &str) -> Resolver {
             }
             Some("options") => {
                 for option in words {
-                    if let Some(seconds) =
-                        option.strip_prefix("timeout:").and_then(|s| s.parse().ok())
+                    if let Some(seconds) = option
+                        .strip_prefix("timeout:")
+                        .and_then(|s| s.parse::<u64>().ok())
                     {
-                        resolver.timeout = Some(Duration::from_secs(seconds));
+                        // As the resolver itself reads it: 1 to 30 s. A pod controls this
+                        // file; an unbounded timeout would keep its queries for ever.
+                        resolver.timeout = Some(Duration::from_secs(
+                            seconds.clamp(1, MAX_RESOLVER_TIMEOUT.as_secs()),
+                        ));
                     }
                     if let Some(ndots) = option.strip_prefix("ndots:").and_then(|s| s.parse().ok())
                     {
@@ -264,7 +272,9 @@ pub struct DnsStats {
 pub struct DnsTracker {
     timeout: Duration,
     pending: HashMap<QueryKey, PendingQuery>,
-    pending_order: VecDeque<QueryKey>,
+    /// Pending queries by deadline (each query times out on its own, whatever the
+    /// others' timeouts); entries of queries answered or sent again are skipped.
+    pending_order: BinaryHeap<Reverse<(u64, QueryKey)>>,
     lookups: hashbrown::HashMap<LookupKey, OpenLookup, foldhash::fast::RandomState>,
     lookup_order: VecDeque<LookupKey>,
     names: HashMap<(u64, IpAddr), String>,
@@ -479,11 +489,12 @@ impl DnsTracker {
             self.evict_query();
         }
         let key = (seen.tcp, seen.src, seen.dst, id);
+        let deadline_ns = self.deadline_ns(seen.monotonic_ns, resolver);
         let previous = self.pending.insert(
             key,
             PendingQuery {
                 sent_ns: seen.monotonic_ns,
-                deadline_ns: self.deadline_ns(seen.monotonic_ns, resolver),
+                deadline_ns,
                 qtype: question.qtype,
                 lookup: lookup_key,
             },
@@ -492,7 +503,12 @@ impl DnsTracker {
         if let Some(previous) = previous {
             self.settle_one(&previous.lookup, None);
         }
-        self.pending_order.push_back(key);
+        self.pending_order.push(Reverse((deadline_ns, key)));
+        if self.pending_order.len() > 2 * MAX_PENDING_QUERIES {
+            let pending = &self.pending;
+            self.pending_order
+                .retain(|Reverse((deadline, key))| is_pending(pending, key, *deadline));
+        }
     }
 
     fn on_response(&mut self, seen: &SeenMessage, message: DnsMessage) {
@@ -579,18 +595,14 @@ impl DnsTracker {
     /// Times out unanswered queries and reports lookups that have settled, at monotonic
     /// time `now_ns`.
     pub fn expire(&mut self, now_ns: u64, done: &mut Vec<Lookup>) {
-        // Queries are in sending order; deadlines differ only between resolvers with
-        // different timeouts, so a later deadline can hold an earlier one back by at most
-        // the difference.
-        while let Some(key) = self.pending_order.front().copied() {
-            let Some(query) = self.pending.get(&key) else {
-                self.pending_order.pop_front();
-                continue;
-            };
-            if now_ns < query.deadline_ns {
+        while let Some(&Reverse((deadline_ns, key))) = self.pending_order.peek() {
+            if now_ns < deadline_ns {
                 break;
             }
-            self.pending_order.pop_front();
+            self.pending_order.pop();
+            if !is_pending(&self.pending, &key, deadline_ns) {
+                continue;
+            }
             let query = self.pending.remove(&key).expect("present");
             self.query_ended(&query, key.2.ip(), None, query.deadline_ns);
             if let Some(open) = self.lookups.get_mut(&query.lookup) {
@@ -639,8 +651,9 @@ impl DnsTracker {
     }
 
     fn evict_query(&mut self) {
-        while let Some(key) = self.pending_order.pop_front() {
-            if let Some(query) = self.pending.remove(&key) {
+        while let Some(Reverse((deadline_ns, key))) = self.pending_order.pop() {
+            if is_pending(&self.pending, &key, deadline_ns) {
+                let query = self.pending.remove(&key).expect("present");
                 self.stats.evicted += 1;
                 self.settle_one(&query.lookup, None);
                 return;
@@ -684,6 +697,14 @@ fn remember(
 /// Decides how a lookup ended. The name itself decides when it was asked: its answer,
 /// or its silence (timed out, or still unanswered when tracing stopped), whatever the
 /// search-domain expansions before it got; otherwise the last response does.
+/// Whether the query `key` with this deadline is still pending (not answered, nor sent
+/// again with a later deadline).
+fn is_pending(pending: &HashMap<QueryKey, PendingQuery>, key: &QueryKey, deadline_ns: u64) -> bool {
+    pending
+        .get(key)
+        .is_some_and(|query| query.deadline_ns == deadline_ns)
+}
+
 fn finish(open: OpenLookup) -> Lookup {
     let mut lookup = open.lookup;
     let asked_name = lookup.queried.contains(&lookup.name);
@@ -831,6 +852,46 @@ mod tests {
         assert_eq!(lookup.rcode.as_deref(), Some("NXDOMAIN"));
         assert_eq!(lookup.server, SERVER.parse().unwrap());
         assert_eq!(lookup.duration, Some(Duration::from_millis(31)));
+    }
+
+    #[test]
+    fn a_pods_huge_timeout_is_clamped_and_holds_no_other_query_back() {
+        let hostile = resolver_config("options timeout:1000000");
+        assert_eq!(hostile.timeout, Some(MAX_RESOLVER_TIMEOUT));
+        assert_eq!(
+            resolver_config("options timeout:0").timeout,
+            Some(Duration::from_secs(1))
+        );
+        // The hostile pod's query is sent first and never answered; another pod's query
+        // (1 s timeout) still times out on time.
+        let mut dns = DnsTracker::new(Duration::from_secs(5));
+        let mut done = Vec::new();
+        let mut first = seen(
+            0,
+            CLIENT,
+            SERVER,
+            message(1, QUERY, "a.example.test", A, &[]),
+        );
+        first.cgroup_id = 7;
+        dns.on_message(first, &hostile, &mut done);
+        let polite = resolver_config("options timeout:1");
+        let second = seen(
+            MS,
+            "10.244.0.11:40000",
+            SERVER,
+            message(2, QUERY, "b.example.test", A, &[]),
+        );
+        dns.on_message(second, &polite, &mut done);
+        dns.expire(1_001 * MS + LOOKUP_SETTLE.as_nanos() as u64, &mut done);
+        let found: Vec<_> = done.iter().map(|l| (l.name.as_str(), l.result)).collect();
+        assert_eq!(found, [("b.example.test", LookupResult::Timeout)]);
+        // The hostile one at 30 s, not later.
+        dns.expire(30_000 * MS + LOOKUP_SETTLE.as_nanos() as u64, &mut done);
+        assert_eq!(done.len(), 2);
+        assert_eq!(
+            (done[1].name.as_str(), done[1].result),
+            ("a.example.test", LookupResult::Timeout)
+        );
     }
 
     #[test]
