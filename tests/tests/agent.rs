@@ -350,6 +350,15 @@ fn agent_counts_exactly_serves_flows_and_detaches_on_sigterm() {
     .unwrap();
     assert_eq!(bad.0.code(), Some(2), "{bad:?}");
     assert!(bad.2.contains("nobody"), "{bad:?}");
+    // A target whose CR/LF would split the probe's request line is refused before
+    // anything runs.
+    let (status, body) = agent::get(
+        &lab,
+        "/api/v1/diagnose?pod=default/client&target=http://a.test/x%0d%0aHost:%20b",
+    )
+    .unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("the path has a control character"), "{body}");
 
     let output = agent.stop(libc::SIGTERM).unwrap();
     assert!(output.status.success());

@@ -372,17 +372,18 @@ fn a_firewall_reset_is_told_apart_from_the_endpoints_own_by_its_ttl() {
     let (firewalled, code) = curl(&lab, "client", &url(addr::ENDPOINT, FIREWALLED_PORT), 5);
     assert_eq!(code, Some(7));
     let records = tracer.stop(libc::SIGINT).unwrap().records();
-    // The endpoint is two hops from the pod (node, upstream router); the router one.
+    // The endpoint's answers cross three routers to the pod (router 2, router 1, the
+    // node); router 1's reset only the node.
     let record = tcp_record(&records, ok);
     assert_eq!(
         record["tcp"]["reply"],
-        serde_json::json!({"kind": "syn-ack", "ttl": 62, "hops": 2}),
+        serde_json::json!({"kind": "syn-ack", "ttl": 61, "hops": 3}),
         "{record}"
     );
     let record = tcp_record(&records, closed);
     assert_eq!(
         record["tcp"]["reply"],
-        serde_json::json!({"kind": "reset", "ttl": 62, "hops": 2}),
+        serde_json::json!({"kind": "reset", "ttl": 61, "hops": 3}),
         "{record}"
     );
     assert_verdict(record, "endpoint", "refused", false);

@@ -75,7 +75,8 @@ pub struct Plan {
     pub upstream_dns: Option<IpAddr>,
     pub dns_timeout_ms: u64,
     pub connect_timeout_ms: u64,
-    /// The pod's environment (for HTTP(S)_PROXY and NO_PROXY).
+    /// The pod's proxy settings (HTTP(S)_PROXY and NO_PROXY), nothing else of its
+    /// environment.
     pub environment: Vec<(String, String)>,
 }
 
@@ -381,12 +382,14 @@ fn check_through_proxy(
     timeout: Duration,
     emit: &mut impl FnMut(Check, Facts) -> io::Result<()>,
 ) -> io::Result<()> {
+    // What is shown of the proxy: never its credentials.
+    let shown = probe::without_userinfo(proxy);
     let Some((host, port)) = probe::proxy_address(proxy) else {
         return emit(
             Check::new(
                 "proxy",
                 Status::Fail,
-                format!("cannot read the proxy address {proxy:?}"),
+                format!("cannot read the proxy address {shown:?}"),
             ),
             Facts::default(),
         );
@@ -415,7 +418,7 @@ fn check_through_proxy(
     };
     let (connect, stream) = probe::connect(SocketAddr::new(address, port), timeout);
     let facts = Facts {
-        proxy: Some(proxy.to_owned()),
+        proxy: Some(shown.clone()),
         connects: vec![connect.clone()],
         ..Facts::default()
     };
@@ -425,7 +428,7 @@ fn check_through_proxy(
                 "proxy",
                 Status::Fail,
                 format!(
-                    "the proxy {proxy}: {} ({})",
+                    "the proxy {shown}: {} ({})",
                     connect.result, connect.address
                 ),
             ),
@@ -443,7 +446,7 @@ fn check_through_proxy(
                     Status::Fail
                 },
                 format!(
-                    "the pod's proxy {proxy} answered {status} to CONNECT {}:{}",
+                    "the pod's proxy {shown} answered {status} to CONNECT {}:{}",
                     plan.host, plan.port
                 ),
             ),
@@ -456,7 +459,7 @@ fn check_through_proxy(
             Check::new(
                 "proxy",
                 Status::Fail,
-                format!("the proxy {proxy} did not answer CONNECT: {e}"),
+                format!("the proxy {shown} did not answer CONNECT: {e}"),
             ),
             facts,
         ),

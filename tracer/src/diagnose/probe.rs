@@ -298,21 +298,68 @@ pub fn proxy_address(proxy: &str) -> Option<(String, u16)> {
     }
 }
 
-/// `KEY=value` pairs from a `/proc/PID/environ` (NUL-separated).
-pub fn parse_environ(bytes: &[u8]) -> Vec<(String, String)> {
+/// The proxy settings (`HTTP_PROXY`, `HTTPS_PROXY`, `NO_PROXY`, in any case) among the
+/// `KEY=value` pairs of a `/proc/PID/environ` (NUL-separated): nothing else of a pod's
+/// environment, which holds its secrets, leaves the agent.
+pub fn proxy_environment(bytes: &[u8]) -> Vec<(String, String)> {
     bytes
         .split(|b| *b == 0)
         .filter_map(|entry| {
             let text = String::from_utf8_lossy(entry);
             let (key, value) = text.split_once('=')?;
-            Some((key.to_owned(), value.to_owned()))
+            ["HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"]
+                .iter()
+                .any(|name| key.eq_ignore_ascii_case(name))
+                .then(|| (key.to_owned(), value.to_owned()))
         })
         .collect()
+}
+
+/// A proxy URL without its credentials (`http://user:secret@proxy:3128` is shown as
+/// `http://proxy:3128`).
+pub fn without_userinfo(proxy: &str) -> String {
+    let (scheme, rest) = proxy
+        .split_once("://")
+        .map_or(("", proxy), |(scheme, rest)| (scheme, rest));
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    if scheme.is_empty() {
+        format!("{host}{path}")
+    } else {
+        format!("{scheme}://{host}{path}")
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_proxy_settings_leave_the_environment_and_never_their_credentials() {
+        let environ = b"PATH=/bin\0https_proxy=http://u:secret@proxy.test:3128\0DB_PASSWORD=x\0NO_PROXY=.svc\0";
+        assert_eq!(
+            proxy_environment(environ),
+            [
+                (
+                    "https_proxy".to_owned(),
+                    "http://u:secret@proxy.test:3128".to_owned()
+                ),
+                ("NO_PROXY".to_owned(), ".svc".to_owned()),
+            ]
+        );
+        assert_eq!(
+            without_userinfo("http://u:secret@proxy.test:3128/"),
+            "http://proxy.test:3128/"
+        );
+        assert_eq!(without_userinfo("u:p@proxy.test:3128"), "proxy.test:3128");
+        assert_eq!(
+            without_userinfo("http://proxy.test:3128"),
+            "http://proxy.test:3128"
+        );
+    }
 
     #[test]
     fn expansions_follow_ndots() {
@@ -362,7 +409,7 @@ mod tests {
 
     #[test]
     fn proxies_from_the_environment() {
-        let env = parse_environ(
+        let env = proxy_environment(
             b"PATH=/bin\0HTTPS_PROXY=http://proxy.corp:3128\0no_proxy=.svc,internal.test\0",
         );
         assert_eq!(

@@ -37,9 +37,12 @@ pub struct TargetError {
 impl Target {
     pub fn parse(input: &str) -> Result<Self, TargetError> {
         let error = |why: &str| TargetError {
-            input: input.to_owned(),
+            input: input.chars().take(MAX_TARGET_LEN).collect(),
             why: why.to_owned(),
         };
+        if input.len() > MAX_TARGET_LEN {
+            return Err(error(&format!("longer than {MAX_TARGET_LEN} bytes")));
+        }
         let (scheme, rest) = match input.split_once("://") {
             Some(("http", rest)) => (Some(Scheme::Http), rest),
             Some(("https", rest)) => (Some(Scheme::Https), rest),
@@ -70,6 +73,10 @@ impl Target {
         {
             return Err(error("the host is neither an IP address nor a DNS name"));
         }
+        // The path goes into the request line the probe sends: only what RFC 3986 allows
+        // there, and no control character, raw or percent-encoded (no request splitting).
+        let path = path.split_once('#').map_or(path, |(path, _)| path);
+        check_path(path).map_err(|why| error(&why))?;
         Ok(Self {
             input: input.to_owned(),
             host,
@@ -89,6 +96,45 @@ impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.input)
     }
+}
+
+/// Longest target accepted.
+pub const MAX_TARGET_LEN: usize = 2048;
+
+/// Whether `path` is an RFC 3986 path and query without control characters.
+fn check_path(path: &str) -> Result<(), String> {
+    let bytes = path.as_bytes();
+    let mut at = 0;
+    while at < bytes.len() {
+        let byte = bytes[at];
+        if byte == b'%' {
+            let decoded = bytes
+                .get(at + 1..at + 3)
+                .and_then(|hex| std::str::from_utf8(hex).ok())
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                .ok_or_else(|| format!("a bad percent-escape at byte {at} of the path"))?;
+            if decoded.is_ascii_control() {
+                return Err(format!(
+                    "the path has an encoded control character (%{decoded:02X})"
+                ));
+            }
+            at += 3;
+            continue;
+        }
+        let allowed = byte.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?".contains(&byte);
+        if !allowed {
+            return Err(if byte.is_ascii_control() {
+                "the path has a control character".to_owned()
+            } else {
+                format!(
+                    "the path has {:?}, which a URL must percent-encode",
+                    char::from(byte)
+                )
+            });
+        }
+        at += 1;
+    }
+    Ok(())
 }
 
 /// `host`, `host:port`, `[v6]`, `[v6]:port`.
@@ -142,6 +188,15 @@ mod tests {
         assert_eq!(t.ip(), Some("2001:db8::10".parse().unwrap()));
         let t = Target::parse("https://user@[2001:db8::10]/").unwrap();
         assert_eq!((t.host.as_str(), t.port), ("2001:db8::10", 443));
+        let t = Target::parse("http://a.test/p%20q?x=%2F#frag").unwrap();
+        assert_eq!(t.path, "/p%20q?x=%2F");
+        let long = format!("http://a.test/{}", "x".repeat(MAX_TARGET_LEN));
+        assert!(
+            Target::parse(&long)
+                .unwrap_err()
+                .to_string()
+                .contains("longer than 2048 bytes")
+        );
     }
 
     #[test]
@@ -155,6 +210,14 @@ mod tests {
             ("http://exa mple/", "neither an IP address"),
             ("http://:80/", "no host"),
             ("", "no port"),
+            (
+                "http://a.test/x%0d%0aHost: b",
+                "encoded control character (%0D)",
+            ),
+            ("http://a.test/x\r\nHost: b", "control character"),
+            ("http://a.test/a b", "which a URL must percent-encode"),
+            ("http://a.test/%zz", "bad percent-escape"),
+            ("http://a.test/%2", "bad percent-escape"),
         ] {
             let error = Target::parse(input).unwrap_err().to_string();
             assert!(error.contains(why), "{input}: {error}");

@@ -46,6 +46,8 @@ pub const MAX_LOOKUPS: usize = 16_384;
 pub const MAX_NAMES: usize = 65_536;
 /// Most remembered (cgroup, query hash) → question entries.
 pub const MAX_QUESTIONS: usize = 65_536;
+/// Most distinct answers a lookup keeps (a pod's own DNS server can answer for ever).
+pub const MAX_ANSWERS: usize = 64;
 /// The longest `options timeout:` the resolver (glibc's, musl's) honours.
 pub const MAX_RESOLVER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -265,6 +267,8 @@ pub struct DnsStats {
     pub malformed: u64,
     pub unmatched_responses: u64,
     pub evicted: u64,
+    /// Answers beyond a lookup's [`MAX_ANSWERS`].
+    pub answers_not_kept: u64,
 }
 
 /// Pairs queries and responses into lookups.
@@ -550,7 +554,9 @@ impl DnsTracker {
         let truncated_udp = message.truncated && !seen.tcp;
         if !message.answers.is_empty() && !truncated_udp {
             for answer in message.answers {
-                if !lookup.answers.contains(&answer) {
+                if lookup.answers.len() >= MAX_ANSWERS {
+                    self.stats.answers_not_kept += 1;
+                } else if !lookup.answers.contains(&answer) {
                     lookup.answers.push(answer);
                 }
             }
@@ -852,6 +858,37 @@ mod tests {
         assert_eq!(lookup.rcode.as_deref(), Some("NXDOMAIN"));
         assert_eq!(lookup.server, SERVER.parse().unwrap());
         assert_eq!(lookup.duration, Some(Duration::from_millis(31)));
+    }
+
+    #[test]
+    fn a_lookup_keeps_a_bounded_number_of_answers() {
+        let mut dns = DnsTracker::new(Duration::from_secs(5));
+        let mut done = Vec::new();
+        let name = "many.example.test";
+        // A pod's own server answers the same name again and again, each time with
+        // other addresses.
+        for round in 0..10u16 {
+            let addresses: Vec<[u8; 4]> = (0..10).map(|i| [203, 0, round as u8, i]).collect();
+            dns.on_message(
+                seen(0, CLIENT, SERVER, message(round, QUERY, name, A, &[])),
+                &search(),
+                &mut done,
+            );
+            dns.on_message(
+                seen(
+                    MS,
+                    SERVER,
+                    CLIENT,
+                    message(round, RESPONSE, name, A, &addresses),
+                ),
+                &search(),
+                &mut done,
+            );
+        }
+        dns.expire(MS + LOOKUP_SETTLE.as_nanos() as u64, &mut done);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].answers.len(), MAX_ANSWERS);
+        assert_eq!(dns.stats().answers_not_kept, 100 - MAX_ANSWERS as u64);
     }
 
     #[test]

@@ -153,8 +153,10 @@ pub async fn examine(
     plan.upstream_dns = request
         .upstream_dns
         .or_else(|| node_upstream_dns(&resolver.nameservers));
-    plan.environment =
-        probe::parse_environ(&fs::read(format!("/proc/{pid}/environ")).unwrap_or_default());
+    plan.environment = probe::proxy_environment(&read_capped(
+        &format!("/proc/{pid}/environ"),
+        MAX_PLAN_BYTES,
+    ));
 
     let pod_cgroups = cgroups.cgroups_of_pod(&pod.uid);
     let mut capture = Capture::start(&CaptureOptions {
@@ -178,16 +180,23 @@ pub async fn examine(
     .arg(&container_cgroup)
     .arg("--netns-of")
     .arg(pid.to_string())
-    .arg("--plan")
-    .arg(serde_json::to_string(&plan)?)
     .env_clear()
-    .stdin(Stdio::null())
+    .stdin(Stdio::piped())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
     .kill_on_drop(true)
     .spawn()
     .context("cannot start the probe")?;
     let probe_pid = child.id();
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().context("the probe has no input")?;
+        stdin
+            .write_all(serde_json::to_string(&plan)?.as_bytes())
+            .await
+            .context("cannot hand the probe its plan")?;
+        // Dropped: the probe reads to the end.
+    }
     let stdout = child.stdout.take().context("the probe has no output")?;
     let mut lines = BufReader::new(stdout).lines();
     // From the node: the pod's nameserver, asked the same question (the guide's
@@ -491,8 +500,25 @@ pub fn run_probe(args: ProbeArgs) -> anyhow::Result<()> {
     fs::write(args.cgroup.join("cgroup.procs"), "0")
         .with_context(|| format!("cannot join the pod's cgroup {}", args.cgroup.display()))?;
     join_netns(Path::new(&format!("/proc/{}/ns/net", args.netns_of)))?;
-    let plan: Plan = serde_json::from_str(&args.plan).context("bad probe plan")?;
+    // The plan comes on standard input: it holds the pod's proxy settings, which may
+    // carry credentials, and a command line is readable by every process of the node.
+    let mut text = String::new();
+    io::Read::read_to_string(&mut io::Read::take(io::stdin(), MAX_PLAN_BYTES), &mut text)
+        .context("cannot read the probe's plan")?;
+    let plan: Plan = serde_json::from_str(&text).context("bad probe plan")?;
     diagnose::run_probe(&plan, &mut io::stdout().lock()).context("probe check failed")
+}
+
+/// Most bytes of a probe plan, and of a pod's environment read for its proxy settings.
+const MAX_PLAN_BYTES: u64 = 1 << 20;
+
+/// The first `most` bytes of a file (empty when it cannot be read).
+fn read_capped(path: &str, most: u64) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    if let Ok(file) = fs::File::open(path) {
+        let _ = io::Read::read_to_end(&mut io::Read::take(file, most), &mut bytes);
+    }
+    bytes
 }
 
 /// In a container (the agent's DaemonSet) the probe starts in the container's own cgroup

@@ -252,7 +252,14 @@ fn diagnose_request(
     }
     Ok(crate::diagnose::Request {
         pod: pod.ok_or("pod (NAMESPACE/NAME) is required")?,
-        target: target.ok_or("target (a URL or HOST:PORT) is required")?,
+        target: target
+            .ok_or_else(|| "target (a URL or HOST:PORT) is required".to_owned())
+            .and_then(|target| {
+                // Refused before anything runs (a request line split by CR/LF, …).
+                egress_tracer::diagnose::target::Target::parse(&target)
+                    .map(|_| target)
+                    .map_err(|e| e.to_string())
+            })?,
         timeout,
         dns_timeout,
         upstream_dns,

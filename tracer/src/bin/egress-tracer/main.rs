@@ -151,9 +151,6 @@ struct ProbeArgs {
     /// A process whose network namespace to enter.
     #[arg(long)]
     netns_of: u32,
-    /// The checks, as JSON.
-    #[arg(long)]
-    plan: String,
 }
 
 #[derive(clap::Args)]
