@@ -317,9 +317,113 @@ pub fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".to_owned())
 }
 
+/// Most bytes read of a file a pod controls (a resolv.conf is a few hundred).
+pub const MAX_POD_FILE_BYTES: u64 = 64 * 1024;
+
+/// Why a pod's file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PodFileError {
+    #[error("cannot open {path} in the root of process {pid}: {source}")]
+    Open {
+        pid: u32,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} in the root of process {pid} is not a regular file")]
+    NotRegular { pid: u32, path: String },
+}
+
+/// Reads `path` (relative, such as `etc/resolv.conf`) as process `pid` sees it, confined
+/// to that process's root: a pod controls the file and everything on the way to it, so
+/// symlinks resolve inside its root (an absolute one cannot reach the node's files),
+/// magic links (`/proc/self/…`) are refused, the file must be a regular one (opened
+/// without blocking: a FIFO cannot hang the reader, nor a device such as `/dev/zero`
+/// feed it), and at most [`MAX_POD_FILE_BYTES`] are read.
+pub fn read_pod_file(pid: u32, path: &str) -> Result<String, PodFileError> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let open_error = |source: io::Error| PodFileError::Open {
+        pid,
+        path: path.to_owned(),
+        source,
+    };
+    let root = fs::File::open(format!("/proc/{pid}/root")).map_err(open_error)?;
+    let relative = std::ffi::CString::new(path.trim_start_matches('/'))
+        .map_err(|e| open_error(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: an all-zero open_how is valid; the fields are set below.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2 with a directory descriptor we own, a NUL-terminated path and an
+    // open_how of the size given.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            std::os::fd::AsRawFd::as_raw_fd(&root),
+            relative.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(open_error(io::Error::last_os_error()));
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let file = fs::File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    let regular = file.metadata().map_err(open_error)?.file_type().is_file();
+    if !regular {
+        return Err(PodFileError::NotRegular {
+            pid,
+            path: path.to_owned(),
+        });
+    }
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut io::Read::take(file, MAX_POD_FILE_BYTES), &mut bytes)
+        .map_err(open_error)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pods_file_is_read_only_when_regular_and_only_so_far() {
+        let dir = std::env::temp_dir().join(format!("egress-pod-file-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        // Paths relative to this process's root, as a pod's are to its own.
+        let relative = |name: &str| dir.join(name).to_string_lossy().into_owned();
+        let pid = std::process::id();
+        fs::write(dir.join("resolv.conf"), "nameserver 10.0.0.10\n").unwrap();
+        assert_eq!(
+            read_pod_file(pid, &relative("resolv.conf")).unwrap(),
+            "nameserver 10.0.0.10\n"
+        );
+        fs::write(dir.join("huge"), vec![b'#'; 200 * 1024]).unwrap();
+        assert_eq!(
+            read_pod_file(pid, &relative("huge")).unwrap().len() as u64,
+            MAX_POD_FILE_BYTES
+        );
+        let fifo = std::ffi::CString::new(relative("fifo")).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        // Opened without blocking, and refused: nobody writes to it.
+        assert!(matches!(
+            read_pod_file(pid, &relative("fifo")),
+            Err(PodFileError::NotRegular { .. })
+        ));
+        std::os::unix::fs::symlink("/dev/zero", dir.join("zero")).unwrap();
+        assert!(matches!(
+            read_pod_file(pid, &relative("zero")),
+            Err(PodFileError::NotRegular { .. })
+        ));
+        std::os::unix::fs::symlink("/proc/self/fd/0", dir.join("magic")).unwrap();
+        assert!(matches!(
+            read_pod_file(pid, &relative("magic")),
+            Err(PodFileError::Open { .. })
+        ));
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn finds_cgroup2_in_hybrid_layout() {

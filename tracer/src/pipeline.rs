@@ -16,6 +16,7 @@ use crate::{
     conntrack::{Translation, netlink, snat::SnatTable},
     dns::{self, DnsTracker, HeldQuery, Lookup, QueryOutcome, Resolver, SeenMessage},
     flow::{Attempt, ContainerRef, FlowAssembler, Origin, Protocol, ServiceTarget},
+    node,
     policy::{self, Decision, Flow},
     verdict::{self, Hop, NodeFacts, Verdict},
 };
@@ -136,6 +137,8 @@ pub struct Pipeline {
     tcp_length_only: HashSet<(u64, u8)>,
     /// Resolver configurations read from the resolv.conf of a process in each cgroup.
     resolvers: HashMap<u64, Resolver>,
+    /// (cgroup, process) whose resolv.conf could not be read.
+    unreadable_resolvers: HashSet<(u64, u32)>,
     /// Origins of the pod cgroups seen since the cluster model last changed.
     origins: HashMap<u64, Arc<Origin>>,
     /// The origin of processes outside pods (and of pods not found).
@@ -172,6 +175,7 @@ impl Pipeline {
             dns_sockets: HashSet::default(),
             tcp_length_only: HashSet::default(),
             resolvers: HashMap::default(),
+            unreadable_resolvers: HashSet::default(),
             origins: HashMap::default(),
             no_pod: Arc::default(),
             attempts: Vec::new(),
@@ -557,10 +561,23 @@ impl Pipeline {
         if self.resolvers.contains_key(&cgroup_id) {
             return;
         }
-        let Some(text) = process.and_then(|(pid, _)| {
-            fs::read_to_string(format!("/proc/{pid}/root/etc/resolv.conf")).ok()
-        }) else {
+        let Some(&(pid, _)) = process else {
             return;
+        };
+        // A process whose file could not be read is not asked again (its cgroup's next
+        // process is).
+        if self.unreadable_resolvers.contains(&(cgroup_id, pid)) {
+            return;
+        }
+        let text = match node::read_pod_file(pid, "etc/resolv.conf") {
+            Ok(text) => text,
+            Err(_) => {
+                if self.unreadable_resolvers.len() >= MAX_REMEMBERED {
+                    self.unreadable_resolvers.clear();
+                }
+                self.unreadable_resolvers.insert((cgroup_id, pid));
+                return;
+            }
         };
         if self.resolvers.len() >= MAX_REMEMBERED {
             self.resolvers.clear();

@@ -145,7 +145,7 @@ pub async fn examine(
         ))
         .into());
     };
-    let resolver = fs::read_to_string(format!("/proc/{pid}/root/etc/resolv.conf"))
+    let resolver = node::read_pod_file(pid, "etc/resolv.conf")
         .map(|text| resolver_config(&text))
         .unwrap_or_default();
     let dns_timeout = resolver.timeout.unwrap_or(request.dns_timeout);
