@@ -6,7 +6,7 @@
 //! All blocking, with explicit timeouts; every answer is parsed defensively.
 
 use std::{
-    io::{self, BufRead, BufReader, Write},
+    io::{self, Write},
     net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
@@ -187,11 +187,9 @@ pub fn connect(address: SocketAddr, timeout: Duration) -> (Connect, Option<TcpSt
 
 /// Sends `request` on `stream` and reads the status code of the answer.
 pub fn http_status(stream: &mut TcpStream, request: &str, timeout: Duration) -> io::Result<u16> {
-    stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     stream.write_all(request.as_bytes())?;
-    let mut line = String::new();
-    BufReader::new(&*stream).read_line(&mut line)?;
+    let line = read_line_within(stream, Instant::now() + timeout)?;
     line.split_whitespace()
         .nth(1)
         .and_then(|code| code.parse().ok())
@@ -202,6 +200,42 @@ pub fn http_status(stream: &mut TcpStream, request: &str, timeout: Duration) -> 
                 format!("not an HTTP answer: {line:?}"),
             )
         })
+}
+
+/// Longest status line read from a server (or a proxy) before giving up on it.
+const MAX_STATUS_LINE: usize = 8 * 1024;
+
+/// The first line `stream` sends, read by `deadline` and within [`MAX_STATUS_LINE`]
+/// bytes: a server that drips bytes holds the probe no longer than the deadline.
+fn read_line_within(stream: &mut TcpStream, deadline: Instant) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 512];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no complete answer in time",
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
+        let read = io::Read::read(stream, &mut byte)?;
+        if read == 0 {
+            break;
+        }
+        line.extend_from_slice(&byte[..read]);
+        if let Some(end) = line.iter().position(|b| *b == b'\n') {
+            line.truncate(end + 1);
+            break;
+        }
+        if line.len() > MAX_STATUS_LINE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("no line end in the first {MAX_STATUS_LINE} bytes of the answer"),
+            ));
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
 }
 
 /// Completes a TLS handshake with `host` over `stream`, verifying its certificate

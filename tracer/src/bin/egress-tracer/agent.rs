@@ -143,7 +143,7 @@ pub struct DiagnoseSetup {
     /// Asks the event loop for a copy of its cluster model.
     pub cluster: mpsc::Sender<oneshot::Sender<ClusterState>>,
     /// One diagnosis at a time: each loads its own programs and runs a probe.
-    pub running: tokio::sync::Semaphore,
+    pub running: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -176,7 +176,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             node_name: node_name.clone(),
             btf: args.btf.clone(),
             cluster: cluster_requests,
-            running: tokio::sync::Semaphore::new(1),
+            running: Arc::new(tokio::sync::Semaphore::new(1)),
         }),
         api_access,
     });

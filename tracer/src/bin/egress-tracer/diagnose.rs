@@ -59,6 +59,15 @@ pub struct Request {
     pub btf: PathBuf,
 }
 
+impl Request {
+    /// The longest a whole run may take: every stage at its timeout (DNS for the target
+    /// and a proxy; connects, the path probe, a reference connection, the HTTP or TLS
+    /// answer), and loading the kernel programs.
+    pub fn deadline(&self) -> Duration {
+        2 * self.dns_timeout + 4 * self.timeout + diagnose::path::MAX_WAIT + Duration::from_secs(30)
+    }
+}
+
 /// Runs the checklist; `Ok(true)` when the target is reachable.
 pub async fn run(args: DiagnoseArgs) -> anyhow::Result<bool> {
     let request = Request {
@@ -495,6 +504,11 @@ fn print_verdict(out: &mut impl Write, verdict: &Verdict) -> io::Result<()> {
 
 /// The probe: joins the pod's container cgroup and network namespace, then runs the plan.
 pub fn run_probe(args: ProbeArgs) -> anyhow::Result<()> {
+    // The probe ends with the diagnosis that started it, however that ends.
+    // SAFETY: prctl with plain integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error()).context("cannot tie the probe to its parent");
+    }
     join_host_cgroup_namespace()?;
     // Writing 0 moves the writing process, as the container runtime does for `exec`.
     fs::write(args.cgroup.join("cgroup.procs"), "0")

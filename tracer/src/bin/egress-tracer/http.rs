@@ -168,7 +168,9 @@ async fn diagnose(State((shared, _)): State<AppState>, RawQuery(raw): RawQuery) 
         Ok(request) => request,
         Err(reason) => return bad_request(reason),
     };
-    let Ok(_permit) = setup.running.try_acquire() else {
+    // Owned by the diagnosis itself: a client that goes away does not end it, so the
+    // next one waits until it has.
+    let Ok(permit) = Arc::clone(&setup.running).try_acquire_owned() else {
         return (
             StatusCode::TOO_MANY_REQUESTS,
             "another diagnosis is running on this node; try again when it ends\n",
@@ -183,11 +185,25 @@ async fn diagnose(State((shared, _)): State<AppState>, RawQuery(raw): RawQuery) 
         return (StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping\n").into_response();
     };
     // The diagnosis holds kernel objects that are not Send: it runs on a thread of its own.
+    let deadline = request.deadline();
     let outcome = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        runtime.block_on(crate::diagnose::examine(&request, cluster, &mut |_| {}))
+        runtime.block_on(async {
+            tokio::time::timeout(
+                deadline,
+                crate::diagnose::examine(&request, cluster, &mut |_| {}),
+            )
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the diagnosis took longer than {} s and was stopped",
+                    deadline.as_secs()
+                )
+            })?
+        })
     })
     .await;
     match outcome {
