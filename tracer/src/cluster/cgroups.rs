@@ -83,27 +83,45 @@ impl CgroupIndex {
 
     /// A running process of one of the pod's containers, with that container's cgroup
     /// directory (absolute): where a probe joins the pod, as `kubectl exec` would.
-    pub fn container_process(&mut self, pod_uid: &str) -> Option<(PathBuf, u32)> {
+    /// `status_ids` are the runtime ids of the pod's containers from its status, in order:
+    /// only those are taken, so never the pod's sandbox (whose `pause` process has no
+    /// resolv.conf of the pod's and an empty environment). Without them, any container but
+    /// one whose process is `pause`.
+    pub fn container_process(
+        &mut self,
+        pod_uid: &str,
+        status_ids: &[&str],
+    ) -> Option<(PathBuf, u32)> {
         if self.may_rescan() {
             let _ = self.rescan();
         }
-        let mut containers: Vec<(&u64, &PodCgroup)> = self
+        let mut containers: Vec<(usize, u64)> = self
             .pods
             .iter()
-            .filter(|(_, pod)| {
-                pod.pod_uid == pod_uid && pod.container.as_ref().is_some_and(|c| !c.is_monitor)
+            .filter(|(_, pod)| pod.pod_uid == pod_uid)
+            .filter_map(|(cgroup_id, pod)| {
+                let container = pod.container.as_ref().filter(|c| !c.is_monitor)?;
+                let rank = match status_ids.iter().position(|id| *id == container.id) {
+                    Some(rank) => rank,
+                    None if status_ids.is_empty() => 0,
+                    None => return None,
+                };
+                Some((rank, *cgroup_id))
             })
             .collect();
-        containers.sort_by_key(|(id, _)| **id);
-        containers.into_iter().find_map(|(id, _)| {
-            let dir = self.root.join(self.paths.get(id)?.trim_start_matches('/'));
-            let pid = fs::read_to_string(dir.join("cgroup.procs"))
+        containers.sort_unstable();
+        containers.into_iter().find_map(|(_, id)| {
+            let dir = self.root.join(self.paths.get(&id)?.trim_start_matches('/'));
+            let pid: u32 = fs::read_to_string(dir.join("cgroup.procs"))
                 .ok()?
                 .lines()
                 .next()?
                 .parse()
                 .ok()?;
-            Some((dir, pid))
+            let is_sandbox = status_ids.is_empty()
+                && fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|comm| comm.trim_end() == "pause");
+            (!is_sandbox).then_some((dir, pid))
         })
     }
 
@@ -211,6 +229,35 @@ mod tests {
         assert_eq!(
             (pod_slice.pod_uid.as_str(), pod_slice.container),
             ("6f1c2a3b-4d5e-4f60-8a9b-0c1d2e3f4a5b", None)
+        );
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn the_probe_joins_a_container_of_the_pods_status_never_its_sandbox() {
+        let root = std::env::temp_dir().join(format!("cgroup-probe-test-{}", std::process::id()));
+        let uid = "6f1c2a3b_4d5e_4f60_8a9b_0c1d2e3f4a5b";
+        let pod_uid = uid.replace('_', "-");
+        let pod = root.join(format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid}.slice"
+        ));
+        // The sandbox is made first (the lowest inode); the app container after it.
+        let (sandbox, app) = ("5a".repeat(32), "ab".repeat(32));
+        for (id, pid) in [(&sandbox, "101"), (&app, "202")] {
+            let dir = pod.join(format!("cri-containerd-{id}.scope"));
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(dir.join("cgroup.procs"), format!("{pid}\n")).unwrap();
+        }
+        let mut index = CgroupIndex::new(root.clone()).unwrap();
+        let (dir, pid) = index.container_process(&pod_uid, &[&app]).unwrap();
+        assert_eq!(
+            (dir, pid),
+            (pod.join(format!("cri-containerd-{app}.scope")), 202)
+        );
+        // A container the status does not list is never taken.
+        assert_eq!(
+            index.container_process(&pod_uid, &["cd".repeat(32).as_str()]),
+            None
         );
         fs::remove_dir_all(&root).unwrap();
     }

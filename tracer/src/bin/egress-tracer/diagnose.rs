@@ -147,7 +147,8 @@ pub async fn examine(
     let cgroup_root = node::cgroup2_mount().context("cannot find the cgroup v2 hierarchy")?;
     let mut cgroups = CgroupIndex::new(cgroup_root.clone())
         .with_context(|| format!("cannot read cgroups under {}", cgroup_root.display()))?;
-    let Some((container_cgroup, pid)) = cgroups.container_process(&pod.uid) else {
+    let status_ids: Vec<&str> = pod.containers.iter().map(|(id, _)| id.as_str()).collect();
+    let Some((container_cgroup, pid)) = cgroups.container_process(&pod.uid, &status_ids) else {
         return Err(UsageError(format!(
             "pod {pod} has no running container on this node (no process in its cgroups): \
              check `kubectl get pod` that it is Running here"
