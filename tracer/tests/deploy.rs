@@ -147,7 +147,8 @@ fn the_agent_may_only_list_and_watch_what_it_models() {
         ),
         ("ServiceAccount", "egress-tracer", Some("egress-tracer"))
     );
-    // The users' role: find pods and their node's agent, and talk to it through the proxy.
+    // The users' roles: find pods and their node's agent (cluster-wide), and talk to it
+    // through the proxy (the agents' namespace only).
     let user: ClusterRole = typed(
         of_kind(&rbac, "ClusterRole")
             .into_iter()
@@ -162,12 +163,36 @@ fn the_agent_may_only_list_and_watch_what_it_models() {
         .collect();
     assert_eq!(
         rules,
+        [(
+            vec!["pods".to_owned()],
+            vec!["get".to_owned(), "list".to_owned()]
+        )]
+    );
+    let namespaced: Role = typed(
+        of_kind(&rbac, "Role")
+            .into_iter()
+            .find(|r| r["metadata"]["name"] == "egress-tracer-user")
+            .unwrap(),
+    );
+    assert_eq!(
+        namespaced.metadata.namespace.as_deref(),
+        Some("egress-tracer")
+    );
+    let rules: Vec<(Vec<String>, Vec<String>, Option<Vec<String>>)> = namespaced
+        .rules
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.resources.unwrap(), r.verbs, r.resource_names))
+        .collect();
+    assert_eq!(
+        rules,
         [
+            (vec!["pods/proxy".to_owned()], vec!["get".to_owned()], None),
             (
-                vec!["pods".to_owned()],
-                vec!["get".to_owned(), "list".to_owned()]
+                vec!["secrets".to_owned()],
+                vec!["get".to_owned()],
+                Some(vec!["egress-tracer-api-token".to_owned()])
             ),
-            (vec!["pods/proxy".to_owned()], vec!["get".to_owned()])
         ]
     );
 }
@@ -255,7 +280,11 @@ fn the_daemonset_runs_the_agent_as_the_service_and_probes_expect() {
     );
     let rbac = documents("kubernetes/rbac.yaml");
     let role: Role = typed(of_kind(&rbac, "Role")[0]);
-    let rule = &role.rules.unwrap()[0];
+    let rules = role.rules.unwrap();
+    let rule = rules
+        .iter()
+        .find(|rule| rule.resources.as_deref() == Some(&["secrets".to_owned()][..]))
+        .unwrap();
     assert_eq!(
         (rule.resource_names.as_deref(), rule.verbs.as_slice()),
         (
