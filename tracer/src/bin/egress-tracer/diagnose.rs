@@ -182,21 +182,53 @@ pub async fn examine(
     }
     pipeline.preset_resolver(&pod_cgroups, &resolver);
 
-    let mut child = tokio::process::Command::new(
+    // The pod's network namespace, held from here on: the process that showed it may
+    // exit, and its PID be reused, before the probe enters the namespace.
+    let netns = fs::File::open(format!("/proc/{pid}/ns/net")).with_context(|| {
+        format!("cannot open the network namespace of pod {pod}'s process {pid}")
+    })?;
+    // Still in the container's cgroup (named by the container's id; seen from a cgroup
+    // namespace of its own, the agent's view of the path's beginning differs).
+    let still_the_pods = fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|text| {
+        text.lines().any(|line| {
+            line.rsplit(':').next().is_some_and(|path| {
+                Path::new(path).file_name().is_some()
+                    && Path::new(path).file_name() == container_cgroup.file_name()
+            })
+        })
+    });
+    if !still_the_pods {
+        anyhow::bail!(
+            "pod {pod}'s process {pid} left its container while diagnose started: try again"
+        );
+    }
+    let netns_fd = netns.as_raw_fd();
+    let mut command = tokio::process::Command::new(
         std::env::current_exe().context("cannot find this program to run the probe")?,
-    )
-    .arg("probe")
-    .arg("--cgroup")
-    .arg(&container_cgroup)
-    .arg("--netns-of")
-    .arg(pid.to_string())
-    .env_clear()
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .kill_on_drop(true)
-    .spawn()
-    .context("cannot start the probe")?;
+    );
+    // SAFETY: between fork and exec only dup2, which is async-signal-safe: the
+    // namespace's descriptor becomes the probe's fd 3, without close-on-exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(netns_fd, PROBE_NETNS_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
+        .arg("probe")
+        .arg("--cgroup")
+        .arg(&container_cgroup)
+        .arg("--netns-fd")
+        .arg(PROBE_NETNS_FD.to_string())
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the probe")?;
     let probe_pid = child.id();
     {
         use tokio::io::AsyncWriteExt;
@@ -514,14 +546,41 @@ pub fn run_probe(args: ProbeArgs) -> anyhow::Result<()> {
     // Writing 0 moves the writing process, as the container runtime does for `exec`.
     fs::write(args.cgroup.join("cgroup.procs"), "0")
         .with_context(|| format!("cannot join the pod's cgroup {}", args.cgroup.display()))?;
-    join_netns(Path::new(&format!("/proc/{}/ns/net", args.netns_of)))?;
+    join_netns(args.netns_fd)?;
     // The plan comes on standard input: it holds the pod's proxy settings, which may
     // carry credentials, and a command line is readable by every process of the node.
     let mut text = String::new();
     io::Read::read_to_string(&mut io::Read::take(io::stdin(), MAX_PLAN_BYTES), &mut text)
         .context("cannot read the probe's plan")?;
     let plan: Plan = serde_json::from_str(&text).context("bad probe plan")?;
+    // The checks parse what the pod's network answers: without any privilege.
+    drop_privileges()?;
     diagnose::run_probe(&plan, &mut io::stdout().lock()).context("probe check failed")
+}
+
+/// The descriptor number the probe finds the pod's network namespace at.
+const PROBE_NETNS_FD: i32 = 3;
+/// `nobody`: the probe's user once it is in the pod's namespaces.
+const PROBE_UID: libc::uid_t = 65_534;
+
+/// Becomes `nobody` with no capabilities and no way to gain any (no_new_privs), and
+/// checks that none is left.
+fn drop_privileges() -> anyhow::Result<()> {
+    // SAFETY: plain syscalls with integer arguments (and a null list for setgroups).
+    let failed = unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setgid(PROBE_UID) != 0
+            || libc::setuid(PROBE_UID) != 0
+    };
+    if failed {
+        return Err(io::Error::last_os_error()).context("cannot drop the probe's privileges");
+    }
+    match node::effective_capabilities() {
+        Ok(0) => Ok(()),
+        Ok(left) => anyhow::bail!("the probe kept capabilities {left:#x} after dropping them"),
+        Err(e) => Err(e).context("cannot check the probe's capabilities"),
+    }
 }
 
 /// Most bytes of a probe plan, and of a pod's environment read for its proxy settings.
@@ -556,9 +615,10 @@ fn join_host_cgroup_namespace() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn join_netns(path: &Path) -> anyhow::Result<()> {
-    let netns = fs::File::open(path)
-        .with_context(|| format!("cannot open the pod's network namespace {}", path.display()))?;
+fn join_netns(fd: i32) -> anyhow::Result<()> {
+    // SAFETY: the descriptor was handed down for this alone; it is owned (and closed)
+    // here.
+    let netns = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     // SAFETY: setns on a valid descriptor; the probe is single-threaded here.
     if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(io::Error::last_os_error()).context("cannot enter the pod's network namespace");

@@ -148,9 +148,9 @@ struct ProbeArgs {
     /// The container cgroup to join.
     #[arg(long)]
     cgroup: PathBuf,
-    /// A process whose network namespace to enter.
+    /// The descriptor (inherited) of the pod's network namespace to enter.
     #[arg(long)]
-    netns_of: u32,
+    netns_fd: i32,
 }
 
 #[derive(clap::Args)]
