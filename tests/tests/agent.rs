@@ -892,3 +892,82 @@ fn dns_summaries_keep_query_counts_durations_and_timeouts_exact() {
         "{timed_out:#?}"
     );
 }
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn slow_clients_hold_up_neither_the_probes_nor_the_tracing() {
+    let lab = Lab::start(&[
+        PodSpec::new("default", "client", CgroupDriver::Systemd),
+        PodSpec::new("default", "other", CgroupDriver::Systemd),
+    ])
+    .unwrap();
+    // Listening on every address of the node, as the DaemonSet's agent does: a pod
+    // reaches it at the node's address.
+    let state = lab.cluster_state();
+    let node = lab.node_netns();
+    let listen = format!("0.0.0.0:{}", agent::AGENT_PORT);
+    let tracer = Tracer::start(
+        &lab,
+        &[
+            "agent",
+            "--cluster-state",
+            state.to_str().unwrap(),
+            "--node-name",
+            &node,
+            "--listen",
+            &listen,
+        ],
+    )
+    .unwrap();
+    assert_eq!(agent::get(&lab, "/readyz").unwrap(), (200, "ready".into()));
+    let helper = egress_lab::lab_helper().unwrap();
+    let target = format!("{}:{}", addr::POD_GATEWAY, agent::AGENT_PORT);
+    std::thread::scope(|scope| {
+        let attack = scope.spawn(|| {
+            lab.output_in_pod(
+                lab.pod("client"),
+                helper.to_str().unwrap(),
+                &["slow-clients", &target, "--count", "500", "--seconds", "12"],
+            )
+        });
+        std::thread::sleep(Duration::from_secs(3));
+        // While the pod's 500 slow connections are on: the probes answer within a
+        // second, and another pod's traffic is counted exactly.
+        for _ in 0..3 {
+            let asked = std::time::Instant::now();
+            assert_eq!(agent::get(&lab, "/healthz").unwrap(), (200, "ok".into()));
+            assert!(
+                asked.elapsed() < Duration::from_secs(1),
+                "{:?}",
+                asked.elapsed()
+            );
+        }
+        let endpoint = format!("{}:{}", addr::ENDPOINT, addr::HTTP_PORT);
+        assert!(lab.connect_burst(lab.pod("other"), &endpoint, 50).unwrap());
+        let established = "egress_connections_total{namespace=\"default\",pod=\"other\",outcome=\"established\",dst_class=\"internet\"}";
+        assert_eq!(
+            agent::wait_for_metric(&lab, established, 50.0, METRICS_WAIT),
+            50.0
+        );
+        // Under the DaemonSet's memory limit (256 MiB) by far.
+        let status = std::fs::read_to_string(format!("/proc/{}/status", tracer.pid())).unwrap();
+        let rss_kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.split_whitespace().next()?.parse().ok())
+            .unwrap();
+        assert!(rss_kib < 256 * 1024, "RSS {rss_kib} KiB");
+        let said = attack.join().unwrap().unwrap();
+        let counts: Vec<usize> = said
+            .split_whitespace()
+            .filter_map(|word| word.parse().ok())
+            .collect();
+        // Beyond the 16 connections one client may hold, the agent closed them at once;
+        // the 16 it held, when their headers did not come within 5 s: none is left.
+        assert!(
+            matches!(counts[..], [opened, closed] if opened > 16 && closed == opened),
+            "{said}"
+        );
+    });
+    assert!(tracer.stop(libc::SIGTERM).unwrap().status.success());
+}

@@ -4,6 +4,8 @@
 //! `lab serve-dns --listen ADDR --rcode N` answers every DNS query with that response code;
 //! `lab udp-send ADDR [--connect | --count N]` sends one datagram (or N, to N ports);
 //! `lab hold-tcp ADDR --count N --seconds S` opens N TCP connections and holds them;
+//! `lab slow-clients ADDR --count N --seconds S` opens N connections to an HTTP server
+//! and sends each one's request a byte a second (slowloris);
 //! `lab up` builds a lab with two pods, prints how to use it, and keeps it until killed
 //! (for exploring by hand); `lab clean` removes every lab object left on this machine.
 
@@ -16,6 +18,7 @@ fn main() -> ExitCode {
         Some("serve-dns") => serve_dns(&args[1..]),
         Some("udp-send") => udp_send(&args[1..]),
         Some("hold-tcp") => hold_tcp(&args[1..]),
+        Some("slow-clients") => slow_clients(&args[1..]),
         Some("connect-burst") => connect_burst(&args[1..]),
         Some("connect-loop") => connect_loop(&args[1..]),
         Some("dns-loop") => dns_loop(&args[1..]),
@@ -23,7 +26,7 @@ fn main() -> ExitCode {
         Some("clean") => clean(),
         Some("up") => up(),
         _ => {
-            Err("usage: lab serve-http --listen ADDR [--status N] | lab serve-dns --listen ADDR --rcode N | lab udp-send ADDR [--connect | --count N] | lab hold-tcp ADDR --count N --seconds S | lab connect-burst ADDR --count N | lab connect-loop ADDR --seconds S [--parallel N] [--rate R] | lab dns-loop SERVER NAME --seconds S [--parallel N] | lab serve-sink --listen ADDR | lab up | lab clean".to_owned())
+            Err("usage: lab serve-http --listen ADDR [--status N] | lab serve-dns --listen ADDR --rcode N | lab udp-send ADDR [--connect | --count N] | lab hold-tcp ADDR --count N --seconds S | lab slow-clients ADDR --count N --seconds S | lab connect-burst ADDR --count N | lab connect-loop ADDR --seconds S [--parallel N] [--rate R] | lab dns-loop SERVER NAME --seconds S [--parallel N] | lab serve-sink --listen ADDR | lab up | lab clean".to_owned())
         }
     };
     match result {
@@ -136,6 +139,41 @@ fn hold_tcp(args: &[String]) -> Result<(), String> {
         .map_err(|e| format!("connect {address}: {e}"))?;
     std::thread::sleep(std::time::Duration::from_secs(seconds));
     drop(held);
+    Ok(())
+}
+
+/// Opens `--count` connections to the HTTP server at ADDR (those it refuses are let go)
+/// and, for `--seconds`, sends each one's request headers a byte a second, never ending
+/// them; prints how many were opened and how many the server closed.
+fn slow_clients(args: &[String]) -> Result<(), String> {
+    use std::io::Write;
+    let usage = || "usage: lab slow-clients ADDR --count N --seconds S".to_owned();
+    let [address, count_flag, count, seconds_flag, seconds] = args else {
+        return Err(usage());
+    };
+    if count_flag != "--count" || seconds_flag != "--seconds" {
+        return Err(usage());
+    }
+    let address: SocketAddr = address.parse().map_err(|e| format!("{address}: {e}"))?;
+    let count: u16 = count.parse().map_err(|_| usage())?;
+    let seconds: u64 = seconds.parse().map_err(|_| usage())?;
+    let mut open: Vec<std::net::TcpStream> = (0..count)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_secs(3)).ok()
+        })
+        .collect();
+    let opened = open.len();
+    let request = b"GET /metrics HTTP/1.1\r\nHost: agent\r\nX-Slow: ";
+    let started = std::time::Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < std::time::Duration::from_secs(seconds) {
+        let byte = &request[sent % request.len()..][..1];
+        // A connection the server closed fails its write (at once or at the next one).
+        open.retain_mut(|stream| stream.write_all(byte).is_ok());
+        sent += 1;
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    println!("opened {opened} closed-by-server {}", opened - open.len());
     Ok(())
 }
 

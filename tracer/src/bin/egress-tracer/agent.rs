@@ -193,7 +193,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             )
         })?;
     let (stop_server, server_stopped) = watch::channel(false);
-    let server = tokio::spawn(http::serve(listener, Arc::clone(&shared), server_stopped));
+    let server = http::spawn(
+        listener
+            .into_std()
+            .context("cannot hand the listening socket to the HTTP thread")?,
+        Arc::clone(&shared),
+        server_stopped,
+    )
+    .context("cannot start the HTTP thread")?;
 
     let (cluster, mut source) = open_cluster(&args, node_name.as_deref()).await?;
     let cgroup_root = node::cgroup2_mount().context("cannot find the cgroup v2 hierarchy")?;
@@ -281,7 +288,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let _ = stop_server.send(true);
     match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
         Ok(Ok(result)) => result.context("the HTTP server failed")?,
-        Ok(Err(e)) => return Err(e).context("the HTTP server task failed"),
+        Ok(Err(_)) => anyhow::bail!("the HTTP server's thread ended without a word"),
         Err(_) => {
             eprintln!("warning: HTTP requests still open after {SHUTDOWN_GRACE:?}; closing them")
         }

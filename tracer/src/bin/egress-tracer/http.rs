@@ -1,6 +1,12 @@
 //! The agent's HTTP API: `/metrics`, `/healthz`, `/readyz` and `/api/v1/flows`.
 
-use std::{convert::Infallible, sync::Arc, time::SystemTime};
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
 
 use axum::{
     Router,
@@ -12,18 +18,54 @@ use axum::{
 };
 use egress_tracer::store::{FlowQuery, StoredRecord};
 use futures::{Stream, StreamExt, stream};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{Semaphore, broadcast, oneshot, watch};
 
 use crate::agent::{ApiAccess, Shared};
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const NDJSON: &str = "application/x-ndjson";
 
-/// Serves until `stop` turns true; follow streams end then too.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+/// Most connections open at once, and from one client address: a few hundred slow
+/// clients (or a pod that opens them) cannot take the agent's memory or its probes'
+/// answers.
+const MAX_CONNECTIONS: usize = 256;
+const MAX_CONNECTIONS_PER_CLIENT: usize = 16;
+/// Most `follow=true` streams at once.
+const MAX_FOLLOWERS: usize = 32;
+static FOLLOWERS: Semaphore = Semaphore::const_new(MAX_FOLLOWERS);
+/// How long a client may take to send its request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves on a thread and runtime of its own (HTTP work, such as encoding the metrics
+/// or a slow client, never holds up the event loop) until `stop` turns true; follow
+/// streams end then too. The receiver gets how it ended.
+pub fn spawn(
+    listener: std::net::TcpListener,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
+) -> std::io::Result<oneshot::Receiver<std::io::Result<()>>> {
+    let (done, ended) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("http".into())
+        .spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .and_then(|runtime| {
+                    runtime.block_on(async {
+                        let listener = tokio::net::TcpListener::from_std(listener)?;
+                        serve(listener, shared, stop).await
+                    })
+                });
+            let _ = done.send(result);
+        })?;
+    Ok(ended)
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let router = Router::new()
         .route("/metrics", get(metrics))
@@ -37,12 +79,85 @@ pub async fn serve(
         ))
         .fallback(not_found)
         .with_state((shared, stop.clone()));
-    let mut stop = stop;
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|stopped| *stopped).await;
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_client: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let mut open = tokio::task::JoinSet::new();
+    loop {
+        let (stream, client) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                // Out of descriptors, or the client already gone: the next one may do.
+                Err(_) => continue,
+            },
+            _ = stop.wait_for(|stopped| *stopped) => break,
+        };
+        // Beyond a limit the connection is closed at once, before anything is read.
+        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+            continue;
+        };
+        let Some(client_slot) = ClientSlot::take(&per_client, client.ip()) else {
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let mut stopping = stop.clone();
+        open.spawn(async move {
+            let stopped = async move {
+                let _ = stopping.wait_for(|stopped| *stopped).await;
+            };
+            let _held = (permit, client_slot);
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                // One request per connection: no idle connection waits for a next one.
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = stopped => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+        // Finished connections are collected as new ones come.
+        while open.try_join_next().is_some() {}
+    }
+    while open.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// A client address's share of the connections, given back when its connection ends.
+struct ClientSlot {
+    clients: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl ClientSlot {
+    fn take(clients: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Self> {
+        let mut open = clients.lock().expect("not poisoned");
+        let count = open.entry(ip).or_default();
+        if *count >= MAX_CONNECTIONS_PER_CLIENT {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            clients: Arc::clone(clients),
+            ip,
         })
-        .await
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.clients.lock().expect("not poisoned");
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 type AppState = (Arc<Shared>, watch::Receiver<bool>);
@@ -137,13 +252,32 @@ async fn flows(State((shared, stop)): State<AppState>, RawQuery(raw): RawQuery) 
         Ok(query) => query,
         Err(e) => return bad_request(e),
     };
+    // A follower holds its place until its stream ends.
+    let place = if query.follow {
+        let Ok(place) = FOLLOWERS.try_acquire() else {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{MAX_FOLLOWERS} clients follow this agent's flows already; try again later\n"
+                ),
+            )
+                .into_response();
+        };
+        Some(place)
+    } else {
+        None
+    };
     let (stored, feed) = shared.store.lock().expect("not poisoned").select(&query);
     let body = match feed {
         None => Body::from(lines(&stored)),
         Some(feed) => {
             let after = stored.last().map(|r| r.seq);
             let history = stream::once(async move { Ok::<_, Infallible>(lines(&stored)) });
-            Body::from_stream(history.chain(follow(feed, query, after, stop)))
+            let feed = follow(feed, query, after, stop).map(move |item| {
+                let _held = &place;
+                item
+            });
+            Body::from_stream(history.chain(feed))
         }
     };
     ([(header::CONTENT_TYPE, NDJSON)], body).into_response()
