@@ -502,6 +502,23 @@ impl Pipeline {
         }
     }
 
+    /// What userspace discarded so far (totals), by reason: evidence it could not decode
+    /// or match, and what a bound made it drop or report early.
+    pub fn discarded(&self) -> [(&'static str, u64); 9] {
+        let (pipeline, flows, dns) = (self.stats(), self.flows.stats(), self.dns.stats());
+        [
+            ("undecodable_event", pipeline.decode_errors),
+            ("nat_lookup_failed", pipeline.nat_lookup_errors),
+            ("attempt_reported_early", flows.evicted),
+            ("icmp_error_unmatched", flows.unmatched_icmp),
+            ("drop_unmatched", flows.late_drops),
+            ("dns_message_malformed", dns.malformed),
+            ("dns_response_unmatched", dns.unmatched_responses),
+            ("dns_query_evicted", dns.evicted),
+            ("dns_answer_not_kept", dns.answers_not_kept),
+        ]
+    }
+
     pub fn flow_stats(&self) -> crate::flow::FlowStats {
         self.flows.stats()
     }

@@ -51,6 +51,7 @@ pub struct FlowStore {
     records: VecDeque<Arc<StoredRecord>>,
     limits: StoreLimits,
     next_seq: u64,
+    dropped_for_room: u64,
     feed: broadcast::Sender<Arc<StoredRecord>>,
 }
 
@@ -60,6 +61,7 @@ impl FlowStore {
             records: VecDeque::new(),
             limits,
             next_seq: 0,
+            dropped_for_room: 0,
             feed: broadcast::channel(FEED_CAPACITY).0,
         }
     }
@@ -76,10 +78,16 @@ impl FlowStore {
         self.next_seq += 1;
         if self.records.len() >= self.limits.max_records {
             self.records.pop_front();
+            self.dropped_for_room += 1;
         }
         self.records.push_back(Arc::clone(&record));
         // No followers is not an error.
         let _ = self.feed.send(record);
+    }
+
+    /// Records dropped before their age limit, to stay within the count limit.
+    pub fn dropped_for_room(&self) -> u64 {
+        self.dropped_for_room
     }
 
     /// Drops records older than the age limit.

@@ -145,12 +145,14 @@ pub struct Metrics {
     events: Family<Labels, Counter>,
     events_lost: Family<Labels, Counter>,
     events_skipped: Family<Labels, Counter>,
+    discarded: Family<Labels, Counter>,
     cluster_cache_stale: Gauge,
     /// The series of each `namespace/pod` (or namespace), for pruning.
     series: HashMap<String, HashMap<PerPod, HashSet<Labels>>>,
     /// When each pod with series was first missing from the cluster model.
     missing_since: HashMap<String, Instant>,
     kernel_seen: KernelCounters,
+    discarded_seen: HashMap<&'static str, u64>,
     conntrack_seen: Option<ConntrackStats>,
     handshakes_seen: TotalsSeen<HandshakeKey, HandshakeTotals>,
     dns_repeats_seen: TotalsSeen<DnsRepeatKey, DnsRepeatTotals>,
@@ -245,6 +247,13 @@ impl Metrics {
             "Events lost to a full ring buffer, or handshakes not counted for a full map",
             events_lost.clone(),
         );
+        let discarded = Family::default();
+        registry.register(
+            "egress_userspace_discarded",
+            "Evidence the agent's userspace discarded, by reason: what it could not decode or \
+             match, and what its bounds made it drop or report early",
+            discarded.clone(),
+        );
         let events_skipped = Family::default();
         registry.register(
             "egress_events_skipped",
@@ -284,10 +293,12 @@ impl Metrics {
             events,
             events_lost,
             events_skipped,
+            discarded,
             cluster_cache_stale,
             series: HashMap::default(),
             missing_since: HashMap::default(),
             kernel_seen: KernelCounters::default(),
+            discarded_seen: HashMap::default(),
             conntrack_seen: None,
             handshakes_seen: TotalsSeen::default(),
             dns_repeats_seen: TotalsSeen::default(),
@@ -548,6 +559,16 @@ impl Metrics {
         self.kernel_seen = *counters;
     }
 
+    /// What userspace discarded, as totals by reason since the agent started.
+    pub fn discarded(&mut self, totals: &[(&'static str, u64)]) {
+        for &(reason, total) in totals {
+            let before = self.discarded_seen.insert(reason, total).unwrap_or(0);
+            self.discarded
+                .get_or_create(&vec![("reason", reason.to_owned())])
+                .inc_by(total.saturating_sub(before));
+        }
+    }
+
     /// The node's conntrack table and SNAT usage.
     pub fn conntrack(&mut self, node: &NodeConntrack, cluster: &ClusterState) {
         if let Some(stats) = node.stats {
@@ -758,6 +779,22 @@ fn bounded_qtype(qtype: &str) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn userspace_discards_are_counted_by_reason_from_totals() {
+        let mut metrics = Metrics::new(MetricsOptions::default());
+        metrics.discarded(&[("dns_answer_not_kept", 4), ("drop_unmatched", 0)]);
+        metrics.discarded(&[("dns_answer_not_kept", 10), ("drop_unmatched", 2)]);
+        let text = metrics.encode();
+        assert!(
+            text.contains("egress_userspace_discarded_total{reason=\"dns_answer_not_kept\"} 10\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("egress_userspace_discarded_total{reason=\"drop_unmatched\"} 2\n"),
+            "{text}"
+        );
+    }
+
     use k8s_openapi::api::core::v1::{Pod, PodStatus};
     use kube::api::ObjectMeta;
     use tracer_common::{HANDSHAKE_ESTABLISHED, HANDSHAKE_REFUSED};

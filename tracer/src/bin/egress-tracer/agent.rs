@@ -456,8 +456,15 @@ fn count_in_kernel(
             Some(((key.cgroup_id, key.query_hash), qtype.to_owned()))
         })
         .collect();
+    let dropped_for_room = shared
+        .store
+        .lock()
+        .expect("not poisoned")
+        .dropped_for_room();
     let mut metrics = shared.metrics.lock().expect("not poisoned");
     metrics.kernel(&counters);
+    metrics.discarded(&pipeline.discarded());
+    metrics.discarded(&[("flow_record_dropped_for_room", dropped_for_room)]);
     let idle = metrics.handshakes(
         &handshakes,
         |cgroup| origins.get(&cgroup).cloned().unwrap_or_default(),
