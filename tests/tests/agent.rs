@@ -971,3 +971,45 @@ fn slow_clients_hold_up_neither_the_probes_nor_the_tracing() {
     });
     assert!(tracer.stop(libc::SIGTERM).unwrap().status.success());
 }
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn a_pods_hostile_resolv_conf_holds_up_nothing() {
+    let lab = Lab::start(&[
+        PodSpec::new("default", "client", CgroupDriver::Systemd),
+        PodSpec::new("default", "other", CgroupDriver::Systemd),
+    ])
+    .unwrap();
+    let agent = start_agent(&lab, &[]);
+    let hostile = lab.pod("client").resolv_conf.clone();
+    let endpoint = format!("{}:{}", addr::ENDPOINT, addr::HTTP_PORT);
+    let established = "egress_connections_total{namespace=\"default\",pod=\"other\",outcome=\"established\",dst_class=\"internet\"}";
+    let fifo = || {
+        let path = std::ffi::CString::new(hostile.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o644) }, 0);
+    };
+    let dev_zero = || std::os::unix::fs::symlink("/dev/zero", &hostile).unwrap();
+    for (round, make) in [&fifo as &dyn Fn(), &dev_zero].into_iter().enumerate() {
+        // The pod's next process sees this as its /etc/resolv.conf; its DNS messages
+        // make the agent read it.
+        std::fs::remove_file(&hostile).unwrap();
+        make();
+        let (answered, _) = dns_loop(
+            &lab,
+            &addr::CLUSTER_DNS.to_string(),
+            addr::ENDPOINT_NAME,
+            "1",
+        );
+        assert!(answered > 0.0);
+        // The agent still traces: the other pod's connections are counted exactly.
+        assert!(lab.connect_burst(lab.pod("other"), &endpoint, 20).unwrap());
+        let total = 20.0 * (round + 1) as f64;
+        assert_eq!(
+            agent::wait_for_metric(&lab, established, total, METRICS_WAIT),
+            total
+        );
+    }
+    assert_eq!(agent::get(&lab, "/healthz").unwrap(), (200, "ok".into()));
+    assert!(agent.stop(libc::SIGTERM).unwrap().status.success());
+}
