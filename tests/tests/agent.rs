@@ -1013,3 +1013,42 @@ fn a_pods_hostile_resolv_conf_holds_up_nothing() {
     assert_eq!(agent::get(&lab, "/healthz").unwrap(), (200, "ok".into()));
     assert!(agent.stop(libc::SIGTERM).unwrap().status.success());
 }
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn a_pods_huge_resolver_timeout_holds_back_no_other_pods_timeouts() {
+    let lab = Lab::start(&[
+        PodSpec::new("default", "client", CgroupDriver::Systemd)
+            .with_resolver_options("timeout:1000000 attempts:1"),
+        PodSpec::new("default", "other", CgroupDriver::Systemd)
+            .with_resolver_options("timeout:1 attempts:1"),
+    ])
+    .unwrap();
+    lab.inject(egress_lab::Fault::UpstreamDnsUnreachable)
+        .unwrap();
+    let agent = start_agent(&lab, &[]);
+    let helper = egress_lab::lab_helper().unwrap();
+    let silent = addr::UPSTREAM_DNS.to_string();
+    // The hostile pod's query, never answered, is the oldest the agent waits for; then
+    // the other pod's.
+    for (pod, name) in [("client", "a.example.test"), ("other", "b.example.test")] {
+        lab.output_in_pod(
+            lab.pod(pod),
+            helper.to_str().unwrap(),
+            &["dns-loop", &silent, name, "--seconds", "1"],
+        )
+        .unwrap();
+    }
+    // The other pod's query times out after its own 1 s, whatever the first one waits.
+    let timed_out = || {
+        flows(&lab, "pod=default/other&hop=dns")
+            .iter()
+            .any(|r| r["dns"]["name"] == "b.example.test" && r["outcome"] == "timeout")
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), timed_out),
+        "{:#?}",
+        flows(&lab, "pod=default/other")
+    );
+    assert!(agent.stop(libc::SIGTERM).unwrap().status.success());
+}
