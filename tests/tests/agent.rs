@@ -1052,3 +1052,37 @@ fn a_pods_huge_resolver_timeout_holds_back_no_other_pods_timeouts() {
     );
     assert!(agent.stop(libc::SIGTERM).unwrap().status.success());
 }
+
+#[test]
+#[ignore = "needs root and the node lab: run `cargo xtask test`"]
+fn a_diagnosis_whose_client_left_still_holds_its_place() {
+    let lab = Lab::start(&[PodSpec::new("default", "client", CgroupDriver::Systemd)]).unwrap();
+    // A target that takes seconds: its SYNs vanish (connect timeout, then the path).
+    lab.inject(egress_lab::Fault::SilentDrop {
+        dst: addr::ENDPOINT.into(),
+        port: addr::HTTP_PORT,
+    })
+    .unwrap();
+    let agent = start_agent(&lab, &[]);
+    let diagnose = |target: &str| {
+        format!("/api/v1/diagnose?pod=default/client&target={target}&timeout=3s&dns_timeout=1s")
+    };
+    let slow = format!(
+        "http://{}{}",
+        agent::listen_address(),
+        diagnose("http://203.0.113.10/")
+    );
+    // The client gives up after a second; the diagnosis goes on without it.
+    let gave_up = lab.run_on_node("curl", &["-s", "-m", "1", &slow]);
+    assert!(gave_up.is_err(), "{gave_up:?}");
+    let (status, body) = agent::get(&lab, &diagnose("http://203.0.113.10:81/")).unwrap();
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("another diagnosis is running"), "{body}");
+    // Once it has ended (3 s connect timeout, at most 3 s of path), the next one runs.
+    let ran = wait_until(Duration::from_secs(15), || {
+        agent::get(&lab, &diagnose("http://203.0.113.10:81/"))
+            .is_ok_and(|(status, _)| status == 200)
+    });
+    assert!(ran);
+    assert!(agent.stop(libc::SIGTERM).unwrap().status.success());
+}
