@@ -509,7 +509,11 @@ pub fn conclude(target: &Target, observed: &Observed<'_>) -> Verdict {
         .node_checks
         .iter()
         .chain(observed.probe.iter().map(|l| &l.check))
-        .map(|c| format!("{} {}: {}", c.id, status_word(c.status), c.detail))
+        // One line each (the path's hops joined).
+        .map(|c| {
+            let detail: Vec<&str> = c.detail.lines().map(str::trim).collect();
+            format!("{} {}: {}", c.id, status_word(c.status), detail.join("; "))
+        })
         .collect();
     let with_checks = |mut verdict: Verdict| {
         verdict.evidence.extend(node_evidence.iter().cloned());

@@ -470,9 +470,23 @@ pub fn hop_of(hops: &[Hop], address: IpAddr) -> Option<u8> {
         .map(|hop| hop.ttl)
 }
 
-/// The hops as `mtr` prints them, one line each.
+/// The hops as `mtr` prints them, one line each; the silent ones after the last answer
+/// share a line.
 pub fn describe(hops: &[Hop]) -> String {
-    hops.iter()
+    let answered = hops
+        .iter()
+        .rposition(|hop| hop.answer != Answer::Nothing)
+        .map_or(0, |at| at + 1);
+    let silent = match &hops[answered..] {
+        [] => None,
+        [only] => Some(format!("{:>2}  {:<39} no answer", only.ttl, "*")),
+        [first, .., last] => Some(format!(
+            "{:>2}-{}  {:<36} no answer",
+            first.ttl, last.ttl, "*"
+        )),
+    };
+    hops[..answered]
+        .iter()
         .map(|hop| {
             let from = hop.from.map_or_else(|| "*".to_owned(), |ip| ip.to_string());
             let answer = match hop.answer {
@@ -490,6 +504,7 @@ pub fn describe(hops: &[Hop]) -> String {
                 .map_or_else(String::new, |ttl| format!(", arrived with TTL {ttl}"));
             format!("{:>2}  {from:<39} {answer}{ttl}", hop.ttl)
         })
+        .chain(silent)
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -562,6 +577,10 @@ mod tests {
                 " 2  {:<39} time exceeded, arrived with TTL 254\n 3  {:<39} no answer",
                 "10.224.0.1", "*"
             )
+        );
+        assert_eq!(
+            describe(&hops).lines().last(),
+            Some(format!(" 3-4  {:<36} no answer", "*").as_str())
         );
     }
 
