@@ -50,7 +50,7 @@ fn diagnose_three_failures(lab: &Lab) -> anyhow::Result<()> {
 }
 
 pub fn run() -> anyhow::Result<()> {
-    println!("demo: building a node lab (node, upstream router, internet, cluster DNS, two pods)…");
+    println!("demo: building a node lab (node, two routers, internet, cluster DNS, two pods)…");
     let lab = Lab::start(&[
         PodSpec::new("default", "client", CgroupDriver::Systemd),
         PodSpec::new("shop", "other", CgroupDriver::Cgroupfs),
