@@ -633,6 +633,14 @@ impl FlowAssembler {
             }
             _ => None,
         };
+        if event.new_state == TCP_ESTABLISHED {
+            // A success is reported at once: nothing can still change it.
+            if let Some(mut attempt) = self.take(event.sock_cookie) {
+                apply_handshake(&mut attempt, event);
+                done.push(attempt);
+            }
+            return;
+        }
         // The kernel reports a handshake's end once; should it repeat, the first stands.
         if !pending.ended {
             pending.handshake = Some(Box::new(*event));
@@ -640,11 +648,6 @@ impl FlowAssembler {
         }
         if let Some(key) = learnt {
             self.learn_tuple(key, event.sock_cookie);
-        }
-        if event.new_state == TCP_ESTABLISHED
-            && let Some(attempt) = self.take(event.sock_cookie)
-        {
-            done.push(attempt);
         }
     }
 
@@ -844,20 +847,7 @@ impl FlowAssembler {
             }
         }
         match handshake {
-            Some(handshake) => {
-                // Flags 0: nothing answered the SYN.
-                if handshake.reply_tcp_flags != 0 {
-                    attempt.reply = Some(HandshakeReply {
-                        ttl: handshake.reply_ttl,
-                        reset: handshake.reply_tcp_flags & TCP_FLAG_RST != 0,
-                        endpoint_hops: None,
-                    });
-                }
-                let (outcome, tcp) =
-                    judge_handshake(&handshake, attempt.monotonic_ns, attempt.icmp);
-                attempt.outcome = outcome;
-                attempt.tcp = Some(tcp);
-            }
+            Some(handshake) => apply_handshake(&mut attempt, &handshake),
             None if attempt.protocol == Protocol::Udp => {
                 if let Some(icmp) = attempt.icmp.filter(IcmpError::is_fatal) {
                     attempt.outcome = if icmp.is_port_unreachable() {
@@ -957,6 +947,21 @@ impl FlowAssembler {
             done.push(attempt);
         }
     }
+}
+
+/// Judges a TCP attempt by the end of its handshake and the evidence it has.
+fn apply_handshake(attempt: &mut Attempt, handshake: &SockStateEvent) {
+    // Flags 0: nothing answered the SYN.
+    if handshake.reply_tcp_flags != 0 {
+        attempt.reply = Some(HandshakeReply {
+            ttl: handshake.reply_ttl,
+            reset: handshake.reply_tcp_flags & TCP_FLAG_RST != 0,
+            endpoint_hops: None,
+        });
+    }
+    let (outcome, tcp) = judge_handshake(handshake, attempt.monotonic_ns, attempt.icmp);
+    attempt.outcome = outcome;
+    attempt.tcp = Some(tcp);
 }
 
 /// Counts a dropped packet of an attempt, keeping the earliest in detail.
