@@ -432,6 +432,21 @@ fn check_diagnosis(scenario: &Scenario, diagnosis: &Diagnosis) {
             .is_some_and(|summary| summary.contains(scenario.summary)),
         "{context}"
     );
+    // A failed connection's path probe is in the JSON: one hop per TTL from 1, each
+    // with its answer.
+    if let Some(path) = report["checks"]
+        .as_array()
+        .and_then(|checks| checks.iter().find(|c| c["id"] == "path"))
+    {
+        let hops = path["hops"]
+            .as_array()
+            .expect("the path check lists its hops");
+        assert!(!hops.is_empty(), "{context}");
+        for (at, hop) in hops.iter().enumerate() {
+            assert_eq!(hop["ttl"], at + 1, "{context}");
+            assert!(hop["answer"].is_string(), "{context}");
+        }
+    }
     let expected_exit = if scenario.diagnose.0 == "none" { 0 } else { 1 };
     assert_eq!(diagnosis.status.code(), Some(expected_exit), "{context}");
     // Within the DNS timeout + the connect timeout + 3 s (the path probe of a failed

@@ -48,6 +48,9 @@ pub struct Check {
     pub id: String,
     pub status: Status,
     pub detail: String,
+    /// The `path` check's probes, one per TTL.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hops: Vec<path::Hop>,
 }
 
 impl Check {
@@ -56,6 +59,7 @@ impl Check {
             id: id.to_owned(),
             status,
             detail: detail.into(),
+            hops: Vec::new(),
         }
     }
 }

@@ -185,7 +185,7 @@ pub async fn examine(
     // The pod's network namespace, held from here on: the process that showed it may
     // exit, and its PID be reused, before the probe enters the namespace.
     let netns = fs::File::open(format!("/proc/{pid}/ns/net")).with_context(|| {
-        format!("cannot open the network namespace of pod {pod}'s process {pid}")
+        format!("cannot open the network namespace /proc/{pid}/ns/net of pod {pod}")
     })?;
     // Still in the container's cgroup (named by the container's id; seen from a cgroup
     // namespace of its own, the agent's view of the path's beginning differs).
@@ -412,6 +412,7 @@ fn complete_path(line: &mut ProbeLine, attempts: &[&Attempt]) {
         .unwrap_or_default()
         .to_owned();
     line.check.detail = format!("{first}\n{}", path::describe(&line.facts.path));
+    line.check.hops = line.facts.path.clone();
 }
 
 /// The verdict on a reset connection, judged again with the path length the reference
@@ -558,23 +559,58 @@ pub fn run_probe(args: ProbeArgs) -> anyhow::Result<()> {
     diagnose::run_probe(&plan, &mut io::stdout().lock()).context("probe check failed")
 }
 
+/// `struct __user_cap_header_struct` and `struct __user_cap_data_struct` of capset(2).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
 /// The descriptor number the probe finds the pod's network namespace at.
 const PROBE_NETNS_FD: i32 = 3;
 /// `nobody`: the probe's user once it is in the pod's namespaces.
 const PROBE_UID: libc::uid_t = 65_534;
 
-/// Becomes `nobody` with no capabilities and no way to gain any (no_new_privs), and
-/// checks that none is left.
+/// Gives up every capability, for good (no_new_privs), and becomes `nobody` when the
+/// agent may change users (the DaemonSet grants no CAP_SETUID: there the probe stays
+/// uid 0 without any capability); checks that none is left.
 fn drop_privileges() -> anyhow::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error()).context("cannot set no_new_privs on the probe");
+    }
     // SAFETY: plain syscalls with integer arguments (and a null list for setgroups).
-    let failed = unsafe {
-        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-            || libc::setgroups(0, std::ptr::null()) != 0
-            || libc::setgid(PROBE_UID) != 0
-            || libc::setuid(PROBE_UID) != 0
+    let became_nobody = unsafe {
+        libc::setgroups(0, std::ptr::null()) == 0
+            && libc::setgid(PROBE_UID) == 0
+            && libc::setuid(PROBE_UID) == 0
     };
-    if failed {
-        return Err(io::Error::last_os_error()).context("cannot drop the probe's privileges");
+    if !became_nobody {
+        // Empty effective, permitted and inheritable sets (version 3: two 32-bit words).
+        let mut header = CapHeader {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let empty = [CapData::default(); 2];
+        // SAFETY: capset with a valid header and two data words, as version 3 takes.
+        let set = unsafe {
+            libc::syscall(
+                libc::SYS_capset,
+                &mut header as *mut CapHeader,
+                empty.as_ptr(),
+            )
+        };
+        if set != 0 {
+            return Err(io::Error::last_os_error()).context("cannot drop the probe's capabilities");
+        }
     }
     match node::effective_capabilities() {
         Ok(0) => Ok(()),
