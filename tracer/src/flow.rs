@@ -584,16 +584,21 @@ impl FlowAssembler {
             // A packet dropped before any cgroup hook saw it (so before its first packet
             // event) still tells the source the kernel chose.
             let attempt = &pending.attempt;
-            if attempt.src.is_none()
-                && socket_addr(&event.flow_dst) == Some(attempt.dst)
-                && let Some(src) = socket_addr(&event.flow_src)
-            {
-                let key = FlowKey::new(attempt.protocol, src, attempt.dst);
+            let learnt = (ts_ns >= attempt.monotonic_ns
+                && attempt.src.is_none()
+                && socket_addr(&event.flow_dst) == Some(attempt.dst))
+            .then(|| socket_addr(&event.flow_src))
+            .flatten();
+            if let Some(src) = learnt {
                 pending.attempt.src = Some(src);
-                keep_drop(pending, drop, ts_ns);
-                self.learn_tuple(key, event.sock_cookie);
-            } else {
-                keep_drop(pending, drop, ts_ns);
+            }
+            let protocol = pending.attempt.protocol;
+            let dst = pending.attempt.dst;
+            if !keep_drop(pending, drop, ts_ns) {
+                self.stats.late_drops += 1;
+            }
+            if let Some(src) = learnt {
+                self.learn_tuple(FlowKey::new(protocol, src, dst), event.sock_cookie);
             }
             return;
         }
@@ -610,7 +615,9 @@ impl FlowAssembler {
         match self.by_tuple.get(&key) {
             Some(cookie) => {
                 let pending = self.pending.get_mut(cookie).expect("tuples name pending");
-                keep_drop(pending, drop, ts_ns);
+                if !keep_drop(pending, drop, ts_ns) {
+                    self.stats.late_drops += 1;
+                }
             }
             None => self.hold_unmatched(key, ts_ns, Evidence::Drop(drop)),
         }
@@ -700,6 +707,18 @@ impl FlowAssembler {
                 self.finish_displaced(attempt, done);
             }
         }
+        // Ended attempts that left their arrival queue wait only in `releases`.
+        let mut ended: Vec<(u64, u64)> = self
+            .pending
+            .iter()
+            .map(|(cookie, p)| (p.attempt.monotonic_ns, *cookie))
+            .collect();
+        ended.sort_unstable();
+        for (_, cookie) in ended {
+            if let Some(attempt) = self.take(cookie) {
+                self.finish_displaced(attempt, done);
+            }
+        }
         self.releases.clear();
         self.expire_unmatched(u64::MAX);
     }
@@ -740,6 +759,11 @@ impl FlowAssembler {
         let Some(pending) = self.pending.get_mut(&cookie) else {
             return;
         };
+        // About a packet of the socket's earlier attempt (the same tuple again).
+        if ts_ns < pending.attempt.monotonic_ns {
+            self.stats.unmatched_icmp += 1;
+            return;
+        }
         // A fatal error outweighs a path-MTU hint; of equals, the earlier.
         let outweighs = pending.attempt.icmp.is_none_or(|kept| {
             (icmp.is_fatal(), Reverse(ts_ns)) > (kept.is_fatal(), Reverse(pending.icmp_ns))
@@ -768,8 +792,12 @@ impl FlowAssembler {
             match evidence {
                 Evidence::Icmp(icmp) => self.add_icmp(cookie, icmp, ts_ns),
                 Evidence::Drop(drop) => {
-                    if let Some(pending) = self.pending.get_mut(&cookie) {
-                        keep_drop(pending, drop, ts_ns);
+                    let kept = self
+                        .pending
+                        .get_mut(&cookie)
+                        .is_some_and(|pending| keep_drop(pending, drop, ts_ns));
+                    if !kept {
+                        self.stats.late_drops += 1;
                     }
                 }
             }
@@ -942,6 +970,18 @@ impl FlowAssembler {
                 order.pop_front();
             }
         }
+        // Ended attempts may have left their arrival queue: they wait in `releases`.
+        while let Some(release) = self.releases.front() {
+            let place = release.place;
+            if place.is_current(pending, Protocol::Tcp) || place.is_current(pending, Protocol::Udp)
+            {
+                if oldest.is_none_or(|(_, ts)| place.connected_ns < ts) {
+                    oldest = Some((place.cookie, place.connected_ns));
+                }
+                break;
+            }
+            self.releases.pop_front();
+        }
         if let Some(attempt) = oldest.and_then(|(cookie, _)| self.take(cookie)) {
             self.stats.evicted += 1;
             done.push(attempt);
@@ -964,8 +1004,13 @@ fn apply_handshake(attempt: &mut Attempt, handshake: &SockStateEvent) {
     attempt.tcp = Some(tcp);
 }
 
-/// Counts a dropped packet of an attempt, keeping the earliest in detail.
-fn keep_drop(pending: &mut Pending, drop: PacketDrop, ts_ns: u64) {
+/// Counts a dropped packet of an attempt, keeping the earliest in detail; false for a
+/// drop from before the attempt began (its socket's or tuple's earlier attempt).
+#[must_use]
+fn keep_drop(pending: &mut Pending, drop: PacketDrop, ts_ns: u64) -> bool {
+    if ts_ns < pending.attempt.monotonic_ns {
+        return false;
+    }
     match &mut pending.attempt.drops {
         Some(drops) => {
             drops.count = drops.count.saturating_add(1);
@@ -982,6 +1027,7 @@ fn keep_drop(pending: &mut Pending, drop: PacketDrop, ts_ns: u64) {
             pending.first_drop_ns = ts_ns;
         }
     }
+    true
 }
 
 /// Reads the end of a handshake from the socket's state, error fields and retransmits,
@@ -1290,7 +1336,7 @@ mod tests {
             header: EventHeader {
                 kind: EventKind::IcmpError as u32,
                 cpu: 0,
-                ts_ns: 3,
+                ts_ns: 1_500,
             },
             icmp_type,
             icmp_code: code,
@@ -1311,12 +1357,12 @@ mod tests {
         flows.on_connect(&connect(1, 1_000, IPPROTO_UDP), origin(), &mut done);
         flows.on_first_packet(&first_packet(1, IPPROTO_UDP, 40_000));
         flows.on_icmp_error(&icmp(40_000, IPPROTO_UDP, 3, 3));
-        flows.expire(3 + WAIT_NS - 1, &mut done);
+        flows.expire(1_500 + WAIT_NS - 1, &mut done);
         assert!(
             done.is_empty(),
             "a drop of the datagram may still be on its way"
         );
-        flows.expire(3 + WAIT_NS, &mut done);
+        flows.expire(1_500 + WAIT_NS, &mut done);
         assert_eq!(done.len(), 1);
         assert_eq!(done[0].outcome, Outcome::Refused);
         let icmp_error = done[0].icmp.unwrap();
@@ -1340,7 +1386,7 @@ mod tests {
         flows.on_first_packet(&first_packet(1, IPPROTO_TCP, 50_000));
         flows.on_icmp_error(&icmp(40_000, IPPROTO_TCP, 3, 13));
         flows.on_icmp_error(&icmp(50_000, IPPROTO_TCP, 3, 13));
-        flows.expire(3 + WAIT_NS, &mut done);
+        flows.expire(1_500 + WAIT_NS, &mut done);
         assert!(done.is_empty(), "TCP attempts end with their socket");
         assert_eq!(
             flows.stats().unmatched_icmp,
@@ -1361,7 +1407,7 @@ mod tests {
             header: EventHeader {
                 kind: EventKind::Drop as u32,
                 cpu: 0,
-                ts_ns: 3,
+                ts_ns: 1_500,
             },
             sock_cookie: cookie,
             location: 0,
@@ -1680,6 +1726,60 @@ mod tests {
         assert_eq!(record.outcome, Outcome::Unreachable);
         assert_eq!(record.drops.map(|d| d.count), Some(1));
         assert_eq!(record.icmp.map(|i| i.meaning()), Some("admin-prohibited"));
+    }
+
+    #[test]
+    fn evidence_from_before_an_attempt_is_not_its_own() {
+        // A connected UDP socket connects again: same tuple, a new attempt at 5_000. An
+        // ICMP error and a drop about the earlier datagram (sent before 5_000) arrive late.
+        let mut flows = FlowAssembler::new();
+        let mut done = Vec::new();
+        flows.on_connect(&connect(1, 1_000, IPPROTO_UDP), origin(), &mut done);
+        flows.on_first_packet(&first_packet(1, IPPROTO_UDP, 50_000));
+        flows.on_connect(&connect(1, 5_000, IPPROTO_UDP), origin(), &mut done);
+        assert_eq!(
+            done.len(),
+            1,
+            "the first attempt is reported when displaced"
+        );
+        flows.on_first_packet(&first_packet(1, IPPROTO_UDP, 50_000));
+        let mut late = icmp(50_000, IPPROTO_UDP, 3, 3);
+        late.header.ts_ns = 4_000;
+        flows.on_icmp_error(&late);
+        let mut dropped = drop_event(1, 50_000);
+        dropped.header.ts_ns = 4_500;
+        dropped.protocol = IPPROTO_UDP;
+        flows.on_drop(&dropped, netfilter_drop());
+        flows.drain(&mut done);
+        assert_eq!(done.len(), 2);
+        assert_eq!(
+            (done[1].monotonic_ns, done[1].outcome),
+            (5_000, Outcome::Sent)
+        );
+        assert_eq!((done[1].icmp, done[1].drops.is_none()), (None, true));
+        assert_eq!(
+            (flows.stats().unmatched_icmp, flows.stats().late_drops),
+            (1, 1)
+        );
+    }
+
+    #[test]
+    fn an_ended_attempt_out_of_its_queue_is_still_reported_at_shutdown() {
+        // A UDP attempt whose fatal ICMP error came late in its settling time leaves its
+        // arrival queue at the settling time, and waits for its release only.
+        let mut flows = FlowAssembler::new();
+        let mut done = Vec::new();
+        let settle = UDP_SETTLE.as_nanos() as u64;
+        flows.on_connect(&connect(1, 1_000, IPPROTO_UDP), origin(), &mut done);
+        flows.on_first_packet(&first_packet(1, IPPROTO_UDP, 40_000));
+        let mut refused = icmp(40_000, IPPROTO_UDP, 3, 3);
+        refused.header.ts_ns = settle - 10;
+        flows.on_icmp_error(&refused);
+        flows.expire(1_000 + settle, &mut done);
+        assert!(done.is_empty(), "its evidence may still come");
+        flows.drain(&mut done);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].outcome, Outcome::Refused);
     }
 
     #[test]

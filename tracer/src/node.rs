@@ -341,7 +341,10 @@ pub enum PodFileError {
 /// without blocking: a FIFO cannot hang the reader, nor a device such as `/dev/zero`
 /// feed it), and at most [`MAX_POD_FILE_BYTES`] are read.
 pub fn read_pod_file(pid: u32, path: &str) -> Result<String, PodFileError> {
-    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::{
+        fd::{FromRawFd, OwnedFd},
+        unix::fs::OpenOptionsExt,
+    };
     let open_error = |source: io::Error| PodFileError::Open {
         pid,
         path: path.to_owned(),
@@ -350,9 +353,11 @@ pub fn read_pod_file(pid: u32, path: &str) -> Result<String, PodFileError> {
     let root = fs::File::open(format!("/proc/{pid}/root")).map_err(open_error)?;
     let relative = std::ffi::CString::new(path.trim_start_matches('/'))
         .map_err(|e| open_error(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    // Found without opening it (O_PATH): opening a device node would run its driver's
+    // open (a watchdog starts on it). Opened for reading only once it is a regular file.
     // SAFETY: an all-zero open_how is valid; the fields are set below.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
     how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
     // SAFETY: openat2 with a directory descriptor we own, a NUL-terminated path and an
     // open_how of the size given.
@@ -369,14 +374,23 @@ pub fn read_pod_file(pid: u32, path: &str) -> Result<String, PodFileError> {
         return Err(open_error(io::Error::last_os_error()));
     }
     // SAFETY: a new descriptor nothing else owns.
-    let file = fs::File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-    let regular = file.metadata().map_err(open_error)?.file_type().is_file();
+    let found = fs::File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    let regular = found.metadata().map_err(open_error)?.file_type().is_file();
     if !regular {
         return Err(PodFileError::NotRegular {
             pid,
             path: path.to_owned(),
         });
     }
+    // The very file found, reopened through its descriptor, without blocking.
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&found)
+        ))
+        .map_err(open_error)?;
     let mut bytes = Vec::new();
     io::Read::read_to_end(&mut io::Read::take(file, MAX_POD_FILE_BYTES), &mut bytes)
         .map_err(open_error)?;

@@ -195,7 +195,7 @@ pub struct Capture {
 
 /// How far the ring has been read, in kernel time: the clock read before the last read
 /// that emptied the ring (the ring holds events in the order they were reserved), or,
-/// while it never empties, the newest event's time less [`RESERVE_SLACK_NS`].
+/// while it never empties, the newest event's time; either less [`RESERVE_SLACK_NS`].
 #[derive(Clone, Copy, Default)]
 struct ReadUntil {
     emptied_ns: u64,
@@ -796,7 +796,9 @@ fn drain(
     let mut drained = 0;
     while drained < most {
         let Some(item) = ring.next() else {
-            read_until.emptied_ns = started_ns;
+            // A program takes its event's time before it reserves the event: one that was
+            // still reserving when the ring read as empty stamped its event just before.
+            read_until.emptied_ns = started_ns.saturating_sub(RESERVE_SLACK_NS);
             break;
         };
         if let Some(ts_ns) = decode::event_time(&item) {

@@ -282,26 +282,34 @@ pub fn run_probe(plan: &Plan, out: &mut impl Write) -> io::Result<()> {
         // Where on the path it stops: SYNs with TTL 1, 2, 3… to the first address that
         // failed, within one connect timeout (at most 3 s).
         if let Some(failed) = failed {
-            let hops = path::trace(failed, path::MAX_HOPS, connect_timeout)?;
-            let reached = hops
-                .last()
-                .is_some_and(|h| h.answer == path::Answer::SynAck);
-            emit(
-                Check::new(
-                    "path",
-                    if reached { Status::Pass } else { Status::Fail },
-                    format!(
-                        "SYNs to {} with TTL 1 to {}:\n{}",
-                        failed,
-                        hops.len(),
-                        path::describe(&hops)
-                    ),
-                ),
-                Facts {
-                    path: hops,
-                    ..Facts::default()
-                },
-            )?;
+            match path::trace(failed, path::MAX_HOPS, connect_timeout) {
+                Ok(hops) => {
+                    let reached = hops
+                        .last()
+                        .is_some_and(|h| h.answer == path::Answer::SynAck);
+                    emit(
+                        Check::new(
+                            "path",
+                            if reached { Status::Pass } else { Status::Fail },
+                            format!(
+                                "SYNs to {} with TTL 1 to {}:\n{}",
+                                failed,
+                                hops.len(),
+                                path::describe(&hops)
+                            ),
+                        ),
+                        Facts {
+                            path: hops,
+                            ..Facts::default()
+                        },
+                    )?;
+                }
+                // No socket for a probe (the pod's limits): the other checks stand.
+                Err(e) => emit(
+                    Check::new("path", Status::Skip, format!("cannot probe the path: {e}")),
+                    Facts::default(),
+                )?,
+            }
         }
         // A reset: a connection to another port of the same address shows how far away
         // the endpoint itself is (the kernel records the TTL of its answer), so a reset

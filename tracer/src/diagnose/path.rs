@@ -84,19 +84,27 @@ pub fn trace(target: SocketAddr, max_hops: u8, wait: Duration) -> io::Result<Vec
     let deadline = Instant::now() + wait.min(MAX_WAIT);
     let mut probes = Vec::new();
     for ttl in 1..=max_hops.min(MAX_HOPS) {
-        let (socket, src) = send_syn(target, ttl)?;
-        probes.push((
-            Hop {
-                ttl,
-                answer: Answer::Nothing,
-                from: None,
-                icmp_type: None,
-                icmp_code: None,
-                reply_ttl: None,
-                src,
-            },
-            Some(socket),
-        ));
+        let mut hop = Hop {
+            ttl,
+            answer: Answer::Nothing,
+            from: None,
+            icmp_type: None,
+            icmp_code: None,
+            reply_ttl: None,
+            src: None,
+        };
+        match send_syn(target, ttl)? {
+            Sent::Waiting(socket, src) => {
+                hop.src = src;
+                probes.push((hop, Some(socket)));
+            }
+            // The pod's own stack refused at once (no route in the pod): that is the
+            // answer, for this TTL and every other.
+            Sent::Refused => {
+                hop.answer = Answer::IcmpError;
+                probes.push((hop, None));
+            }
+        }
     }
     while probes.iter().any(|(_, socket)| socket.is_some()) {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -151,9 +159,16 @@ pub fn trace(target: SocketAddr, max_hops: u8, wait: Duration) -> io::Result<Vec
     Ok(hops)
 }
 
+/// A probe's SYN: on its way (the socket and its source), or refused by the pod's own
+/// stack before it left.
+enum Sent {
+    Waiting(OwnedFd, Option<SocketAddr>),
+    Refused,
+}
+
 /// Opens a non-blocking TCP socket whose packets leave with `ttl` and whose ICMP errors
 /// are queued with their sender, and starts connecting to `target`.
-fn send_syn(target: SocketAddr, ttl: u8) -> io::Result<(OwnedFd, Option<SocketAddr>)> {
+fn send_syn(target: SocketAddr, ttl: u8) -> io::Result<Sent> {
     let family = if target.is_ipv4() {
         libc::AF_INET
     } else {
@@ -209,13 +224,10 @@ fn send_syn(target: SocketAddr, ttl: u8) -> io::Result<(OwnedFd, Option<SocketAd
             length,
         )
     };
-    if connected != 0 {
-        let error = io::Error::last_os_error();
-        if error.raw_os_error() != Some(libc::EINPROGRESS) {
-            return Err(error);
-        }
+    if connected != 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS) {
+        return Ok(Sent::Refused);
     }
-    Ok((socket, local_address(fd)))
+    Ok(Sent::Waiting(socket, local_address(fd)))
 }
 
 /// Reads how the probe on `fd` was answered into `hop`.

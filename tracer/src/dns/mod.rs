@@ -554,9 +554,12 @@ impl DnsTracker {
         let truncated_udp = message.truncated && !seen.tcp;
         if !message.answers.is_empty() && !truncated_udp {
             for answer in message.answers {
+                if lookup.answers.contains(&answer) {
+                    continue;
+                }
                 if lookup.answers.len() >= MAX_ANSWERS {
                     self.stats.answers_not_kept += 1;
-                } else if !lookup.answers.contains(&answer) {
+                } else {
                     lookup.answers.push(answer);
                 }
             }
@@ -700,9 +703,6 @@ fn remember(
     }
 }
 
-/// Decides how a lookup ended. The name itself decides when it was asked: its answer,
-/// or its silence (timed out, or still unanswered when tracing stopped), whatever the
-/// search-domain expansions before it got; otherwise the last response does.
 /// Whether the query `key` with this deadline is still pending (not answered, nor sent
 /// again with a later deadline).
 fn is_pending(pending: &HashMap<QueryKey, PendingQuery>, key: &QueryKey, deadline_ns: u64) -> bool {
@@ -711,6 +711,9 @@ fn is_pending(pending: &HashMap<QueryKey, PendingQuery>, key: &QueryKey, deadlin
         .is_some_and(|query| query.deadline_ns == deadline_ns)
 }
 
+/// Decides how a lookup ended. The name itself decides when it was asked: its answer,
+/// or its silence (timed out, or still unanswered when tracing stopped), whatever the
+/// search-domain expansions before it got; otherwise the last response does.
 fn finish(open: OpenLookup) -> Lookup {
     let mut lookup = open.lookup;
     let asked_name = lookup.queried.contains(&lookup.name);

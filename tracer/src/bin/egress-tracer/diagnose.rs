@@ -64,7 +64,11 @@ impl Request {
     /// and a proxy; connects, the path probe, a reference connection, the HTTP or TLS
     /// answer), and loading the kernel programs.
     pub fn deadline(&self) -> Duration {
-        2 * self.dns_timeout + 4 * self.timeout + diagnose::path::MAX_WAIT + Duration::from_secs(30)
+        // The pod's own resolv.conf timeout (up to 30 s) may be what the DNS stages use.
+        let dns = self
+            .dns_timeout
+            .max(egress_tracer::dns::MAX_RESOLVER_TIMEOUT);
+        2 * dns + 4 * self.timeout + diagnose::path::MAX_WAIT + Duration::from_secs(30)
     }
 }
 
@@ -393,6 +397,9 @@ pub async fn examine(
 /// Gives the path probe's resets and SYN-ACKs the TTL they arrived with, from the kernel's
 /// record of each probe connection (joined by source address), and tells the hops.
 fn complete_path(line: &mut ProbeLine, attempts: &[&Attempt]) {
+    if line.facts.path.is_empty() {
+        return;
+    }
     for hop in &mut line.facts.path {
         if hop.reply_ttl.is_none()
             && let Some(src) = hop.src
@@ -556,6 +563,14 @@ pub fn run_probe(args: ProbeArgs) -> anyhow::Result<()> {
     let plan: Plan = serde_json::from_str(&text).context("bad probe plan")?;
     // The checks parse what the pod's network answers: without any privilege.
     drop_privileges()?;
+    // Changing users cleared the death signal: set it again, and check that the parent
+    // did not end meanwhile.
+    // SAFETY: prctl with plain integer arguments; getppid has no preconditions.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0
+        || unsafe { libc::getppid() } == 1
+    {
+        anyhow::bail!("the diagnosis that started the probe has ended");
+    }
     diagnose::run_probe(&plan, &mut io::stdout().lock()).context("probe check failed")
 }
 

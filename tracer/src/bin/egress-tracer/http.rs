@@ -86,8 +86,12 @@ async fn serve(
         let (stream, client) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
-                // Out of descriptors, or the client already gone: the next one may do.
-                Err(_) => continue,
+                // Out of descriptors, or the client already gone: the connection stays
+                // queued, so wait a moment rather than spin on it.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             },
             _ = stop.wait_for(|stopped| *stopped) => break,
         };
