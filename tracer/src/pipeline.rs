@@ -206,6 +206,12 @@ impl Pipeline {
         }
     }
 
+    /// Questions to `server` are lookups of their own, apart from the pods' resolvers'
+    /// (diagnose's direct question to the upstream server).
+    pub fn separate_dns_server(&mut self, server: std::net::IpAddr) {
+        self.dns.separate_server(server);
+    }
+
     /// Also reports every DNS query's end ([`take_query_outcomes`](Self::take_query_outcomes)),
     /// for the metrics.
     pub fn with_query_outcomes(mut self) -> Self {

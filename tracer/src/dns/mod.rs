@@ -234,9 +234,8 @@ pub struct QueryOutcome {
 /// (protocol is TCP, client, server, DNS id).
 type QueryKey = (bool, SocketAddr, SocketAddr, u16);
 /// (cgroup, base name); shared by the lookup's queries and the lookup order.
-/// A lookup's cgroup, the server it asked when that is not one of the resolver's own
-/// nameservers (a direct question, such as `dig @server`, is a lookup of its own), and
-/// its base name.
+/// A lookup's cgroup, the server it asked when that is one of the direct servers (see
+/// [`DnsTracker::separate_server`]), and its base name.
 type LookupKey = (u64, Option<IpAddr>, Arc<str>);
 
 /// A [`LookupKey`] borrowed from a query, to find its open lookup without allocating; it
@@ -286,6 +285,8 @@ pub struct DnsTracker {
     stats: DnsStats,
     /// Each query's end, when asked for (see [`DnsTracker::with_query_outcomes`]).
     query_outcomes: Option<Vec<QueryOutcome>>,
+    /// Servers whose questions are lookups of their own.
+    direct_servers: foldhash::HashSet<IpAddr>,
     /// The questions of the queries that came with a hash, by (cgroup, hash).
     questions: HashMap<(u64, u64), Question>,
 }
@@ -298,6 +299,14 @@ impl DnsTracker {
             timeout,
             ..Self::default()
         }
+    }
+
+    /// Questions to `server` make lookups of their own, apart from the resolver's (a
+    /// direct question such as diagnose's to the upstream server). Not inferred from the
+    /// resolv.conf: a socket-level load balancer (Cilium's) sends the resolver's own
+    /// queries to DNS pods, not to the nameserver the file names.
+    pub fn separate_server(&mut self, server: IpAddr) {
+        self.direct_servers.insert(server);
     }
 
     /// Also reports the end of every single query, for
@@ -436,10 +445,8 @@ impl DnsTracker {
         done: &mut Vec<Lookup>,
     ) {
         let base = base_name(&question.name, &resolver.search);
-        // Without the resolver's nameservers (resolv.conf unread), every server is its.
         let server = seen.dst.ip();
-        let direct = (!resolver.nameservers.is_empty() && !resolver.nameservers.contains(&server))
-            .then_some(server);
+        let direct = self.direct_servers.contains(&server).then_some(server);
         // Nothing is allocated for a query of a lookup already open (most of them).
         let open_key = self
             .lookups
@@ -935,13 +942,14 @@ mod tests {
     }
 
     #[test]
-    fn a_question_to_a_server_outside_the_resolver_is_a_lookup_of_its_own() {
+    fn a_question_to_a_separate_server_is_a_lookup_of_its_own() {
         // diagnose asks the pod's nameserver and, at the same time, an upstream server
         // directly: the name does not exist, and the upstream server is silent.
         let mut dns = DnsTracker::new(Duration::from_secs(1));
         let mut done = Vec::new();
         let resolver = resolver_config("nameserver 10.0.0.10\noptions timeout:1");
         const UPSTREAM: &str = "192.0.2.99:53";
+        dns.separate_server("192.0.2.99".parse().unwrap());
         let name = "missing.example.test";
         for message_seen in [
             seen(0, CLIENT, SERVER, message(1, QUERY, name, A, &[])),

@@ -185,6 +185,9 @@ pub async fn examine(
         eprintln!("warning: {e}");
     }
     pipeline.preset_resolver(&pod_cgroups, &resolver);
+    if let Some(upstream) = plan.upstream_dns {
+        pipeline.separate_dns_server(upstream);
+    }
 
     // The pod's network namespace, held from here on: the process that showed it may
     // exit, and its PID be reused, before the probe enters the namespace.
@@ -324,15 +327,14 @@ pub async fn examine(
         progress(&check);
         node_checks.push(check);
     }
-    // The pod's own lookup of the target's name, through its nameservers, decides. The
-    // direct question to the upstream server is a lookup of its own (the tracker keeps
-    // questions to servers outside the resolver's apart): evidence beside it, in its check.
+    // The pod's own lookup of the target's name decides. The direct question to the
+    // upstream server is a lookup of its own (see `separate_dns_server`): evidence beside
+    // it, in its check.
     let lookup_verdict = records.iter().find_map(|record| match record {
         Record::Lookup {
             lookup, verdict, ..
         } if lookup.name.trim_end_matches('.') == target.host.trim_end_matches('.')
-            && (resolver.nameservers.is_empty()
-                || resolver.nameservers.contains(&lookup.server.ip())) =>
+            && Some(lookup.server.ip()) != plan.upstream_dns =>
         {
             Some(verdict.as_ref())
         }
