@@ -16,9 +16,13 @@ use serde_json::{Value, json};
 const METRICS_WAIT: Duration = Duration::from_secs(15);
 
 fn start_agent(lab: &Lab, extra: &[&str]) -> Tracer {
+    start_agent_on(lab, &agent::listen_address(), extra)
+}
+
+/// An agent listening on `listen` (it must include the loopback address the tests ask).
+fn start_agent_on(lab: &Lab, listen: &str, extra: &[&str]) -> Tracer {
     let state = lab.cluster_state();
     let node = lab.node_netns();
-    let listen = agent::listen_address();
     let mut args = vec![
         "agent",
         "--cluster-state",
@@ -26,7 +30,7 @@ fn start_agent(lab: &Lab, extra: &[&str]) -> Tracer {
         "--node-name",
         &node,
         "--listen",
-        &listen,
+        listen,
     ];
     args.extend_from_slice(extra);
     let tracer = Tracer::start(lab, &args).unwrap();
@@ -906,23 +910,7 @@ fn slow_clients_hold_up_neither_the_probes_nor_the_tracing() {
     .unwrap();
     // Listening on every address of the node, as the DaemonSet's agent does: a pod
     // reaches it at the node's address.
-    let state = lab.cluster_state();
-    let node = lab.node_netns();
-    let listen = format!("0.0.0.0:{}", agent::AGENT_PORT);
-    let tracer = Tracer::start(
-        &lab,
-        &[
-            "agent",
-            "--cluster-state",
-            state.to_str().unwrap(),
-            "--node-name",
-            &node,
-            "--listen",
-            &listen,
-        ],
-    )
-    .unwrap();
-    assert_eq!(agent::get(&lab, "/readyz").unwrap(), (200, "ready".into()));
+    let tracer = start_agent_on(&lab, &format!("0.0.0.0:{}", agent::AGENT_PORT), &[]);
     let helper = egress_lab::lab_helper().unwrap();
     let target = format!("{}:{}", addr::POD_GATEWAY, agent::AGENT_PORT);
     std::thread::scope(|scope| {

@@ -120,10 +120,9 @@ fn udp_send(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// Opens `--count` TCP connections to ADDR one after the other and keeps them open,
-/// idle, for `--seconds` (flows that hold SNAT ports).
-fn hold_tcp(args: &[String]) -> Result<(), String> {
-    let usage = || "usage: lab hold-tcp ADDR --count N --seconds S".to_owned();
+/// `ADDR --count N --seconds S` of the `command`s that take them.
+fn address_count_seconds(command: &str, args: &[String]) -> Result<(SocketAddr, u16, u64), String> {
+    let usage = || format!("usage: lab {command} ADDR --count N --seconds S");
     let [address, count_flag, count, seconds_flag, seconds] = args else {
         return Err(usage());
     };
@@ -133,6 +132,13 @@ fn hold_tcp(args: &[String]) -> Result<(), String> {
     let address: SocketAddr = address.parse().map_err(|e| format!("{address}: {e}"))?;
     let count: u16 = count.parse().map_err(|_| usage())?;
     let seconds: u64 = seconds.parse().map_err(|_| usage())?;
+    Ok((address, count, seconds))
+}
+
+/// Opens `--count` TCP connections to ADDR one after the other and keeps them open,
+/// idle, for `--seconds` (flows that hold SNAT ports).
+fn hold_tcp(args: &[String]) -> Result<(), String> {
+    let (address, count, seconds) = address_count_seconds("hold-tcp", args)?;
     let held = (0..count)
         .map(|_| std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_secs(3)))
         .collect::<Result<Vec<_>, _>>()
@@ -147,16 +153,7 @@ fn hold_tcp(args: &[String]) -> Result<(), String> {
 /// them; prints how many were opened and how many the server closed.
 fn slow_clients(args: &[String]) -> Result<(), String> {
     use std::io::Write;
-    let usage = || "usage: lab slow-clients ADDR --count N --seconds S".to_owned();
-    let [address, count_flag, count, seconds_flag, seconds] = args else {
-        return Err(usage());
-    };
-    if count_flag != "--count" || seconds_flag != "--seconds" {
-        return Err(usage());
-    }
-    let address: SocketAddr = address.parse().map_err(|e| format!("{address}: {e}"))?;
-    let count: u16 = count.parse().map_err(|_| usage())?;
-    let seconds: u64 = seconds.parse().map_err(|_| usage())?;
+    let (address, count, seconds) = address_count_seconds("slow-clients", args)?;
     let mut open: Vec<std::net::TcpStream> = (0..count)
         .filter_map(|_| {
             std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_secs(3)).ok()
