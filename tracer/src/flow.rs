@@ -17,9 +17,11 @@
 //! `icmp_rcv()` before the ICMP event is taken, unless the application held the socket's
 //! lock at that moment. So a failed attempt is held for [`EVIDENCE_WAIT`] of kernel time
 //! after its ending, measured against how far the events have been read
-//! ([`FlowAssembler::expire`]), and judged only when it leaves; of several ICMP errors or
-//! drops the earliest is kept. Evidence naming a tuple that no attempt has yet waits as
-//! long for it. Successful attempts are reported at once.
+//! ([`FlowAssembler::expire`]), and judged only when it leaves; of several ICMP errors a
+//! fatal one (of equals the earliest) is kept, of several drops the earliest. Evidence naming a tuple that no attempt has yet waits as
+//! long for it. Successful attempts are reported at once, and so is a failed attempt that
+//! its socket's next `connect()` displaces: evidence that comes after either is counted
+//! as unmatched, not joined.
 //!
 //! Memory is bounded: at most [`MAX_PENDING`] attempts wait, and none longer than
 //! [`MAX_TCP_WAIT`]; beyond either limit an attempt is emitted early (outcome
